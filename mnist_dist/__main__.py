@@ -1,0 +1,175 @@
+"""``mnist-dist`` / ``python -m mnist_dist``: train, evaluate, predict, download.
+
+Bad input of any kind (flags, config files, datasets, weights, images, a launch that formed the
+wrong world size) ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from mnist_dist.config import SECTIONS, DataConfig, add_config_flags, build_config
+from mnist_dist.errors import EXIT_USAGE, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line (no usage dump) and exit with EXIT_USAGE."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="mnist-dist",
+        description="Train, evaluate and use the reference MNIST CNN on CPU, GPU, DDP or SLURM.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser(
+        "train",
+        help="train the reference recipe (plain python or under `accelerate launch`)",
+        description="Train. Settings: defaults (the reference recipe) < --config file < flags.",
+    )
+    train.add_argument("--config", metavar="FILE", help="YAML or JSON file with data/optim/train")
+    add_config_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    data_only = {"data": DataConfig}
+    evaluate = commands.add_parser(
+        "evaluate", help="test accuracy of saved weights (also under `accelerate launch`)"
+    )
+    evaluate.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_config_flags(evaluate, data_only)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="digit and probability for PNG/JPEG images")
+    predict.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    predict.add_argument("--json", action="store_true", help="print one JSON object per image")
+    predict.set_defaults(func=cmd_predict)
+
+    download = commands.add_parser("download", help="fetch MNIST with torchvision")
+    download.add_argument(
+        "--data-dir",
+        default=os.environ.get("MNIST_DIST_DATA_DIR", "./data"),
+        help="where to put MNIST/raw (env MNIST_DIST_DATA_DIR) [default: ./data]",
+    )
+    download.set_defaults(func=cmd_download)
+    return parser
+
+
+_WEIGHTS_HELP = "model.safetensors from a run, or a torch state_dict (.pth) of the reference"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mnist_dist.train import train
+
+    train(build_config(args))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mnist_dist.checkpoint import load_model
+    from mnist_dist.data import eval_batches, prepare_raw_files
+    from mnist_dist.distributed import make_accelerator
+    from mnist_dist.evaluate import evaluate
+
+    data = build_config(args, {"data": SECTIONS["data"]}).data
+    model = load_model(args.weights)  # before any process group: a bad file fails fast
+    accelerator = make_accelerator("no")
+    try:
+        with accelerator.main_process_first():
+            prepare_raw_files(data.data_dir, download=data.download and accelerator.is_main_process)
+        batches = eval_batches(
+            data.data_dir, data.loader, data.max_eval_samples, data.eval_batch_size,
+            accelerator.num_processes, accelerator.process_index, accelerator.device,
+            data.num_workers,
+        )  # fmt: skip
+        result = evaluate(accelerator.prepare(model), batches, accelerator)
+        if accelerator.is_main_process:
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "test_accuracy": result.accuracy,
+                            "test_correct": result.correct,
+                            "test_total": result.total,
+                            "test_loss": result.loss,
+                            "world_size": accelerator.num_processes,
+                        }
+                    )
+                )
+            else:
+                print(
+                    f"{args.weights}: test accuracy {result.accuracy:.2%} "
+                    f"({result.correct}/{result.total}), loss {result.loss:.4f}, "
+                    f"{accelerator.num_processes} process(es)"
+                )
+    finally:
+        accelerator.end_training()
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from mnist_dist.checkpoint import load_model
+    from mnist_dist.data import reference_transform
+
+    model = load_model(args.weights).eval()
+    transform = reference_transform()
+    images = []
+    for path in args.images:
+        try:
+            with Image.open(path) as image:
+                images.append(transform(image.convert("RGB")))
+        except (OSError, UnidentifiedImageError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else "not a PNG/JPEG image"
+            raise UsageError(f"cannot read image {path}: {reason}") from None
+    with torch.no_grad():
+        probabilities = model(torch.stack(images)).softmax(dim=1)
+    for path, p in zip(args.images, probabilities):
+        digit = int(p.argmax())
+        if args.json:
+            print(json.dumps({"image": path, "digit": digit, "probability": float(p[digit])}))
+        else:
+            print(f"{path}: {digit} (p={float(p[digit]):.4f})")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from mnist_dist.data import download_mnist, raw_dir
+
+    download_mnist(args.data_dir)
+    print(f"MNIST is in {raw_dir(args.data_dir)} (checksums verified)")
+    return 0
+
+
+def _report(error: UsageError) -> None:
+    # Under `accelerate launch` every rank hits the same error: print it once per node.
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"mnist-dist: error: {error}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UsageError as e:
+        _report(e)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mnist-dist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Typed settings: defaults are the reference recipe; a YAML/JSON file and CLI flags override them.
+
+Every field carries a ``help`` string (with its unit) that becomes the flag's help text, so the
+dataclasses below are the one schema for defaults, config files and the command line.
+Precedence: flags > ``--config`` file > environment > defaults. Environment: ``MNIST_DIST_DATA_DIR``
+(data directory) and ``ACCELERATE_MIXED_PRECISION`` (set by ``accelerate launch`` from its config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mnist_dist.errors import UsageError
+
+DATA_DIR_ENV = "MNIST_DIST_DATA_DIR"
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+
+
+def _opt(help: str, flag: str | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with CLI metadata: ``help`` text and an optional explicit flag name."""
+    default = kwargs.pop("default", dataclasses.MISSING)
+    factory = kwargs.pop("default_factory", dataclasses.MISSING)
+    return field(default=default, default_factory=factory, metadata={"help": help, "flag": flag})
+
+
+@dataclass
+class DataConfig:
+    """Where MNIST lives and how it reaches the model."""
+
+    data_dir: str = _opt(f"folder holding MNIST/raw/*-ubyte (env {DATA_DIR_ENV})", default="./data")
+    loader: Literal["tensor", "torchvision"] = _opt(
+        "input pipeline: 'tensor' = whole split preprocessed once on the training device, "
+        "'torchvision' = DataLoader with the PIL transforms",
+        default="tensor",
+    )
+    num_workers: int = _opt("DataLoader worker processes (torchvision loader only)", default=2)
+    max_train_samples: int | None = _opt(
+        "use only the first N training images (images; default: all 60,000)", default=None
+    )
+    max_eval_samples: int | None = _opt(
+        "use only the first N test images (images; default: all 10,000)", default=None
+    )
+    eval_batch_size: int = _opt("images per forward pass during evaluation", default=1000)
+    download: bool = _opt(
+        "download MNIST into --data-dir if it is missing (main process only)", default=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.loader not in ("tensor", "torchvision"):
+            raise UsageError(f"--loader must be 'tensor' or 'torchvision', got {self.loader!r}")
+        _require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+        _require(self.eval_batch_size > 0, "--eval-batch-size must be > 0")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} must be a positive number of images, got {value}")
+
+
+@dataclass
+class OptimConfig:
+    """Adam with a MultiStepLR schedule stepped once per epoch."""
+
+    lr: float = _opt("Adam learning rate for epochs before the first milestone", default=1e-3)
+    lr_milestones: tuple[int, ...] = _opt(
+        "epochs after which the LR is multiplied by --lr-gamma (e.g. 5,8)", default=(5, 8)
+    )
+    lr_gamma: float = _opt("LR multiplier applied at each milestone", default=0.01)
+
+    def __post_init__(self) -> None:
+        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
+        _require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _require(self.lr_gamma > 0, f"--lr-gamma must be > 0, got {self.lr_gamma}")
+        _require(
+            all(m > 0 for m in self.lr_milestones)
+            and list(self.lr_milestones) == sorted(set(self.lr_milestones)),
+            f"--lr-milestones must be increasing positive epochs, got {list(self.lr_milestones)}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """The run itself: length, batch, precision, outputs."""
+
+    epochs: int = _opt("passes over the training set", default=10)
+    global_batch_size: int = _opt(
+        "images per optimizer step summed over all processes (split evenly across them)",
+        flag="--batch-size",
+        default=64,
+    )
+    grad_accum: int = _opt(
+        "micro-batches each process splits its share of a step into (same math, less memory)",
+        default=1,
+    )
+    seed: int = _opt("seed for weights, shuffling and every RNG", default=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = _opt(
+        "autocast dtype: no (fp32), fp16 (CUDA only), bf16", default="no"
+    )
+    log_every: int = _opt("optimizer steps between step records in steps.jsonl", default=50)
+    output_dir: str | None = _opt("run directory (default: runs/<timestamp>)", default=None)
+    tracker: Literal["wandb", "none"] = _opt("experiment tracker", default="none")
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
+        _require(
+            self.global_batch_size > 0, f"--batch-size must be > 0, got {self.global_batch_size}"
+        )
+        _require(self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}")
+        _require(self.log_every > 0, f"--log-every must be > 0, got {self.log_every}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UsageError(
+                f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}"
+            )
+        if self.tracker not in ("wandb", "none"):
+            raise UsageError(f"--tracker must be wandb or none, got {self.tracker!r}")
+
+    def per_device_batch_size(self, world_size: int) -> int:
+        """Images each process contributes to one optimizer step."""
+        if self.global_batch_size % (world_size * self.grad_accum):
+            raise UsageError(
+                f"--batch-size {self.global_batch_size} is not divisible by world size "
+                f"{world_size} x --grad-accum {self.grad_accum}"
+            )
+        return self.global_batch_size // world_size
+
+
+@dataclass
+class Config:
+    """Everything a training run needs, by component."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["optim"]["lr_milestones"] = list(self.optim.lr_milestones)
+        return out
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> int; other annotations unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _parse_milestones(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
+
+
+def _positive_or_none(text: str) -> int | None:
+    return None if text.lower() in ("none", "all") else int(text)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, sections: dict[str, type] = SECTIONS) -> None:
+    """Add one flag per config field; every default is SUPPRESS so unset flags are not overrides."""
+    for section, cls in sections.items():
+        group = parser.add_argument_group(f"{section} settings")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = _base_type(hints[f.name])
+            kwargs: dict[str, Any] = {
+                "dest": f"{section}.{f.name}",
+                "default": argparse.SUPPRESS,
+                "help": f"{f.metadata['help']} [default: {_show_default(f)}]",
+            }
+            if tp is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(tp) is Literal:
+                kwargs["choices"] = list(typing.get_args(tp))
+            elif typing.get_origin(tp) is tuple:
+                kwargs["type"] = _parse_milestones
+                kwargs["nargs"] = "+"
+                kwargs["metavar"] = "EPOCH"
+            elif tp is int and f.default is None:
+                kwargs["type"] = _positive_or_none
+                kwargs["metavar"] = "N"
+            else:
+                kwargs["type"] = tp
+            group.add_argument(_flag(f), **kwargs)
+
+
+def _show_default(f: dataclasses.Field) -> str:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return str(f.default_factory())  # type: ignore[misc]
+    if isinstance(f.default, tuple):
+        return ",".join(str(v) for v in f.default)
+    return str(f.default)
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML or JSON config file shaped like ``Config.to_dict()`` (sections data/optim/train)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read config file {p}: {e.strerror or e}") from None
+    try:
+        raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UsageError(f"config file {p} is not valid {p.suffix.lstrip('.') or 'YAML'}: {first}")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UsageError(
+            f"config file {p} must hold a mapping of sections, got {type(raw).__name__}"
+        )
+    raw.pop("provenance", None)  # a run's own config.yaml can be fed back as --config
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise UsageError(
+            f"config file {p}: unknown section(s) {unknown}; expected {list(SECTIONS)}"
+        )
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise UsageError(f"config file {p}: section {section!r} must be a mapping")
+        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        bad = sorted(set(values) - known)
+        if bad:
+            raise UsageError(f"config file {p}: unknown key(s) {bad} in section {section!r}")
+    return raw
+
+
+def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS) -> Config:
+    """Resolve defaults <- environment <- config file <- flags into a validated ``Config``."""
+    layered: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    if os.environ.get(DATA_DIR_ENV) and "data" in layered:
+        layered["data"]["data_dir"] = os.environ[DATA_DIR_ENV]
+    # `accelerate launch` passes its config's mixed_precision in this variable: it counts as a
+    # default, so multi_gpu_bf16.yaml means bf16 unless the file or a flag says otherwise.
+    launcher_precision = os.environ.get(LAUNCHER_PRECISION_ENV, "").lower()
+    if launcher_precision in ("no", "fp16", "bf16") and "train" in layered:
+        layered["train"]["mixed_precision"] = launcher_precision
+    config_path = getattr(args, "config", None)
+    if config_path:
+        for section, values in load_config_file(config_path).items():
+            if section in layered:
+                layered[section].update(values)
+    for key, value in vars(args).items():
+        section, _, name = key.partition(".")
+        if name and section in layered:
+            layered[section][name] = value
+    built = {}
+    for name, values in layered.items():
+        hints = typing.get_type_hints(sections[name])
+        checked = {key: _check_type(key, value, hints[key]) for key, value in values.items()}
+        built[name] = sections[name](**checked)
+    return Config(**built)
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    """Values from a config file arrive untyped: accept what the field's type accepts, or say so."""
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    tp = _base_type(annotation)
+    if value is None and optional:
+        return None
+    if typing.get_origin(tp) is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif typing.get_origin(tp) is tuple:
+        if isinstance(value, str):
+            return tuple(_parse_milestones(value))
+        if isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            return tuple(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    flag = "--" + name.replace("_", "-")
+    raise UsageError(f"invalid value {value!r} for {flag} (expected {_describe(annotation)})")
+
+
+def _describe(annotation: Any) -> str:
+    tp = _base_type(annotation)
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if typing.get_origin(tp) is tuple:
+        return "a list of integers"
+    return getattr(tp, "__name__", str(tp))

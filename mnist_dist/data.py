@@ -1,0 +1,348 @@
+"""MNIST on disk, the reference preprocessing, and the two input pipelines.
+
+Both pipelines shard the same way: each epoch draws one seeded permutation of the training set
+(identical on every rank), cuts it into global batches of ``global_batch_size`` and gives each
+rank a contiguous slice of every global batch. So the global batches, and therefore the results,
+do not depend on the world size or on which pipeline is used, and across ranks every training
+image is seen exactly once per epoch. We shard ourselves and never ``prepare`` a DataLoader
+(double sharding: huggingface/accelerate#4075).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler, Subset
+from torchvision import datasets, transforms
+
+from mnist_dist.errors import UsageError
+
+IMAGE_SIZE = 28
+TRAIN_SIZE = 60_000
+TEST_SIZE = 10_000
+_IMAGE_MAGIC = 2051  # IDX: unsigned bytes, 3 dimensions
+_LABEL_MAGIC = 2049  # IDX: unsigned bytes, 1 dimension
+
+
+@dataclass(frozen=True)
+class _SplitFiles:
+    images: str
+    labels: str
+    full_count: int
+    images_md5: str  # published md5 of the uncompressed file, checked when it claims the full split
+    labels_md5: str
+
+
+SPLITS = {
+    "train": _SplitFiles(
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        TRAIN_SIZE,
+        "6bbc9ace898e44ae57da46a324031adb",
+        "a25bea736e30d166cdddb491f175f624",
+    ),
+    "test": _SplitFiles(
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+        TEST_SIZE,
+        "2646ac647ad5339dbf082846283269ea",
+        "27ae3e4e09519cfbb04c329615203637",
+    ),
+}
+EXPECTED_FILES = [name for s in SPLITS.values() for name in (s.images, s.labels)]
+
+
+def raw_dir(data_dir: str | Path) -> Path:
+    """Where torchvision's MNIST reader looks for the IDX files."""
+    return Path(data_dir) / "MNIST" / "raw"
+
+
+def reference_transform() -> transforms.Compose:
+    """The reference preprocessing: pixels in [0, 1], no normalisation."""
+    return transforms.Compose(
+        [
+            transforms.Grayscale(num_output_channels=1),
+            transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)),
+            transforms.ToTensor(),
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Files on disk
+
+
+def download_mnist(data_dir: str | Path) -> None:
+    """Fetch both splits with torchvision into ``data_dir``/MNIST/raw, then verify them."""
+    try:
+        for train in (True, False):
+            datasets.MNIST(root=str(data_dir), train=train, download=True)
+    except (OSError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"downloading MNIST into {data_dir} failed: {reason}") from None
+    verify_raw_files(data_dir)
+
+
+def prepare_raw_files(data_dir: str | Path, download: bool) -> None:
+    """Make the raw files usable: unpack ``.gz`` copies, download if allowed, verify.
+
+    Call on the main process first (``accelerator.main_process_first()``).
+    """
+    folder = raw_dir(data_dir)
+    for name in EXPECTED_FILES:
+        target, archive = folder / name, folder / f"{name}.gz"
+        if not target.exists() and archive.exists():
+            _gunzip(archive, target)
+    missing = [name for name in EXPECTED_FILES if not (folder / name).exists()]
+    if missing and download:
+        download_mnist(data_dir)
+        return
+    if missing:
+        raise UsageError(
+            f"MNIST not found in {folder}: missing {', '.join(missing)} "
+            f"(expected {', '.join(EXPECTED_FILES)}); "
+            f"run `mnist-dist download --data-dir {data_dir}` or pass --download"
+        )
+    verify_raw_files(data_dir)
+
+
+def _gunzip(archive: Path, target: Path) -> None:
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with gzip.open(archive, "rb") as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        partial.replace(target)
+    except (OSError, EOFError) as e:
+        partial.unlink(missing_ok=True)
+        raise UsageError(f"cannot unpack {archive}: {e}") from None
+
+
+def verify_raw_files(data_dir: str | Path) -> None:
+    """Check every IDX file's header, size, shape and labels; md5 too for the full splits.
+
+    torchvision only checks that the files exist: a flipped byte would load silently and a
+    truncated file would fail with a reshape error deep inside its reader.
+    """
+    folder = raw_dir(data_dir)
+    for split in SPLITS.values():
+        n_images = _check_idx(folder / split.images, _IMAGE_MAGIC, (IMAGE_SIZE, IMAGE_SIZE))
+        n_labels = _check_idx(folder / split.labels, _LABEL_MAGIC, ())
+        if n_images != n_labels:
+            raise UsageError(
+                f"{folder / split.images} holds {n_images} images but "
+                f"{folder / split.labels} holds {n_labels} labels"
+            )
+        labels = np.fromfile(folder / split.labels, dtype=np.uint8, offset=8)
+        if labels.size and labels.max() > 9:
+            bad = int(np.argmax(labels > 9))
+            raise UsageError(
+                f"{folder / split.labels} is corrupt: label {labels[bad]} at index {bad} "
+                "(labels must be 0-9)"
+            )
+        if n_images == split.full_count:
+            for name, md5 in ((split.images, split.images_md5), (split.labels, split.labels_md5)):
+                actual = _md5(folder / name)
+                if actual != md5:
+                    raise UsageError(
+                        f"{folder / name} is corrupt: md5 {actual} differs from the published "
+                        f"{md5}; delete it and run `mnist-dist download --data-dir {data_dir}`"
+                    )
+
+
+def _check_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> int:
+    """Validate one IDX file and return the number of items it holds."""
+    header_len = 4 + 4 * (1 + len(item_shape))
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(header_len)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(header) < header_len:
+        raise UsageError(f"{path} is truncated: {size} bytes, shorter than its IDX header")
+    fields = np.frombuffer(header, dtype=">u4")
+    if fields[0] != magic:
+        raise UsageError(
+            f"{path} is not an MNIST IDX file: magic number {fields[0]}, expected {magic}"
+        )
+    count, dims = int(fields[1]), tuple(int(d) for d in fields[2:])
+    if dims != item_shape:
+        raise UsageError(f"{path} holds items of shape {dims}, expected {item_shape}")
+    expected = header_len + count * math.prod(item_shape)
+    if size != expected:
+        state = "truncated" if size < expected else "corrupt"
+        raise UsageError(
+            f"{path} is {state}: header says {count} items ({expected} bytes), file has {size} bytes"
+        )
+    return count
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_split(
+    data_dir: str | Path, train: bool, transform: transforms.Compose | None = None
+) -> datasets.MNIST:
+    """torchvision's MNIST reader over already verified raw files (never downloads)."""
+    return datasets.MNIST(root=str(data_dir), train=train, download=False, transform=transform)
+
+
+def split_tensors(
+    dataset: datasets.MNIST, limit: int | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference preprocessing applied to a whole split at once, resident on ``device``.
+
+    Grayscale and Resize(28x28) are identities on 28x28 single-channel MNIST and ToTensor is
+    ``uint8 / 255``, so this equals ``reference_transform()`` image for image (a test checks).
+    """
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    images = dataset.data[:n].to(device).unsqueeze(1).float().div_(255)
+    return images, dataset.targets[:n].to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding: which images each rank sees at each step
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """One rank's share of every global batch of an epoch."""
+
+    num_samples: int  # training images per epoch
+    global_batch_size: int  # images per optimizer step, all ranks together
+    world_size: int
+    rank: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_samples / self.global_batch_size)
+
+    def global_batch_size_at(self, step: int) -> int:
+        """Images in global batch ``step`` (the last batch of an epoch may be short)."""
+        return min(self.global_batch_size, self.num_samples - step * self.global_batch_size)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The epoch's order of training images: the same on every rank and world size."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def rank_indices(self, epoch: int) -> list[torch.Tensor]:
+        """This rank's image indices for every step of ``epoch`` (contiguous slices, sizes
+        differing by at most one when a short last batch does not split evenly)."""
+        perm = self.permutation(epoch)
+        batches = torch.split(perm, self.global_batch_size)
+        return [torch.tensor_split(b, self.world_size)[self.rank] for b in batches]
+
+
+class TensorTrainData:
+    """The training split as one tensor on the training device; a batch is an index."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sharding: Sharding) -> None:
+        self.images, self.labels, self.sharding = images, labels, sharding
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in self.sharding.rank_indices(epoch):
+            idx = idx.to(self.images.device, non_blocking=True)
+            yield self.images[idx], self.labels[idx]
+
+
+class _RankBatchSampler(Sampler[list[int]]):
+    def __init__(self, sharding: Sharding) -> None:
+        self.sharding, self.epoch = sharding, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (idx.tolist() for idx in self.sharding.rank_indices(self.epoch))
+
+    def __len__(self) -> int:
+        return self.sharding.steps_per_epoch
+
+
+class LoaderTrainData:
+    """A standard DataLoader with the PIL transforms, fed by the same sharding."""
+
+    def __init__(
+        self, dataset: datasets.MNIST, sharding: Sharding, num_workers: int, device: torch.device
+    ) -> None:
+        self.sharding = sharding
+        self.sampler, self.device = _RankBatchSampler(sharding), device
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+        )
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.epoch = epoch
+        for images, labels in self.loader:
+            yield (
+                images.to(self.device, non_blocking=True),
+                labels.to(self.device, non_blocking=True),
+            )
+
+
+TrainData = TensorTrainData | LoaderTrainData
+
+
+def build_train_data(
+    data_dir: str | Path,
+    loader: str,
+    limit: int | None,
+    global_batch_size: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+    device: torch.device,
+    num_workers: int,
+) -> TrainData:
+    """This rank's training input: the first ``limit`` images, sharded as described above."""
+    transform = reference_transform() if loader == "torchvision" else None
+    dataset = load_split(data_dir, train=True, transform=transform)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    sharding = Sharding(n, global_batch_size, world_size, rank, seed)
+    if loader == "tensor":
+        images, labels = split_tensors(dataset, n, device)
+        return TensorTrainData(images, labels, sharding)
+    return LoaderTrainData(dataset, sharding, num_workers, device)
+
+
+def eval_batches(
+    data_dir: str | Path,
+    loader: str,
+    limit: int | None,
+    batch_size: int,
+    world_size: int,
+    rank: int,
+    device: torch.device,
+    num_workers: int = 0,
+) -> list[tuple[torch.Tensor, torch.Tensor]] | DataLoader:
+    """This rank's contiguous shard of the test split, in batches (no padding, no duplicates)."""
+    transform = reference_transform() if loader == "torchvision" else None
+    dataset = load_split(data_dir, train=False, transform=transform)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    shard = torch.tensor_split(torch.arange(n), world_size)[rank]
+    if loader == "tensor":
+        images, labels = split_tensors(dataset, n, device)
+        images, labels = images[shard], labels[shard]
+        return list(zip(images.split(batch_size), labels.split(batch_size)))
+    return DataLoader(
+        Subset(dataset, shard.tolist()),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )

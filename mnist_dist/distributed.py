@@ -1,0 +1,171 @@
+"""Creating the Accelerator, proving the process group it formed, and recording provenance."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from mnist_dist.errors import UsageError
+
+
+def has_accelerator() -> bool:
+    """A GPU (or other device) Accelerate can train on; otherwise we train on CPU."""
+    xpu = getattr(torch, "xpu", None)
+    return (
+        torch.cuda.is_available()
+        or torch.backends.mps.is_available()
+        or bool(xpu and xpu.is_available())
+    )
+
+
+def check_mixed_precision(mixed_precision: str) -> None:
+    """Reject precisions the hardware cannot run instead of silently training in fp32."""
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        # Autocast to fp16 is silently ignored on CPU (pitfalls.md), so a run would report fp16
+        # while training in fp32.
+        raise UsageError(
+            "--mixed-precision fp16 needs a CUDA GPU and none is available; "
+            "use --mixed-precision bf16 (works on CPU) or no"
+        )
+    if (
+        mixed_precision == "bf16"
+        and torch.cuda.is_available()
+        and not torch.cuda.is_bf16_supported()
+    ):
+        raise UsageError(
+            f"--mixed-precision bf16 is not supported by {torch.cuda.get_device_name()}; "
+            "use fp16 or no"
+        )
+
+
+def make_accelerator(mixed_precision: str, log_with: str | None = None) -> Accelerator:
+    """An Accelerator on the best available device whose world size is proven to be the
+    launcher's. Raises ``UsageError`` when the launch was mis-configured."""
+    _check_launcher_env()
+    check_mixed_precision(mixed_precision)
+    accelerator = Accelerator(
+        # Without cpu=True, `accelerate launch --multi_gpu` on a machine without GPUs starts N
+        # lone rank-0 processes (DistributedType.NO) that train independently (pitfalls.md).
+        cpu=not has_accelerator(),
+        mixed_precision=mixed_precision,
+        log_with=log_with,
+        # We step the epoch scheduler ourselves and never prepare it: a prepared scheduler steps
+        # num_processes times per call (huggingface/accelerate#2926).
+        step_scheduler_with_optimizer=False,
+    )
+    check_world_size(accelerator)
+    return accelerator
+
+
+def _check_launcher_env() -> None:
+    # `accelerate launch --cpu --num_processes N` (and MULTI_CPU configs) start ONE process
+    # without WORLD_SIZE, expecting mpirun; its only trace is MASTER_ADDR, which the launcher
+    # sets only when asked for more than one process (pitfalls.md).
+    launched = "ACCELERATE_MIXED_PRECISION" in os.environ
+    if launched and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        if not any(k in os.environ for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
+            raise UsageError(
+                "accelerate launch was asked for several processes but started one (its --cpu "
+                "multi-process path needs mpirun); launch with --config_file "
+                "accelerate_configs/cpu_ddp.yaml instead"
+            )
+
+
+def check_world_size(accelerator: Accelerator) -> None:
+    """Fail unless the process group has exactly the launcher's WORLD_SIZE members."""
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    formed = accelerator.num_processes
+    if formed == expected and formed > 1:
+        # Prove it with a collective: every member adds one.
+        formed = int(accelerator.reduce(torch.ones(1, device=accelerator.device), "sum").item())
+    if formed != expected:
+        raise UsageError(
+            f"the launcher started WORLD_SIZE={expected} processes but Accelerate formed a "
+            f"group of {formed} ({accelerator.distributed_type.value}); no accelerator was "
+            "found, so launch with --config_file accelerate_configs/cpu_ddp.yaml"
+        )
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"cpu: {_cpu_model()} ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout the package runs from, if it runs from one."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def provenance(accelerator: Accelerator) -> dict[str, Any]:
+    """Versions, hardware and launch facts for the run record. Collective: call on every rank."""
+    hosts_and_devices = gather_object([(socket.gethostname(), device_name(accelerator.device))])
+    return {
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "world_size": accelerator.num_processes,
+        "num_nodes": len({host for host, _ in hosts_and_devices}),
+        "distributed_type": accelerator.distributed_type.value,
+        "mixed_precision": accelerator.mixed_precision,
+        "devices": [
+            f"rank {i} on {host}: {dev}" for i, (host, dev) in enumerate(hosts_and_devices)
+        ],
+        "hostname": socket.gethostname(),
+        "git_commit": git_commit(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "versions": {
+            "python": sys.version.split()[0],
+            **{
+                pkg: _version(pkg)
+                for pkg in ("mnist-dist", "torch", "torchvision", "accelerate", "wandb", "rich")
+            },
+            "cuda": torch.version.cuda,
+        },
+    }
