@@ -1,1 +1,1 @@
-"""mnist-dist: the reference MNIST CNN trained with one Accelerate loop on CPU, GPU, DDP or SLURM."""
+"""mnist-dist: the reference MNIST CNN, one Accelerate training loop from CPU to DDP and SLURM."""

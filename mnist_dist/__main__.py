@@ -136,7 +136,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot read image {path}: {reason}") from None
     with torch.no_grad():
         probabilities = model(torch.stack(images)).softmax(dim=1)
-    for path, p in zip(args.images, probabilities):
+    for path, p in zip(args.images, probabilities, strict=True):
         digit = int(p.argmax())
         if args.json:
             print(json.dumps({"image": path, "digit": digit, "probability": float(p[digit])}))

@@ -216,7 +216,7 @@ def _show_default(f: dataclasses.Field) -> str:
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML or JSON config file shaped like ``Config.to_dict()`` (sections data/optim/train)."""
+    """Read a YAML or JSON config file shaped like ``Config.to_dict()`` (data/optim/train)."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -226,7 +226,8 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         first = str(e).strip().splitlines()[0]
-        raise UsageError(f"config file {p} is not valid {p.suffix.lstrip('.') or 'YAML'}: {first}")
+        kind = "JSON" if p.suffix == ".json" else "YAML"
+        raise UsageError(f"config file {p} is not valid {kind}: {first}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -180,7 +180,8 @@ def _check_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> int:
     if size != expected:
         state = "truncated" if size < expected else "corrupt"
         raise UsageError(
-            f"{path} is {state}: header says {count} items ({expected} bytes), file has {size} bytes"
+            f"{path} is {state}: its header says {count} items ({expected} bytes), "
+            f"the file has {size} bytes"
         )
     return count
 
@@ -339,7 +340,7 @@ def eval_batches(
     if loader == "tensor":
         images, labels = split_tensors(dataset, n, device)
         images, labels = images[shard], labels[shard]
-        return list(zip(images.split(batch_size), labels.split(batch_size)))
+        return list(zip(images.split(batch_size), labels.split(batch_size), strict=True))
     return DataLoader(
         Subset(dataset, shard.tolist()),
         batch_size=batch_size,

@@ -72,14 +72,15 @@ def _check_launcher_env() -> None:
     # `accelerate launch --cpu --num_processes N` (and MULTI_CPU configs) start ONE process
     # without WORLD_SIZE, expecting mpirun; its only trace is MASTER_ADDR, which the launcher
     # sets only when asked for more than one process (pitfalls.md).
-    launched = "ACCELERATE_MIXED_PRECISION" in os.environ
-    if launched and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
-        if not any(k in os.environ for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
-            raise UsageError(
-                "accelerate launch was asked for several processes but started one (its --cpu "
-                "multi-process path needs mpirun); launch with --config_file "
-                "accelerate_configs/cpu_ddp.yaml instead"
-            )
+    env = os.environ
+    launched = "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env
+    mpi = any(k in env for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    if launched and "WORLD_SIZE" not in env and not mpi:
+        raise UsageError(
+            "accelerate launch was asked for several processes but started one (its --cpu "
+            "multi-process path needs mpirun); launch with --config_file "
+            "accelerate_configs/cpu_ddp.yaml instead"
+        )
 
 
 def check_world_size(accelerator: Accelerator) -> None:

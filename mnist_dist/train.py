@@ -192,7 +192,9 @@ def train_step(
     """
     scale = accelerator.num_processes / global_batch_size
     sums = torch.zeros(2, device=images.device, dtype=torch.float64)
-    micro_batches = list(zip(images.tensor_split(grad_accum), labels.tensor_split(grad_accum)))
+    micro_batches = list(
+        zip(images.tensor_split(grad_accum), labels.tensor_split(grad_accum), strict=True)
+    )
     for i, (x, y) in enumerate(micro_batches):
         # Gradients are all-reduced only on the last micro-batch.
         sync = i == len(micro_batches) - 1
