@@ -170,9 +170,9 @@ def _base_type(tp: Any) -> Any:
 
 def _parse_milestones(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in text.replace(" ", ",").split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
+        raise UsageError(f"--lr-milestones expects epochs like 5,8, got {text!r}") from None
 
 
 def _positive_or_none(text: str) -> int | None:
@@ -195,8 +195,7 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: dict[str, type] 
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif typing.get_origin(tp) is Literal:
                 kwargs["choices"] = list(typing.get_args(tp))
-            elif typing.get_origin(tp) is tuple:
-                kwargs["type"] = _parse_milestones
+            elif typing.get_origin(tp) is tuple:  # "5,8" or "5 8"; parsed in _check_type
                 kwargs["nargs"] = "+"
                 kwargs["metavar"] = "EPOCH"
             elif tp is int and f.default is None:
@@ -287,6 +286,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
         if value in typing.get_args(tp):
             return value
     elif typing.get_origin(tp) is tuple:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)  # from the command line
         if isinstance(value, str):
             return tuple(_parse_milestones(value))
         if isinstance(value, (list, tuple)) and all(

@@ -1,0 +1,415 @@
+"""Training throughput: plain PyTorch (the reference recipe) next to mnist-dist, on one machine.
+
+Rows (choose with ``--rows``, a comma list; default ``plain,tensor``):
+
+* ``plain``: the reference implementation's recipe in this process: ``torchvision.datasets.MNIST``
+  with ``Compose([Grayscale(1), Resize((28, 28)), ToTensor()])``, ``DataLoader(batch_size=64,
+  shuffle=True)`` (``--plain-workers`` worker processes, default 0 like the reference), the
+  ``MnistCNN`` model, Adam (lr 1e-3), ``CrossEntropyLoss``, MultiStepLR(milestones=[5, 8],
+  gamma=0.01) stepped per epoch; test accuracy over the test split once at the end (batch 1000).
+* ``tensor`` / ``torchvision``: ``python -m mnist_dist train --loader <row>`` run as a real
+  subprocess; its figures are read from the run's ``summary.json`` and ``metrics.jsonl``.
+
+images/s counts training only (data loading included, evaluation excluded) and is steady state:
+the first epoch is left out when there are two or more. With ``--repeats`` the rows take turns
+and the table shows medians. "wall s" is measured inside the training code (the plain recipe's
+whole function; mnist-dist's ``wall_seconds``, which includes its per-epoch evaluations);
+"process s" is the whole subprocess, interpreter start and imports included.
+
+Run from the repository root, e.g.::
+
+    python benchmarks/throughput.py --epochs 2
+    python benchmarks/throughput.py --data-dir /data --epochs 3 --repeats 3 \\
+        --rows plain,tensor,torchvision --json-out throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import MultiStepLR
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+
+from mnist_dist.model import MnistCNN
+
+SEED = 0
+BATCH_SIZE = 64
+EVAL_BATCH_SIZE = 1000
+LR = 1e-3
+LR_MILESTONES = [5, 8]
+LR_GAMMA = 0.01
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+ROW_NAMES = {
+    "plain": "plain PyTorch (reference recipe)",
+    "tensor": "mnist-dist --loader tensor",
+    "torchvision": "mnist-dist --loader torchvision",
+}
+
+
+@dataclass
+class EpochTiming:
+    """Training images and training seconds of one epoch."""
+
+    epoch: int
+    images: int
+    train_seconds: float
+
+
+@dataclass
+class RunResult:
+    """One run of one row."""
+
+    row: str
+    images_per_second: float  # steady state, see steady_images_per_second
+    test_accuracy: float
+    test_correct: int
+    test_total: int
+    wall_seconds: float
+    process_seconds: float | None = None  # subprocess rows only
+    epochs: list[EpochTiming] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so that the clock reads finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def steady_images_per_second(epochs: Sequence[EpochTiming]) -> float:
+    """Training images per second over all epochs but the first (all of them if only one)."""
+    steady = [e for e in epochs if e.epoch >= 2] or list(epochs)
+    return sum(e.images for e in steady) / sum(e.train_seconds for e in steady)
+
+
+def reference_transform() -> transforms.Compose:
+    return transforms.Compose(
+        [transforms.Grayscale(1), transforms.Resize((28, 28)), transforms.ToTensor()]
+    )
+
+
+def run_plain(
+    data_dir: str, epochs: int, max_train_samples: int | None, num_workers: int
+) -> RunResult:
+    """Train and test the reference recipe in this process."""
+    started = time.perf_counter()
+    seed_everything(SEED)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    transform = reference_transform()
+    train_set: Dataset = datasets.MNIST(
+        root=data_dir, train=True, download=False, transform=transform
+    )
+    if max_train_samples is not None:
+        train_set = Subset(train_set, range(min(max_train_samples, len(train_set))))
+    test_set = datasets.MNIST(root=data_dir, train=False, download=False, transform=transform)
+    train_loader = DataLoader(
+        train_set, batch_size=BATCH_SIZE, shuffle=True, num_workers=num_workers
+    )
+    test_loader = DataLoader(test_set, batch_size=EVAL_BATCH_SIZE, num_workers=num_workers)
+
+    model = MnistCNN().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    scheduler = MultiStepLR(optimizer, milestones=LR_MILESTONES, gamma=LR_GAMMA)
+    criterion = nn.CrossEntropyLoss()
+
+    timings: list[EpochTiming] = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        synchronize(device)
+        epoch_start = time.perf_counter()
+        for images, labels in train_loader:
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad()
+            loss = criterion(model(images), labels)
+            loss.backward()
+            optimizer.step()
+        synchronize(device)
+        timings.append(EpochTiming(epoch, len(train_set), time.perf_counter() - epoch_start))
+        scheduler.step()
+
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in test_loader:
+            images, labels = images.to(device), labels.to(device)
+            correct += int((model(images).argmax(dim=1) == labels).sum())
+            total += labels.numel()
+    synchronize(device)
+    return RunResult(
+        row="plain",
+        images_per_second=steady_images_per_second(timings),
+        test_accuracy=correct / total,
+        test_correct=correct,
+        test_total=total,
+        wall_seconds=time.perf_counter() - started,
+        epochs=timings,
+        extra={"device": str(device), "num_workers": num_workers},
+    )
+
+
+def run_mnist_dist(
+    loader: str, data_dir: str, epochs: int, max_train_samples: int | None
+) -> RunResult:
+    """Run ``python -m mnist_dist train`` as a subprocess and read its run directory."""
+    with tempfile.TemporaryDirectory(prefix="mnist-dist-bench-") as tmp:
+        run_dir = Path(tmp) / "run"
+        command = [
+            sys.executable, "-m", "mnist_dist", "train",
+            "--data-dir", data_dir,
+            "--output-dir", str(run_dir),
+            "--epochs", str(epochs),
+            "--tracker", "none",
+            "--loader", loader,
+        ]  # fmt: skip
+        if max_train_samples is not None:
+            command += ["--max-train-samples", str(max_train_samples)]
+        started = time.perf_counter()
+        proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+        process_seconds = time.perf_counter() - started
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-20:]
+            raise RuntimeError(
+                f"mnist-dist exited with {proc.returncode}: {' '.join(command)}\n" + "\n".join(tail)
+            )
+        summary = json.loads((run_dir / "summary.json").read_text())
+        records = [
+            json.loads(line)
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+    timings = [
+        EpochTiming(
+            epoch=int(r["epoch"]),
+            images=round(r["images_per_second"] * r["train_seconds"]),
+            train_seconds=float(r["train_seconds"]),
+        )
+        for r in records
+    ]
+    return RunResult(
+        row=loader,
+        images_per_second=steady_images_per_second(timings),
+        test_accuracy=float(summary["test_accuracy"]),
+        test_correct=int(summary["test_correct"]),
+        test_total=int(summary["test_total"]),
+        wall_seconds=float(summary["wall_seconds"]),
+        process_seconds=process_seconds,
+        epochs=timings,
+        extra={
+            "world_size": summary.get("world_size"),
+            "summary_images_per_second": summary.get("images_per_second"),
+            "epoch_seconds": [r.get("epoch_seconds") for r in records],
+            "test_accuracy_per_epoch": [r.get("test_accuracy") for r in records],
+        },
+    )
+
+
+def run_row(row: str, args: argparse.Namespace) -> RunResult:
+    if row == "plain":
+        return run_plain(args.data_dir, args.epochs, args.max_train_samples, args.plain_workers)
+    return run_mnist_dist(row, args.data_dir, args.epochs, args.max_train_samples)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_num_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": metadata.version("torchvision"),
+        "accelerate": metadata.version("accelerate"),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def summarize_row(row: str, runs: list[RunResult], plain_rate: float | None) -> dict[str, Any]:
+    """Medians over the repeats of one row."""
+    rate = statistics.median(r.images_per_second for r in runs)
+    process = [r.process_seconds for r in runs if r.process_seconds is not None]
+    return {
+        "row": row,
+        "name": ROW_NAMES[row],
+        "images_per_second": rate,
+        "ratio_to_plain": rate / plain_rate if plain_rate else None,
+        "test_accuracy": statistics.median(r.test_accuracy for r in runs),
+        "wall_seconds": statistics.median(r.wall_seconds for r in runs),
+        "process_seconds": statistics.median(process) if process else None,
+        "runs": [asdict(r) for r in runs],
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = ["row", "images/s", "vs plain", "test acc", "wall s", "process s"]
+    lines = [
+        [
+            r["name"],
+            f"{r['images_per_second']:,.0f}",
+            "-" if r["ratio_to_plain"] is None else f"{r['ratio_to_plain']:.2f}x",
+            f"{r['test_accuracy']:.2%}",
+            f"{r['wall_seconds']:.1f}",
+            "-" if r["process_seconds"] is None else f"{r['process_seconds']:.1f}",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(x) for x in column) for column in zip(header, *lines, strict=True)]
+
+    def fmt(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest])
+
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+
+
+def parse_rows(text: str) -> list[str]:
+    rows = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROW_NAMES]
+    if not rows or unknown:
+        raise argparse.ArgumentTypeError(
+            f"rows must be a comma list from {','.join(ROW_NAMES)}, got {text!r}"
+        )
+    return list(dict.fromkeys(rows))  # de-duplicated, order kept
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Training throughput of plain PyTorch (reference recipe) vs mnist-dist."
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("MNIST_DIST_DATA_DIR", "./data"),
+        help="folder holding MNIST/raw/*-ubyte (default: env MNIST_DIST_DATA_DIR or ./data)",
+    )
+    parser.add_argument("--epochs", type=positive_int, default=2, help="epochs per run")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=1, help="runs per row; medians are reported"
+    )
+    parser.add_argument(
+        "--max-train-samples",
+        type=positive_int,
+        default=None,
+        help="train on the first N images only (default: all 60,000)",
+    )
+    parser.add_argument(
+        "--rows",
+        type=parse_rows,
+        default=parse_rows("plain,tensor"),
+        help=f"comma list from {','.join(ROW_NAMES)} (default: plain,tensor)",
+    )
+    parser.add_argument(
+        "--plain-workers",
+        type=non_negative_int,
+        default=0,
+        help="DataLoader workers for the plain row (default: 0, like the reference)",
+    )
+    parser.add_argument("--json-out", metavar="PATH", help="also write the results as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.data_dir = str(Path(args.data_dir).resolve())
+    if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
+        print(f"throughput.py: no MNIST/raw under {args.data_dir}", file=sys.stderr)
+        return 2
+
+    machine = machine_info()
+    print(
+        f"machine: {machine['cpu_model']} ({machine['cpu_count']} CPUs), "
+        f"torch threads {machine['torch_num_threads']}, GPU {machine['cuda'] or 'none'}; "
+        f"python {machine['python']}, torch {machine['torch']}, "
+        f"torchvision {machine['torchvision']}, accelerate {machine['accelerate']}"
+    )
+    steady = "epochs 2.." + str(args.epochs) if args.epochs >= 2 else "epoch 1"
+    print(
+        f"settings: {args.epochs} epoch(s), {args.max_train_samples or 60_000} training images, "
+        f"{args.repeats} repeat(s), images/s over {steady}, plain workers {args.plain_workers}"
+    )
+
+    runs: dict[str, list[RunResult]] = {row: [] for row in args.rows}
+    for repeat in range(1, args.repeats + 1):
+        for row in args.rows:  # rows take turns so that drift hits them alike
+            print(f"[{repeat}/{args.repeats}] {ROW_NAMES[row]} ...", end=" ", flush=True)
+            result = run_row(row, args)
+            runs[row].append(result)
+            print(f"{result.images_per_second:,.0f} images/s, {result.wall_seconds:.1f}s")
+
+    plain_rate = (
+        statistics.median(r.images_per_second for r in runs["plain"]) if "plain" in runs else None
+    )
+    rows = [summarize_row(row, runs[row], plain_rate) for row in args.rows]
+    print()
+    print(format_table(rows))
+
+    if args.json_out:
+        settings = {
+            "data_dir": args.data_dir,
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+            "max_train_samples": args.max_train_samples,
+            "rows": args.rows,
+            "plain_workers": args.plain_workers,
+            "seed": SEED,
+            "batch_size": BATCH_SIZE,
+        }
+        out = {"machine": machine, "settings": settings, "rows": rows}
+        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"\nresults written to {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

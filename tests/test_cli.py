@@ -1,0 +1,233 @@
+"""The command line end to end: evaluate, predict, and one-line errors with exit code 2."""
+
+import json
+import os
+
+import pytest
+import torch
+from helpers import read_summary, run_cli
+from PIL import Image
+
+from mnist_dist.data import load_split
+
+
+def assert_usage_error(result, *fragments: str) -> None:
+    """Exit 2, exactly one line on stderr, no traceback, naming what is wrong."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("mnist-dist: error: ")
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_evaluate_reference_weights_scores_9917(mnist_dir, reference_weights):
+    result = run_cli(
+        "evaluate", "--weights", str(reference_weights), "--data-dir", str(mnist_dir), "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    [report] = result.json_lines()
+    assert (report["test_correct"], report["test_total"]) == (9917, 10000)
+    assert report["test_accuracy"] == pytest.approx(0.9917)
+    assert report["world_size"] == 1
+
+
+def test_evaluate_with_the_torchvision_loader_agrees(mnist_dir, reference_weights):
+    result = run_cli(
+        "evaluate",
+        "--weights",
+        str(reference_weights),
+        "--data-dir",
+        str(mnist_dir),
+        "--json",
+        "--loader",
+        "torchvision",
+        "--num-workers",
+        "0",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.json_lines()[0]["test_correct"] == 9917
+
+
+def test_predict_names_the_digits_of_real_test_images(mnist_dir, reference_weights, tmp_path):
+    test = load_split(mnist_dir, train=False)
+    paths, truth = [], []
+    for i in range(8):
+        path = tmp_path / f"digit{i}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(test.data[i].numpy()).save(path, quality=100)
+        paths.append(str(path))
+        truth.append(int(test.targets[i]))
+    result = run_cli("predict", "--weights", str(reference_weights), *paths, "--json")
+    assert result.returncode == 0, result.stderr
+    predictions = result.json_lines()
+    assert [p["digit"] for p in predictions] == truth
+    assert all(0.5 < p["probability"] <= 1.0 for p in predictions)
+    text = run_cli("predict", "--weights", str(reference_weights), paths[0])
+    assert text.stdout.startswith(f"{paths[0]}: {truth[0]} (p=")
+
+
+def test_train_on_tiny_data_writes_a_complete_run_directory(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(
+        "train",
+        "--data-dir",
+        str(tiny_mnist),
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--log-every",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(out)
+    for key in (
+        "test_accuracy",
+        "test_correct",
+        "test_total",
+        "world_size",
+        "mixed_precision",
+        "epochs_completed",
+        "global_step",
+        "images_per_second",
+        "wall_seconds",
+    ):
+        assert key in summary
+    assert (summary["world_size"], summary["epochs_completed"]) == (1, 2)
+    assert summary["global_step"] == 2 * 8 and summary["test_total"] == 128
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert metrics[-1]["test_accuracy"] == summary["test_accuracy"]
+    config = (out / "config.yaml").read_text()
+    for key in ("torch:", "accelerate:", "git_commit:", "world_size: 1", "devices:"):
+        assert key in config
+    # The plain (non-terminal) console: one line per epoch, no progress bars.
+    assert [line for line in result.stdout.splitlines() if line.startswith("epoch ")][1].startswith(
+        "epoch 2/2"
+    )
+    assert "\r" not in result.stdout
+    # The exported model rebuilds and evaluates from the file alone.
+    evaluated = run_cli(
+        "evaluate",
+        "--weights",
+        str(out / "model.safetensors"),
+        "--data-dir",
+        str(tiny_mnist),
+        "--json",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert evaluated.json_lines()[0]["test_correct"] == summary["test_correct"]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["train", "--epochs", "0"], ["--epochs must be > 0"]),
+        (["train", "--epochs", "-3"], ["--epochs must be > 0"]),
+        (["train", "--batch-size", "0"], ["--batch-size must be > 0"]),
+        (["train", "--batch-size", "-64"], ["--batch-size must be > 0"]),
+        (["train", "--grad-accum", "0"], ["--grad-accum"]),
+        (["train", "--lr", "-1"], ["--lr must be > 0"]),
+        (["train", "--lr-milestones", "8,5"], ["--lr-milestones must be increasing"]),
+        (["train", "--max-train-samples", "0"], ["--max-train-samples"]),
+        (["train", "--epochs", "ten"], ["--epochs", "invalid int value"]),
+        (["train", "--mixed-precision", "fp8"], ["--mixed-precision", "invalid choice"]),
+        (["train", "--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
+        (["train", "--batch-size", "64", "--grad-accum", "3"], ["not divisible"]),
+        (["train", "--mixed-precision", "fp16"], ["fp16 needs a CUDA GPU"]),
+        (["train", "--config", "does-not-exist.yaml"], ["cannot read config file"]),
+        (["frobnicate"], ["invalid choice"]),
+        (["evaluate"], ["--weights"]),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(args, fragments, tmp_path):
+    assert_usage_error(
+        run_cli(*args, "--output-dir", str(tmp_path / "o"))
+        if args[0] == "train"
+        else run_cli(*args),
+        *fragments,
+    )
+
+
+def test_missing_dataset_is_one_line_naming_the_download_command(tmp_path):
+    result = run_cli(
+        "train", "--data-dir", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "o")
+    )
+    assert_usage_error(result, "MNIST not found in", "mnist-dist download --data-dir")
+
+
+def test_truncated_idx_file_is_one_line(tiny_mnist, tmp_path):
+    images = tiny_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    result = run_cli("train", "--data-dir", str(tiny_mnist), "--output-dir", str(tmp_path / "o"))
+    assert_usage_error(result, "train-images-idx3-ubyte is truncated")
+
+
+def test_output_dir_holding_a_run_is_never_overwritten(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    result = run_cli("train", "--data-dir", str(tiny_mnist), "--output-dir", str(out))
+    assert_usage_error(result, "already holds a run")
+    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_unwritable_output_dir_is_one_line(tiny_mnist, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a directory cannot be created under a file, not even by root
+    result = run_cli("train", "--data-dir", str(tiny_mnist), "--output-dir", str(blocker / "run"))
+    assert_usage_error(result, "cannot write to output directory")
+
+
+def _weights_cases(tmp_path, reference_weights):
+    cases = {}
+    random_bytes = tmp_path / "random.safetensors"
+    random_bytes.write_bytes(os.urandom(4096))
+    cases["random.safetensors"] = (random_bytes, "not a readable safetensors")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(reference_weights.read_bytes()[:5000])
+    cases["truncated.pth"] = (truncated, "not a readable torch state_dict")
+    wrong_shape = tmp_path / "wrong_shape.pth"
+    state = torch.load(reference_weights, map_location="cpu", weights_only=True)
+    state["fc_layer1.0.weight"] = torch.zeros(64, 300)
+    torch.save(state, wrong_shape)
+    cases["wrong_shape.pth"] = (wrong_shape, "fc_layer1.0.weight has shape (64, 300)")
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"encoder.weight": torch.zeros(3)}, foreign)
+    cases["foreign.pth"] = (foreign, "does not hold MNIST CNN weights: missing")
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"fn": os.getcwd, "w": torch.zeros(1)}, pickled)
+    cases["pickled.pth"] = (pickled, "refusing to unpickle")
+    cases["missing.pth"] = (tmp_path / "missing.pth", "cannot read weights file")
+    return cases
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "random.safetensors",
+        "truncated.pth",
+        "wrong_shape.pth",
+        "foreign.pth",
+        "pickled.pth",
+        "missing.pth",
+    ],
+)
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_bad_weights_exit_2_with_one_line_naming_the_file(
+    case, command, tmp_path, reference_weights, tiny_mnist
+):
+    path, fragment = _weights_cases(tmp_path, reference_weights)[case]
+    extra = ["--data-dir", str(tiny_mnist)] if command == "evaluate" else [str(tmp_path / "x.png")]
+    result = run_cli(command, "--weights", str(path), *extra)
+    assert_usage_error(result, str(path), fragment)
+
+
+def test_predict_rejects_a_file_that_is_not_an_image(reference_weights, tmp_path):
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("not an image")
+    result = run_cli("predict", "--weights", str(reference_weights), str(bogus))
+    assert_usage_error(result, "cannot read image", str(bogus))

@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+from helpers import ACCELERATE_CONFIGS
+
+from mnist_dist.__main__ import build_parser
+from mnist_dist.config import Config, build_config
+from mnist_dist.errors import UsageError
+
+
+def parse(*argv: str) -> Config:
+    return build_config(build_parser().parse_args(["train", *argv]))
+
+
+def test_defaults_are_the_reference_recipe(monkeypatch):
+    monkeypatch.delenv("MNIST_DIST_DATA_DIR", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    c = parse()
+    assert (c.optim.lr, c.optim.lr_milestones, c.optim.lr_gamma) == (1e-3, (5, 8), 0.01)
+    assert (c.train.epochs, c.train.global_batch_size, c.train.grad_accum) == (10, 64, 1)
+    assert c.train.mixed_precision == "no"
+    assert c.data.data_dir == "./data" and c.data.loader == "tensor"
+
+
+def test_flags_beat_file_beat_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MNIST_DIST_DATA_DIR", "/from/env")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert parse().data.data_dir == "/from/env"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"data_dir": "/from/file"}, "train": {"epochs": 3}}))
+    c = parse("--config", str(cfg))
+    assert (c.data.data_dir, c.train.epochs) == ("/from/file", 3)
+    c = parse("--config", str(cfg), "--epochs", "4", "--data-dir", "/from/flag")
+    assert (c.data.data_dir, c.train.epochs) == ("/from/flag", 4)
+
+
+def test_json_config_and_milestone_spellings(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"optim": {"lr": 0.01, "lr_milestones": [2, 4]}}))
+    c = parse("--config", str(cfg))
+    assert (c.optim.lr, c.optim.lr_milestones) == (0.01, (2, 4))
+    assert parse("--lr-milestones", "3,7").optim.lr_milestones == (3, 7)
+    assert parse("--lr-milestones", "3", "7").optim.lr_milestones == (3, 7)
+
+
+def test_a_runs_own_config_yaml_feeds_back(tmp_path):
+    c = parse("--epochs", "2", "--batch-size", "128")
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump({**c.to_dict(), "provenance": {"world_size": 2}}))
+    assert parse("--config", str(saved)) == c
+
+
+def test_launcher_precision_is_a_default_that_flags_override(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert parse().train.mixed_precision == "bf16"
+    assert parse("--mixed-precision", "no").train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"train": {"epochs": "ten"}}, "invalid value 'ten' for --epochs"),
+        ({"train": {"epochz": 3}}, "unknown key(s) ['epochz']"),
+        ({"model": {}}, "unknown section(s) ['model']"),
+        ({"train": {"mixed_precision": "fp8"}}, "--mixed-precision"),
+    ],
+)
+def test_bad_config_files_are_usage_errors(tmp_path, content, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(content))
+    with pytest.raises(UsageError) as info:
+        parse("--config", str(cfg))
+    assert message in str(info.value)
+
+
+def test_batch_must_divide_across_processes_and_micro_batches():
+    c = parse("--batch-size", "64", "--grad-accum", "2")
+    assert c.train.per_device_batch_size(2) == 32
+    with pytest.raises(UsageError, match="not divisible by world size 3"):
+        c.train.per_device_batch_size(3)
+
+
+def test_every_shipped_accelerate_config_loads_and_holds_hardware_only():
+    files = sorted(ACCELERATE_CONFIGS.glob("*.yaml"))
+    names = {f.stem for f in files}
+    assert {
+        "cpu",
+        "cpu_ddp",
+        "single_gpu",
+        "multi_gpu",
+        "multi_gpu_bf16",
+        "multi_gpu_fp16",
+        "multi_node",
+    } <= names
+    hyperparameters = {"lr", "epochs", "batch_size", "seed", "learning_rate"}
+    for f in files:
+        cfg = load_config_from_file(str(f))  # Accelerate's own loader
+        assert cfg.num_processes >= 1, f.name
+        assert not hyperparameters & set(yaml.safe_load(f.read_text())), f.name
+    cpu_ddp = load_config_from_file(str(ACCELERATE_CONFIGS / "cpu_ddp.yaml"))
+    # MULTI_CPU would start one process (see the file's comment); MULTI_GPU + cpu=True forms 2.
+    assert (cpu_ddp.distributed_type.value, cpu_ddp.num_processes) == ("MULTI_GPU", 2)
+    assert (
+        load_config_from_file(str(ACCELERATE_CONFIGS / "multi_gpu_bf16.yaml")).mixed_precision
+        == "bf16"
+    )
+
+
+def test_parser_rejects_unknown_flags_as_usage_error():
+    with pytest.raises(UsageError, match="unrecognized arguments: --bogus"):
+        build_parser().parse_args(["train", "--bogus"])
