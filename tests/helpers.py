@@ -116,3 +116,36 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def run_cli_in_terminal(*args: str, timeout: float = 300) -> tuple[int, str]:
+    """``python -m mnist_dist ARGS`` with stdout on a pseudo-terminal, as a user sees it."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_dist", *args],
+        stdout=slave,
+        stderr=slave,
+        stdin=subprocess.DEVNULL,
+        env=_env({"COLUMNS": "160", "TERM": "xterm-256color"}),
+        cwd=ROOT,
+    )
+    os.close(slave)
+    output, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    return proc.wait(timeout=30), output.decode(errors="replace")

@@ -1,0 +1,30 @@
+"""What a run shows: the rich console on a terminal, plain lines elsewhere."""
+
+from helpers import run_cli_in_terminal
+
+from mnist_dist.tracking import format_epoch_line
+
+
+def test_a_terminal_gets_a_progress_bar_and_an_epoch_table(tiny_mnist, tmp_path):
+    code, screen = run_cli_in_terminal(
+        "train", "--data-dir", str(tiny_mnist), "--output-dir", str(tmp_path / "r"),
+        "--epochs", "2", "--batch-size", "32", "--log-every", "2",
+    )  # fmt: skip
+    assert code == 0, screen[-2000:]
+    assert "\x1b[" in screen  # redrawn with terminal control sequences
+    for header in ("epoch", "train loss", "test acc", "images/s"):
+        assert header in screen
+    assert "img/s" in screen and "/8" in screen  # the progress bar: steps done of 8
+    assert "epoch 1/2  lr" not in screen  # no plain log lines on a terminal
+
+
+def test_plain_epoch_line_has_every_figure():
+    record = {
+        "epoch": 3, "lr": 1e-5, "train_loss": 0.1234, "train_accuracy": 0.9876,
+        "test_loss": 0.0456, "test_accuracy": 0.9912, "test_correct": 9912, "test_total": 10000,
+        "epoch_seconds": 12.34, "images_per_second": 5678.9,
+    }  # fmt: skip
+    assert format_epoch_line(record, 10) == (
+        "epoch 3/10  lr 1.0e-05  train_loss 0.1234  train_acc 98.76%  test_loss 0.0456  "
+        "test_acc 99.12% (9912/10000)  12.3s  5,679 images/s"
+    )

@@ -1,0 +1,123 @@
+"""Training behaviour through the real entry point: schedule, precision, accumulation, accuracy."""
+
+import math
+
+import pytest
+from helpers import launch_cli, read_jsonl, read_summary, run_cli
+
+# Launch modes a run can be started in: plain python (1 process) and 2 gloo ranks.
+LAUNCHERS = {"1proc": run_cli, "2proc": launch_cli}
+
+
+def train(launcher: str, data_dir, out, *args: str):
+    result = LAUNCHERS[launcher](
+        "train", "--data-dir", str(data_dir), "--output-dir", str(out), *args
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.dataset
+@pytest.mark.parametrize("launcher", ["1proc", "2proc"])
+def test_lr_is_stepped_once_per_epoch_on_every_world_size(launcher, mnist_dir, tmp_path):
+    # 10 epochs of 640 images: the reference schedule, cheaply.
+    train(
+        launcher,
+        mnist_dir,
+        tmp_path / "r",
+        "--max-train-samples",
+        "640",
+        "--max-eval-samples",
+        "500",
+    )
+    lrs = [m["lr"] for m in read_jsonl(tmp_path / "r" / "metrics.jsonl")]
+    expected = [1e-3] * 5 + [1e-5] * 3 + [1e-7] * 2
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert read_summary(tmp_path / "r")["world_size"] == (2 if launcher == "2proc" else 1)
+
+
+@pytest.mark.dataset
+def test_bf16_trains_on_cpu_with_a_finite_loss(mnist_dir, tmp_path):
+    # 300 optimizer steps of 64 images under bf16 autocast.
+    train(
+        "1proc",
+        mnist_dir,
+        tmp_path / "r",
+        "--mixed-precision",
+        "bf16",
+        "--epochs",
+        "1",
+        "--max-train-samples",
+        "19200",
+        "--max-eval-samples",
+        "2000",
+        "--log-every",
+        "25",
+    )
+    summary = read_summary(tmp_path / "r")
+    assert (summary["mixed_precision"], summary["global_step"]) == ("bf16", 300)
+    losses = [s["train_loss"] for s in read_jsonl(tmp_path / "r" / "steps.jsonl")]
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.5 * losses[0]
+    assert summary["test_accuracy"] > 0.9
+
+
+@pytest.mark.dataset
+def test_grad_accum_splits_a_step_without_changing_its_math(mnist_dir, tmp_path):
+    args = (
+        "--epochs",
+        "1",
+        "--max-train-samples",
+        "3200",
+        "--max-eval-samples",
+        "1000",
+        "--log-every",
+        "5",
+    )
+    train("1proc", mnist_dir, tmp_path / "a1", *args)
+    train("1proc", mnist_dir, tmp_path / "a4", *args, "--grad-accum", "4")
+    one = [s["train_loss"] for s in read_jsonl(tmp_path / "a1" / "steps.jsonl")]
+    four = [s["train_loss"] for s in read_jsonl(tmp_path / "a4" / "steps.jsonl")]
+    # Same global batch, same samples: only float summation order differs.
+    assert four == pytest.approx(one, rel=1e-4)
+    assert read_summary(tmp_path / "a4")["global_step"] == 50
+
+
+@pytest.mark.dataset
+def test_torchvision_loader_trains_the_same_batches(mnist_dir, tmp_path):
+    args = (
+        "--epochs",
+        "1",
+        "--max-train-samples",
+        "1280",
+        "--max-eval-samples",
+        "1000",
+        "--log-every",
+        "5",
+    )
+    train("1proc", mnist_dir, tmp_path / "t", *args)
+    train(
+        "1proc", mnist_dir, tmp_path / "v", *args, "--loader", "torchvision", "--num-workers", "1"
+    )
+    tensor = [s["train_loss"] for s in read_jsonl(tmp_path / "t" / "steps.jsonl")]
+    loader = [s["train_loss"] for s in read_jsonl(tmp_path / "v" / "steps.jsonl")]
+    assert loader == pytest.approx(tensor, rel=1e-6)
+
+
+@pytest.mark.dataset
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["1proc", "2proc"])
+def test_full_reference_recipe_reaches_99_percent(launcher, mnist_dir, tmp_path):
+    result = train(launcher, mnist_dir, tmp_path / "full")
+    summary = read_summary(tmp_path / "full")
+    assert summary["world_size"] == (2 if launcher == "2proc" else 1)
+    assert (summary["epochs_completed"], summary["global_step"]) == (10, 10 * 938)
+    assert summary["test_total"] == 10_000
+    assert summary["test_accuracy"] >= 0.990, summary
+    lrs = [m["lr"] for m in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
+    assert lrs == pytest.approx([1e-3] * 5 + [1e-5] * 3 + [1e-7] * 2, rel=1e-9)
+    print(
+        f"{launcher}: {summary['test_correct']}/10000, {summary['images_per_second']:.0f} img/s, "
+        f"{summary['wall_seconds']:.0f}s"
+    )
+    assert f"{summary['test_correct']}/10000" in result.stdout
