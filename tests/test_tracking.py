@@ -1,6 +1,7 @@
 """What a run shows: the rich console on a terminal, plain lines elsewhere."""
 
-from helpers import run_cli_in_terminal
+import pytest
+from helpers import launch_cli, run_cli, run_cli_in_terminal
 
 from mnist_dist.tracking import format_epoch_line
 
@@ -28,3 +29,19 @@ def test_plain_epoch_line_has_every_figure():
         "epoch 3/10  lr 1.0e-05  train_loss 0.1234  train_acc 98.76%  test_loss 0.0456  "
         "test_acc 99.12% (9912/10000)  12.3s  5,679 images/s"
     )
+
+
+@pytest.mark.parametrize("launcher", ["1proc", "2proc"])
+def test_wandb_records_exactly_one_offline_run(launcher, tiny_mnist, tmp_path):
+    run = {"1proc": run_cli, "2proc": launch_cli}[launcher]
+    out = tmp_path / "r"
+    result = run(
+        "train", "--data-dir", str(tiny_mnist), "--output-dir", str(out), "--epochs", "2",
+        "--batch-size", "32", "--tracker", "wandb",
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    assert len(list(runs[0].glob("run-*.wandb"))) == 1
+    assert "warning: W&B tracking stopped" not in result.stdout + result.stderr
