@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.optim.lr_scheduler import MultiStepLR
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -55,6 +58,7 @@ EVAL_BATCH_SIZE = 1000
 LR = 1e-3
 LR_MILESTONES = [5, 8]
 LR_GAMMA = 0.01
+BUSY_CORES = 0.25  # CPU used by other processes (cores) above which a run is flagged
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 ROW_NAMES = {
@@ -84,18 +88,15 @@ class RunResult:
     test_total: int
     wall_seconds: float
     process_seconds: float | None = None  # subprocess rows only
+    other_cpu_cores: float | None = None  # CPU used meanwhile by other processes, in cores
     epochs: list[EpochTiming] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    try:
-        import numpy as np
-    except ImportError:
-        return
     np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def synchronize(device: torch.device) -> None:
@@ -200,6 +201,7 @@ def run_mnist_dist(
                 f"mnist-dist exited with {proc.returncode}: {' '.join(command)}\n" + "\n".join(tail)
             )
         summary = json.loads((run_dir / "summary.json").read_text())
+        resolved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         records = [
             json.loads(line)
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -224,6 +226,7 @@ def run_mnist_dist(
         epochs=timings,
         extra={
             "world_size": summary.get("world_size"),
+            "num_workers": resolved.get("data", {}).get("num_workers"),
             "summary_images_per_second": summary.get("images_per_second"),
             "epoch_seconds": [r.get("epoch_seconds") for r in records],
             "test_accuracy_per_epoch": [r.get("test_accuracy") for r in records],
@@ -231,10 +234,40 @@ def run_mnist_dist(
     )
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes on this machine have used since boot (Linux), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds used by this process and its finished (waited-for) children."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
 def run_row(row: str, args: argparse.Namespace) -> RunResult:
+    """Run one row and note how much CPU other processes took meanwhile (steal included)."""
+    busy, own, started = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
     if row == "plain":
-        return run_plain(args.data_dir, args.epochs, args.max_train_samples, args.plain_workers)
-    return run_mnist_dist(row, args.data_dir, args.epochs, args.max_train_samples)
+        result = run_plain(args.data_dir, args.epochs, args.max_train_samples, args.plain_workers)
+    else:
+        result = run_mnist_dist(row, args.data_dir, args.epochs, args.max_train_samples)
+    busy_after = machine_busy_seconds()
+    if busy is not None and busy_after is not None:
+        other = (busy_after - busy) - (own_cpu_seconds() - own)
+        result.other_cpu_cores = max(0.0, other) / (time.perf_counter() - started)
+    return result
 
 
 def cpu_model() -> str:
@@ -257,6 +290,7 @@ def machine_info() -> dict[str, Any]:
         "torchvision": metadata.version("torchvision"),
         "accelerate": metadata.version("accelerate"),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     return info
 
@@ -265,6 +299,7 @@ def summarize_row(row: str, runs: list[RunResult], plain_rate: float | None) -> 
     """Medians over the repeats of one row."""
     rate = statistics.median(r.images_per_second for r in runs)
     process = [r.process_seconds for r in runs if r.process_seconds is not None]
+    other = [r.other_cpu_cores for r in runs if r.other_cpu_cores is not None]
     return {
         "row": row,
         "name": ROW_NAMES[row],
@@ -273,6 +308,7 @@ def summarize_row(row: str, runs: list[RunResult], plain_rate: float | None) -> 
         "test_accuracy": statistics.median(r.test_accuracy for r in runs),
         "wall_seconds": statistics.median(r.wall_seconds for r in runs),
         "process_seconds": statistics.median(process) if process else None,
+        "max_other_cpu_cores": max(other) if other else None,
         "runs": [asdict(r) for r in runs],
     }
 
@@ -386,6 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_row(row, args)
             runs[row].append(result)
             print(f"{result.images_per_second:,.0f} images/s, {result.wall_seconds:.1f}s")
+            if result.other_cpu_cores is not None and result.other_cpu_cores > BUSY_CORES:
+                print(
+                    f"warning: other processes used {result.other_cpu_cores:.2f} CPU cores "
+                    "during this run: its timings are distorted",
+                    file=sys.stderr,
+                )
 
     plain_rate = (
         statistics.median(r.images_per_second for r in runs["plain"]) if "plain" in runs else None
@@ -393,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [summarize_row(row, runs[row], plain_rate) for row in args.rows]
     print()
     print(format_table(rows))
+    flagged = [r["name"] for r in rows if (r["max_other_cpu_cores"] or 0.0) > BUSY_CORES]
+    if flagged:
+        print(f"distorted by other processes (see warnings): {', '.join(flagged)}")
 
     if args.json_out:
         settings = {
@@ -405,7 +450,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seed": SEED,
             "batch_size": BATCH_SIZE,
         }
-        out = {"machine": machine, "settings": settings, "rows": rows}
+        load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        out = {
+            "machine": {**machine, "load_average_1min_after": load_after},
+            "settings": settings,
+            "rows": rows,
+        }
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
         print(f"\nresults written to {args.json_out}")
     return 0
