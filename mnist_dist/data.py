@@ -86,8 +86,9 @@ def download_mnist(data_dir: str | Path) -> None:
         for train in (True, False):
             datasets.MNIST(root=str(data_dir), train=train, download=True)
     except (OSError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"downloading MNIST into {data_dir} failed: {reason}") from None
+        # torchvision lists every mirror it tried over several lines: fold them into one.
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(f"downloading MNIST into {data_dir} failed: {reason[:500]}") from None
     verify_raw_files(data_dir)
 
 

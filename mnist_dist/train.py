@@ -38,6 +38,8 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
     tc, dc, oc = config.train, config.data, config.optim
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     per_device_batch_size = tc.per_device_batch_size(world)  # raises if it does not divide
+    with accelerator.main_process_first():  # verify (or download) before anything is written
+        prepare_raw_files(dc.data_dir, download=dc.download and accelerator.is_main_process)
     run_dir = RunDir(resolve_run_dir(accelerator, tc.output_dir), accelerator.is_main_process)
 
     set_seed(tc.seed)  # the same initial weights on every rank and world size
@@ -47,8 +49,6 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
     scheduler = MultiStepLR(optimizer, milestones=list(oc.lr_milestones), gamma=oc.lr_gamma)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    with accelerator.main_process_first():
-        prepare_raw_files(dc.data_dir, download=dc.download and accelerator.is_main_process)
     train_data = build_train_data(
         dc.data_dir, dc.loader, dc.max_train_samples, tc.global_batch_size,
         world, rank, tc.seed, device, dc.num_workers,

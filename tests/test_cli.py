@@ -157,6 +157,7 @@ def test_missing_dataset_is_one_line_naming_the_download_command(tmp_path):
         "train", "--data-dir", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "o")
     )
     assert_usage_error(result, "MNIST not found in", "mnist-dist download --data-dir")
+    assert not (tmp_path / "o").exists()  # nothing is written before the data is verified
 
 
 def test_truncated_idx_file_is_one_line(tiny_mnist, tmp_path):

@@ -4,6 +4,19 @@ import pytest
 from helpers import launch_cli, read_jsonl, read_summary, run_cli
 
 
+def step_losses_on_one_and_two_processes(data_dir, tmp_path, *args: str):
+    """Train the same settings plainly and on 2 ranks; return both step-loss series."""
+    for name, run in (("one", run_cli), ("two", launch_cli)):
+        out = tmp_path / name
+        result = run("train", "--data-dir", str(data_dir), "--output-dir", str(out), *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert read_summary(tmp_path / "two")["world_size"] == 2
+    return [
+        [s["train_loss"] for s in read_jsonl(tmp_path / name / "steps.jsonl")]
+        for name in ("one", "two")
+    ]
+
+
 @pytest.mark.multiprocess
 def test_evaluate_reference_weights_on_two_ranks_scores_9917(mnist_dir, reference_weights):
     result = launch_cli(
@@ -29,16 +42,7 @@ def test_one_and_two_processes_agree_step_by_step(mnist_dir, tmp_path):
         "--seed",
         "5",
     )
-    one = run_cli(
-        "train", "--data-dir", str(mnist_dir), "--output-dir", str(tmp_path / "one"), *args
-    )
-    two = launch_cli(
-        "train", "--data-dir", str(mnist_dir), "--output-dir", str(tmp_path / "two"), *args
-    )
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    assert read_summary(tmp_path / "two")["world_size"] == 2
-    a = [s["train_loss"] for s in read_jsonl(tmp_path / "one" / "steps.jsonl")]
-    b = [s["train_loss"] for s in read_jsonl(tmp_path / "two" / "steps.jsonl")]
+    a, b = step_losses_on_one_and_two_processes(mnist_dir, tmp_path, *args)
     assert len(a) == len(b) == 200
     # Same global batches and the same gradient math; the ranks only sum in a different order
     # (per-rank convolutions over 32 images, then a gloo all-reduce), so the first steps agree to
@@ -134,14 +138,6 @@ def test_uneven_last_batch_and_empty_micro_batches_match_one_process(mnist_dir, 
         "--log-every",
         "1",
     )
-    one = run_cli(
-        "train", "--data-dir", str(mnist_dir), "--output-dir", str(tmp_path / "one"), *args
-    )
-    two = launch_cli(
-        "train", "--data-dir", str(mnist_dir), "--output-dir", str(tmp_path / "two"), *args
-    )
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    a = [s["train_loss"] for s in read_jsonl(tmp_path / "one" / "steps.jsonl")]
-    b = [s["train_loss"] for s in read_jsonl(tmp_path / "two" / "steps.jsonl")]
+    a, b = step_losses_on_one_and_two_processes(mnist_dir, tmp_path, *args)
     assert len(a) == len(b) == 6
     assert b == pytest.approx(a, rel=1e-5)
