@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +23,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+from mnist_dist.rundir import RunDir
 
 EPOCH_COLUMNS = (
     ("epoch", "epoch", "{}"),
@@ -185,3 +188,22 @@ def make_tracker(
     if kind == "wandb" and accelerator.is_main_process:
         return WandbTracker(accelerator, run_dir, config, warn)
     return NoTracker()
+
+
+@dataclass
+class RunOutputs:
+    """Everywhere a run's records go: its files, the tracker and the console."""
+
+    files: RunDir
+    tracker: Tracker
+    console: RunConsole
+
+    def record_step(self, record: dict[str, Any]) -> None:
+        self.files.append_step(record)
+        self.tracker.log({f"train/{k}": v for k, v in record.items()}, step=record["global_step"])
+        self.console.show_step(record["train_loss"], record["images_per_second"])
+
+    def record_epoch(self, record: dict[str, Any]) -> None:
+        self.files.append_epoch(record)
+        self.tracker.log({f"epoch/{k}": v for k, v in record.items()}, step=record["global_step"])
+        self.console.end_epoch(record)

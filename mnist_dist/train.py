@@ -20,7 +20,7 @@ from mnist_dist.distributed import make_accelerator, provenance
 from mnist_dist.evaluate import evaluate
 from mnist_dist.model import MnistCNN
 from mnist_dist.rundir import RunDir, resolve_run_dir
-from mnist_dist.tracking import RunConsole, make_tracker
+from mnist_dist.tracking import RunConsole, RunOutputs, make_tracker
 
 
 def train(config: Config) -> dict[str, Any]:
@@ -64,6 +64,7 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
         accelerator.is_main_process, tc.epochs, train_data.sharding.steps_per_epoch
     )
     tracker = make_tracker(tc.tracker, accelerator, run_dir.path, resolved, console.print)
+    outputs = RunOutputs(run_dir, tracker, console)
     console.print(
         f"mnist-dist: {world} process(es), {accelerator.distributed_type.value}, "
         f"device {device}, mixed precision {accelerator.mixed_precision}, "
@@ -80,7 +81,7 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
             epoch_start = time.perf_counter()
             train_loss, train_accuracy, global_step = train_epoch(
                 model, optimizer, accelerator, train_data, epoch, global_step, tc.grad_accum,
-                tc.log_every, run_dir, tracker, console,
+                tc.log_every, outputs,
             )  # fmt: skip
             train_seconds = time.perf_counter() - epoch_start
             result = evaluate(model, test_data, accelerator)
@@ -100,9 +101,7 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
                 "images_per_second": train_data.sharding.num_samples / train_seconds,
             }
             history.append(record)
-            run_dir.append_epoch(record)
-            tracker.log({f"epoch/{k}": v for k, v in record.items()}, step=global_step)
-            console.end_epoch(record)
+            outputs.record_epoch(record)
     finally:
         console.close()
 
@@ -135,9 +134,7 @@ def train_epoch(
     global_step: int,
     grad_accum: int,
     log_every: int,
-    run_dir: RunDir,
-    tracker: Any,
-    console: RunConsole,
+    outputs: RunOutputs,
 ) -> tuple[float, float, int]:
     """One pass over the training set. Returns (mean loss, accuracy, global step), all ranks
     together, measured on the training forward passes."""
@@ -153,21 +150,20 @@ def train_epoch(
         window_sums += sums
         window_images += batch
         global_step += 1
-        console.advance()
+        outputs.console.advance()
         if global_step % log_every == 0:
             # A collective and a host sync, once per log_every steps.
             loss_sum = accelerator.reduce(window_sums, reduction="sum")[0].item()
             seconds = time.perf_counter() - window_start
-            record = {
-                "global_step": global_step,
-                "epoch": epoch,
-                "train_loss": loss_sum / window_images,
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_second": window_images / seconds,
-            }
-            run_dir.append_step(record)
-            tracker.log({f"train/{k}": v for k, v in record.items()}, step=global_step)
-            console.show_step(record["train_loss"], record["images_per_second"])
+            outputs.record_step(
+                {
+                    "global_step": global_step,
+                    "epoch": epoch,
+                    "train_loss": loss_sum / window_images,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_second": window_images / seconds,
+                }
+            )
             window_sums.zero_()
             window_images, window_start = 0, time.perf_counter()
     loss_sum, correct = accelerator.reduce(epoch_sums, reduction="sum").tolist()
