@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from mnist_dist.config import SECTIONS, DataConfig, add_config_flags, build_config
+from mnist_dist.config import DATA_DIR_ENV, SECTIONS, DataConfig, add_config_flags, build_config
 from mnist_dist.errors import EXIT_USAGE, UsageError
 
 
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="fetch MNIST with torchvision")
     download.add_argument(
         "--data-dir",
-        default=os.environ.get("MNIST_DIST_DATA_DIR", "./data"),
-        help="where to put MNIST/raw (env MNIST_DIST_DATA_DIR) [default: ./data]",
+        default=os.environ.get(DATA_DIR_ENV) or DataConfig().data_dir,
+        help=f"where to put MNIST/raw (env {DATA_DIR_ENV}) [default: {DataConfig().data_dir}]",
     )
     download.set_defaults(func=cmd_download)
     return parser
@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mnist_dist.checkpoint import load_model
-    from mnist_dist.data import eval_batches, prepare_raw_files
+    from mnist_dist.data import ensure_raw_files, eval_batches
     from mnist_dist.distributed import make_accelerator
     from mnist_dist.evaluate import evaluate
 
@@ -85,13 +85,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.weights)  # before any process group: a bad file fails fast
     accelerator = make_accelerator("no")
     try:
-        with accelerator.main_process_first():
-            prepare_raw_files(data.data_dir, download=data.download and accelerator.is_main_process)
+        ensure_raw_files(accelerator, data)
         batches = eval_batches(
-            data.data_dir, data.loader, data.max_eval_samples, data.eval_batch_size,
-            accelerator.num_processes, accelerator.process_index, accelerator.device,
-            data.num_workers,
-        )  # fmt: skip
+            data, accelerator.num_processes, accelerator.process_index, accelerator.device
+        )
         result = evaluate(accelerator.prepare(model), batches, accelerator)
         if accelerator.is_main_process:
             if args.json:

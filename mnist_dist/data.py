@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler, Subset
 from torchvision import datasets, transforms
 
+from mnist_dist.config import DataConfig
 from mnist_dist.errors import UsageError
 
 IMAGE_SIZE = 28
@@ -113,6 +115,13 @@ def prepare_raw_files(data_dir: str | Path, download: bool) -> None:
             f"run `mnist-dist download --data-dir {data_dir}` or pass --download"
         )
     verify_raw_files(data_dir)
+
+
+def ensure_raw_files(accelerator: Accelerator, config: DataConfig) -> None:
+    """``prepare_raw_files`` on the main process first (only it may download), then on the
+    other ranks, which find the files in place and verify them."""
+    with accelerator.main_process_first():
+        prepare_raw_files(config.data_dir, download=config.download and accelerator.is_main_process)
 
 
 def _gunzip(archive: Path, target: Path) -> None:
@@ -257,8 +266,10 @@ class TensorTrainData:
         self.images, self.labels, self.sharding = images, labels, sharding
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for idx in self.sharding.rank_indices(epoch):
-            idx = idx.to(self.images.device, non_blocking=True)
+        steps = self.sharding.rank_indices(epoch)
+        # One host-to-device copy of the epoch's indices, not one per step.
+        indices = torch.cat(steps).to(self.images.device, non_blocking=True)
+        for idx in indices.split([len(s) for s in steps]):
             yield self.images[idx], self.labels[idx]
 
 
@@ -301,50 +312,46 @@ class LoaderTrainData:
 TrainData = TensorTrainData | LoaderTrainData
 
 
+def _read_split(config: DataConfig, train: bool) -> tuple[datasets.MNIST, int]:
+    """The split as the configured loader reads it, and how many of its images to use."""
+    transform = reference_transform() if config.loader == "torchvision" else None
+    dataset = load_split(config.data_dir, train=train, transform=transform)
+    limit = config.max_train_samples if train else config.max_eval_samples
+    return dataset, len(dataset) if limit is None else min(limit, len(dataset))
+
+
 def build_train_data(
-    data_dir: str | Path,
-    loader: str,
-    limit: int | None,
+    config: DataConfig,
     global_batch_size: int,
     world_size: int,
     rank: int,
     seed: int,
     device: torch.device,
-    num_workers: int,
 ) -> TrainData:
-    """This rank's training input: the first ``limit`` images, sharded as described above."""
-    transform = reference_transform() if loader == "torchvision" else None
-    dataset = load_split(data_dir, train=True, transform=transform)
-    n = len(dataset) if limit is None else min(limit, len(dataset))
+    """This rank's training input: the first ``--max-train-samples`` images, sharded as
+    described above."""
+    dataset, n = _read_split(config, train=True)
     sharding = Sharding(n, global_batch_size, world_size, rank, seed)
-    if loader == "tensor":
+    if config.loader == "tensor":
         images, labels = split_tensors(dataset, n, device)
         return TensorTrainData(images, labels, sharding)
-    return LoaderTrainData(dataset, sharding, num_workers, device)
+    return LoaderTrainData(dataset, sharding, config.num_workers, device)
 
 
 def eval_batches(
-    data_dir: str | Path,
-    loader: str,
-    limit: int | None,
-    batch_size: int,
-    world_size: int,
-    rank: int,
-    device: torch.device,
-    num_workers: int = 0,
+    config: DataConfig, world_size: int, rank: int, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]] | DataLoader:
     """This rank's contiguous shard of the test split, in batches (no padding, no duplicates)."""
-    transform = reference_transform() if loader == "torchvision" else None
-    dataset = load_split(data_dir, train=False, transform=transform)
-    n = len(dataset) if limit is None else min(limit, len(dataset))
+    dataset, n = _read_split(config, train=False)
     shard = torch.tensor_split(torch.arange(n), world_size)[rank]
-    if loader == "tensor":
+    batch_size = config.eval_batch_size
+    if config.loader == "tensor":
         images, labels = split_tensors(dataset, n, device)
         images, labels = images[shard], labels[shard]
         return list(zip(images.split(batch_size), labels.split(batch_size), strict=True))
     return DataLoader(
         Subset(dataset, shard.tolist()),
         batch_size=batch_size,
-        num_workers=num_workers,
+        num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
     )

@@ -79,7 +79,3 @@ class RunDir:
         partial = self.path / f".{name}.partial"
         partial.write_text(text)
         os.replace(partial, self.path / name)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

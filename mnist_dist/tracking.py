@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -140,7 +141,11 @@ class WandbTracker:
     """
 
     def __init__(
-        self, accelerator: Accelerator, run_dir: Path, config: dict[str, Any], warn: Any
+        self,
+        accelerator: Accelerator,
+        run_dir: Path,
+        config: dict[str, Any],
+        warn: Callable[[str], None],
     ) -> None:
         self.accelerator, self.warn, self.active = accelerator, warn, False
         mode = os.environ.get("WANDB_MODE") or (
@@ -183,8 +188,13 @@ class WandbTracker:
 
 
 def make_tracker(
-    kind: str, accelerator: Accelerator, run_dir: Path, config: dict[str, Any], warn: Any
+    kind: str,
+    accelerator: Accelerator,
+    run_dir: Path,
+    config: dict[str, Any],
+    warn: Callable[[str], None],
 ) -> Tracker:
+    """W&B on the main process for ``--tracker wandb``; otherwise a tracker that does nothing."""
     if kind == "wandb" and accelerator.is_main_process:
         return WandbTracker(accelerator, run_dir, config, warn)
     return NoTracker()

@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import MultiStepLR
 
 from mnist_dist.checkpoint import export_model
 from mnist_dist.config import Config
-from mnist_dist.data import TrainData, build_train_data, eval_batches, prepare_raw_files
+from mnist_dist.data import TrainData, build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.distributed import make_accelerator, provenance
 from mnist_dist.evaluate import evaluate
 from mnist_dist.model import MnistCNN
@@ -38,8 +38,7 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
     tc, dc, oc = config.train, config.data, config.optim
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     per_device_batch_size = tc.per_device_batch_size(world)  # raises if it does not divide
-    with accelerator.main_process_first():  # verify (or download) before anything is written
-        prepare_raw_files(dc.data_dir, download=dc.download and accelerator.is_main_process)
+    ensure_raw_files(accelerator, dc)  # verified (or downloaded) before anything is written
     run_dir = RunDir(resolve_run_dir(accelerator, tc.output_dir), accelerator.is_main_process)
 
     set_seed(tc.seed)  # the same initial weights on every rank and world size
@@ -49,14 +48,8 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
     scheduler = MultiStepLR(optimizer, milestones=list(oc.lr_milestones), gamma=oc.lr_gamma)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    train_data = build_train_data(
-        dc.data_dir, dc.loader, dc.max_train_samples, tc.global_batch_size,
-        world, rank, tc.seed, device, dc.num_workers,
-    )  # fmt: skip
-    test_data = eval_batches(
-        dc.data_dir, dc.loader, dc.max_eval_samples, dc.eval_batch_size,
-        world, rank, device, dc.num_workers,
-    )  # fmt: skip
+    train_data = build_train_data(dc, tc.global_batch_size, world, rank, tc.seed, device)
+    test_data = eval_batches(dc, world, rank, device)
 
     resolved = config.to_dict()
     run_dir.write_config(resolved, provenance(accelerator))
@@ -105,7 +98,10 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
     finally:
         console.close()
 
-    summary = summarize(history, accelerator, tc.global_batch_size, per_device_batch_size)
+    summary = summarize(
+        history, accelerator, train_data.sharding.num_samples, tc.global_batch_size,
+        per_device_batch_size,
+    )  # fmt: skip
     summary["wall_seconds"] = time.perf_counter() - started
     summary["run_dir"] = str(run_dir.path)
     if accelerator.is_main_process:
@@ -140,19 +136,18 @@ def train_epoch(
     together, measured on the training forward passes."""
     model.train()
     sharding = data.sharding
-    zero = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    epoch_sums = torch.stack([zero, zero])  # loss sum, correct: on device, no per-step sync
-    window_sums, window_images, window_start = epoch_sums.clone(), 0, time.perf_counter()
+    # (loss sum, correct) of this rank's images, kept on the device: no per-step host sync.
+    epoch_sums = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    logged_sums, window_images, window_start = epoch_sums.clone(), 0, time.perf_counter()
     for step, (images, labels) in enumerate(data.epoch(epoch)):
         batch = sharding.global_batch_size_at(step)
-        sums = train_step(model, optimizer, accelerator, images, labels, batch, grad_accum)
-        epoch_sums += sums
-        window_sums += sums
+        epoch_sums += train_step(model, optimizer, accelerator, images, labels, batch, grad_accum)
         window_images += batch
         global_step += 1
         outputs.console.advance()
         if global_step % log_every == 0:
             # A collective and a host sync, once per log_every steps.
+            window_sums = epoch_sums - logged_sums
             loss_sum = accelerator.reduce(window_sums, reduction="sum")[0].item()
             seconds = time.perf_counter() - window_start
             outputs.record_step(
@@ -164,7 +159,7 @@ def train_epoch(
                     "images_per_second": window_images / seconds,
                 }
             )
-            window_sums.zero_()
+            logged_sums = epoch_sums.clone()
             window_images, window_start = 0, time.perf_counter()
     loss_sum, correct = accelerator.reduce(epoch_sums, reduction="sum").tolist()
     return loss_sum / sharding.num_samples, correct / sharding.num_samples, global_step
@@ -208,13 +203,14 @@ def train_step(
 def summarize(
     history: list[dict[str, Any]],
     accelerator: Accelerator,
+    images_per_epoch: int,
     global_batch_size: int,
     per_device_batch_size: int,
 ) -> dict[str, Any]:
     """The final figures of a run, for ``summary.json``."""
     last = history[-1]
     best = max(history, key=lambda r: r["test_accuracy"])
-    train_images = sum(r["images_per_second"] * r["train_seconds"] for r in history)
+    train_images = images_per_epoch * len(history)
     return {
         "test_accuracy": last["test_accuracy"],
         "test_correct": last["test_correct"],

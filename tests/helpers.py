@@ -50,6 +50,10 @@ class Result:
     stdout: str
     stderr: str
 
+    def error_lines(self) -> list[str]:
+        """The errors mnist-dist itself printed (a launcher adds its own report around them)."""
+        return [line for line in self.stderr.splitlines() if line.startswith("mnist-dist: error:")]
+
     def json_lines(self) -> list[dict]:
         return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
 

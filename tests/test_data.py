@@ -5,6 +5,7 @@ import pytest
 import torch
 from helpers import gzip_file, make_tiny_mnist, write_idx
 
+from mnist_dist.config import DataConfig
 from mnist_dist.data import (
     LoaderTrainData,
     Sharding,
@@ -161,9 +162,9 @@ def test_both_pipelines_on_two_ranks_visit_each_sample_exactly_once():
 
 def test_tensor_and_torchvision_pipelines_yield_identical_batches(tiny_mnist):
     cpu = torch.device("cpu")
-    kwargs = dict(limit=None, global_batch_size=64, world_size=2, rank=1, seed=0, device=cpu)
-    tensor = build_train_data(tiny_mnist, "tensor", num_workers=0, **kwargs)
-    loader = build_train_data(tiny_mnist, "torchvision", num_workers=0, **kwargs)
+    kwargs = dict(global_batch_size=64, world_size=2, rank=1, seed=0, device=cpu)
+    tensor = build_train_data(DataConfig(str(tiny_mnist), "tensor", num_workers=0), **kwargs)
+    loader = build_train_data(DataConfig(str(tiny_mnist), "torchvision", num_workers=0), **kwargs)
     for (xa, ya), (xb, yb) in zip(tensor.epoch(1), loader.epoch(1), strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
@@ -172,6 +173,6 @@ def test_eval_shards_cover_the_test_split_exactly_once(tiny_mnist):
     cpu = torch.device("cpu")
     labels = []
     for rank in range(3):
-        batches = eval_batches(tiny_mnist, "tensor", None, 50, 3, rank, cpu)
+        batches = eval_batches(DataConfig(str(tiny_mnist), eval_batch_size=50), 3, rank, cpu)
         labels += [y for _, y in batches]
     assert torch.equal(torch.cat(labels), load_split(tiny_mnist, train=False).targets)

@@ -17,6 +17,13 @@ def step_losses_on_one_and_two_processes(data_dir, tmp_path, *args: str):
     ]
 
 
+def launch_train(data_dir, out, *args: str, **launch_options):
+    """``accelerate launch ... mnist_dist train`` on ``data_dir`` into ``out``."""
+    return launch_cli(
+        "train", "--data-dir", str(data_dir), "--output-dir", str(out), *args, **launch_options
+    )
+
+
 @pytest.mark.multiprocess
 def test_evaluate_reference_weights_on_two_ranks_scores_9917(mnist_dir, reference_weights):
     result = launch_cli(
@@ -31,17 +38,12 @@ def test_evaluate_reference_weights_on_two_ranks_scores_9917(mnist_dir, referenc
 @pytest.mark.multiprocess
 def test_one_and_two_processes_agree_step_by_step(mnist_dir, tmp_path):
     args = (
-        "--epochs",
-        "2",
-        "--max-train-samples",
-        "6400",
-        "--max-eval-samples",
-        "2000",
-        "--log-every",
-        "1",
-        "--seed",
-        "5",
-    )
+        "--epochs", "2",
+        "--max-train-samples", "6400",
+        "--max-eval-samples", "2000",
+        "--log-every", "1",
+        "--seed", "5",
+    )  # fmt: skip
     a, b = step_losses_on_one_and_two_processes(mnist_dir, tmp_path, *args)
     assert len(a) == len(b) == 200
     # Same global batches and the same gradient math; the ranks only sum in a different order
@@ -63,18 +65,9 @@ def test_one_and_two_processes_agree_step_by_step(mnist_dir, tmp_path):
 
 @pytest.mark.multiprocess
 def test_batch_not_divisible_by_world_size_fails_once_with_the_reason(tiny_mnist, tmp_path):
-    result = launch_cli(
-        "train",
-        "--data-dir",
-        str(tiny_mnist),
-        "--output-dir",
-        str(tmp_path / "o"),
-        "--batch-size",
-        "63",
-    )
+    result = launch_train(tiny_mnist, tmp_path / "o", "--batch-size", "63")
     assert result.returncode != 0
-    ours = [line for line in result.stderr.splitlines() if line.startswith("mnist-dist: error:")]
-    assert ours == [
+    assert result.error_lines() == [
         "mnist-dist: error: --batch-size 63 is not divisible by world size 2 x --grad-accum 1"
     ]
 
@@ -82,36 +75,23 @@ def test_batch_not_divisible_by_world_size_fails_once_with_the_reason(tiny_mnist
 @pytest.mark.multiprocess
 def test_a_launch_that_forms_one_process_instead_of_two_is_refused(tiny_mnist, tmp_path):
     # `accelerate launch --cpu --num_processes 2` silently starts ONE process (pitfalls.md).
-    result = launch_cli(
-        "train",
-        "--data-dir",
-        str(tiny_mnist),
-        "--output-dir",
-        str(tmp_path / "o"),
+    result = launch_train(
+        tiny_mnist,
+        tmp_path / "o",
         config="cpu.yaml",
         launcher_args=("--cpu", "--num_processes", "2"),
     )
     # The launcher reports a failed child with its own exit status and traceback; ours is the
     # one line that says what went wrong.
     assert result.returncode != 0
-    ours = [line for line in result.stderr.splitlines() if line.startswith("mnist-dist: error:")]
+    ours = result.error_lines()
     assert len(ours) == 1 and "asked for several processes but started one" in ours[0]
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
 @pytest.mark.multiprocess
 def test_two_ranks_log_once(tiny_mnist, tmp_path):
-    result = launch_cli(
-        "train",
-        "--data-dir",
-        str(tiny_mnist),
-        "--output-dir",
-        str(tmp_path / "o"),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "32",
-    )
+    result = launch_train(tiny_mnist, tmp_path / "o", "--epochs", "2", "--batch-size", "32")
     assert result.returncode == 0, result.stderr[-3000:]
     epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]  # main process only
@@ -125,19 +105,13 @@ def test_uneven_last_batch_and_empty_micro_batches_match_one_process(mnist_dir, 
     # micro-batches of which 31 are empty on each rank. The gradient must still be the mean
     # over the global batch.
     args = (
-        "--epochs",
-        "3",
-        "--batch-size",
-        "64",
-        "--grad-accum",
-        "32",
-        "--max-train-samples",
-        "66",
-        "--max-eval-samples",
-        "100",
-        "--log-every",
-        "1",
-    )
+        "--epochs", "3",
+        "--batch-size", "64",
+        "--grad-accum", "32",
+        "--max-train-samples", "66",
+        "--max-eval-samples", "100",
+        "--log-every", "1",
+    )  # fmt: skip
     a, b = step_losses_on_one_and_two_processes(mnist_dir, tmp_path, *args)
     assert len(a) == len(b) == 6
     assert b == pytest.approx(a, rel=1e-5)
