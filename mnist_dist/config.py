@@ -271,12 +271,13 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
     built = {}
     for name, values in layered.items():
         hints = typing.get_type_hints(sections[name])
-        checked = {key: _check_type(key, value, hints[key]) for key, value in values.items()}
+        flags = {f.name: _flag(f) for f in dataclasses.fields(sections[name])}
+        checked = {k: _check_type(flags[k], v, hints[k]) for k, v in values.items()}
         built[name] = sections[name](**checked)
     return Config(**built)
 
 
-def _check_type(name: str, value: Any, annotation: Any) -> Any:
+def _check_type(flag: str, value: Any, annotation: Any) -> Any:
     """Values from a config file arrive untyped: accept what the field's type accepts, or say so."""
     optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     tp = _base_type(annotation)
@@ -302,7 +303,6 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
             return value
     elif isinstance(value, tp):
         return value
-    flag = "--" + name.replace("_", "-")
     raise UsageError(f"invalid value {value!r} for {flag} (expected {_describe(annotation)})")
 
 

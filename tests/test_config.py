@@ -62,6 +62,7 @@ def test_launcher_precision_is_a_default_that_flags_override(monkeypatch):
     "content, message",
     [
         ({"train": {"epochs": "ten"}}, "invalid value 'ten' for --epochs"),
+        ({"train": {"global_batch_size": 6.4}}, "invalid value 6.4 for --batch-size"),
         ({"train": {"epochz": 3}}, "unknown key(s) ['epochz']"),
         ({"model": {}}, "unknown section(s) ['model']"),
         ({"train": {"mixed_precision": "fp8"}}, "--mixed-precision"),
