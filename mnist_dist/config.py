@@ -189,6 +189,7 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: dict[str, type] 
             kwargs: dict[str, Any] = {
                 "dest": f"{section}.{f.name}",
                 "default": argparse.SUPPRESS,
+                "metavar": f.name.upper(),  # not the internal dest "SECTION.NAME"
                 "help": f"{f.metadata['help']} [default: {_show_default(f)}]",
             }
             if tp is bool:
