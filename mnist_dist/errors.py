@@ -1,12 +1,46 @@
-"""The one exception type the command line turns into a one-line message and exit code 2."""
+"""The exceptions the command line turns into one line on stderr, and the exit codes it uses.
 
-
-class UsageError(Exception):
-    """Bad input from the user or the disk: a flag, a config file, a dataset or a weights file.
-
-    The message is complete on its own (it names the flag or file and what is wrong with it); the
-    command line prints it as a single line and exits with ``EXIT_USAGE``.
-    """
-
+Exit codes (also in the README): 0 finished; 2 bad input (flags, config, data, weights,
+checkpoints, a launch that formed the wrong world size); 3 training diverged (non-finite loss);
+4 a write failed (disk full, unwritable directory); 75 stopped cleanly by a signal or stop file,
+resumable with ``--resume auto`` (75 is EX_TEMPFAIL: "try again later").
+"""
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_WRITE_FAILED = 4
+EXIT_STOPPED = 75
+
+
+class MnistDistError(Exception):
+    """An error whose message is complete on its own (it names the flag or file and what is
+    wrong); the command line prints it as a single line and exits with ``exit_code``."""
+
+    exit_code = 1
+    label = "error"  # printed as "mnist-dist: <label>: <message>"
+
+
+class UsageError(MnistDistError):
+    """Bad input from the user or the disk: a flag, a config file, a dataset, a weights file or
+    a checkpoint."""
+
+    exit_code = EXIT_USAGE
+
+
+class DivergedError(MnistDistError):
+    """The training loss became non-finite; the newest checkpoint is the last good state."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class WriteError(MnistDistError):
+    """Writing run state failed; what was already on disk is intact."""
+
+    exit_code = EXIT_WRITE_FAILED
+
+
+class Stopped(MnistDistError):
+    """A stop signal or stop file ended the run at a step boundary, after a checkpoint."""
+
+    exit_code = EXIT_STOPPED
+    label = "stopped"
