@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from mnist_dist.config import DATA_DIR_ENV, SECTIONS, DataConfig, add_config_flags, build_config
-from mnist_dist.errors import EXIT_USAGE, UsageError
+from mnist_dist.errors import MnistDistError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but its errors are one line (no usage dump) and exit with EXIT_USAGE."""
+    """argparse, but its errors are one line (no usage dump) and exit with exit code 2."""
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -150,19 +150,19 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(error: UsageError) -> None:
+def _report(error: MnistDistError) -> None:
     # Under `accelerate launch` every rank hits the same error: print it once per node.
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"mnist-dist: error: {error}", file=sys.stderr, flush=True)
+        print(f"mnist-dist: {error.label}: {error}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except UsageError as e:
+    except MnistDistError as e:
         _report(e)
-        return EXIT_USAGE
+        return e.exit_code
     except KeyboardInterrupt:
         print("mnist-dist: interrupted", file=sys.stderr)
         return 130

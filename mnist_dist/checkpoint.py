@@ -1,23 +1,297 @@
-"""Model weights on disk: the final export (safetensors + model config) and loading any
-weights a user hands us, including a plain ``state_dict`` from the reference implementation."""
+"""Training state and weights on disk.
+
+Resumable checkpoints (Accelerate's ``save_state`` plus our own trainer state, written
+atomically, verified when found), the final export (safetensors + model config), and loading any
+weights a user hands us, including a plain ``state_dict`` from the reference implementation.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mnist_dist.errors import UsageError
+from mnist_dist.errors import UsageError, WriteError
 from mnist_dist.model import MnistCNN, ModelConfig
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 _PICKLE_MAGIC = b"\x80"  # torch.save's legacy format starts with a pickle protocol opcode
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "COMPLETE"  # written last: every file of the checkpoint with size and sha256
+_NAME = re.compile(r"epoch-(\d+)-step-(\d+)")
+_PARTIAL_PREFIX = ".partial-"
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands, beyond what ``save_state`` holds (model, optimizer, scaler, RNGs)."""
+
+    epoch: int = 1  # the epoch being trained (1-based)
+    step: int = 0  # optimizer steps of that epoch already taken
+    global_step: int = 0  # optimizer steps since the start of the run
+    seed: int = 0  # the sampler seed: with epoch and step it fixes the next batch exactly
+    global_batch_size: int = 64
+    num_samples: int = 0  # training images per epoch
+    world_size: int = 1
+    scheduler: dict[str, Any] = field(default_factory=dict)  # MultiStepLR position and LRs
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0])  # loss sum, correct
+    epoch_train_seconds: float = 0.0  # training time spent in the current epoch so far
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records
+    tracker_run_id: str | None = None  # the W&B run a resumed job continues
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's folder name: the position training resumes from."""
+        return f"epoch-{self.epoch:03d}-step-{self.step:06d}"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        raw = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(raw, dict) or not names <= set(raw):
+            raise ValueError(f"missing fields {sorted(names - set(raw or {}))}")
+        return cls(**{k: raw[k] for k in names})
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete, verified checkpoint folder and the trainer state it holds."""
+
+    path: Path
+    state: TrainerState
+
+
+class Checkpointer:
+    """Saves checkpoints atomically into ``<run dir>/checkpoints`` and keeps the newest ``keep``.
+
+    Accelerate's ``save_state`` is neither atomic nor careful with old checkpoints (its
+    ``total_limit`` deletes before writing, huggingface/accelerate#1171, #3662), so every rank
+    writes into a hidden ``.partial-*`` folder; the main process then adds the trainer state
+    and a manifest with every file's size and sha256, renames the folder into place, and only
+    then deletes checkpoints beyond ``keep``. Call ``save`` on every rank.
+    """
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, keep: int) -> None:
+        self.accelerator, self.keep = accelerator, keep
+        self.root = run_dir / CHECKPOINTS_DIR
+
+    def save(self, state: TrainerState) -> Path:
+        acc = self.accelerator
+        final = self.root / state.name
+        partial = self.root / f"{_PARTIAL_PREFIX}{state.name}"
+        # Three phases, each followed by an agreement, so every rank runs the same collectives
+        # and a failure on one rank ends the save on all of them instead of a rendezvous hang.
+        self._agree(final, self._on_main(lambda: _fresh_dir(partial)))
+        try:
+            acc.save_state(str(partial), safe_serialization=True)
+            error = None
+        except OSError as e:
+            error = e
+        self._agree(final, error)
+        self._agree(final, self._on_main(lambda: self._complete(state, partial, final)))
+        return final
+
+    def _on_main(self, work: Callable[[], None]) -> OSError | None:
+        if self.accelerator.is_main_process:
+            try:
+                work()
+            except OSError as e:
+                return e
+        return None
+
+    def _agree(self, final: Path, error: OSError | None) -> None:
+        """Raise ``WriteError`` on every rank if any rank failed."""
+        failed = torch.tensor([error is not None], device=self.accelerator.device)
+        if self.accelerator.reduce(failed.int(), reduction="sum").item():
+            reason = (error.strerror or str(error)) if error else "it failed on another rank"
+            raise WriteError(f"cannot write checkpoint {final}: {reason}")
+
+    def _complete(self, state: TrainerState, partial: Path, final: Path) -> None:
+        _write_synced(partial / STATE_FILE, state.to_json().encode())
+        manifest = {p.name: _file_digest(p) for p in sorted(partial.iterdir())}
+        _write_synced(partial / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+        _replace_dir(partial, final)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Delete checkpoints beyond the newest ``keep``, and partial folders of killed writes."""
+        for stale in self.root.glob(f"{_PARTIAL_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in complete_checkpoints(self.root)[: -self.keep]:
+            shutil.rmtree(old)
+
+    def find(self, resume: str, warn: Callable[[str], None]) -> Checkpoint | None:
+        """The checkpoint ``--resume`` names (``auto``: the newest intact one, or None;
+        ``never``: None; a path: that one, or an error). Same answer on every rank."""
+        found: list[str | None] = [None, None]  # path, error
+        if self.accelerator.is_main_process:
+            try:
+                path = self._find(resume, warn)
+                found[0] = None if path is None else str(path)
+            except UsageError as e:
+                found[1] = str(e)
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(found)
+        if found[1] is not None:
+            raise UsageError(found[1])
+        if found[0] is None:
+            return None
+        path = Path(found[0])
+        return Checkpoint(path, TrainerState.from_json((path / STATE_FILE).read_text()))
+
+    def _find(self, resume: str, warn: Callable[[str], None]) -> Path | None:
+        if resume == "never":
+            return None
+        if resume != "auto":
+            path = Path(resume)
+            read_checkpoint(path)  # raises with the reason
+            if path.resolve().parent == self.root.resolve():
+                newer = complete_checkpoints(self.root)
+                newer = newer[[p.name for p in newer].index(path.name) + 1 :]
+                if newer:
+                    raise UsageError(
+                        f"{self.root} holds checkpoints newer than {path.name} "
+                        f"({newer[-1].name}); resume into another --output-dir"
+                    )
+            return path
+        for path in reversed(complete_checkpoints(self.root)):
+            try:
+                read_checkpoint(path)
+                return path
+            except UsageError as e:
+                warn(f"warning: {e}; trying the previous checkpoint")
+        return None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under ``root`` that were completely written, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _NAME.fullmatch(path.name)
+        if match and (path / MANIFEST_FILE).exists():
+            found.append(((int(match[1]), int(match[2])), path))
+    return [path for _, path in sorted(found)]
+
+
+def read_checkpoint(path: str | Path) -> TrainerState:
+    """Verify a checkpoint folder against its manifest and return its trainer state."""
+    path = Path(path)
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a checkpoint folder"
+        raise UsageError(f"checkpoint {path} {what}")
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        raise UsageError(
+            f"checkpoint {path} is incomplete or not an mnist-dist checkpoint "
+            f"(no {MANIFEST_FILE} marker)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"checkpoint {path} has an unreadable {MANIFEST_FILE}: {e}") from None
+    if not isinstance(manifest, dict) or STATE_FILE not in manifest:
+        raise UsageError(f"checkpoint {path} has an invalid {MANIFEST_FILE}")
+    for name, expected in manifest.items():
+        file = path / name
+        try:
+            actual = _file_digest(file)
+        except OSError as e:
+            raise UsageError(f"checkpoint file {file} is unreadable: {e.strerror or e}") from None
+        if actual["bytes"] != expected.get("bytes"):
+            raise UsageError(
+                f"checkpoint file {file} is truncated or damaged: {actual['bytes']} bytes, "
+                f"{expected.get('bytes')} when written"
+            )
+        if actual["sha256"] != expected.get("sha256"):
+            raise UsageError(f"checkpoint file {file} is damaged: its checksum does not match")
+    try:
+        return TrainerState.from_json((path / STATE_FILE).read_text())
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"checkpoint file {path / STATE_FILE} is invalid: {e}") from None
+
+
+def restore_checkpoint(accelerator: Accelerator, checkpoint: Checkpoint) -> list[str]:
+    """Load model, optimizer, scaler and RNG states into the prepared objects. Returns notes
+    for the console (e.g. RNG states that could not be restored)."""
+    path = checkpoint.path
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:  # torch and safetensors raise many types for damaged files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot load checkpoint {path}: {reason}") from None
+    notes = []
+    # load_state only logs (at INFO) when the RNG states fail to load
+    # (huggingface/accelerate#4283): say so when this rank had none in the checkpoint.
+    rng_file = path / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_file.exists():
+        notes.append(
+            f"note: {path.name} was saved by {checkpoint.state.world_size} process(es); "
+            f"rank {accelerator.process_index} keeps freshly seeded RNG states"
+        )
+    return notes
+
+
+def _fresh_dir(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)  # left by a write that was killed
+    path.mkdir(parents=True)
+
+
+def _file_digest(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_dir(partial: Path, final: Path) -> None:
+    """Move a finished checkpoint folder into place (a folder of the same name, from an
+    earlier save at the same position, goes only once the new one is there)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{_PARTIAL_PREFIX}old-{final.name}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(partial, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def export_model(model: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:

@@ -135,12 +135,39 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Resumable state in ``<output-dir>/checkpoints`` and where a run starts from."""
+
+    checkpoint_every: int = _opt(
+        "also checkpoint every N optimizer steps (0: only at the end of each epoch)", default=0
+    )
+    keep_checkpoints: int = _opt("complete checkpoints kept, newest first", default=3)
+    resume: str = _opt(
+        "auto: continue from the newest intact checkpoint in --output-dir, else start fresh; "
+        "never: start fresh; or the path of a checkpoint folder",
+        default="auto",
+    )
+
+    def __post_init__(self) -> None:
+        _require(
+            self.checkpoint_every >= 0,
+            f"--checkpoint-every must be >= 0 steps, got {self.checkpoint_every}",
+        )
+        _require(
+            self.keep_checkpoints >= 1,
+            f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}",
+        )
+        _require(bool(self.resume), "--resume must be auto, never or a checkpoint folder")
+
+
+@dataclass
 class Config:
     """Everything a training run needs, by component."""
 
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -148,7 +175,12 @@ class Config:
         return out
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+}
 
 
 def _require(ok: bool, message: str) -> None:

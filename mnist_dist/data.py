@@ -265,8 +265,11 @@ class TensorTrainData:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, sharding: Sharding) -> None:
         self.images, self.labels, self.sharding = images, labels, sharding
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        steps = self.sharding.rank_indices(epoch)
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches of ``epoch``, from step ``start_step`` on (a resumed epoch)."""
+        steps = self.sharding.rank_indices(epoch)[start_step:]
+        if not steps:
+            return
         # One host-to-device copy of the epoch's indices, not one per step.
         indices = torch.cat(steps).to(self.images.device, non_blocking=True)
         for idx in indices.split([len(s) for s in steps]):
@@ -275,13 +278,14 @@ class TensorTrainData:
 
 class _RankBatchSampler(Sampler[list[int]]):
     def __init__(self, sharding: Sharding) -> None:
-        self.sharding, self.epoch = sharding, 0
+        self.sharding, self.epoch, self.start_step = sharding, 0, 0
 
     def __iter__(self) -> Iterator[list[int]]:
-        return (idx.tolist() for idx in self.sharding.rank_indices(self.epoch))
+        steps = self.sharding.rank_indices(self.epoch)[self.start_step :]
+        return (idx.tolist() for idx in steps)
 
     def __len__(self) -> int:
-        return self.sharding.steps_per_epoch
+        return self.sharding.steps_per_epoch - self.start_step
 
 
 class LoaderTrainData:
@@ -300,8 +304,9 @@ class LoaderTrainData:
             persistent_workers=num_workers > 0,
         )
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.sampler.epoch = epoch
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches of ``epoch``, from step ``start_step`` on (a resumed epoch)."""
+        self.sampler.epoch, self.sampler.start_step = epoch, start_step
         for images, labels in self.loader:
             yield (
                 images.to(self.device, non_blocking=True),

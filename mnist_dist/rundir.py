@@ -19,20 +19,21 @@ METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.safetensors"
+STATUS_FILE = "status.json"
 
 
-def resolve_run_dir(accelerator: Accelerator, output_dir: str | None) -> Path:
-    """The run directory, the same on every rank (a default timestamp is chosen on the main
-    process and broadcast). Refuses a directory that already holds a run's records."""
-    choice = [output_dir or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
+def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: str) -> Path:
+    """The run directory, the same on every rank: ``--output-dir``; else the run a
+    ``--resume PATH`` checkpoint belongs to; else ``runs/<timestamp>`` chosen on the main
+    process and broadcast."""
+    if output_dir:
+        return Path(output_dir)
+    if resume not in ("auto", "never"):
+        return Path(resume).parent.parent  # <run dir>/checkpoints/<checkpoint>
+    choice = [f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
     if accelerator.num_processes > 1:
         broadcast_object_list(choice)
-    path = Path(choice[0])
-    if (path / METRICS_FILE).exists():
-        raise UsageError(
-            f"{path} already holds a run ({METRICS_FILE} exists); choose another --output-dir"
-        )
-    return path
+    return Path(choice[0])
 
 
 class RunDir:
@@ -54,6 +55,31 @@ class RunDir:
     @property
     def model_path(self) -> Path:
         return self.path / MODEL_FILE
+
+    def holds_records(self) -> bool:
+        """Whether a run already wrote epoch records here."""
+        return (self.path / METRICS_FILE).exists()
+
+    def restore_records(self, history: list[dict[str, Any]], global_step: int) -> None:
+        """Rewind the records to a checkpoint: its epoch history, and the step records up to
+        its global step (a resumed run repeats the steps after it)."""
+        if not self.enabled:
+            return
+        self._write_atomic(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+        steps = self.path / STEPS_FILE
+        if steps.exists():
+            kept = [
+                line + "\n"
+                for line in steps.read_text().splitlines()
+                if line.strip() and json.loads(line)["global_step"] <= global_step
+            ]
+            self._write_atomic(STEPS_FILE, "".join(kept))
+
+    def write_status(self, state: str, **details: Any) -> None:
+        """``status.json``: running, finished, stopped (resumable), diverged or failed, for
+        schedulers and scripts that cannot read exit codes through a launcher."""
+        if self.enabled:
+            self._write_atomic(STATUS_FILE, json.dumps({"state": state, **details}) + "\n")
 
     def write_config(self, config: dict[str, Any], provenance: dict[str, Any]) -> None:
         if self.enabled:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from importlib import metadata
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -13,18 +15,32 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.optim.lr_scheduler import MultiStepLR
 
-from mnist_dist.checkpoint import export_model
+from mnist_dist.checkpoint import (
+    Checkpoint,
+    Checkpointer,
+    TrainerState,
+    complete_checkpoints,
+    export_model,
+    restore_checkpoint,
+)
 from mnist_dist.config import Config
 from mnist_dist.data import TrainData, build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.distributed import make_accelerator, provenance
-from mnist_dist.evaluate import evaluate
+from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
+from mnist_dist.evaluate import EvalResult, evaluate
 from mnist_dist.model import MnistCNN
 from mnist_dist.rundir import RunDir, resolve_run_dir
+from mnist_dist.stopping import STOP_FILE, StopControl
 from mnist_dist.tracking import RunConsole, RunOutputs, make_tracker
 
 
 def train(config: Config) -> dict[str, Any]:
-    """Train as ``config`` says and return the summary (also written to ``summary.json``)."""
+    """Train as ``config`` says and return the summary (also written to ``summary.json``).
+
+    Raises ``Stopped`` after a stop request (checkpoint saved, resumable), ``DivergedError`` on
+    a non-finite loss, ``WriteError`` when run state cannot be written, ``UsageError`` for bad
+    input.
+    """
     started = time.perf_counter()
     log_with = "wandb" if config.train.tracker == "wandb" else None
     accelerator = make_accelerator(config.train.mixed_precision, log_with=log_with)
@@ -35,11 +51,23 @@ def train(config: Config) -> dict[str, Any]:
 
 
 def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str, Any]:
-    tc, dc, oc = config.train, config.data, config.optim
+    tc, dc, oc, cc = config.train, config.data, config.optim, config.checkpoint
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     per_device_batch_size = tc.per_device_batch_size(world)  # raises if it does not divide
     ensure_raw_files(accelerator, dc)  # verified (or downloaded) before anything is written
-    run_dir = RunDir(resolve_run_dir(accelerator, tc.output_dir), accelerator.is_main_process)
+    run_path = resolve_run_dir(accelerator, tc.output_dir, cc.resume)
+    run_dir = RunDir(run_path, accelerator.is_main_process)
+    train_data = build_train_data(dc, tc.global_batch_size, world, rank, tc.seed, device)
+    test_data = eval_batches(dc, world, rank, device)
+    sharding = train_data.sharding
+    console = RunConsole(accelerator.is_main_process, tc.epochs, sharding.steps_per_epoch)
+    checkpointer = Checkpointer(accelerator, run_dir.path, cc.keep_checkpoints)
+    checkpoint = checkpointer.find(cc.resume, console.print)
+    if checkpoint is None and run_dir.holds_records():
+        raise UsageError(
+            f"{run_dir.path} already holds a run and no intact checkpoint to resume "
+            f"(--resume {cc.resume}); choose another --output-dir"
+        )
 
     set_seed(tc.seed)  # the same initial weights on every rank and world size
     model = MnistCNN()
@@ -47,59 +75,62 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
     # Stepped once per epoch by us and never prepared (huggingface/accelerate#2926).
     scheduler = MultiStepLR(optimizer, milestones=list(oc.lr_milestones), gamma=oc.lr_gamma)
     model, optimizer = accelerator.prepare(model, optimizer)
-
-    train_data = build_train_data(dc, tc.global_batch_size, world, rank, tc.seed, device)
-    test_data = eval_batches(dc, world, rank, device)
+    state = TrainerState(
+        seed=tc.seed,
+        global_batch_size=tc.global_batch_size,
+        num_samples=sharding.num_samples,
+        world_size=world,
+    )
+    if checkpoint is not None:
+        state = resume(accelerator, checkpoint, state, scheduler, console.print)
+        run_dir.restore_records(state.history, state.global_step)
 
     resolved = config.to_dict()
     run_dir.write_config(resolved, provenance(accelerator))
-    console = RunConsole(
-        accelerator.is_main_process, tc.epochs, train_data.sharding.steps_per_epoch
-    )
     tracker = make_tracker(tc.tracker, accelerator, run_dir.path, resolved, console.print)
+    state.tracker_run_id = getattr(tracker, "run_id", None) or state.tracker_run_id
     outputs = RunOutputs(run_dir, tracker, console)
     console.print(
         f"mnist-dist: {world} process(es), {accelerator.distributed_type.value}, "
         f"device {device}, mixed precision {accelerator.mixed_precision}, "
         f"global batch {tc.global_batch_size} ({per_device_batch_size} per process), "
-        f"{train_data.sharding.num_samples} training images, run dir {run_dir.path}"
+        f"{sharding.num_samples} training images, run dir {run_dir.path}"
     )
 
-    history: list[dict[str, Any]] = []
-    global_step = 0
+    trainer = Trainer(
+        accelerator, model, optimizer, scheduler, train_data, checkpointer,
+        StopControl(accelerator, run_dir.path / STOP_FILE), outputs, tc.grad_accum,
+        tc.log_every, cc.checkpoint_every,
+    )  # fmt: skip
+    run_dir.write_status("running", epoch=state.epoch, step=state.step)
     try:
-        for epoch in range(1, tc.epochs + 1):
-            lr = optimizer.param_groups[0]["lr"]
-            console.start_epoch(epoch)
-            epoch_start = time.perf_counter()
-            train_loss, train_accuracy, global_step = train_epoch(
-                model, optimizer, accelerator, train_data, epoch, global_step, tc.grad_accum,
-                tc.log_every, outputs,
-            )  # fmt: skip
-            train_seconds = time.perf_counter() - epoch_start
-            result = evaluate(model, test_data, accelerator)
-            scheduler.step()
-            record = {
-                "epoch": epoch,
-                "global_step": global_step,
-                "lr": lr,
-                "train_loss": train_loss,
-                "train_accuracy": train_accuracy,
-                "test_loss": result.loss,
-                "test_accuracy": result.accuracy,
-                "test_correct": result.correct,
-                "test_total": result.total,
-                "train_seconds": train_seconds,
-                "epoch_seconds": time.perf_counter() - epoch_start,
-                "images_per_second": train_data.sharding.num_samples / train_seconds,
-            }
-            history.append(record)
-            outputs.record_epoch(record)
+        with trainer.stop.handling_signals():
+            while state.epoch <= tc.epochs:
+                console.start_epoch(state.epoch, completed=state.step)
+                lr = optimizer.param_groups[0]["lr"]
+                trainer.train_epoch(state)  # raises Stopped or DivergedError
+                eval_start = time.perf_counter()
+                result = evaluate(model, test_data, accelerator)
+                scheduler.step()
+                record = trainer.end_epoch(state, result, lr, time.perf_counter() - eval_start)
+                outputs.record_epoch(record)
+                trainer.save(state)
+                if trainer.stop.now():
+                    trainer.stopped(state)
+    except (Stopped, DivergedError, WriteError) as e:
+        state_name = {Stopped: "stopped", DivergedError: "diverged"}.get(type(e), "failed")
+        run_dir.write_status(state_name, message=str(e), exit_code=e.exit_code)
+        tracker.finish()
+        raise
+    except KeyboardInterrupt:
+        run_dir.write_status("interrupted", message="interrupted without a checkpoint")
+        raise
     finally:
+        trainer.stop.close()
         console.close()
 
     summary = summarize(
-        history, accelerator, train_data.sharding.num_samples, tc.global_batch_size,
+        state.history, accelerator, sharding.num_samples, tc.global_batch_size,
         per_device_batch_size,
     )  # fmt: skip
     summary["wall_seconds"] = time.perf_counter() - started
@@ -111,6 +142,7 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
             {"mnist_dist_version": metadata.version("mnist-dist"), "summary": summary},
         )
     run_dir.write_summary(summary)
+    run_dir.write_status("finished", epoch=state.epoch - 1, global_step=state.global_step)
     tracker.finish()
     console.print(
         f"done: test accuracy {summary['test_accuracy']:.2%} "
@@ -121,48 +153,202 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
     return summary
 
 
-def train_epoch(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+def resume(
     accelerator: Accelerator,
-    data: TrainData,
-    epoch: int,
-    global_step: int,
-    grad_accum: int,
-    log_every: int,
-    outputs: RunOutputs,
-) -> tuple[float, float, int]:
-    """One pass over the training set. Returns (mean loss, accuracy, global step), all ranks
-    together, measured on the training forward passes."""
-    model.train()
-    sharding = data.sharding
-    # (loss sum, correct) of this rank's images, kept on the device: no per-step host sync.
-    epoch_sums = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    logged_sums, window_images, window_start = epoch_sums.clone(), 0, time.perf_counter()
-    for step, (images, labels) in enumerate(data.epoch(epoch)):
-        batch = sharding.global_batch_size_at(step)
-        epoch_sums += train_step(model, optimizer, accelerator, images, labels, batch, grad_accum)
-        window_images += batch
-        global_step += 1
-        outputs.console.advance()
-        if global_step % log_every == 0:
-            # A collective and a host sync, once per log_every steps.
-            window_sums = epoch_sums - logged_sums
-            loss_sum = accelerator.reduce(window_sums, reduction="sum")[0].item()
-            seconds = time.perf_counter() - window_start
-            outputs.record_step(
-                {
-                    "global_step": global_step,
-                    "epoch": epoch,
-                    "train_loss": loss_sum / window_images,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_second": window_images / seconds,
-                }
+    checkpoint: Checkpoint,
+    fresh: TrainerState,
+    scheduler: MultiStepLR,
+    say: Callable[[str], None],
+) -> TrainerState:
+    """Load ``checkpoint`` into the prepared model and optimizer and return its trainer state.
+
+    A mid-epoch checkpoint continues the same permutation at the next batch, so it needs the
+    same seed, global batch and training set; one taken at an epoch boundary can continue
+    with any world size (the global batch, not the per-process batch, fixes the math).
+    """
+    state = checkpoint.state
+    if state.step > 0:
+        for name, flag in (
+            ("seed", "--seed"),
+            ("global_batch_size", "--batch-size"),
+            ("num_samples", "--max-train-samples"),
+        ):
+            if getattr(state, name) != getattr(fresh, name):
+                raise UsageError(
+                    f"checkpoint {checkpoint.path} was taken mid-epoch with {name} "
+                    f"{getattr(state, name)}, this run has {getattr(fresh, name)}: resume with "
+                    f"the same {flag}, or from a checkpoint at an epoch boundary"
+                )
+    for note in restore_checkpoint(accelerator, checkpoint):
+        say(note)
+    scheduler.load_state_dict({**scheduler.state_dict(), **state.scheduler})
+    if state.world_size != fresh.world_size:
+        say(
+            f"note: {checkpoint.path.name} was saved by {state.world_size} process(es), "
+            f"resuming on {fresh.world_size}: results stay within noise, not bit for bit"
+        )
+    state.seed, state.global_batch_size = fresh.seed, fresh.global_batch_size
+    state.num_samples, state.world_size = fresh.num_samples, fresh.world_size
+    say(
+        f"resumed from {checkpoint.path}: epoch {state.epoch}, step {state.step} "
+        f"(global step {state.global_step})"
+    )
+    return state
+
+
+class Trainer:
+    """The pieces of a run that the step loop, checkpoints and stop requests act on."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: MultiStepLR,
+        data: TrainData,
+        checkpointer: Checkpointer,
+        stop: StopControl,
+        outputs: RunOutputs,
+        grad_accum: int,
+        log_every: int,
+        checkpoint_every: int,
+    ) -> None:
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.scheduler, self.data, self.checkpointer = scheduler, data, checkpointer
+        self.stop, self.outputs = stop, outputs
+        self.grad_accum, self.log_every = grad_accum, log_every
+        self.checkpoint_every = checkpoint_every
+        self.last_saved: Path | None = None
+        device = accelerator.device
+        # Per epoch, on the device (no per-step host sync): this rank's summed loss and correct
+        # predictions, and how many leading steps had a finite loss (the NaN guard).
+        self.sums = torch.zeros(2, device=device, dtype=torch.float64)
+        self.finite_steps = torch.zeros((), device=device, dtype=torch.int64)
+        self.all_finite = torch.ones((), device=device, dtype=torch.bool)
+        self.segment_start = time.perf_counter()
+
+    def train_epoch(self, state: TrainerState) -> None:
+        """Train ``state.epoch`` from ``state.step`` to its end, logging every ``log_every``
+        steps, checkpointing every ``checkpoint_every`` and stopping when asked."""
+        self.model.train()
+        sharding = self.data.sharding
+        self.sums.zero_()
+        if self.accelerator.is_main_process:  # the epoch's figures before a resume, once
+            self.sums += torch.tensor(state.epoch_sums, dtype=torch.float64).to(self.sums.device)
+        self.finite_steps.zero_()
+        self.all_finite.fill_(True)
+        self.segment_start = time.perf_counter()
+        first_step = state.step
+        logged, window_images, window_start = self.sums.clone(), 0, time.perf_counter()
+        for images, labels in self.data.epoch(state.epoch, start_step=first_step):
+            batch = sharding.global_batch_size_at(state.step)
+            step_sums = train_step(
+                self.model, self.optimizer, self.accelerator, images, labels, batch,
+                self.grad_accum,
+            )  # fmt: skip
+            self.all_finite &= torch.isfinite(step_sums[0])
+            self.finite_steps += self.all_finite
+            self.sums += step_sums
+            window_images += batch
+            state.step += 1
+            state.global_step += 1
+            self.outputs.console.advance()
+            if state.global_step % self.log_every == 0:
+                self.check_finite(state, first_step)
+                window = self.accelerator.reduce(self.sums - logged, reduction="sum")
+                self.outputs.record_step(
+                    {
+                        "global_step": state.global_step,
+                        "epoch": state.epoch,
+                        "train_loss": window[0].item() / window_images,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "images_per_second": window_images / (time.perf_counter() - window_start),
+                    }
+                )
+                logged, window_images, window_start = self.sums.clone(), 0, time.perf_counter()
+            at_epoch_end = state.step == sharding.steps_per_epoch
+            if (
+                not at_epoch_end
+                and self.checkpoint_every
+                and (state.global_step % self.checkpoint_every == 0)
+            ):
+                self.save(state, first_step)
+            if self.stop.at_step_boundary():
+                if self.last_saved is None or self.last_saved.name != state.name:
+                    self.save(state, first_step)
+                self.stopped(state)
+        self.check_finite(state, first_step)
+
+    def check_finite(self, state: TrainerState, first_step: int) -> None:
+        """Raise ``DivergedError`` on every rank if any rank saw a non-finite loss this epoch.
+        A host sync and a collective: called only where the loop has one anyway."""
+        flags = self.accelerator.gather(torch.stack([~self.all_finite, self.finite_steps]).long())
+        bad = flags.view(-1, 2)
+        if bad[:, 0].any():
+            step = first_step + int(bad[bad[:, 0] == 1, 1].min()) + 1
+            global_step = state.global_step - (state.step - step)
+            newest = self.last_saved or next(
+                reversed(complete_checkpoints(self.checkpointer.root)), None
             )
-            logged_sums = epoch_sums.clone()
-            window_images, window_start = 0, time.perf_counter()
-    loss_sum, correct = accelerator.reduce(epoch_sums, reduction="sum").tolist()
-    return loss_sum / sharding.num_samples, correct / sharding.num_samples, global_step
+            where = (
+                f"the newest checkpoint, {newest}, holds the last good state"
+                if newest
+                else "no checkpoint was saved before it"
+            )
+            raise DivergedError(
+                f"non-finite training loss at epoch {state.epoch}, step {step} (global step "
+                f"{global_step}); training stopped and {where}"
+            )
+
+    def save(self, state: TrainerState, first_step: int | None = None) -> None:
+        """Checkpoint ``state`` (mid-epoch when ``first_step`` is given: the epoch's partial
+        figures go with it). Never saves a state that follows a non-finite loss."""
+        if first_step is not None:
+            self.check_finite(state, first_step)
+            state.epoch_sums = self.accelerator.reduce(self.sums, reduction="sum").tolist()
+            state.epoch_train_seconds += time.perf_counter() - self.segment_start
+            self.segment_start = time.perf_counter()
+        state.scheduler = {
+            "last_epoch": self.scheduler.last_epoch,
+            "_last_lr": self.scheduler.get_last_lr(),
+        }
+        self.last_saved = self.checkpointer.save(state)
+
+    def end_epoch(
+        self, state: TrainerState, result: EvalResult, lr: float, eval_seconds: float
+    ) -> dict[str, Any]:
+        """Close the epoch in ``state`` and return its record."""
+        sharding = self.data.sharding
+        loss_sum, correct = self.accelerator.reduce(self.sums, reduction="sum").tolist()
+        train_seconds = state.epoch_train_seconds + time.perf_counter() - self.segment_start
+        record = {
+            "epoch": state.epoch,
+            "global_step": state.global_step,
+            "lr": lr,
+            "train_loss": loss_sum / sharding.num_samples,
+            "train_accuracy": correct / sharding.num_samples,
+            "test_loss": result.loss,
+            "test_accuracy": result.accuracy,
+            "test_correct": result.correct,
+            "test_total": result.total,
+            "train_seconds": train_seconds,
+            "epoch_seconds": train_seconds + eval_seconds,
+            "images_per_second": sharding.num_samples / train_seconds,
+        }
+        state.history.append(record)
+        state.epoch, state.step = state.epoch + 1, 0
+        state.epoch_sums, state.epoch_train_seconds = [0.0, 0.0], 0.0
+        return record
+
+    def stopped(self, state: TrainerState) -> NoReturn:
+        """End the run after a stop request; the checkpoint of ``state`` is on disk."""
+        if self.accelerator.is_main_process:
+            self.stop.stop_file.unlink(missing_ok=True)  # or the resumed run stops at once
+        raise Stopped(
+            f"{self.stop.describe()}: stopped at epoch "
+            f"{state.epoch}, step {state.step} (global step {state.global_step}); checkpoint "
+            f"{self.last_saved}; run the same command again (--resume auto) to continue"
+        )
 
 
 def train_step(
