@@ -16,6 +16,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 ACCELERATE_CONFIGS = ROOT / "accelerate_configs"
+FAULTS = Path(__file__).resolve().parent / "faults"
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
@@ -87,16 +88,12 @@ def run_cli(
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
-def launch_cli(
-    *args: str,
-    config: str = "cpu_ddp.yaml",
-    launcher_args: tuple[str, ...] = (),
-    env: dict[str, str] | None = None,
-    timeout: int = 900,
-) -> Result:
+def launch_command(
+    *args: str, config: str = "cpu_ddp.yaml", launcher_args: tuple[str, ...] = ()
+) -> list[str]:
     """``accelerate launch --config_file accelerate_configs/CONFIG -m mnist_dist ARGS``."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [
+    return [
         str(accelerate),
         "launch",
         "--config_file",
@@ -108,10 +105,78 @@ def launch_cli(
         "mnist_dist",
         *args,
     ]
+
+
+def launch_cli(
+    *args: str,
+    config: str = "cpu_ddp.yaml",
+    launcher_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    timeout: int = 900,
+) -> Result:
+    """Run ``launch_command(ARGS)`` to the end."""
+    cmd = launch_command(*args, config=config, launcher_args=launcher_args)
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=_env(env), cwd=ROOT, timeout=timeout
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def fault_env(**faults: str | int | float) -> dict[str, str]:
+    """Environment that makes the started processes load ``tests/faults/sitecustomize.py``
+    with the given faults, e.g. ``fault_env(STEP_SLEEP=0.05)``."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))}
+    env.update({f"MNIST_DIST_FAULT_{name}": str(value) for name, value in faults.items()})
+    return env
+
+
+class Started:
+    """A command started in the background, its output collected in files."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = workdir / "stdout.txt", workdir / "stderr.txt"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=_env(env), cwd=ROOT)
+
+    def wait(self, timeout: float = 600) -> Result:
+        code = self.proc.wait(timeout=timeout)
+        return Result(code, self.out_path.read_text(), self.err_path.read_text())
+
+
+def start_cli(*args: str, launched: bool, env: dict[str, str] | None, workdir: Path) -> Started:
+    """Start ``mnist-dist ARGS`` in the background: plain, or under ``accelerate launch`` with
+    two CPU processes."""
+    cmd = launch_command(*args) if launched else [sys.executable, "-m", "mnist_dist", *args]
+    return Started(cmd, env, workdir)
+
+
+def wait_for_step(run_dir: Path, global_step: int, started: Started, timeout: float = 300) -> None:
+    """Wait until ``steps.jsonl`` in ``run_dir`` records ``global_step`` (or later)."""
+    import time
+
+    steps = run_dir / "steps.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if steps.exists():
+            records = read_jsonl_tolerant(steps)
+            if records and records[-1]["global_step"] >= global_step:
+                return
+        if started.proc.poll() is not None:
+            raise AssertionError(f"the run ended before step {global_step}: {started.wait()}")
+        time.sleep(0.02)
+    raise AssertionError(f"step {global_step} not reached in {timeout}s")
+
+
+def read_jsonl_tolerant(path: Path) -> list[dict]:
+    """Records of a JSONL file that is being written (a partial last line is skipped)."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -1,0 +1,279 @@
+"""Checkpoints, exact resume and preemption: real runs that are stopped, killed and resumed.
+
+Runs use a tiny dataset (512 training images, batch 32: 16 steps per epoch, 2 epochs) so a test
+takes seconds; faults come from ``tests/faults/sitecustomize.py`` in the started processes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from helpers import (
+    fault_env,
+    launch_cli,
+    make_tiny_mnist,
+    read_jsonl,
+    read_summary,
+    run_cli,
+    start_cli,
+    wait_for_step,
+)
+from safetensors.torch import load_file
+
+from mnist_dist.errors import EXIT_DIVERGED, EXIT_STOPPED, EXIT_USAGE, EXIT_WRITE_FAILED
+
+STEPS_PER_EPOCH = 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_tiny_mnist(tmp_path_factory.mktemp("data"), n_train=512)
+
+
+def train_args(data: Path, out: Path, *extra: str, epochs: int = 2) -> list[str]:
+    return [
+        "train", "--data-dir", str(data), "--output-dir", str(out), "--epochs", str(epochs),
+        "--batch-size", "32", "--log-every", "1", *extra,
+    ]  # fmt: skip
+
+
+def train(data: Path, out: Path, *extra: str, launched: bool = False, env=None, epochs=2):
+    run = launch_cli if launched else run_cli
+    return run(*train_args(data, out, *extra, epochs=epochs), env=env)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> dict[str, Path]:
+    """Final weights of uninterrupted runs, 1 process and 2 processes."""
+    out = {}
+    for name, launched in (("1proc", False), ("2proc", True)):
+        run_dir = tmp_path_factory.mktemp(f"uninterrupted-{name}") / "run"
+        result = train(data, run_dir, launched=launched)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[name] = run_dir / "model.safetensors"
+    return out
+
+
+def weights(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def assert_bit_identical(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    differing = [k for k in wa if not wa[k].equal(wb[k])]
+    assert not differing, f"weights differ in {differing}"
+
+
+def checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def trainer_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "launcher, how",
+    [("1proc", "SIGTERM"), ("2proc", "SIGTERM"), ("1proc", "SIGUSR1"), ("2proc", "stop file")],
+)
+def test_stop_mid_epoch_then_resume_gives_bit_identical_weights(
+    launcher, how, data, uninterrupted, tmp_path
+):
+    launched = launcher == "2proc"
+    out = tmp_path / "run"
+    # A slow step (50 ms) leaves time to stop the run in the middle of epoch 2.
+    started = start_cli(
+        *train_args(data, out), launched=launched, env=fault_env(STEP_SLEEP=0.05),
+        workdir=tmp_path / "first",
+    )  # fmt: skip
+    wait_for_step(out, STEPS_PER_EPOCH + 4, started)
+    if how == "stop file":
+        (out / "STOP").write_text("")
+    else:  # to the launcher itself under accelerate launch, as a scheduler would
+        started.proc.send_signal(getattr(signal, how))
+    stopped = started.wait(timeout=120)
+
+    assert status(out)["state"] == "stopped", stopped.stderr[-3000:]
+    if not launched:  # the launcher reports any non-zero worker exit as its own failure
+        assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
+    [line] = [x for x in stopped.stderr.splitlines() if x.startswith("mnist-dist: stopped:")]
+    assert {"SIGTERM": "signal SIGTERM", "SIGUSR1": "signal SIGUSR1"}.get(how, how) in line
+    newest = out / "checkpoints" / checkpoints(out)[-1]
+    state = trainer_state(newest)
+    assert state["epoch"] == 2 and 0 < state["step"] < STEPS_PER_EPOCH  # mid-epoch
+    assert state["global_step"] == STEPS_PER_EPOCH + state["step"]
+    assert state["world_size"] == (2 if launched else 1)
+    assert not (out / "STOP").exists()  # consumed: the resumed run must not stop at once
+
+    resumed = train(data, out, launched=launched)  # the same command: --resume auto
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {newest}: epoch 2, step {state['step']}" in resumed.stdout
+    assert_bit_identical(out / "model.safetensors", uninterrupted[launcher])
+    summary = read_summary(out)
+    assert (summary["epochs_completed"], summary["global_step"]) == (2, 2 * STEPS_PER_EPOCH)
+    assert summary["world_size"] == (2 if launched else 1)
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    steps = [r["global_step"] for r in read_jsonl(out / "steps.jsonl")]
+    assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # no step twice, none missing
+    assert status(out)["state"] == "finished"
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(
+    data, uninterrupted, tmp_path
+):
+    out = tmp_path / "run"
+    # Killed in the 3rd save (after global step 15), between the model and optimizer files.
+    killed = train(data, out, "--checkpoint-every", "5", env=fault_env(KILL_IN_SAVE=3))
+    assert killed.returncode == -signal.SIGKILL
+    assert checkpoints(out) == [
+        ".partial-epoch-001-step-000015",  # the write that was killed: never used
+        "epoch-001-step-000005",
+        "epoch-001-step-000010",
+    ]
+
+    resumed = train(data, out, "--checkpoint-every", "5")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "epoch-001-step-000010" in resumed.stdout
+    assert_bit_identical(out / "model.safetensors", uninterrupted["1proc"])
+    assert not [name for name in checkpoints(out) if name.startswith(".partial")]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("first, then", [("2proc", "1proc"), ("1proc", "2proc")])
+def test_epoch_checkpoint_resumes_on_another_world_size(first, then, data, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    one_epoch = train(data, out, launched=first == "2proc", epochs=1)
+    assert one_epoch.returncode == 0, one_epoch.stderr[-3000:]
+    assert checkpoints(out) == ["epoch-002-step-000000"]
+
+    resumed = train(data, out, launched=then == "2proc", epochs=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "not bit for bit" in resumed.stdout
+    summary = read_summary(out)
+    assert summary["world_size"] == (2 if then == "2proc" else 1)
+    assert summary["epochs_completed"] == 2
+    # Within noise of the uninterrupted run: the same math, a different summation order.
+    reference = weights(uninterrupted[then])
+    for key, tensor in weights(out / "model.safetensors").items():
+        assert (tensor - reference[key]).abs().max() < 1e-4, key
+    reference_summary = read_summary(uninterrupted[then].parent)
+    assert abs(summary["test_accuracy"] - reference_summary["test_accuracy"]) <= 2 / 128
+
+
+def test_keep_checkpoints_keeps_exactly_the_newest_complete_ones(data, tmp_path):
+    out = tmp_path / "run"
+    result = train(data, out, "--checkpoint-every", "3", "--keep-checkpoints", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoints(out) == ["epoch-002-step-000014", "epoch-003-step-000000"]
+    for name in checkpoints(out):
+        assert (out / "checkpoints" / name / "COMPLETE").exists()
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_newest(data, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    # Training forward pass 23 (epoch 2, step 7) returns NaN; checkpoints every 5 steps.
+    diverged = train(data, out, "--checkpoint-every", "5", env=fault_env(NAN_AT_STEP=23))
+    assert diverged.returncode == EXIT_DIVERGED, diverged.stderr[-3000:]
+    [line] = diverged.error_lines()
+    assert "non-finite training loss at epoch 2, step 7 (global step 23)" in line
+    assert "epoch-002-step-000004" in line  # global step 20: the last good state
+    assert checkpoints(out)[-1] == "epoch-002-step-000004"
+    assert status(out)["state"] == "diverged"
+
+    resumed = train(data, out, "--checkpoint-every", "5")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "epoch 2, step 4" in resumed.stdout
+    assert_bit_identical(out / "model.safetensors", uninterrupted["1proc"])
+
+
+def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(data, tmp_path):
+    out = tmp_path / "run"
+    assert train(data, out, "--checkpoint-every", "5", epochs=1).returncode == 0
+    newest = out / "checkpoints" / "epoch-002-step-000000"
+    optimizer = newest / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])  # truncated
+
+    explicit = train(data, tmp_path / "other", "--resume", str(newest))
+    assert explicit.returncode == EXIT_USAGE
+    [line] = explicit.error_lines()
+    assert f"checkpoint file {optimizer} is truncated or damaged" in line
+
+    resumed = train(data, out, epochs=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"warning: checkpoint file {optimizer} is truncated" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "epoch-001-step-000015" in resumed.stdout
+    assert read_summary(out)["epochs_completed"] == 2
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda p: p.mkdir(), "is incomplete or not an mnist-dist checkpoint"),
+        (lambda p: p.write_bytes(b"\0" * 64), "is not a checkpoint folder"),
+        (lambda p: None, "does not exist"),
+    ],
+)
+def test_foreign_resume_path_is_one_line(make, fragment, data, tmp_path):
+    path = tmp_path / "not-a-checkpoint"
+    make(path)
+    result = train(data, tmp_path / "run", "--resume", str(path))
+    assert result.returncode == EXIT_USAGE
+    [line] = result.error_lines()
+    assert str(path) in line and fragment in line
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_state(data, tmp_path):
+    out = tmp_path / "run"
+    # The 2nd save (global step 10) fails as on a full disk.
+    failed = train(data, out, "--checkpoint-every", "5", env=fault_env(ENOSPC_IN_SAVE=2))
+    assert failed.returncode == EXIT_WRITE_FAILED, failed.stderr[-3000:]
+    [line] = failed.error_lines()
+    assert "cannot write checkpoint" in line and "No space left on device" in line
+    assert len(failed.stderr.strip().splitlines()) == 1
+    assert [n for n in checkpoints(out) if not n.startswith(".")] == ["epoch-001-step-000005"]
+
+    resumed = train(data, out, "--checkpoint-every", "5")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "epoch 1, step 5" in resumed.stdout
+
+
+def test_unwritable_checkpoint_folder_is_one_line(data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("")  # not a folder: nothing can be written under it
+    result = train(data, out)
+    assert result.returncode == EXIT_WRITE_FAILED
+    [line] = result.error_lines()
+    assert f"cannot write checkpoint {out / 'checkpoints'}" in line
+
+
+def test_resume_never_refuses_a_directory_holding_a_run(data, tmp_path):
+    out = tmp_path / "run"
+    assert train(data, out, epochs=1).returncode == 0
+    before = (out / "metrics.jsonl").read_text()
+    result = train(data, out, "--resume", "never")
+    assert result.returncode == EXIT_USAGE
+    assert "already holds a run" in result.error_lines()[0]
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_mid_epoch_checkpoint_refuses_another_batch_size(data, tmp_path):
+    out = tmp_path / "run"
+    assert train(data, out, "--checkpoint-every", "5", epochs=1).returncode == 0
+    mid = out / "checkpoints" / "epoch-001-step-000015"
+    result = run_cli(
+        "train", "--data-dir", str(data), "--output-dir", str(tmp_path / "b"),
+        "--batch-size", "64", "--resume", str(mid),
+    )  # fmt: skip
+    assert result.returncode == EXIT_USAGE
+    assert "taken mid-epoch with global_batch_size 32" in result.error_lines()[0]
