@@ -101,14 +101,14 @@ class Checkpointer:
         partial = self.root / f"{_PARTIAL_PREFIX}{state.name}"
         # Three phases, each followed by an agreement, so every rank runs the same collectives
         # and a failure on one rank ends the save on all of them instead of a rendezvous hang.
-        self._agree(final, self._on_main(lambda: _fresh_dir(partial)))
+        self._agree(partial, final, self._on_main(lambda: _fresh_dir(partial)))
         try:
             acc.save_state(str(partial), safe_serialization=True)
             error = None
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
             error = e
-        self._agree(final, error)
-        self._agree(final, self._on_main(lambda: self._complete(state, partial, final)))
+        self._agree(partial, final, error)
+        self._agree(partial, final, self._on_main(lambda: self._complete(state, partial, final)))
         return final
 
     def _on_main(self, work: Callable[[], None]) -> OSError | None:
@@ -119,11 +119,14 @@ class Checkpointer:
                 return e
         return None
 
-    def _agree(self, final: Path, error: OSError | None) -> None:
-        """Raise ``WriteError`` on every rank if any rank failed."""
+    def _agree(self, partial: Path, final: Path, error: Exception | None) -> None:
+        """Raise ``WriteError`` on every rank if any rank failed (and drop the partial folder,
+        which may hold the last free space of a full disk)."""
         failed = torch.tensor([error is not None], device=self.accelerator.device)
         if self.accelerator.reduce(failed.int(), reduction="sum").item():
-            reason = (error.strerror or str(error)) if error else "it failed on another rank"
+            reason = _write_failure(error, self.root) if error else "it failed on another rank"
+            if self.accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
             raise WriteError(f"cannot write checkpoint {final}: {reason}")
 
     def _complete(self, state: TrainerState, partial: Path, final: Path) -> None:
@@ -252,6 +255,19 @@ def restore_checkpoint(accelerator: Accelerator, checkpoint: Checkpoint) -> list
     return notes
 
 
+def _write_failure(error: Exception, folder: Path) -> str:
+    """What went wrong with a write, in words (torch.save's errors do not name a full disk)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None:
+        free = shutil.disk_usage(existing).free
+        if free < 16 << 20:
+            return f"No space left on device ({free:,} bytes free; {reason})"
+    return reason
+
+
 def _fresh_dir(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)  # left by a write that was killed
@@ -301,8 +317,11 @@ def export_model(model: torch.nn.Module, path: Path, metadata: dict[str, Any]) -
     header.update({k: json.dumps(v) for k, v in metadata.items()})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=header)
-    os.replace(partial, path)
+    try:
+        save_file(tensors, str(partial), metadata=header)
+        os.replace(partial, path)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def load_model(path: str | Path) -> MnistCNN:
@@ -335,8 +354,11 @@ def _preview(keys: list[str], limit: int = 3) -> str:
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """Tensors and model config from a safetensors export or a torch ``state_dict`` file."""
+    """Tensors and model config from a safetensors export, a checkpoint folder or a torch
+    ``state_dict`` file."""
     path = Path(path)
+    if path.is_dir() and (path / "model.safetensors").exists():
+        path = path / "model.safetensors"  # a checkpoint folder: its model weights
     try:
         with open(path, "rb") as f:
             head = f.read(8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from datetime import datetime
@@ -12,7 +13,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from mnist_dist.errors import UsageError
+from mnist_dist.errors import UsageError, WriteError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -78,8 +79,10 @@ class RunDir:
     def write_status(self, state: str, **details: Any) -> None:
         """``status.json``: running, finished, stopped (resumable), diverged or failed, for
         schedulers and scripts that cannot read exit codes through a launcher."""
+        # Best effort: a full disk must not hide the error that ended the run.
         if self.enabled:
-            self._write_atomic(STATUS_FILE, json.dumps({"state": state, **details}) + "\n")
+            with contextlib.suppress(WriteError):
+                self._write_atomic(STATUS_FILE, json.dumps({"state": state, **details}) + "\n")
 
     def write_config(self, config: dict[str, Any], provenance: dict[str, Any]) -> None:
         if self.enabled:
@@ -98,10 +101,16 @@ class RunDir:
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path / name, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path / name, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise WriteError(f"cannot write {self.path / name}: {e.strerror or e}") from None
 
     def _write_atomic(self, name: str, text: str) -> None:
         partial = self.path / f".{name}.partial"
-        partial.write_text(text)
-        os.replace(partial, self.path / name)
+        try:
+            partial.write_text(text)
+            os.replace(partial, self.path / name)
+        except OSError as e:
+            raise WriteError(f"cannot write {self.path / name}: {e.strerror or e}") from None

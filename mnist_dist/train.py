@@ -86,7 +86,9 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
         run_dir.restore_records(state.history, state.global_step)
 
     resolved = config.to_dict()
-    run_dir.write_config(resolved, provenance(accelerator))
+    run_facts = provenance(accelerator)
+    run_facts["resumed_from"] = str(checkpoint.path) if checkpoint else None
+    run_dir.write_config(resolved, run_facts)
     tracker = make_tracker(tc.tracker, accelerator, run_dir.path, resolved, console.print)
     state.tracker_run_id = getattr(tracker, "run_id", None) or state.tracker_run_id
     outputs = RunOutputs(run_dir, tracker, console)
@@ -122,8 +124,8 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
         run_dir.write_status(state_name, message=str(e), exit_code=e.exit_code)
         tracker.finish()
         raise
-    except KeyboardInterrupt:
-        run_dir.write_status("interrupted", message="interrupted without a checkpoint")
+    except BaseException as e:  # a second Ctrl-C, or a bug: say so to whoever watches
+        run_dir.write_status("failed", message=f"{type(e).__name__}: {e}")
         raise
     finally:
         trainer.stop.close()

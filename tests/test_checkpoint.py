@@ -277,3 +277,50 @@ def test_mid_epoch_checkpoint_refuses_another_batch_size(data, tmp_path):
     )  # fmt: skip
     assert result.returncode == EXIT_USAGE
     assert "taken mid-epoch with global_batch_size 32" in result.error_lines()[0]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 700 KiB file system (tmpfs): room for one checkpoint (about 410 KB), not two."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_is_one_line_and_the_previous_checkpoint_resumes(data, small_disk, tmp_path):
+    out = small_disk / "run"
+    failed = train(data, out, "--checkpoint-every", "5", epochs=1)
+    assert failed.returncode == EXIT_WRITE_FAILED, failed.stderr[-3000:]
+    [line] = failed.error_lines()
+    assert "cannot write checkpoint" in line and "No space left on device" in line
+    first = out / "checkpoints" / "epoch-001-step-000005"
+    assert (first / "COMPLETE").exists()
+
+    resumed = train(data, tmp_path / "elsewhere", "--resume", str(first), epochs=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "epoch 1, step 5" in resumed.stdout
+
+
+def test_evaluate_reads_a_checkpoint_folder_and_names_a_truncated_one(data, tmp_path):
+    out = tmp_path / "run"
+    assert train(data, out, epochs=1).returncode == 0
+    folder = out / "checkpoints" / "epoch-002-step-000000"
+    ok = run_cli("evaluate", "--weights", str(folder), "--data-dir", str(data), "--json")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    [report] = ok.json_lines()
+    assert report["test_correct"] == read_summary(out)["test_correct"]
+
+    model = folder / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:5000])
+    bad = run_cli("evaluate", "--weights", str(folder), "--data-dir", str(data))
+    assert bad.returncode == EXIT_USAGE
+    [line] = bad.error_lines()
+    assert f"{model} is not a readable safetensors weights file" in line
