@@ -117,7 +117,7 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
                 record = trainer.end_epoch(state, result, lr, time.perf_counter() - eval_start)
                 outputs.record_epoch(record)
                 trainer.save(state)
-                if trainer.stop.now():
+                if state.epoch <= tc.epochs and trainer.stop.now():  # not after the last epoch
                     trainer.stopped(state)
     except (Stopped, DivergedError, WriteError) as e:
         state_name = {Stopped: "stopped", DivergedError: "diverged"}.get(type(e), "failed")
