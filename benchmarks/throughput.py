@@ -1,26 +1,33 @@
-"""Training throughput: plain PyTorch (the reference recipe) next to mnist-dist, on one machine.
+"""Training throughput and time-to-accuracy: plain PyTorch next to mnist-dist, side by side.
 
-Rows (choose with ``--rows``, a comma list; default ``plain,tensor``):
+Rows (choose with ``--rows``, a comma list; ``--rows all`` runs every one):
 
-* ``plain``: the reference implementation's recipe in this process: ``torchvision.datasets.MNIST``
+* ``plain`` (a): the reference recipe in this process: ``torchvision.datasets.MNIST``
   with ``Compose([Grayscale(1), Resize((28, 28)), ToTensor()])``, ``DataLoader(batch_size=64,
   shuffle=True)`` (``--plain-workers`` worker processes, default 0 like the reference), the
   ``MnistCNN`` model, Adam (lr 1e-3), ``CrossEntropyLoss``, MultiStepLR(milestones=[5, 8],
-  gamma=0.01) stepped per epoch; test accuracy over the test split once at the end (batch 1000).
-* ``tensor`` / ``torchvision``: ``python -m mnist_dist train --loader <row>`` run as a real
-  subprocess; its figures are read from the run's ``summary.json`` and ``metrics.jsonl``.
+  gamma=0.01) stepped per epoch; test accuracy after every epoch (batch 1000).
+* ``plain-tensor`` (b): a plain PyTorch loop over device-resident tensors with the speed options
+  of mnist-dist's default (channels-last, fused Adam, one seeded permutation per epoch,
+  no host sync per step), evaluating after every epoch like mnist-dist. (b) vs ``tensor`` is
+  the harness's own overhead: Accelerate, checkpoints, stop checks, logging.
+* mnist-dist rows, each ``python -m mnist_dist train`` run as a real subprocess and read back
+  from its run directory: ``tensor`` (the default), ``no-channels-last``, ``bf16`` (autocast),
+  ``compile`` (``--compile``), ``eval-10000`` (one evaluation batch of 10,000), ``torchvision``
+  (the DataLoader pipeline), ``ddp2`` (2 ranks under ``accelerate launch``, global batch 64) and
+  ``ddp2-weak`` (2 ranks, 64 per rank: weak scaling).
 
 images/s counts training only (data loading included, evaluation excluded) and is steady state:
-the first epoch is left out when there are two or more. With ``--repeats`` the rows take turns
-and the table shows medians. "wall s" is measured inside the training code (the plain recipe's
-whole function; mnist-dist's ``wall_seconds``, which includes its per-epoch evaluations);
-"process s" is the whole subprocess, interpreter start and imports included.
+the first epoch (and with it any compile time) is left out when there are two or more. "recipe
+s" is the whole training function with its per-epoch evaluations (mnist-dist's
+``wall_seconds``); "process s" adds interpreter start and imports. With ``--repeats`` the rows
+take turns and the table shows medians; a run during which other processes took CPU is flagged.
 
 Run from the repository root, e.g.::
 
     python benchmarks/throughput.py --epochs 2
-    python benchmarks/throughput.py --data-dir /data --epochs 3 --repeats 3 \\
-        --rows plain,tensor,torchvision --json-out throughput.json
+    python benchmarks/throughput.py --data-dir /data --epochs 10 --repeats 3 --rows all \\
+        --json-out throughput.json
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import os
 import platform
 import random
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.optim.lr_scheduler import MultiStepLR
@@ -62,9 +71,27 @@ BUSY_CORES = 0.25  # CPU used by other processes (cores) above which a run is fl
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 ROW_NAMES = {
-    "plain": "plain PyTorch (reference recipe)",
-    "tensor": "mnist-dist --loader tensor",
+    "plain": "(a) plain PyTorch, reference recipe",
+    "plain-tensor": "(b) plain PyTorch, device tensors",
+    "tensor": "mnist-dist (default)",
+    "no-channels-last": "mnist-dist --no-channels-last",
+    "bf16": "mnist-dist --mixed-precision bf16",
+    "compile": "mnist-dist --compile",
+    "eval-10000": "mnist-dist --eval-batch-size 10000",
     "torchvision": "mnist-dist --loader torchvision",
+    "ddp2": "mnist-dist, 2 DDP ranks, batch 64",
+    "ddp2-weak": "mnist-dist, 2 DDP ranks, 64 per rank",
+}
+# The mnist-dist rows: extra `train` flags, and whether 2 ranks run under accelerate launch.
+MNIST_DIST_ROWS: dict[str, tuple[list[str], bool]] = {
+    "tensor": ([], False),
+    "no-channels-last": (["--no-channels-last"], False),
+    "bf16": (["--mixed-precision", "bf16"], False),
+    "compile": (["--compile"], False),
+    "eval-10000": (["--eval-batch-size", "10000"], False),
+    "torchvision": (["--loader", "torchvision"], False),
+    "ddp2": ([], True),
+    "ddp2-weak": (["--batch-size", "128"], True),
 }
 
 
@@ -91,6 +118,12 @@ class RunResult:
     other_cpu_cores: float | None = None  # CPU used meanwhile by other processes, in cores
     epochs: list[EpochTiming] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:
@@ -142,6 +175,7 @@ def run_plain(
     criterion = nn.CrossEntropyLoss()
 
     timings: list[EpochTiming] = []
+    correct = total = 0
     for epoch in range(1, epochs + 1):
         model.train()
         synchronize(device)
@@ -155,15 +189,13 @@ def run_plain(
         synchronize(device)
         timings.append(EpochTiming(epoch, len(train_set), time.perf_counter() - epoch_start))
         scheduler.step()
-
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels in test_loader:
-            images, labels = images.to(device), labels.to(device)
-            correct += int((model(images).argmax(dim=1) == labels).sum())
-            total += labels.numel()
-    synchronize(device)
+        model.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for images, labels in test_loader:
+                images, labels = images.to(device), labels.to(device)
+                correct += int((model(images).argmax(dim=1) == labels).sum())
+                total += labels.numel()
     return RunResult(
         row="plain",
         images_per_second=steady_images_per_second(timings),
@@ -176,19 +208,86 @@ def run_plain(
     )
 
 
+def run_plain_tensor(data_dir: str, epochs: int, max_train_samples: int | None) -> RunResult:
+    """(b): the recipe as a plain loop over device-resident tensors, with mnist-dist's default
+    speed options and none of its machinery."""
+    started = time.perf_counter()
+    seed_everything(SEED)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def split(train: bool, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = datasets.MNIST(root=data_dir, train=train, download=False)
+        n = len(ds) if limit is None else min(limit, len(ds))
+        return ds.data[:n].to(device).unsqueeze(1).float().div_(255), ds.targets[:n].to(device)
+
+    images, labels = split(True, max_train_samples)
+    test_images, test_labels = split(False, None)
+    model = MnistCNN().to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
+    scheduler = MultiStepLR(optimizer, milestones=LR_MILESTONES, gamma=LR_GAMMA)
+    n = len(labels)
+    timings: list[EpochTiming] = []
+    correct = 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        synchronize(device)
+        epoch_start = time.perf_counter()
+        generator = torch.Generator().manual_seed(SEED * 100_003 + epoch)
+        order = torch.randperm(n, generator=generator).to(device)
+        for idx in order.split(BATCH_SIZE):
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        timings.append(EpochTiming(epoch, n, time.perf_counter() - epoch_start))
+        scheduler.step()
+        model.eval()
+        with torch.no_grad():
+            hits = sum(
+                (model(x).argmax(dim=1) == y).sum()
+                for x, y in zip(
+                    test_images.split(EVAL_BATCH_SIZE),
+                    test_labels.split(EVAL_BATCH_SIZE),
+                    strict=True,
+                )
+            )
+        correct = int(hits)
+    total = len(test_labels)
+    return RunResult(
+        row="plain-tensor",
+        images_per_second=steady_images_per_second(timings),
+        test_accuracy=correct / total,
+        test_correct=correct,
+        test_total=total,
+        wall_seconds=time.perf_counter() - started,
+        epochs=timings,
+        extra={"device": str(device)},
+    )
+
+
 def run_mnist_dist(
-    loader: str, data_dir: str, epochs: int, max_train_samples: int | None
+    row: str, data_dir: str, epochs: int, max_train_samples: int | None
 ) -> RunResult:
-    """Run ``python -m mnist_dist train`` as a subprocess and read its run directory."""
+    """Run ``mnist-dist train`` (under ``accelerate launch`` for the DDP rows) as a subprocess
+    and read its run directory."""
+    extra_flags, launched = MNIST_DIST_ROWS[row]
     with tempfile.TemporaryDirectory(prefix="mnist-dist-bench-") as tmp:
         run_dir = Path(tmp) / "run"
+        launcher = [sys.executable, "-m"]
+        if launched:
+            launcher = [
+                str(Path(sys.executable).with_name("accelerate")), "launch",
+                "--config_file", str(REPO_ROOT / "accelerate_configs" / "cpu_ddp.yaml"),
+                "--main_process_port", str(free_port()), "-m",
+            ]  # fmt: skip
         command = [
-            sys.executable, "-m", "mnist_dist", "train",
+            *launcher, "mnist_dist", "train",
             "--data-dir", data_dir,
             "--output-dir", str(run_dir),
             "--epochs", str(epochs),
             "--tracker", "none",
-            "--loader", loader,
+            *extra_flags,
         ]  # fmt: skip
         if max_train_samples is not None:
             command += ["--max-train-samples", str(max_train_samples)]
@@ -216,7 +315,7 @@ def run_mnist_dist(
         for r in records
     ]
     return RunResult(
-        row=loader,
+        row=row,
         images_per_second=steady_images_per_second(timings),
         test_accuracy=float(summary["test_accuracy"]),
         test_correct=int(summary["test_correct"]),
@@ -261,6 +360,8 @@ def run_row(row: str, args: argparse.Namespace) -> RunResult:
     busy, own, started = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
     if row == "plain":
         result = run_plain(args.data_dir, args.epochs, args.max_train_samples, args.plain_workers)
+    elif row == "plain-tensor":
+        result = run_plain_tensor(args.data_dir, args.epochs, args.max_train_samples)
     else:
         result = run_mnist_dist(row, args.data_dir, args.epochs, args.max_train_samples)
     busy_after = machine_busy_seconds()
@@ -295,8 +396,10 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def summarize_row(row: str, runs: list[RunResult], plain_rate: float | None) -> dict[str, Any]:
-    """Medians over the repeats of one row."""
+def summarize_row(
+    row: str, runs: list[RunResult], plain_rate: float | None, tensor_loop_rate: float | None
+) -> dict[str, Any]:
+    """Medians over the repeats of one row, and its ratios to rows (a) and (b)."""
     rate = statistics.median(r.images_per_second for r in runs)
     process = [r.process_seconds for r in runs if r.process_seconds is not None]
     other = [r.other_cpu_cores for r in runs if r.other_cpu_cores is not None]
@@ -305,6 +408,7 @@ def summarize_row(row: str, runs: list[RunResult], plain_rate: float | None) -> 
         "name": ROW_NAMES[row],
         "images_per_second": rate,
         "ratio_to_plain": rate / plain_rate if plain_rate else None,
+        "ratio_to_plain_tensor": rate / tensor_loop_rate if tensor_loop_rate else None,
         "test_accuracy": statistics.median(r.test_accuracy for r in runs),
         "wall_seconds": statistics.median(r.wall_seconds for r in runs),
         "process_seconds": statistics.median(process) if process else None,
@@ -314,12 +418,17 @@ def summarize_row(row: str, runs: list[RunResult], plain_rate: float | None) -> 
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ["row", "images/s", "vs plain", "test acc", "wall s", "process s"]
+    header = ["row", "images/s", "vs (a)", "vs (b)", "test acc", "recipe s", "process s"]
+
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
     lines = [
         [
             r["name"],
             f"{r['images_per_second']:,.0f}",
-            "-" if r["ratio_to_plain"] is None else f"{r['ratio_to_plain']:.2f}x",
+            ratio(r["ratio_to_plain"]),
+            ratio(r["ratio_to_plain_tensor"]),
             f"{r['test_accuracy']:.2%}",
             f"{r['wall_seconds']:.1f}",
             "-" if r["process_seconds"] is None else f"{r['process_seconds']:.1f}",
@@ -337,6 +446,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_rows(text: str) -> list[str]:
+    if text.strip() == "all":
+        return list(ROW_NAMES)
     rows = [r.strip() for r in text.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROW_NAMES]
     if not rows or unknown:
@@ -382,8 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rows",
         type=parse_rows,
-        default=parse_rows("plain,tensor"),
-        help=f"comma list from {','.join(ROW_NAMES)} (default: plain,tensor)",
+        default=parse_rows("plain,plain-tensor,tensor"),
+        help=f"'all' or a comma list from {','.join(ROW_NAMES)} "
+        "(default: plain,plain-tensor,tensor)",
     )
     parser.add_argument(
         "--plain-workers",
@@ -429,10 +541,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     file=sys.stderr,
                 )
 
-    plain_rate = (
-        statistics.median(r.images_per_second for r in runs["plain"]) if "plain" in runs else None
-    )
-    rows = [summarize_row(row, runs[row], plain_rate) for row in args.rows]
+    def median_rate(row: str) -> float | None:
+        return statistics.median(r.images_per_second for r in runs[row]) if row in runs else None
+
+    rows = [
+        summarize_row(row, runs[row], median_rate("plain"), median_rate("plain-tensor"))
+        for row in args.rows
+    ]
     print()
     print(format_table(rows))
     flagged = [r["name"] for r in rows if (r["max_other_cpu_cores"] or 0.0) > BUSY_CORES]

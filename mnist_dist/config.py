@@ -106,6 +106,13 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _opt(
         "autocast dtype: no (fp32), fp16 (CUDA only), bf16", default="no"
     )
+    channels_last: bool = _opt(
+        "channels-last (NHWC) memory layout for the convolutions: faster, same math", default=True
+    )
+    compile: bool = _opt(
+        "torch.compile the model's forward (pays a compile first; measure before using)",
+        default=False,
+    )
     log_every: int = _opt("optimizer steps between step records in steps.jsonl", default=50)
     output_dir: str | None = _opt("run directory (default: runs/<timestamp>)", default=None)
     tracker: Literal["wandb", "none"] = _opt("experiment tracker", default="none")

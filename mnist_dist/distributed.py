@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 
 from mnist_dist.errors import UsageError
 
@@ -49,12 +49,23 @@ def check_mixed_precision(mixed_precision: str) -> None:
         )
 
 
-def make_accelerator(mixed_precision: str, log_with: str | None = None) -> Accelerator:
+def make_accelerator(
+    mixed_precision: str, log_with: str | None = None, static_graph: bool = False
+) -> Accelerator:
     """An Accelerator on the best available device whose world size is proven to be the
-    launcher's. Raises ``UsageError`` when the launch was mis-configured."""
+    launcher's. Raises ``UsageError`` when the launch was mis-configured.
+
+    ``static_graph``: tell DDP that every step runs the same graph (true for this model without
+    gradient accumulation), so it can skip per-step bookkeeping.
+    """
     _check_launcher_env()
     check_mixed_precision(mixed_precision)
+    ddp = DistributedDataParallelKwargs(
+        gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
+        static_graph=static_graph,
+    )
     accelerator = Accelerator(
+        kwargs_handlers=[ddp],
         # Without cpu=True, `accelerate launch --multi_gpu` on a machine without GPUs starts N
         # lone rank-0 processes (DistributedType.NO) that train independently (pitfalls.md).
         cpu=not has_accelerator(),

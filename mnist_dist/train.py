@@ -23,7 +23,7 @@ from mnist_dist.checkpoint import (
     export_model,
     restore_checkpoint,
 )
-from mnist_dist.config import Config
+from mnist_dist.config import Config, TrainConfig
 from mnist_dist.data import TrainData, build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.distributed import make_accelerator, provenance
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
@@ -43,7 +43,9 @@ def train(config: Config) -> dict[str, Any]:
     """
     started = time.perf_counter()
     log_with = "wandb" if config.train.tracker == "wandb" else None
-    accelerator = make_accelerator(config.train.mixed_precision, log_with=log_with)
+    accelerator = make_accelerator(
+        config.train.mixed_precision, log_with=log_with, static_graph=config.train.grad_accum == 1
+    )
     try:
         return _train(accelerator, config, started)
     finally:
@@ -70,11 +72,9 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
         )
 
     set_seed(tc.seed)  # the same initial weights on every rank and world size
-    model = MnistCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=oc.lr)
+    model, optimizer = build_model_and_optimizer(accelerator, tc, oc.lr)
     # Stepped once per epoch by us and never prepared (huggingface/accelerate#2926).
     scheduler = MultiStepLR(optimizer, milestones=list(oc.lr_milestones), gamma=oc.lr_gamma)
-    model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainerState(
         seed=tc.seed,
         global_batch_size=tc.global_batch_size,
@@ -153,6 +153,22 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
         f"weights in {run_dir.model_path}"
     )
     return summary
+
+
+def build_model_and_optimizer(
+    accelerator: Accelerator, tc: TrainConfig, lr: float
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The reference CNN and Adam, on the device, with the speed options, prepared."""
+    model = MnistCNN().to(accelerator.device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # The fused kernel updates every parameter in one pass: one launch per step on CUDA, and on
+    # this CPU 100 us per step instead of 340 us for the default per-parameter loop.
+    fused = True if accelerator.device.type in ("cuda", "cpu") else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
+    if tc.compile:
+        model.compile()  # in place: state_dict keys (and so checkpoints) stay the same
+    return accelerator.prepare(model, optimizer)
 
 
 def resume(
@@ -367,10 +383,10 @@ def train_step(
     The loss is this rank's summed cross-entropy times world_size / global_batch_size: DDP then
     averages over ranks, so the gradient is exactly that of the mean loss over the global batch,
     whatever the world size, the accumulation or an uneven last batch. Returns this rank's
-    (summed loss, correct predictions) on the device.
+    (summed loss, correct predictions) on the device, in float32.
     """
     scale = accelerator.num_processes / global_batch_size
-    sums = torch.zeros(2, device=images.device, dtype=torch.float64)
+    stats = []
     micro_batches = list(
         zip(images.tensor_split(grad_accum), labels.tensor_split(grad_accum), strict=True)
     )
@@ -381,11 +397,23 @@ def train_step(
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, reduction="sum")
             accelerator.backward(loss * scale)
-        sums[0] += loss.detach()
-        sums[1] += (logits.argmax(dim=1) == y).sum()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return sums
+        # Few, small device ops and no host sync: on a GPU every op is a kernel launch.
+        correct = (logits.argmax(dim=1) == y).sum()
+        stats.append(torch.stack([loss.detach(), correct.to(loss.dtype)]))
+    optimizer_step(optimizer)
+    return stats[0] if len(stats) == 1 else torch.stack(stats).sum(dim=0)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()`` then ``zero_grad``, bypassing ``AcceleratedOptimizer.step`` when it
+    would only forward the call: without a grad scaler (fp16) it adds nothing here but an
+    uncached package look-up (``is_lomo_available``, twice, about 30 us each) per step."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if getattr(optimizer, "scaler", None) is None:
+        inner.step()
+    else:
+        optimizer.step()  # the scaler unscales, skips steps with inf gradients, updates
+    inner.zero_grad(set_to_none=True)
 
 
 def summarize(
