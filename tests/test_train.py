@@ -84,6 +84,21 @@ def test_grad_accum_splits_a_step_without_changing_its_math(mnist_dir, tmp_path)
 
 
 @pytest.mark.dataset
+@pytest.mark.parametrize("option", ["--compile", "--no-channels-last"])
+def test_speed_options_keep_the_math(option, mnist_dir, tmp_path):
+    args = ("--epochs", "1", "--max-train-samples", "1600", "--max-eval-samples", "1000")
+    args += ("--log-every", "5")
+    train("1proc", mnist_dir, tmp_path / "default", *args)
+    train("1proc", mnist_dir, tmp_path / "option", *args, option)
+    default = [s["train_loss"] for s in read_jsonl(tmp_path / "default" / "steps.jsonl")]
+    other = [s["train_loss"] for s in read_jsonl(tmp_path / "option" / "steps.jsonl")]
+    # Other kernels, other float summation order; the same optimizer steps on the same batches.
+    assert other == pytest.approx(default, rel=1e-3)
+    config = (tmp_path / "option" / "config.yaml").read_text()
+    assert ("compile: true" if option == "--compile" else "channels_last: false") in config
+
+
+@pytest.mark.dataset
 def test_torchvision_loader_trains_the_same_batches(mnist_dir, tmp_path):
     args = (
         "--epochs",

@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end (on tiny data: the figures here mean nothing, the
+shape of the output does) so they do not rot between measurements."""
+
+import json
+import subprocess
+import sys
+
+from helpers import ROOT, make_tiny_mnist
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_throughput_compares_every_row_to_a_and_b(tmp_path):
+    data = make_tiny_mnist(tmp_path / "data", n_train=512)
+    out = tmp_path / "t.json"
+    proc = run_script(
+        "benchmarks/throughput.py", "--data-dir", str(data), "--epochs", "2",
+        "--rows", "plain,plain-tensor,tensor,ddp2", "--json-out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["plain", "plain-tensor", "tensor", "ddp2"]
+    assert rows["plain"]["ratio_to_plain"] == 1.0
+    assert rows["plain-tensor"]["ratio_to_plain_tensor"] == 1.0
+    for row in rows.values():
+        assert row["images_per_second"] > 0 and row["test_accuracy"] > 0.1
+    assert rows["ddp2"]["runs"][0]["extra"]["world_size"] == 2
+    # (b) and mnist-dist train on the same batches with the same options: same accuracy.
+    assert rows["plain-tensor"]["test_accuracy"] == rows["tensor"]["test_accuracy"]
+    assert "vs (b)" in proc.stdout
+
+
+def test_profile_step_counts_ops_per_step(tmp_path):
+    data = make_tiny_mnist(tmp_path / "data", n_train=512)
+    proc = run_script(
+        "benchmarks/profile_step.py", "--data-dir", str(data), "--steps", "5", "--warmup", "2",
+        "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 5 and summary["device"] == "cpu"
+    assert summary["host_ms_per_step"] > 0
+    assert 10 < summary["top_level_ops_per_step"] <= summary["aten_ops_per_step"]
