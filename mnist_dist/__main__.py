@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the reference recipe (plain python or under `accelerate launch`)",
         description="Train. Settings: defaults (the reference recipe) < --config file < flags.",
     )
-    train.add_argument("--config", metavar="FILE", help="YAML or JSON file with data/optim/train")
+    train.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON file with data/optim/train/tracking"
+    )
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 

@@ -20,13 +20,13 @@ from mnist_dist.distributed import make_accelerator, provenance
 from mnist_dist.evaluate import evaluate
 from mnist_dist.model import MnistCNN
 from mnist_dist.rundir import RunDir, resolve_run_dir
-from mnist_dist.tracking import RunConsole, RunOutputs, make_tracker
+from mnist_dist.tracking import MAX_TABLE_ROWS, RunConsole, RunOutputs, make_tracker, wants_wandb
 
 
 def train(config: Config) -> dict[str, Any]:
     """Train as ``config`` says and return the summary (also written to ``summary.json``)."""
     started = time.perf_counter()
-    log_with = "wandb" if config.train.tracker == "wandb" else None
+    log_with = "wandb" if wants_wandb(config.tracking) else None
     accelerator = make_accelerator(config.train.mixed_precision, log_with=log_with)
     try:
         return _train(accelerator, config, started)
@@ -51,12 +51,15 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
     train_data = build_train_data(dc, tc.global_batch_size, world, rank, tc.seed, device)
     test_data = eval_batches(dc, world, rank, device)
 
-    resolved = config.to_dict()
-    run_dir.write_config(resolved, provenance(accelerator))
+    resolved, launch = config.to_dict(), provenance(accelerator)
+    run_dir.write_config(resolved, launch)
     console = RunConsole(
         accelerator.is_main_process, tc.epochs, train_data.sharding.steps_per_epoch
     )
-    tracker = make_tracker(tc.tracker, accelerator, run_dir.path, resolved, console.print)
+    tracker = make_tracker(
+        config.tracking, accelerator, run_dir.path, {**resolved, "provenance": launch},
+        console.print,
+    )  # fmt: skip
     outputs = RunOutputs(run_dir, tracker, console)
     console.print(
         f"mnist-dist: {world} process(es), {accelerator.distributed_type.value}, "
@@ -111,6 +114,9 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
             {"mnist_dist_version": metadata.version("mnist-dist"), "summary": summary},
         )
     run_dir.write_summary(summary)
+    if wants_wandb(config.tracking):  # the same on every rank: the final pass is collective
+        final = evaluate(model, test_data, accelerator, max_misclassified=MAX_TABLE_ROWS)
+        tracker.log_final(summary, final, run_dir.model_path)
     tracker.finish()
     console.print(
         f"done: test accuracy {summary['test_accuracy']:.2%} "
