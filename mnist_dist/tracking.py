@@ -33,18 +33,8 @@ from rich.table import Table
 
 from mnist_dist.config import TrackingConfig
 from mnist_dist.evaluate import EvalResult
+from mnist_dist.report import EPOCH_COLUMNS
 from mnist_dist.rundir import RunDir
-
-EPOCH_COLUMNS = (
-    ("epoch", "epoch", "{}"),
-    ("lr", "lr", "{:.1e}"),
-    ("train loss", "train_loss", "{:.4f}"),
-    ("train acc", "train_accuracy", "{:.2%}"),
-    ("test loss", "test_loss", "{:.4f}"),
-    ("test acc", "test_accuracy", "{:.2%}"),
-    ("seconds", "epoch_seconds", "{:.1f}"),
-    ("images/s", "images_per_second", "{:,.0f}"),
-)
 
 
 def format_epoch_line(record: dict[str, Any], epochs: int) -> str:

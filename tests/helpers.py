@@ -16,6 +16,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 ACCELERATE_CONFIGS = ROOT / "accelerate_configs"
+FAULTS = Path(__file__).parent / "faults"  # a sitecustomize that injects faults into children
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int) -> None:

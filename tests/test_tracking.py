@@ -13,13 +13,12 @@ import socket
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, launch_cli, read_jsonl, read_summary, run_cli, run_cli_in_terminal
+from helpers import FAULTS, ROOT, launch_cli, read_jsonl, read_summary, run_cli, run_cli_in_terminal
 from wandb_file import read_run
 
 from mnist_dist.config import TrackingConfig
 from mnist_dist.tracking import WANDB_RUN_ID_FILE, format_epoch_line
 
-FAULTS = Path(__file__).parent / "faults"
 WARNING = "warning: W&B"
 
 
