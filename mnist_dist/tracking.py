@@ -418,16 +418,16 @@ class RunOutputs:
 
     def record_step(self, record: dict[str, Any]) -> None:
         self.files.append_step(record)
-        self.tracker.log(_namespaced("train", record), step=record["global_step"])
+        self.tracker.log(namespaced("train", record), step=record["global_step"])
         self.console.show_step(record["train_loss"], record["images_per_second"])
 
     def record_epoch(self, record: dict[str, Any]) -> None:
         self.files.append_epoch(record)
-        self.tracker.log(_namespaced("epoch", record), step=record["global_step"])
+        self.tracker.log(namespaced("epoch", record), step=record["global_step"])
         self.console.end_epoch(record)
 
 
-def _namespaced(prefix: str, record: dict[str, Any]) -> dict[str, Any]:
+def namespaced(prefix: str, record: dict[str, Any]) -> dict[str, Any]:
     """``train_loss`` -> ``train/loss`` under ``train``; ``global_step`` is the shared x axis."""
     return {
         f"{prefix}/{k.removeprefix(prefix + '_')}": v
