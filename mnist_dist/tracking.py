@@ -219,7 +219,7 @@ class WandbTracker:
                 self._start("offline", run_id, run_config)
                 self.say(
                     f"warning: W&B could not start online ({_one_line(e)}); recording offline "
-                    f"in {self.run.dir.removesuffix('/files')} instead"
+                    f"in {Path(self.run.dir).parent} instead"
                 )
         except Exception as e:  # tracking must never end a training run
             self._stop(e)

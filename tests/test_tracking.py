@@ -17,7 +17,7 @@ from helpers import FAULTS, ROOT, launch_cli, read_jsonl, read_summary, run_cli,
 from wandb_file import read_run
 
 from mnist_dist.config import TrackingConfig
-from mnist_dist.tracking import WANDB_RUN_ID_FILE, format_epoch_line
+from mnist_dist.tracking import WANDB_RUN_ID_FILE, format_epoch_line, wandb_mode, wants_wandb
 
 WARNING = "warning: W&B"
 
@@ -290,6 +290,27 @@ def test_a_requeued_job_continues_the_wandb_run_of_its_run_directory(tiny_mnist,
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, run = run_file(out)
     assert run.run_id == "requeued1" and run_dir.name.endswith("-requeued1")
+
+
+def test_mode_is_flag_then_wandb_mode_then_online_only_with_credentials(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine example.org login user password secret\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert wandb_mode(TrackingConfig()) == "offline"  # no credentials for W&B's host
+    netrc.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    assert wandb_mode(TrackingConfig()) == "online"  # what `wandb login` writes
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert wandb_mode(TrackingConfig()) == "offline"  # logged in elsewhere only
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    assert wandb_mode(TrackingConfig()) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(TrackingConfig()) == "disabled"
+    assert not wants_wandb(TrackingConfig(tracker="wandb"))
+    assert wandb_mode(TrackingConfig(wandb_mode="offline")) == "offline"  # the flag wins
+    assert wants_wandb(TrackingConfig(tracker="wandb", wandb_mode="offline"))
+    assert not wants_wandb(TrackingConfig(tracker="none", wandb_mode="offline"))
 
 
 def test_the_readme_lists_every_tracking_flag():
