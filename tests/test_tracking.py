@@ -153,11 +153,15 @@ def test_offline_run_holds_config_metrics_confusion_misclassified_and_model(tiny
 
 @pytest.mark.multiprocess
 def test_two_processes_make_exactly_one_wandb_run(tiny_mnist, tmp_path):
-    out = tmp_path / "r"
-    result = train_tracked(launch_cli, tiny_mnist, out, env=wandb_env(tmp_path))
+    out, imports = tmp_path / "r", tmp_path / "wandb-imports"
+    env = wandb_env(tmp_path, PYTHONPATH=str(FAULTS), FAULT_RECORD_WANDB_IMPORT=str(imports))
+    result = train_tracked(launch_cli, tiny_mnist, out, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert warnings(result) == []
     assert len(list((out / "wandb").glob("*run-*"))) == 1
+    # Only one process (the main rank) ever imported wandb; the launcher and rank 1 did not.
+    records = [p.read_text() for p in tmp_path.glob("wandb-imports.*")]
+    assert len(records) >= 3 and sum(bool(r) for r in records) == 1
     run_dir, run = run_file(out)
     assert run.config["provenance"]["world_size"] == 2
     metrics = read_jsonl(out / "metrics.jsonl")
