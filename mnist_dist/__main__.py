@@ -1,4 +1,4 @@
-"""``mnist-dist`` / ``python -m mnist_dist``: train, evaluate, predict, download.
+"""``mnist-dist`` / ``python -m mnist_dist``: train, evaluate, predict, report, download.
 
 Bad input of any kind (flags, config files, datasets, weights, images, a launch that formed the
 wrong world size) ends with one line on stderr and exit code 2.
@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the reference recipe (plain python or under `accelerate launch`)",
         description="Train. Settings: defaults (the reference recipe) < --config file < flags.",
     )
-    train.add_argument("--config", metavar="FILE", help="YAML or JSON file with data/optim/train")
+    train.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON file with data/optim/train/tracking"
+    )
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
@@ -54,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
     predict.add_argument("--json", action="store_true", help="print one JSON object per image")
     predict.set_defaults(func=cmd_predict)
+
+    report = commands.add_parser(
+        "report",
+        help="per-epoch table of runs from their metrics.jsonl (no W&B needed), optional PNG",
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    report.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw loss, accuracy and LR curves into this PNG (needs the plot extra)",
+    )
+    report.set_defaults(func=cmd_report)
 
     download = commands.add_parser("download", help="fetch MNIST with torchvision")
     download.add_argument(
@@ -139,6 +153,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps({"image": path, "digit": digit, "probability": float(p[digit])}))
         else:
             print(f"{path}: {digit} (p={float(p[digit]):.4f})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mnist_dist.report import report
+
+    print(report(args.run_dirs, args.plot))
+    if args.plot:
+        print(f"curves in {args.plot}")
     return 0
 
 

@@ -3,7 +3,8 @@
 Every field carries a ``help`` string (with its unit) that becomes the flag's help text, so the
 dataclasses below are the one schema for defaults, config files and the command line.
 Precedence: flags > ``--config`` file > environment > defaults. Environment: ``MNIST_DIST_DATA_DIR``
-(data directory) and ``ACCELERATE_MIXED_PRECISION`` (set by ``accelerate launch`` from its config).
+(data directory), ``ACCELERATE_MIXED_PRECISION`` (set by ``accelerate launch`` from its config) and
+W&B's own ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_NAME``, ``WANDB_RUN_GROUP``, ``WANDB_TAGS``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ DATA_DIR_ENV = "MNIST_DIST_DATA_DIR"
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
-def _opt(help: str, flag: str | None = None, **kwargs: Any) -> Any:
-    """A dataclass field with CLI metadata: ``help`` text and an optional explicit flag name."""
+def _opt(help: str, flag: str | None = None, env: str | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with CLI metadata: ``help`` text, an optional explicit flag name and an
+    optional environment variable that overrides the default."""
     default = kwargs.pop("default", dataclasses.MISSING)
     factory = kwargs.pop("default_factory", dataclasses.MISSING)
-    return field(default=default, default_factory=factory, metadata={"help": help, "flag": flag})
+    metadata = {"help": help, "flag": flag, "env": env}
+    return field(default=default, default_factory=factory, metadata=metadata)
 
 
 @dataclass
@@ -115,7 +118,6 @@ class TrainConfig:
     )
     log_every: int = _opt("optimizer steps between step records in steps.jsonl", default=50)
     output_dir: str | None = _opt("run directory (default: runs/<timestamp>)", default=None)
-    tracker: Literal["wandb", "none"] = _opt("experiment tracker", default="none")
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
@@ -128,8 +130,6 @@ class TrainConfig:
             raise UsageError(
                 f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}"
             )
-        if self.tracker not in ("wandb", "none"):
-            raise UsageError(f"--tracker must be wandb or none, got {self.tracker!r}")
 
     def per_device_batch_size(self, world_size: int) -> int:
         """Images each process contributes to one optimizer step."""
@@ -168,6 +168,53 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where a run is recorded besides its run directory: Weights & Biases, or nothing.
+
+    No secret is ever a setting: W&B records the command line in its run metadata, so the API
+    key comes only from ``WANDB_API_KEY`` or ``wandb login``.
+    """
+
+    tracker: Literal["wandb", "none"] = _opt("experiment tracker", default="none")
+    wandb_project: str = _opt("W&B project", env="WANDB_PROJECT", default="mnist-dist")
+    wandb_entity: str | None = _opt(
+        "W&B team or user; None: the account's default entity", env="WANDB_ENTITY", default=None
+    )
+    run_name: str | None = _opt(
+        "display name of the W&B run; None: W&B makes one up", env="WANDB_NAME", default=None
+    )
+    wandb_group: str | None = _opt(
+        "W&B group, e.g. one per sweep or experiment", env="WANDB_RUN_GROUP", default=None
+    )
+    wandb_tags: tuple[str, ...] = _opt(
+        "W&B tags, comma separated (e.g. baseline,bf16)", env="WANDB_TAGS", default=()
+    )
+    wandb_mode: Literal["online", "offline", "disabled"] | None = _opt(
+        "online, offline or disabled; None: env WANDB_MODE, else online when W&B credentials "
+        "are found (WANDB_API_KEY or `wandb login`) and offline into the run directory when not",
+        default=None,
+    )
+    wandb_finish_timeout: float = _opt(
+        "seconds to wait for W&B to finish (upload) at the end of a run; after that its files "
+        "stay on disk for `wandb sync`",
+        default=120.0,
+    )
+
+    def __post_init__(self) -> None:
+        if self.tracker not in ("wandb", "none"):
+            raise UsageError(f"--tracker must be wandb or none, got {self.tracker!r}")
+        if self.wandb_mode not in (None, "online", "offline", "disabled"):
+            raise UsageError(
+                f"--wandb-mode must be online, offline or disabled, got {self.wandb_mode!r}"
+            )
+        _require(bool(self.wandb_project.strip()), "--wandb-project must not be empty")
+        _require(
+            self.wandb_finish_timeout > 0,
+            f"--wandb-finish-timeout must be > 0 seconds, got {self.wandb_finish_timeout}",
+        )
+
+
+@dataclass
 class Config:
     """Everything a training run needs, by component."""
 
@@ -175,10 +222,12 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["optim"]["lr_milestones"] = list(self.optim.lr_milestones)
+        out["tracking"]["wandb_tags"] = list(self.tracking.wandb_tags)
         return out
 
 
@@ -187,6 +236,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
+    "tracking": TrackingConfig,
 }
 
 
@@ -205,6 +255,10 @@ def _base_type(tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0]
     return tp
+
+
+def _parse_tags(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _parse_milestones(text: str) -> list[int]:
@@ -229,7 +283,7 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: dict[str, type] 
                 "dest": f"{section}.{f.name}",
                 "default": argparse.SUPPRESS,
                 "metavar": f.name.upper(),  # not the internal dest "SECTION.NAME"
-                "help": f"{f.metadata['help']} [default: {_show_default(f)}]",
+                "help": f"{f.metadata['help']}{_env_note(f)} [default: {_show_default(f)}]",
             }
             if tp is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
@@ -237,7 +291,7 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: dict[str, type] 
                 kwargs["choices"] = list(typing.get_args(tp))
             elif typing.get_origin(tp) is tuple:  # "5,8" or "5 8"; parsed in _check_type
                 kwargs["nargs"] = "+"
-                kwargs["metavar"] = "EPOCH"
+                kwargs["metavar"] = "TAG" if typing.get_args(tp)[0] is str else "EPOCH"
             elif tp is int and f.default is None:
                 kwargs["type"] = _positive_or_none
                 kwargs["metavar"] = "N"
@@ -246,16 +300,20 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: dict[str, type] 
             group.add_argument(_flag(f), **kwargs)
 
 
+def _env_note(f: dataclasses.Field) -> str:
+    return f" (env {f.metadata['env']})" if f.metadata.get("env") else ""
+
+
 def _show_default(f: dataclasses.Field) -> str:
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return str(f.default_factory())  # type: ignore[misc]
     if isinstance(f.default, tuple):
-        return ",".join(str(v) for v in f.default)
+        return ",".join(str(v) for v in f.default) or "none"
     return str(f.default)
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML or JSON config file shaped like ``Config.to_dict()`` (data/optim/train)."""
+    """Read a YAML or JSON config file shaped like ``Config.to_dict()``: a mapping per section."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -299,6 +357,10 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
     launcher_precision = os.environ.get(LAUNCHER_PRECISION_ENV, "").lower()
     if launcher_precision in ("no", "fp16", "bf16") and "train" in layered:
         layered["train"]["mixed_precision"] = launcher_precision
+    for name, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("env") and os.environ.get(f.metadata["env"]):
+                layered[name][f.name] = os.environ[f.metadata["env"]]
     config_path = getattr(args, "config", None)
     if config_path:
         for section, values in load_config_file(config_path).items():
@@ -326,6 +388,11 @@ def _check_type(flag: str, value: Any, annotation: Any) -> Any:
     if typing.get_origin(tp) is Literal:
         if value in typing.get_args(tp):
             return value
+    elif typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is str:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)  # from the command line or a config file
+        if isinstance(value, str):
+            return tuple(_parse_tags(value))
     elif typing.get_origin(tp) is tuple:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             value = ",".join(value)  # from the command line
@@ -351,5 +418,5 @@ def _describe(annotation: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if typing.get_origin(tp) is tuple:
-        return "a list of integers"
+        return "a list of strings" if typing.get_args(tp)[0] is str else "a list of integers"
     return getattr(tp, "__name__", str(tp))

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+
+@dataclass
+class Misclassified:
+    """One test image the model got wrong."""
+
+    index: int  # position in the evaluated split
+    true_label: int
+    predicted: int
+    probabilities: list[float]  # softmax over the classes
+    image: list[list[int]]  # 28x28 grey levels 0-255
 
 
 @dataclass
@@ -18,6 +30,8 @@ class EvalResult:
     correct: int
     total: int
     confusion: list[list[int]]  # confusion[true][predicted]
+    # The first ``max_misclassified`` wrong images of the split, in split order (main process).
+    misclassified: list[Misclassified] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -30,25 +44,32 @@ def evaluate(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     accelerator: Accelerator,
     num_classes: int = 10,
+    max_misclassified: int = 0,
 ) -> EvalResult:
     """Evaluate this rank's shard and sum the counts over ranks.
 
     Each rank holds a disjoint, unpadded shard of the split, so summing per-rank counts counts
     every image exactly once (the padding that ``even_batches`` adds to prepared loaders, and
     that ``gather_for_metrics`` must drop, never arises). Counts stay on the device until the
-    one reduction at the end.
+    one reduction at the end. With ``max_misclassified`` > 0 the first wrong images, with their
+    probabilities, are gathered to the main process as well (a host sync per batch).
     """
     was_training = model.training
     model.eval()
     device = accelerator.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
+    wrong: list[Misclassified] = []  # this rank's, indexed within its shard
+    seen = 0
     for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         predicted = logits.argmax(dim=1)
         confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
+        if len(wrong) < max_misclassified:
+            wrong += _misclassified(images, labels, logits, seen, max_misclassified - len(wrong))
+        seen += len(labels)
     model.train(was_training)
     loss_sum, confusion = accelerator.reduce([loss_sum, confusion], reduction="sum")
     matrix = confusion.view(num_classes, num_classes)
@@ -58,4 +79,43 @@ def evaluate(
         correct=int(matrix.diagonal().sum().item()),
         total=total,
         confusion=matrix.tolist(),
+        misclassified=_gather_misclassified(wrong, seen, max_misclassified, accelerator),
     )
+
+
+def _misclassified(
+    images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, offset: int, limit: int
+) -> list[Misclassified]:
+    probabilities = logits.softmax(dim=1)
+    predicted = probabilities.argmax(dim=1)
+    rows = (predicted != labels).nonzero().flatten()[:limit].tolist()
+    pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8).squeeze(1)
+    return [
+        Misclassified(
+            index=offset + i,
+            true_label=int(labels[i]),
+            predicted=int(predicted[i]),
+            probabilities=probabilities[i].tolist(),
+            image=pixels[i].tolist(),
+        )
+        for i in rows
+    ]
+
+
+def _gather_misclassified(
+    wrong: list[Misclassified], seen: int, limit: int, accelerator: Accelerator
+) -> list[Misclassified]:
+    """Every rank's examples on the main process, in split order (shards are contiguous in rank
+    order), re-indexed within the whole split. Collective when ``limit`` > 0."""
+    if limit <= 0:
+        return []
+    shards = [(seen, wrong)]
+    if accelerator.num_processes > 1:
+        shards = gather_object(shards)
+    merged, offset = [], 0
+    for shard_size, examples in shards:
+        for example in examples:
+            example.index += offset
+        merged += examples
+        offset += shard_size
+    return merged[:limit]

@@ -5,13 +5,19 @@ Only the main process prints or logs; every other rank gets the silent implement
 
 from __future__ import annotations
 
+import netrc
 import os
+import secrets
+import string
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
+import numpy as np
 from accelerate import Accelerator
 from rich.console import Console, Group
 from rich.live import Live
@@ -25,18 +31,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from mnist_dist.config import TrackingConfig
+from mnist_dist.evaluate import EvalResult
+from mnist_dist.report import EPOCH_COLUMNS
 from mnist_dist.rundir import RunDir
-
-EPOCH_COLUMNS = (
-    ("epoch", "epoch", "{}"),
-    ("lr", "lr", "{:.1e}"),
-    ("train loss", "train_loss", "{:.4f}"),
-    ("train acc", "train_accuracy", "{:.2%}"),
-    ("test loss", "test_loss", "{:.4f}"),
-    ("test acc", "test_accuracy", "{:.2%}"),
-    ("seconds", "epoch_seconds", "{:.1f}"),
-    ("images/s", "images_per_second", "{:,.0f}"),
-)
 
 
 def format_epoch_line(record: dict[str, Any], epochs: int) -> str:
@@ -115,88 +113,298 @@ class RunConsole:
             self._live = None
 
 
+WANDB_RUN_ID_FILE = "wandb-run-id.txt"  # in the run directory: a requeued job continues the run
+MAX_TABLE_ROWS = 100  # misclassified test images sent to W&B at the end of a run
+
+
 class Tracker(Protocol):
     """What the training loop needs from an experiment tracker."""
 
+    run_id: str | None  # the W&B run id to store in checkpoints; None when nothing is tracked
+
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
+
+    def log_final(self, summary: dict[str, Any], final: EvalResult, model_path: Path) -> None: ...
 
     def finish(self) -> None: ...
 
 
 class NoTracker:
-    """``--tracker none`` and every non-main rank: no calls to any tracking library."""
+    """``--tracker none``, a disabled mode and every non-main rank: no calls to any tracker."""
+
+    run_id: str | None = None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def log_final(self, summary: dict[str, Any], final: EvalResult, model_path: Path) -> None:
         pass
 
     def finish(self) -> None:
         pass
 
 
-class WandbTracker:
-    """W&B through Accelerate's tracker API, started on the main process only.
+def has_wandb_credentials() -> bool:
+    """Whether W&B would find an API key: ``WANDB_API_KEY``, an identity token file, or the
+    ``.netrc`` entry that ``wandb login`` writes for the configured host. Never reads the key."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        return host is not None and netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
-    Offline unless credentials are present (compute nodes usually have no internet); tracking
-    problems disable tracking with one warning and never end the training run.
+
+def wandb_mode(config: TrackingConfig) -> str:
+    """``--wandb-mode``, else ``WANDB_MODE``, else online with credentials and offline without."""
+    return (
+        config.wandb_mode
+        or os.environ.get("WANDB_MODE")
+        or ("online" if has_wandb_credentials() else "offline")
+    )
+
+
+def wants_wandb(config: TrackingConfig) -> bool:
+    """Whether the run is recorded in W&B at all. The same answer on every rank."""
+    return config.tracker == "wandb" and wandb_mode(config) != "disabled"
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+class WandbTracker:
+    """W&B through Accelerate's tracker API, started on the main process only (one run per job,
+    huggingface/accelerate#644).
+
+    The run id comes from ``run_id``, else the run directory's ``wandb-run-id.txt``, else
+    ``WANDB_RUN_ID``, else a new one, and is always opened with ``resume="allow"``: a resumed or
+    requeued job continues its W&B run (Lightning-AI/pytorch-lightning#13524). Every record
+    carries ``global_step`` and W&B plots against it, not against its own ``_step``, which a
+    resumed run cannot rewind (wandb/wandb#4482).
+
+    Any W&B failure prints one warning and turns tracking off; training never stops for it.
     """
 
     def __init__(
         self,
         accelerator: Accelerator,
+        config: TrackingConfig,
         run_dir: Path,
-        config: dict[str, Any],
-        warn: Callable[[str], None],
+        run_config: dict[str, Any],
+        say: Callable[[str], None],
+        run_id: str | None = None,
     ) -> None:
-        self.accelerator, self.warn, self.active = accelerator, warn, False
-        mode = os.environ.get("WANDB_MODE") or (
-            "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        )
+        self.accelerator, self.config, self.run_dir, self.say = accelerator, config, run_dir, say
+        self.active, self.run_id = False, None
+        self.run: Any = None  # the wandb Run, once started
+        # W&B would silently fall back to a temporary folder when WANDB_DIR is not writable; a
+        # run that vanishes with the node's /tmp is worse than a warning, so check it ourselves.
+        self.wandb_dir = Path(os.environ.get("WANDB_DIR") or run_dir)
+        run_id = run_id or _read_run_id(run_dir) or os.environ.get("WANDB_RUN_ID")
+        mode = wandb_mode(config)
         try:
-            accelerator.init_trackers(
-                project_name=os.environ.get("WANDB_PROJECT", "mnist-dist"),
-                config=config,
-                init_kwargs={"wandb": {"dir": str(run_dir), "mode": mode}},
-            )
-            self.active = True
+            _check_writable(self.wandb_dir / "wandb")
+            run_id = run_id or _new_run_id()
+            try:
+                self._start(mode, run_id, run_config)
+            except Exception as e:
+                if mode != "online":
+                    raise
+                # An unreachable server raises CommError after the init timeout; record offline.
+                self._abandon()
+                self._start("offline", run_id, run_config)
+                self.say(
+                    f"warning: W&B could not start online ({_one_line(e)}); recording offline "
+                    f"in {Path(self.run.dir).parent} instead"
+                )
         except Exception as e:  # tracking must never end a training run
-            self._disable(e)
+            self._stop(e)
 
-    def _disable(self, error: Exception) -> None:
-        self.active = False
-        self.warn(
-            f"warning: W&B tracking stopped ({type(error).__name__}: {error}); training goes on"
+    def _start(self, mode: str, run_id: str, run_config: dict[str, Any]) -> None:
+        import wandb
+
+        c = self.config
+        quiet = not any(os.environ.get(k) for k in ("WANDB_SILENT", "WANDB_QUIET"))
+        init_kwargs = {
+            "id": run_id,
+            "resume": "allow",
+            "dir": str(self.wandb_dir),
+            "mode": mode,
+            "entity": c.wandb_entity,
+            "name": c.run_name,
+            "group": c.wandb_group,
+            "tags": list(c.wandb_tags) or None,
+            # W&B's own banner would interleave with the progress display; we print the run's
+            # place (URL or `wandb sync` command) ourselves.
+            "settings": wandb.Settings(silent=True) if quiet else None,
+        }
+        self.accelerator.init_trackers(
+            project_name=c.wandb_project,
+            config=run_config,
+            init_kwargs={"wandb": {k: v for k, v in init_kwargs.items() if v is not None}},
         )
+        self.run = self.accelerator.get_tracker("wandb", unwrap=True)
+        self.run.define_metric("global_step")
+        self.run.define_metric("*", step_metric="global_step")
+        self.active, self.run_id = True, self.run.id
+        _write_run_id(self.run_dir, self.run.id)
+
+    def _abandon(self) -> None:
+        """Forget a run that failed to start, so that another can start in this process."""
+        import wandb
+
+        self.accelerator.trackers = []  # or end_training() would finish a run that never began
+        self.run = None
+        wandb.teardown()  # else W&B refuses the same run id: "run ID ... is in use"
+
+    def _stop(self, error: BaseException) -> None:
+        """Turn tracking off for the rest of the run with one warning."""
+        was_active, self.active = self.active, False
+        if self.run is None:
+            self.run_id = None  # nothing was recorded under it
+        self.say(
+            f"warning: W&B tracking stopped ({_one_line(error)}); training goes on, "
+            "metrics.jsonl and summary.json stay complete"
+        )
+        if was_active:
+            self._finish_run(report=False)
+        self.accelerator.trackers = []
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.active:
             try:
-                self.accelerator.log(metrics, step=step)
+                self.accelerator.log({"global_step": step, **metrics})
             except Exception as e:
-                self._disable(e)
+                self._stop(e)
+
+    def log_final(self, summary: dict[str, Any], final: EvalResult, model_path: Path) -> None:
+        """Summary figures, confusion matrix, misclassified test images and the model."""
+        if not self.active:
+            return
+        try:
+            import wandb
+
+            self.run.summary.update(
+                {f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float, str))}
+            )
+            # W&B's chart wants one (true, predicted) pair per image; the matrix holds the counts.
+            pairs = [
+                (true, predicted)
+                for true, row in enumerate(final.confusion)
+                for predicted, count in enumerate(row)
+                for _ in range(count)
+            ]
+            table = wandb.Table(
+                columns=["index", "image", "true", "predicted", "p_predicted", "p_true"]
+            )
+            for m in final.misclassified[:MAX_TABLE_ROWS]:
+                table.add_data(
+                    m.index,
+                    wandb.Image(np.asarray(m.image, dtype=np.uint8)),
+                    m.true_label,
+                    m.predicted,
+                    m.probabilities[m.predicted],
+                    m.probabilities[m.true_label],
+                )
+            self.accelerator.log(
+                {
+                    "global_step": summary["global_step"],
+                    "test/confusion_matrix": wandb.plot.confusion_matrix(
+                        y_true=[t for t, _ in pairs],
+                        preds=[p for _, p in pairs],
+                        class_names=[str(d) for d in range(len(final.confusion))],
+                        title="Test set confusion matrix",
+                    ),
+                    "test/misclassified": table,
+                }
+            )
+            artifact = wandb.Artifact(
+                f"mnist-cnn-{self.run.id}", type="model", metadata=_plain(summary)
+            )
+            artifact.add_file(str(model_path))
+            self.run.log_artifact(artifact, aliases=["latest", "final"])
+        except Exception as e:
+            self._stop(e)
 
     def finish(self) -> None:
         # Not accelerator.end_training(): that also destroys the process group, which every
         # rank does at the very end of a run.
         if self.active:
-            try:
-                for tracker in self.accelerator.trackers:
-                    tracker.finish()
-            except Exception as e:
-                self._disable(e)
-            self.accelerator.trackers = []
             self.active = False
+            self._finish_run(report=True)
+        self.accelerator.trackers = []
+
+    def _finish_run(self, report: bool) -> None:
+        """Finish the W&B run, waiting at most ``--wandb-finish-timeout`` (an upload over a dead
+        network must not hold the job; an unfinished run can hang the job at exit)."""
+        run, errors = self.run, []
+
+        def target() -> None:
+            try:
+                run.finish()
+            except BaseException as e:
+                errors.append(e)
+
+        worker = threading.Thread(target=target, name="wandb-finish", daemon=True)
+        worker.start()
+        worker.join(self.config.wandb_finish_timeout)
+        place = Path(run.dir).parent
+        if worker.is_alive():
+            self.say(
+                f"warning: W&B did not finish within {self.config.wandb_finish_timeout:g}s; "
+                f"its files are in {place} (`wandb sync {place}`)"
+            )
+        elif errors and report:
+            self._stop(errors[0])
+        elif report and run.offline:
+            self.say(f"W&B run {run.id} recorded offline; upload it with: wandb sync {place}")
+        elif report:
+            self.say(f"W&B run {run.id}: {run.url}")
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
+
+
+def _check_writable(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".write-test"
+    probe.write_text("")
+    probe.unlink()
+
+
+def _new_run_id() -> str:
+    """Eight random base-36 characters, the shape of W&B's own run ids."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def _read_run_id(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / WANDB_RUN_ID_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _write_run_id(run_dir: Path, run_id: str) -> None:
+    (run_dir / WANDB_RUN_ID_FILE).write_text(run_id + "\n")
 
 
 def make_tracker(
-    kind: str,
+    config: TrackingConfig,
     accelerator: Accelerator,
     run_dir: Path,
-    config: dict[str, Any],
-    warn: Callable[[str], None],
+    run_config: dict[str, Any],
+    say: Callable[[str], None],
+    run_id: str | None = None,
 ) -> Tracker:
-    """W&B on the main process for ``--tracker wandb``; otherwise a tracker that does nothing."""
-    if kind == "wandb" and accelerator.is_main_process:
-        return WandbTracker(accelerator, run_dir, config, warn)
+    """W&B on the main process when the config asks for it and its mode is not disabled;
+    otherwise a tracker that makes no calls at all. ``run_id`` continues that W&B run."""
+    if wants_wandb(config) and accelerator.is_main_process:
+        return WandbTracker(accelerator, config, run_dir, run_config, say, run_id=run_id)
     return NoTracker()
 
 
@@ -210,10 +418,19 @@ class RunOutputs:
 
     def record_step(self, record: dict[str, Any]) -> None:
         self.files.append_step(record)
-        self.tracker.log({f"train/{k}": v for k, v in record.items()}, step=record["global_step"])
+        self.tracker.log(namespaced("train", record), step=record["global_step"])
         self.console.show_step(record["train_loss"], record["images_per_second"])
 
     def record_epoch(self, record: dict[str, Any]) -> None:
         self.files.append_epoch(record)
-        self.tracker.log({f"epoch/{k}": v for k, v in record.items()}, step=record["global_step"])
+        self.tracker.log(namespaced("epoch", record), step=record["global_step"])
         self.console.end_epoch(record)
+
+
+def namespaced(prefix: str, record: dict[str, Any]) -> dict[str, Any]:
+    """``train_loss`` -> ``train/loss`` under ``train``; ``global_step`` is the shared x axis."""
+    return {
+        f"{prefix}/{k.removeprefix(prefix + '_')}": v
+        for k, v in record.items()
+        if k != "global_step"
+    }

@@ -31,7 +31,7 @@ from mnist_dist.evaluate import EvalResult, evaluate
 from mnist_dist.model import MnistCNN
 from mnist_dist.rundir import RunDir, resolve_run_dir
 from mnist_dist.stopping import STOP_FILE, StopControl
-from mnist_dist.tracking import RunConsole, RunOutputs, make_tracker
+from mnist_dist.tracking import MAX_TABLE_ROWS, RunConsole, RunOutputs, make_tracker, wants_wandb
 
 
 def train(config: Config) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def train(config: Config) -> dict[str, Any]:
     input.
     """
     started = time.perf_counter()
-    log_with = "wandb" if config.train.tracker == "wandb" else None
+    log_with = "wandb" if wants_wandb(config.tracking) else None
     accelerator = make_accelerator(
         config.train.mixed_precision, log_with=log_with, static_graph=config.train.grad_accum == 1
     )
@@ -85,12 +85,15 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
         state = resume(accelerator, checkpoint, state, scheduler, console.print)
         run_dir.restore_records(state.history, state.global_step)
 
-    resolved = config.to_dict()
-    run_facts = provenance(accelerator)
-    run_facts["resumed_from"] = str(checkpoint.path) if checkpoint else None
-    run_dir.write_config(resolved, run_facts)
-    tracker = make_tracker(tc.tracker, accelerator, run_dir.path, resolved, console.print)
-    state.tracker_run_id = getattr(tracker, "run_id", None) or state.tracker_run_id
+    resolved, launch = config.to_dict(), provenance(accelerator)
+    launch["resumed_from"] = str(checkpoint.path) if checkpoint else None
+    run_dir.write_config(resolved, launch)
+    # A resumed run continues its W&B run: the id comes from the checkpoint (or the run dir).
+    tracker = make_tracker(
+        config.tracking, accelerator, run_dir.path, {**resolved, "provenance": launch},
+        console.print, run_id=state.tracker_run_id,
+    )  # fmt: skip
+    state.tracker_run_id = tracker.run_id or state.tracker_run_id
     outputs = RunOutputs(run_dir, tracker, console)
     console.print(
         f"mnist-dist: {world} process(es), {accelerator.distributed_type.value}, "
@@ -144,6 +147,9 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
             {"mnist_dist_version": metadata.version("mnist-dist"), "summary": summary},
         )
     run_dir.write_summary(summary)
+    if wants_wandb(config.tracking):  # the same on every rank: the final pass is collective
+        final = evaluate(model, test_data, accelerator, max_misclassified=MAX_TABLE_ROWS)
+        tracker.log_final(summary, final, run_dir.model_path)
     run_dir.write_status("finished", epoch=state.epoch - 1, global_step=state.global_step)
     tracker.finish()
     console.print(

@@ -112,3 +112,52 @@ def test_every_shipped_accelerate_config_loads_and_holds_hardware_only():
 def test_parser_rejects_unknown_flags_as_usage_error():
     with pytest.raises(UsageError, match="unrecognized arguments: --bogus"):
         build_parser().parse_args(["train", "--bogus"])
+
+
+WANDB_ENV = ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME", "WANDB_RUN_GROUP", "WANDB_TAGS")
+
+
+def test_tracking_defaults_then_wandb_environment_then_file_then_flags(tmp_path, monkeypatch):
+    for name in WANDB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    t = parse().tracking
+    assert (t.tracker, t.wandb_project, t.wandb_mode, t.wandb_tags) == (
+        "none",
+        "mnist-dist",
+        None,
+        (),
+    )
+    monkeypatch.setenv("WANDB_PROJECT", "env-project")
+    monkeypatch.setenv("WANDB_TAGS", "a, b")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "env-group")
+    t = parse().tracking
+    assert (t.wandb_project, t.wandb_tags, t.wandb_group) == (
+        "env-project",
+        ("a", "b"),
+        "env-group",
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"tracking": {"wandb_project": "file-project", "wandb_tags": ["x"]}})
+    )
+    t = parse("--config", str(cfg)).tracking
+    assert (t.wandb_project, t.wandb_tags, t.wandb_group) == ("file-project", ("x",), "env-group")
+    t = parse(
+        "--config", str(cfg), "--wandb-project", "flag-project", "--wandb-tags", "p,q",
+        "--tracker", "wandb", "--wandb-mode", "offline", "--run-name", "n1",
+    ).tracking  # fmt: skip
+    assert (t.wandb_project, t.wandb_tags, t.tracker) == ("flag-project", ("p", "q"), "wandb")
+    assert (t.wandb_mode, t.run_name) == ("offline", "n1")
+    assert parse("--wandb-tags", "p", "q").tracking.wandb_tags == ("p", "q")
+
+
+def test_tracker_is_a_tracking_setting_and_tags_survive_config_yaml(tmp_path):
+    c = parse("--tracker", "wandb", "--wandb-tags", "a,b", "--epochs", "3")
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(c.to_dict()))  # tuples would not be safe YAML
+    assert yaml.safe_load(saved.read_text())["tracking"]["wandb_tags"] == ["a", "b"]
+    assert parse("--config", str(saved)) == c
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"tracker": "wandb"}}))
+    with pytest.raises(UsageError, match=r"unknown key\(s\) \['tracker'\] in section 'train'"):
+        parse("--config", str(bad))

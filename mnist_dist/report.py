@@ -1,0 +1,169 @@
+"""``mnist-dist report``: look at runs without W&B.
+
+Reads only the run directory's ``metrics.jsonl`` (one record per epoch), so it works on a laptop
+that never saw the training job, for a finished run or one still going. With the ``plot`` extra
+(matplotlib) it also draws the loss, accuracy and learning-rate curves into a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mnist_dist.errors import UsageError
+
+METRICS_FILE = "metrics.jsonl"  # the name rundir.py writes; not imported to keep torch out
+
+# (header, record key, format) of each column of the per-epoch table.
+EPOCH_COLUMNS = (
+    ("epoch", "epoch", "{}"),
+    ("lr", "lr", "{:.1e}"),
+    ("train loss", "train_loss", "{:.4f}"),
+    ("train acc", "train_accuracy", "{:.2%}"),
+    ("test loss", "test_loss", "{:.4f}"),
+    ("test acc", "test_accuracy", "{:.2%}"),
+    ("seconds", "epoch_seconds", "{:.1f}"),
+    ("images/s", "images_per_second", "{:,.0f}"),
+)
+# Side by side, each run shows these (the epoch is the shared first column).
+SIDE_BY_SIDE_KEYS = ("lr", "train_loss", "test_loss", "test_accuracy")
+
+
+def load_epochs(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a run directory, in order. Raises ``UsageError`` when the
+    directory holds no readable records."""
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UsageError(
+            f"{run_dir} is not a run directory (cannot read {METRICS_FILE}: {e.strerror or e})"
+        ) from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # a job killed mid-write leaves a partial last line
+                break
+            raise UsageError(f"{path}, line {number}: not a JSON record") from None
+        missing = [key for _, key, _ in EPOCH_COLUMNS if key not in record]
+        if missing:
+            raise UsageError(f"{path}, line {number}: missing {', '.join(missing)}")
+        records.append(record)
+    if not records:
+        raise UsageError(f"{run_dir} has no finished epoch yet ({METRICS_FILE} is empty)")
+    return records
+
+
+def _labels(run_dirs: Sequence[str | Path]) -> list[str]:
+    """Folder names, or the paths as given where two runs share a name."""
+    names = [Path(d).name or str(d) for d in run_dirs]
+    return [n if names.count(n) == 1 else str(d) for n, d in zip(names, run_dirs, strict=True)]
+
+
+def _render(headers: list[str], rows: list[list[str]], groups: list[tuple[str, int]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = []
+    if groups:  # a line naming each run above its columns
+        cells, col = [], 0
+        for label, span in groups:
+            width = sum(widths[col : col + span]) + 2 * (span - 1)
+            cells.append(label[:width].ljust(width))
+            col += span
+        lines.append("  ".join(cells).rstrip())
+    lines.append("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def format_report(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """The per-epoch table of one run, or of several side by side, and each run's result."""
+    formats = {key: fmt for _, key, fmt in EPOCH_COLUMNS}
+    titles = {key: title for title, key, _ in EPOCH_COLUMNS}
+    if len(runs) == 1:
+        (records,) = runs.values()
+        headers = [title for title, _, _ in EPOCH_COLUMNS]
+        rows = [[fmt.format(r[key]) for _, key, fmt in EPOCH_COLUMNS] for r in records]
+        table = _render(headers, rows, [])
+    else:
+        epochs = sorted({r["epoch"] for records in runs.values() for r in records})
+        by_epoch = {label: {r["epoch"]: r for r in records} for label, records in runs.items()}
+        headers = ["epoch"] + [titles[k] for _ in runs for k in SIDE_BY_SIDE_KEYS]
+        rows = []
+        for epoch in epochs:
+            row = [str(epoch)]
+            for label in runs:
+                record = by_epoch[label].get(epoch)
+                row += [formats[k].format(record[k]) if record else "-" for k in SIDE_BY_SIDE_KEYS]
+            rows.append(row)
+        groups = [("", 1)] + [(label, len(SIDE_BY_SIDE_KEYS)) for label in runs]
+        table = _render(headers, rows, groups)
+    results = []
+    for label, records in runs.items():
+        last, best = records[-1], max(records, key=lambda r: r["test_accuracy"])
+        results.append(
+            f"{label}: test accuracy {last['test_accuracy']:.2%} "
+            f"({last.get('test_correct', '?')}/{last.get('test_total', '?')}) after epoch "
+            f"{last['epoch']}; best {best['test_accuracy']:.2%} at epoch {best['epoch']}"
+        )
+    return table + "\n\n" + "\n".join(results)
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'mnist-dist[plot]'") from None
+    return plt
+
+
+def plot_report(runs: dict[str, list[dict[str, Any]]], png: str | Path) -> None:
+    """Loss, accuracy and learning rate per epoch of every run, into one PNG."""
+    plt = _pyplot()
+    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4.5))
+    for i, (label, records) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        epochs = [r["epoch"] for r in records]
+        for ax, key, style, name in (
+            (loss_ax, "train_loss", "-", "train"),
+            (loss_ax, "test_loss", "--", "test"),
+            (acc_ax, "train_accuracy", "-", "train"),
+            (acc_ax, "test_accuracy", "--", "test"),
+            (lr_ax, "lr", "-", None),
+        ):
+            ax.plot(
+                epochs, [r[key] for r in records], style, color=color, marker=".",
+                label=f"{label} {name}" if name else label,
+            )  # fmt: skip
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy"), (lr_ax, "learning rate")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    lr_ax.set_yscale("log")
+    fig.tight_layout()
+    try:
+        fig.savefig(png, dpi=100)
+    except OSError as e:
+        raise UsageError(f"cannot write {png}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+
+
+def report(run_dirs: Sequence[str | Path], png: str | Path | None = None) -> str:
+    """The text report of ``run_dirs``; with ``png``, the curves are also written there."""
+    if png is not None:
+        _pyplot()  # before reading anything
+    runs = dict(zip(_labels(run_dirs), (load_epochs(d) for d in run_dirs), strict=True))
+    if png is not None:
+        plot_report(runs, png)
+    return format_report(runs)
