@@ -52,8 +52,13 @@ class MnistCNN(nn.Module):
         self.fc_layer2 = nn.Linear(c.hidden, c.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool1(self.conv_layer1(x))
-        x = self.maxpool2(self.conv_layer2(x))
+        # ReLU and 2x2 max-pooling commute exactly (ReLU is monotonic, so the max of ReLUs is
+        # the ReLU of the max, and gradients reach the same elements), so pooling first gives
+        # bit-identical outputs and gradients with 4x less ReLU work, forward and backward.
+        conv1, relu1 = self.conv_layer1
+        conv2, relu2 = self.conv_layer2
+        x = relu1(self.maxpool1(conv1(x)))
+        x = relu2(self.maxpool2(conv2(x)))
         x = self.conv_layer3(x)
         x = torch.flatten(x, 1)
         return self.fc_layer2(self.fc_layer1(x))
