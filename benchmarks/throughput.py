@@ -396,25 +396,58 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def paired_ratios(runs: list[RunResult], baseline: list[RunResult] | None) -> list[float]:
+    """Each repeat's rate over the baseline's rate in the same repeat: the rows take turns, so
+    pairing by repeat cancels the machine's drift between repeats."""
+    if not baseline:
+        return []
+    pairs = zip(runs, baseline, strict=True)
+    return [r.images_per_second / b.images_per_second for r, b in pairs]
+
+
 def summarize_row(
-    row: str, runs: list[RunResult], plain_rate: float | None, tensor_loop_rate: float | None
+    row: str,
+    runs: list[RunResult],
+    plain: list[RunResult] | None,
+    plain_tensor: list[RunResult] | None,
 ) -> dict[str, Any]:
-    """Medians over the repeats of one row, and its ratios to rows (a) and (b)."""
-    rate = statistics.median(r.images_per_second for r in runs)
+    """Medians over the repeats of one row, and its ratios to rows (a) and (b): the median of
+    the per-repeat ratios, with their range."""
     process = [r.process_seconds for r in runs if r.process_seconds is not None]
     other = [r.other_cpu_cores for r in runs if r.other_cpu_cores is not None]
+    to_plain, to_tensor_loop = paired_ratios(runs, plain), paired_ratios(runs, plain_tensor)
     return {
         "row": row,
         "name": ROW_NAMES[row],
-        "images_per_second": rate,
-        "ratio_to_plain": rate / plain_rate if plain_rate else None,
-        "ratio_to_plain_tensor": rate / tensor_loop_rate if tensor_loop_rate else None,
+        "images_per_second": statistics.median(r.images_per_second for r in runs),
+        "images_per_second_range": [
+            min(r.images_per_second for r in runs),
+            max(r.images_per_second for r in runs),
+        ],
+        "ratio_to_plain": statistics.median(to_plain) if to_plain else None,
+        "ratio_to_plain_range": [min(to_plain), max(to_plain)] if to_plain else None,
+        "ratio_to_plain_tensor": statistics.median(to_tensor_loop) if to_tensor_loop else None,
+        "ratio_to_plain_tensor_range": (
+            [min(to_tensor_loop), max(to_tensor_loop)] if to_tensor_loop else None
+        ),
         "test_accuracy": statistics.median(r.test_accuracy for r in runs),
         "wall_seconds": statistics.median(r.wall_seconds for r in runs),
         "process_seconds": statistics.median(process) if process else None,
         "max_other_cpu_cores": max(other) if other else None,
         "runs": [asdict(r) for r in runs],
     }
+
+
+def runs_from_json(path: str) -> dict[str, list[RunResult]]:
+    """The runs of an earlier ``--json-out``, to print its table again."""
+    saved = json.loads(Path(path).read_text())
+    runs = {}
+    for row in saved["rows"]:
+        runs[row["row"]] = [
+            RunResult(**{**r, "epochs": [EpochTiming(**e) for e in r["epochs"]]})
+            for r in row["runs"]
+        ]
+    return runs
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -504,11 +537,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="DataLoader workers for the plain row (default: 0, like the reference)",
     )
     parser.add_argument("--json-out", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--table-from",
+        metavar="JSON",
+        help="print the table of an earlier --json-out again instead of running anything",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.table_from:
+        saved = runs_from_json(args.table_from)
+        print(
+            format_table(
+                [
+                    summarize_row(row, runs, saved.get("plain"), saved.get("plain-tensor"))
+                    for row, runs in saved.items()
+                ]
+            )
+        )
+        return 0
     args.data_dir = str(Path(args.data_dir).resolve())
     if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
         print(f"throughput.py: no MNIST/raw under {args.data_dir}", file=sys.stderr)
@@ -541,12 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     file=sys.stderr,
                 )
 
-    def median_rate(row: str) -> float | None:
-        return statistics.median(r.images_per_second for r in runs[row]) if row in runs else None
-
     rows = [
-        summarize_row(row, runs[row], median_rate("plain"), median_rate("plain-tensor"))
-        for row in args.rows
+        summarize_row(row, runs[row], runs.get("plain"), runs.get("plain-tensor")) for row in runs
     ]
     print()
     print(format_table(rows))
