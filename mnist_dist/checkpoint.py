@@ -24,7 +24,7 @@ from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mnist_dist.errors import UsageError, WriteError
+from mnist_dist.errors import UsageError, WriteError, first_line
 from mnist_dist.model import MnistCNN, ModelConfig
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
@@ -241,7 +241,7 @@ def restore_checkpoint(accelerator: Accelerator, checkpoint: Checkpoint) -> list
     try:
         accelerator.load_state(str(path))
     except Exception as e:  # torch and safetensors raise many types for damaged files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise UsageError(f"cannot load checkpoint {path}: {reason}") from None
     notes = []
     # load_state only logs (at INFO) when the RNG states fail to load
@@ -259,7 +259,7 @@ def _write_failure(error: Exception, folder: Path) -> str:
     """What went wrong with a write, in words (torch.save's errors do not name a full disk)."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = first_line(error)
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if existing is not None:
         free = shutil.disk_usage(existing).free
@@ -375,7 +375,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]
             header = f.metadata() or {}
             state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise UsageError(f"{path} is not a readable safetensors weights file: {reason}") from None
     try:
         config = ModelConfig(**json.loads(header["model_config"]))
@@ -391,7 +391,7 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
         # weights_only=True: never unpickle arbitrary code (and never fall back on failure).
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged or foreign files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         if "Weights only load failed" in reason:
             reason = "it holds pickled objects other than tensors (refusing to unpickle them)"
         raise UsageError(f"{path} is not a readable torch state_dict: {reason}") from None

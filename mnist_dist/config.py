@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mnist_dist.errors import UsageError
+from mnist_dist.errors import UsageError, first_line
 
 DATA_DIR_ENV = "MNIST_DIST_DATA_DIR"
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
@@ -322,9 +322,8 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        first = str(e).strip().splitlines()[0]
         kind = "JSON" if p.suffix == ".json" else "YAML"
-        raise UsageError(f"config file {p} is not valid {kind}: {first}") from None
+        raise UsageError(f"config file {p} is not valid {kind}: {first_line(e)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -44,3 +44,10 @@ class Stopped(MnistDistError):
 
     exit_code = EXIT_STOPPED
     label = "stopped"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (libraries add stack dumps and hints below it),
+    or its type name when the message is empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
