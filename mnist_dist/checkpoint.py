@@ -320,8 +320,8 @@ def export_model(model: torch.nn.Module, path: Path, metadata: dict[str, Any]) -
     try:
         save_file(tensors, str(partial), metadata=header)
         os.replace(partial, path)
-    except OSError as e:
-        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
+    except (OSError, SafetensorError) as e:
+        raise WriteError(f"cannot write {path}: {_write_failure(e, path.parent)}") from None
 
 
 def load_model(path: str | Path) -> MnistCNN:

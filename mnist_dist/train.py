@@ -73,8 +73,13 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
 
     set_seed(tc.seed)  # the same initial weights on every rank and world size
     model, optimizer = build_model_and_optimizer(accelerator, tc, oc.lr)
-    # Stepped once per epoch by us and never prepared (huggingface/accelerate#2926).
-    scheduler = MultiStepLR(optimizer, milestones=list(oc.lr_milestones), gamma=oc.lr_gamma)
+    # Stepped once per epoch by us and never prepared (huggingface/accelerate#2926). It wraps
+    # the inner optimizer, whose step() optimizer_step calls, so torch sees the steps it counts.
+    scheduler = MultiStepLR(
+        getattr(optimizer, "optimizer", optimizer),
+        milestones=list(oc.lr_milestones),
+        gamma=oc.lr_gamma,
+    )
     state = TrainerState(
         seed=tc.seed,
         global_batch_size=tc.global_batch_size,
@@ -122,6 +127,31 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
                 trainer.save(state)
                 if state.epoch <= tc.epochs and trainer.stop.now():  # not after the last epoch
                     trainer.stopped(state)
+        console.close()  # the bar goes before the final lines
+        summary = summarize(
+            state.history, accelerator, sharding.num_samples, tc.global_batch_size,
+            per_device_batch_size,
+        )  # fmt: skip
+        summary["wall_seconds"] = time.perf_counter() - started
+        summary["run_dir"] = str(run_dir.path)
+        if accelerator.is_main_process:
+            export_model(
+                accelerator.unwrap_model(model),
+                run_dir.model_path,
+                {"mnist_dist_version": metadata.version("mnist-dist"), "summary": summary},
+            )
+        run_dir.write_summary(summary)
+        if wants_wandb(config.tracking):  # the same on every rank: the final pass is collective
+            final = evaluate(model, test_data, accelerator, max_misclassified=MAX_TABLE_ROWS)
+            tracker.log_final(summary, final, run_dir.model_path)
+        run_dir.write_status("finished", epoch=state.epoch - 1, global_step=state.global_step)
+        tracker.finish()
+        console.print(
+            f"done: test accuracy {summary['test_accuracy']:.2%} ({summary['test_correct']}/"
+            f"{summary['test_total']}) after {summary['epochs_completed']} epoch(s), "
+            f"{summary['images_per_second']:,.0f} images/s, {summary['wall_seconds']:.0f}s; "
+            f"weights in {run_dir.model_path}"
+        )
     except (Stopped, DivergedError, WriteError) as e:
         state_name = {Stopped: "stopped", DivergedError: "diverged"}.get(type(e), "failed")
         run_dir.write_status(state_name, message=str(e), exit_code=e.exit_code)
@@ -133,31 +163,6 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
     finally:
         trainer.stop.close()
         console.close()
-
-    summary = summarize(
-        state.history, accelerator, sharding.num_samples, tc.global_batch_size,
-        per_device_batch_size,
-    )  # fmt: skip
-    summary["wall_seconds"] = time.perf_counter() - started
-    summary["run_dir"] = str(run_dir.path)
-    if accelerator.is_main_process:
-        export_model(
-            accelerator.unwrap_model(model),
-            run_dir.model_path,
-            {"mnist_dist_version": metadata.version("mnist-dist"), "summary": summary},
-        )
-    run_dir.write_summary(summary)
-    if wants_wandb(config.tracking):  # the same on every rank: the final pass is collective
-        final = evaluate(model, test_data, accelerator, max_misclassified=MAX_TABLE_ROWS)
-        tracker.log_final(summary, final, run_dir.model_path)
-    run_dir.write_status("finished", epoch=state.epoch - 1, global_step=state.global_step)
-    tracker.finish()
-    console.print(
-        f"done: test accuracy {summary['test_accuracy']:.2%} "
-        f"({summary['test_correct']}/{summary['test_total']}) after {summary['epochs_completed']} "
-        f"epoch(s), {summary['images_per_second']:,.0f} images/s, {summary['wall_seconds']:.0f}s; "
-        f"weights in {run_dir.model_path}"
-    )
     return summary
 
 

@@ -280,14 +280,16 @@ def test_mid_epoch_checkpoint_refuses_another_batch_size(data, tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real 700 KiB file system (tmpfs): room for one checkpoint (about 410 KB), not two."""
+def small_disk(tmp_path, request):
+    """A real small file system (tmpfs), 700 KiB unless the test says otherwise: room for one
+    checkpoint (about 410 KB), not two."""
     import subprocess
 
+    size = getattr(request, "param", "700k")
     mount = tmp_path / "disk"
     mount.mkdir()
     made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True
     )
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
@@ -324,3 +326,16 @@ def test_evaluate_reads_a_checkpoint_folder_and_names_a_truncated_one(data, tmp_
     assert bad.returncode == EXIT_USAGE
     [line] = bad.error_lines()
     assert f"{model} is not a readable safetensors weights file" in line
+
+
+@pytest.mark.parametrize("small_disk", ["480k"], indirect=True)
+def test_full_disk_at_the_final_export_is_one_line(data, small_disk):
+    # Room for the epoch's checkpoint (about 410 KB), not for model.safetensors after it.
+    out = small_disk / "run"
+    failed = train(data, out, epochs=1)
+    assert failed.returncode == EXIT_WRITE_FAILED, failed.stderr[-3000:]
+    [line] = failed.error_lines()
+    assert f"cannot write {out / 'model.safetensors'}: No space left on device" in line
+    assert len(failed.stderr.strip().splitlines()) == 1
+    assert status(out)["state"] == "failed"
+    assert (out / "checkpoints" / "epoch-002-step-000000" / "COMPLETE").exists()

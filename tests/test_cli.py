@@ -83,6 +83,7 @@ def test_train_on_tiny_data_writes_a_complete_run_directory(tiny_mnist, tmp_path
         "2",
     )
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no library warnings for a user to wade through
     summary = read_summary(out)
     for key in (
         "test_accuracy",
