@@ -1,4 +1,4 @@
-"""``mnist-dist`` / ``python -m mnist_dist``: train, evaluate, predict, report, download.
+"""``mnist-dist`` / ``python -m mnist_dist``: train, doctor, evaluate, predict, report, download.
 
 Bad input of any kind (flags, config files, datasets, weights, images, a launch that formed the
 wrong world size) ends with one line on stderr and exit code 2.
@@ -41,6 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="pre-flight checks for a launch (SLURM layout, processes, port, data, output, W&B)",
+        description="Check a launch before it starts: takes the same settings as `train`.",
+    )
+    doctor.add_argument(
+        "--write-env",
+        metavar="FILE",
+        help="also write the launch plan as shell `export` lines (used by slurm/train.sbatch)",
+    )
+    doctor.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON file with data/optim/train/tracking"
+    )
+    add_config_flags(doctor)
+    doctor.set_defaults(func=cmd_doctor)
 
     data_only = {"data": DataConfig}
     evaluate = commands.add_parser(
@@ -86,6 +102,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mnist_dist.train import train
 
     train(build_config(args))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from mnist_dist.doctor import doctor
+
+    doctor(build_config(args), args.write_env)
     return 0
 
 
