@@ -156,6 +156,11 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
         state_name = {Stopped: "stopped", DivergedError: "diverged"}.get(type(e), "failed")
         run_dir.write_status(state_name, message=str(e), exit_code=e.exit_code)
         tracker.finish()
+        if isinstance(e, (Stopped, DivergedError)):
+            # Every rank raised this at the same step: leave together, so that the first
+            # launcher to exit (srun --kill-on-bad-exit ends the job's other nodes) cannot cut
+            # the main process's status.json and W&B writes short.
+            accelerator.wait_for_everyone()
         raise
     except BaseException as e:  # a second Ctrl-C, or a bug: say so to whoever watches
         run_dir.write_status("failed", message=f"{type(e).__name__}: {e}")
