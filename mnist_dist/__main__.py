@@ -24,6 +24,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def _add_run_settings(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and a flag per setting of every section."""
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON file with data/optim/train/tracking"
+    )
+    add_config_flags(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mnist-dist",
@@ -36,10 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the reference recipe (plain python or under `accelerate launch`)",
         description="Train. Settings: defaults (the reference recipe) < --config file < flags.",
     )
-    train.add_argument(
-        "--config", metavar="FILE", help="YAML or JSON file with data/optim/train/tracking"
-    )
-    add_config_flags(train)
+    _add_run_settings(train)
     train.set_defaults(func=cmd_train)
 
     doctor = commands.add_parser(
@@ -52,10 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="also write the launch plan as shell `export` lines (used by slurm/train.sbatch)",
     )
-    doctor.add_argument(
-        "--config", metavar="FILE", help="YAML or JSON file with data/optim/train/tracking"
-    )
-    add_config_flags(doctor)
+    _add_run_settings(doctor)
     doctor.set_defaults(func=cmd_doctor)
 
     data_only = {"data": DataConfig}

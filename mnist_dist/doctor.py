@@ -296,21 +296,14 @@ class Doctor:
 
     def _output(self) -> str:
         from mnist_dist.checkpoint import complete_checkpoints
+        from mnist_dist.rundir import check_output_dir
 
         output_dir = self.config.train.output_dir
         if not output_dir:
             self.plan.run_dir = Path("runs")
             return "runs/<timestamp>: a new run per launch (--output-dir makes one resumable)"
         path = self.plan.run_dir = Path(output_dir)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".doctor-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise UsageError(
-                f"cannot write to output directory {path}: {e.strerror or e}"
-            ) from None
+        check_output_dir(path)
         found = complete_checkpoints(path / "checkpoints")
         if found and self.config.checkpoint.resume == "auto":
             return f"{path}: writable; resumes from {found[-1].name}"

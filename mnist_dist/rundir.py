@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,21 +38,31 @@ def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: st
     return Path(choice[0])
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written in it; raises ``OSError``.
+    The probe's name is unique per host and process: several nodes may probe one shared
+    folder at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+
+
+def check_output_dir(path: Path) -> None:
+    """``check_writable`` for a run directory: a failure is a one-line ``UsageError``."""
+    try:
+        check_writable(path)
+    except OSError as e:
+        raise UsageError(f"cannot write to output directory {path}: {e.strerror or e}") from None
+
+
 class RunDir:
     """Writes a run's records; a no-op on every rank but the main process."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
         if enabled:
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-                probe = path / ".write-test"
-                probe.write_text("")
-                probe.unlink()
-            except OSError as e:
-                raise UsageError(
-                    f"cannot write to output directory {path}: {e.strerror or e}"
-                ) from None
+            check_output_dir(path)
 
     @property
     def model_path(self) -> Path:

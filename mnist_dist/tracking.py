@@ -34,7 +34,7 @@ from rich.table import Table
 from mnist_dist.config import TrackingConfig
 from mnist_dist.evaluate import EvalResult
 from mnist_dist.report import EPOCH_COLUMNS
-from mnist_dist.rundir import RunDir
+from mnist_dist.rundir import RunDir, check_writable
 
 
 def format_epoch_line(record: dict[str, Any], epochs: int) -> str:
@@ -207,7 +207,7 @@ class WandbTracker:
         run_id = run_id or _read_run_id(run_dir) or os.environ.get("WANDB_RUN_ID")
         mode = wandb_mode(config)
         try:
-            _check_writable(self.wandb_dir / "wandb")
+            check_writable(self.wandb_dir / "wandb")
             run_id = run_id or _new_run_id()
             try:
                 self._start(mode, run_id, run_config)
@@ -368,13 +368,6 @@ class WandbTracker:
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
-
-
-def _check_writable(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / ".write-test"
-    probe.write_text("")
-    probe.unlink()
 
 
 def _new_run_id() -> str:
