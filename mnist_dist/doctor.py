@@ -159,8 +159,11 @@ class Doctor:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.plan = LaunchPlan()
         self.in_slurm = bool(os.environ.get("SLURM_JOB_ID"))
+        self.plan = LaunchPlan(
+            nodes=int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1),
+            node_rank=int(os.environ.get("SLURM_NODEID") or 0),
+        )
 
     def run(self) -> LaunchPlan:
         checks: list[tuple[str, Callable[[], str]]] = [("launcher", self._launcher)]
@@ -197,7 +200,7 @@ class Doctor:
         return path
 
     def _tasks(self) -> str:
-        nodes = int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+        nodes = self.plan.nodes
         per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
         tasks = os.environ.get("SLURM_NTASKS")
         if (per_node and per_node != "1") or (tasks and int(tasks) != nodes):
@@ -210,10 +213,6 @@ class Doctor:
 
     def _processes(self) -> str:
         plan = self.plan
-        plan.nodes = int(
-            os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1
-        )
-        plan.node_rank = int(os.environ.get("SLURM_NODEID") or 0)
         gpus = visible_gpus()
         override = os.environ.get(PROCS_PER_NODE_ENV)
         plan.procs_per_node = (
@@ -256,6 +255,8 @@ class Doctor:
         port = os.environ.get(MAIN_PORT_ENV)
         if port:
             plan.main_port = _positive_int(MAIN_PORT_ENV, port)
+            if plan.main_port > 65535:
+                raise UsageError(f"{MAIN_PORT_ENV} must be a port (1-65535), got {port}")
         elif job_id.isdigit():
             plan.main_port = SLURM_PORT_BASE + int(job_id) % 10000
         nodelist = os.environ.get("SLURM_JOB_NODELIST")

@@ -55,6 +55,11 @@ def test_a_sound_slurm_launch_passes_and_writes_its_plan(tiny_mnist, tmp_path):
             "launcher: `accelerate` is not on PATH",
         ),
         (
+            {"MNIST_DIST_MAIN_PORT": "70000"},
+            (),
+            "rendezvous: MNIST_DIST_MAIN_PORT must be a port (1-65535), got 70000",
+        ),
+        (
             {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2"},
             (),
             "tasks: one `accelerate launch` per node needs --ntasks-per-node=1, got "
@@ -83,6 +88,7 @@ def test_a_sound_slurm_launch_passes_and_writes_its_plan(tiny_mnist, tmp_path):
     ],
     ids=[
         "no-accelerate",
+        "port-out-of-range",
         "tasks-per-node",
         "procs-not-a-number",
         "more-procs-than-gpus",
