@@ -194,10 +194,12 @@ def wait_for_steps(run_dir: Path, env: dict[str, str], job: str, steps: int) -> 
 
 def release_requeued(env: dict[str, str], job: str) -> dict[str, str]:
     """Wait for the requeue; SLURM holds a requeued job for two minutes (its BeginTime), which
-    a test does not need to sit through."""
+    a test does not need to sit through. Not less than a few seconds, though: the requeue
+    revokes the job's credential with one-second resolution, and a launch within the same
+    second fails the job ("Job credential revoked")."""
     info = wait_for_state(env, job, {"PENDING"}, timeout=300)
     subprocess.run(
-        ["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30
+        ["scontrol", "update", f"JobId={job}", "StartTime=now+5"], env=env, check=True, timeout=30
     )
     return info
 
