@@ -160,6 +160,7 @@ class Doctor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.in_slurm = bool(os.environ.get("SLURM_JOB_ID"))
+        self.gpus = visible_gpus()
         self.plan = LaunchPlan(
             nodes=int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1),
             node_rank=int(os.environ.get("SLURM_NODEID") or 0),
@@ -212,8 +213,7 @@ class Doctor:
         return f"1 per node on {nodes} node(s)"
 
     def _processes(self) -> str:
-        plan = self.plan
-        gpus = visible_gpus()
+        plan, gpus = self.plan, self.gpus
         override = os.environ.get(PROCS_PER_NODE_ENV)
         plan.procs_per_node = (
             _positive_int(PROCS_PER_NODE_ENV, override) if override else max(gpus, 1)
@@ -240,7 +240,7 @@ class Doctor:
 
     def _precision(self) -> str:
         precision = self.config.train.mixed_precision
-        if precision == "fp16" and not visible_gpus():
+        if precision == "fp16" and not self.gpus:
             raise UsageError("--mixed-precision fp16 needs GPUs and this node has none; use bf16")
         return precision
 

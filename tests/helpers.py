@@ -183,6 +183,23 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def assert_bit_identical(a: Path, b: Path) -> None:
+    """Two weight files hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    differing = [k for k in wa if not wa[k].equal(wb[k])]
+    assert not differing, f"weights differ in {differing}"
+
+
+def read_plan(path: Path) -> dict[str, str]:
+    """The ``export NAME=value`` lines ``mnist-dist doctor --write-env`` wrote."""
+    import shlex
+
+    return dict(shlex.split(line)[1].split("=", 1) for line in path.read_text().splitlines())
+
+
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    assert_bit_identical,
     fault_env,
     launch_cli,
     make_tiny_mnist,
@@ -59,13 +60,6 @@ def uninterrupted(data, tmp_path_factory) -> dict[str, Path]:
 
 def weights(path: Path) -> dict:
     return load_file(str(path))
-
-
-def assert_bit_identical(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    differing = [k for k in wa if not wa[k].equal(wb[k])]
-    assert not differing, f"weights differ in {differing}"
 
 
 def checkpoints(run_dir: Path) -> list[str]:

@@ -4,13 +4,12 @@ launch ``slurm/train.sbatch`` makes. (The checks inside real SLURM jobs are in t
 from __future__ import annotations
 
 import os
-import shlex
 import socket
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import read_plan, run_cli
 
 from mnist_dist.errors import EXIT_USAGE
 
@@ -21,10 +20,6 @@ def doctor(data: Path, out: Path, *args: str, env: dict[str, str] | None = None,
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return run_cli("doctor", "--data-dir", str(data), "--output-dir", str(out), *extra, *args,
                    env={"PATH": path, **(env or {})})  # fmt: skip
-
-
-def read_plan(path: Path) -> dict[str, str]:
-    return dict(shlex.split(line)[1].split("=", 1) for line in path.read_text().splitlines())
 
 
 def test_a_sound_slurm_launch_passes_and_writes_its_plan(tiny_mnist, tmp_path):

@@ -19,8 +19,18 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, _env, fault_env, launch_cli, read_jsonl, read_summary, run_cli
-from safetensors.torch import load_file
+from helpers import (
+    ROOT,
+    _env,
+    assert_bit_identical,
+    fault_env,
+    free_port,
+    launch_cli,
+    read_jsonl,
+    read_plan,
+    read_summary,
+    run_cli,
+)
 
 SBATCH = ROOT / "slurm" / "train.sbatch"
 LAUNCH_NODE = ROOT / "slurm" / "launch-node.sh"
@@ -28,12 +38,6 @@ CLUSTER = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
 CPU_JOB = ("--gpus-per-node=0", "--cpus-per-task=2")
 
 pytestmark = [pytest.mark.slurm, pytest.mark.dataset]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,7 @@ def cluster(tmp_path_factory) -> dict[str, str]:
             pytest.fail(f"{problem}; CI must provide it (.ci/run installs it)")
         pytest.skip(problem)
     folder = tmp_path_factory.mktemp("slurm")
-    ports = {"SLURM_TEST_CTLD_PORT": str(_port()), "SLURM_TEST_SLURMD_PORT": str(_port())}
+    ports = {"SLURM_TEST_CTLD_PORT": str(free_port()), "SLURM_TEST_SLURMD_PORT": str(free_port())}
     subprocess.run(
         ["bash", str(CLUSTER), "start", str(folder)],
         check=True,
@@ -125,10 +129,10 @@ def logs(workdir: Path, job_id: str) -> tuple[str, str]:
     return out.read_text(), err.read_text() if err.exists() else ""
 
 
-def assert_bit_identical(a: Path, b: Path) -> None:
-    wa, wb = load_file(str(a)), load_file(str(b))
-    assert wa.keys() == wb.keys()
-    assert not [k for k in wa if not wa[k].equal(wb[k])], "final weights differ"
+def launch_words(log: str) -> list[str]:
+    """The words of the first ``accelerate launch`` command a log shows."""
+    launch = next(line for line in log.splitlines() if "accelerate launch" in line)
+    return shlex.split(launch.split(": ", 1)[1])
 
 
 def test_sbatch_trains_two_ranks_on_real_mnist_and_logs_the_launch(cluster, mnist_dir, tmp_path):
@@ -152,9 +156,8 @@ def test_sbatch_trains_two_ranks_on_real_mnist_and_logs_the_launch(cluster, mnis
     # its machine rank, the allocation's first host and the job's port.
     assert "ok    processes   2 per node x 1 node(s) = world size 2, on CPU" in out
     node = socket.gethostname().split(".")[0]
-    launch = next(line for line in out.splitlines() if "accelerate launch" in line)
-    assert f"node 0 ({node})" in launch
-    words = shlex.split(launch.split(": ", 1)[1])
+    assert f"mnist-dist: node 0 ({node}): accelerate launch " in out
+    words = launch_words(out)
     for flag, value in (
         ("--num_machines", "1"),
         ("--num_processes", "2"),
@@ -291,7 +294,7 @@ def test_launch_step_on_two_nodes_forms_one_job_of_world_size_two(cluster, mnist
     doctor = run_cli("doctor", "--write-env", str(plan_file), *args,
                      env={**env, "SLURM_NODEID": "0"})  # fmt: skip
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
-    plan = dict(shlex.split(line)[1].split("=", 1) for line in plan_file.read_text().splitlines())
+    plan = read_plan(plan_file)
     assert plan["MNIST_DIST_NUM_PROCESSES"] == "2"
     assert plan["MNIST_DIST_MAIN_ADDR"] == node
 
@@ -312,8 +315,7 @@ def test_launch_step_on_two_nodes_forms_one_job_of_world_size_two(cluster, mnist
     outputs = [p.communicate(timeout=600)[0] for p in launchers]
     assert [p.returncode for p in launchers] == [0, 0], "\n".join(outputs)
     for rank, output in enumerate(outputs):
-        launch = next(line for line in output.splitlines() if "accelerate launch" in line)
-        words = shlex.split(launch.split(": ", 1)[1])
+        words = launch_words(output)
         assert words[words.index("--machine_rank") + 1] == str(rank)
         assert words[words.index("--num_machines") + 1] == "2"
     assert read_summary(run_dir)["world_size"] == 2
