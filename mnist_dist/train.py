@@ -402,6 +402,13 @@ def train_step(
     (summed loss, correct predictions) on the device, in float32.
     """
     scale = accelerator.num_processes / global_batch_size
+    if grad_accum == 1:  # the common case, without the split and the stack
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        backward(accelerator, loss * scale)
+        correct = (logits.argmax(dim=1) == labels).sum()
+        optimizer_step(optimizer)
+        return torch.stack([loss.detach(), correct.to(loss.dtype)])
     stats = []
     micro_batches = list(
         zip(images.tensor_split(grad_accum), labels.tensor_split(grad_accum), strict=True)
@@ -412,12 +419,23 @@ def train_step(
         with nullcontext() if sync else accelerator.no_sync(model):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            accelerator.backward(loss * scale)
+            backward(accelerator, loss * scale)
         # Few, small device ops and no host sync: on a GPU every op is a kernel launch.
         correct = (logits.argmax(dim=1) == y).sum()
         stats.append(torch.stack([loss.detach(), correct.to(loss.dtype)]))
     optimizer_step(optimizer)
-    return stats[0] if len(stats) == 1 else torch.stack(stats).sum(dim=0)
+    return torch.stack(stats).sum(dim=0)
+
+
+def backward(accelerator: Accelerator, loss: torch.Tensor) -> None:
+    """``accelerator.backward(loss)`` without its division of the loss by the accumulation
+    steps, which the loss scale already covers: with ``gradient_accumulation_steps`` left at 1
+    it adds a division, forward and backward, to every step. Only fp16's grad scaler needs
+    Accelerate's path (issue 6)."""
+    if getattr(accelerator, "scaler", None) is None:
+        loss.backward()
+    else:
+        accelerator.backward(loss)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
