@@ -21,7 +21,8 @@ images/s counts training only (data loading included, evaluation excluded) and i
 the first epoch (and with it any compile time) is left out when there are two or more. "recipe
 s" is the whole training function with its per-epoch evaluations (mnist-dist's
 ``wall_seconds``); "process s" adds interpreter start and imports. With ``--repeats`` the rows
-take turns and the table shows medians; a run during which other processes took CPU is flagged.
+take turns, each repeat starting one row later, and the table shows medians; a run during which
+other processes took CPU is flagged.
 
 Run from the repository root, e.g.::
 
@@ -578,7 +579,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runs: dict[str, list[RunResult]] = {row: [] for row in args.rows}
     for repeat in range(1, args.repeats + 1):
-        for row in args.rows:  # rows take turns so that drift hits them alike
+        # Rows take turns so that drift hits them alike, and each repeat starts one row later
+        # so that no row always runs right after the same one.
+        shift = (repeat - 1) % len(args.rows)
+        for row in args.rows[shift:] + args.rows[:shift]:
             print(f"[{repeat}/{args.repeats}] {ROW_NAMES[row]} ...", end=" ", flush=True)
             result = run_row(row, args)
             runs[row].append(result)

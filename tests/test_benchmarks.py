@@ -34,6 +34,31 @@ def test_throughput_compares_every_row_to_a_and_b(tmp_path):
     assert "vs (b)" in proc.stdout
 
 
+def test_throughput_repeats_rotate_the_row_order(tmp_path):
+    data = make_tiny_mnist(tmp_path / "data", n_train=256)
+    out = tmp_path / "t.json"
+    proc = run_script(
+        "benchmarks/throughput.py", "--data-dir", str(data), "--epochs", "1", "--repeats", "2",
+        "--rows", "plain-tensor,tensor", "--json-out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    started = [line.split(" ...")[0] for line in proc.stdout.splitlines() if " ..." in line]
+    assert started == [
+        "[1/2] (b) plain PyTorch, device tensors",
+        "[1/2] mnist-dist (default)",
+        "[2/2] mnist-dist (default)",
+        "[2/2] (b) plain PyTorch, device tensors",
+    ]
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert [len(r["runs"]) for r in rows.values()] == [2, 2]
+    # Paired by repeat, whatever the order: each ratio to (b) is that repeat's own.
+    tensor, loop = rows["tensor"]["runs"], rows["plain-tensor"]["runs"]
+    ratios = [
+        t["images_per_second"] / b["images_per_second"] for t, b in zip(tensor, loop, strict=True)
+    ]
+    assert rows["tensor"]["ratio_to_plain_tensor_range"] == [min(ratios), max(ratios)]
+
+
 def test_profile_step_counts_ops_per_step(tmp_path):
     data = make_tiny_mnist(tmp_path / "data", n_train=512)
     proc = run_script(
