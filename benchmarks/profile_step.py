@@ -11,31 +11,42 @@ functions), runs warm-up steps, then profiles ``--steps`` steps of ``train_step`
   is no separate device memory, so none),
 * the ops that take the most host time.
 
+With ``--versus-plain R`` it then times, in R interleaved rounds of ``--steps`` steps each, this
+step against row (b) of ``throughput.py``: a bare PyTorch step (the same options, batches and
+kernels, its own model and fused Adam, no Accelerate). Taking turns in one process cancels the
+machine's drift, so the median per-round ratio is the harness's per-step cost to within a few
+percent, which whole runs in separate processes cannot resolve here.
+
 Run from the repository root, e.g.::
 
     python benchmarks/profile_step.py --data-dir ../shared/data --steps 200
     python benchmarks/profile_step.py --steps 200 --mixed-precision bf16 --no-channels-last
+    python benchmarks/profile_step.py --steps 100 --versus-plain 10
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml benchmarks/profile_step.py
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from mnist_dist.config import DataConfig, TrainConfig
-from mnist_dist.data import build_train_data, ensure_raw_files
+from mnist_dist.data import TrainData, build_train_data, ensure_raw_files
 from mnist_dist.distributed import make_accelerator
+from mnist_dist.model import MnistCNN
 from mnist_dist.train import build_model_and_optimizer, train_step
 
 
@@ -58,23 +69,20 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
         compile=args.compile,
     )
     dc = DataConfig(data_dir=args.data_dir, loader=args.loader)
+    if args.versus_plain and tc.mixed_precision == "fp16":
+        raise SystemExit("--versus-plain: the bare loop has no fp16 grad scaler; use no or bf16")
     accelerator = make_accelerator(tc.mixed_precision, static_graph=True)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     tc.per_device_batch_size(world)
     ensure_raw_files(accelerator, dc)
     model, optimizer = build_model_and_optimizer(accelerator, tc, lr=1e-3)
     data = build_train_data(dc, tc.global_batch_size, world, rank, 0, device)
-    batches = iter(data.epoch(1))
-    sharding = data.sharding
+    batches = endless(data)
     total = args.warmup + args.steps
-    if total > sharding.steps_per_epoch:
-        raise SystemExit(f"--warmup + --steps must be <= {sharding.steps_per_epoch} (one epoch)")
 
     def step(i: int) -> None:
-        images, labels = next(batches)
-        train_step(
-            model, optimizer, accelerator, images, labels, sharding.global_batch_size_at(i), 1
-        )
+        images, labels, batch_size = next(batches)
+        train_step(model, optimizer, accelerator, images, labels, batch_size, 1)
 
     model.train()
     for i in range(args.warmup):
@@ -118,8 +126,65 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
         "cuda_kernels_per_step": len(kernels) / steps if device.type == "cuda" else None,
         "h2d_bytes_per_step": copied / steps if device.type == "cuda" else None,
     }
+    if args.versus_plain:
+        if world > 1:
+            raise SystemExit("--versus-plain compares one process with a bare loop: run it alone")
+        result.update(versus_plain(args, tc, data, step, device))
     accelerator.end_training()
     return {"summary": result, "table": table, "main": accelerator.is_main_process}
+
+
+def endless(data: TrainData) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """This rank's batches of epoch 1, 2, ... with each step's global batch size."""
+    for epoch in itertools.count(1):
+        for i, (images, labels) in enumerate(data.epoch(epoch)):
+            yield images, labels, data.sharding.global_batch_size_at(i)
+
+
+def versus_plain(
+    args: argparse.Namespace,
+    tc: TrainConfig,
+    data: TrainData,
+    harness_step: Callable[[int], None],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Per-step time of ``harness_step`` and of the bare step of throughput.py's row (b), in
+    ``args.versus_plain`` interleaved rounds of ``args.steps`` steps."""
+    model = MnistCNN().to(device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=tc.mixed_precision == "bf16"
+    )
+    plain_batches = endless(data)
+
+    def plain_step(i: int) -> None:
+        images, labels, _ = next(plain_batches)
+        with autocast:
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    plain_per_step: list[float] = []
+    harness_per_step: list[float] = []
+    for _ in range(args.versus_plain):
+        for per_step, one_step in ((plain_per_step, plain_step), (harness_per_step, harness_step)):
+            _sync(device)
+            start = time.perf_counter()
+            for i in range(args.steps):
+                one_step(i)
+            _sync(device)
+            per_step.append((time.perf_counter() - start) / args.steps)
+    ratios = [p / h for p, h in zip(plain_per_step, harness_per_step, strict=True)]
+    return {
+        "versus_plain_rounds": args.versus_plain,
+        "plain_ms_per_step": statistics.median(plain_per_step) * 1e3,
+        "harness_ms_per_step": statistics.median(harness_per_step) * 1e3,
+        "harness_speed_vs_plain": statistics.median(ratios),
+        "harness_speed_vs_plain_range": [min(ratios), max(ratios)],
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -140,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--loader", choices=["tensor", "torchvision"], default="tensor")
     parser.add_argument("--top", type=int, default=12, help="ops listed by host time")
+    parser.add_argument(
+        "--versus-plain",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="then time this step against a bare PyTorch step, in ROUNDS interleaved rounds",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
     return parser
 
@@ -155,7 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(out["table"])
     for key, value in summary.items():
-        shown = f"{value:,.2f}" if isinstance(value, float) else value
+        if isinstance(value, list):
+            shown = "-".join(f"{v:,.2f}" for v in value)
+        else:
+            shown = f"{value:,.2f}" if isinstance(value, float) else value
         print(f"{key:24s} {shown}")
     return 0
 

@@ -29,6 +29,8 @@ def test_throughput_compares_every_row_to_a_and_b(tmp_path):
     for row in rows.values():
         assert row["images_per_second"] > 0 and row["test_accuracy"] > 0.1
     assert rows["ddp2"]["runs"][0]["extra"]["world_size"] == 2
+    # Every row ran in a process of its own, (a) and (b) included.
+    assert all(row["process_seconds"] > 0 for row in rows.values())
     # (b) and mnist-dist train on the same batches with the same options: same accuracy.
     assert rows["plain-tensor"]["test_accuracy"] == rows["tensor"]["test_accuracy"]
     assert "vs (b)" in proc.stdout
@@ -63,10 +65,16 @@ def test_profile_step_counts_ops_per_step(tmp_path):
     data = make_tiny_mnist(tmp_path / "data", n_train=512)
     proc = run_script(
         "benchmarks/profile_step.py", "--data-dir", str(data), "--steps", "5", "--warmup", "2",
-        "--json",
+        "--versus-plain", "3", "--json",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 5 and summary["device"] == "cpu"
     assert summary["host_ms_per_step"] > 0
     assert 10 < summary["top_level_ops_per_step"] <= summary["aten_ops_per_step"]
+    # 3 rounds of 5 steps each way: more steps than the 8 batches of an epoch of 512 images,
+    # so both step functions run on into later epochs.
+    assert summary["versus_plain_rounds"] == 3
+    assert summary["plain_ms_per_step"] > 0 and summary["harness_ms_per_step"] > 0
+    low, high = summary["harness_speed_vs_plain_range"]
+    assert low <= summary["harness_speed_vs_plain"] <= high
