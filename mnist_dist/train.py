@@ -311,7 +311,9 @@ class Trainer:
                 if self.last_saved is None or self.last_saved.name != state.name:
                     self.save(state, first_step)
                 self.stopped(state)
-        self.check_finite(state, first_step)
+        self.check_finite(state, first_step)  # a host sync: the epoch's device work is done
+        # The clock stops here, before the evaluation: images/s is training throughput.
+        state.epoch_train_seconds += time.perf_counter() - self.segment_start
 
     def check_finite(self, state: TrainerState, first_step: int) -> None:
         """Raise ``DivergedError`` on every rank if any rank saw a non-finite loss this epoch.
@@ -354,7 +356,7 @@ class Trainer:
         """Close the epoch in ``state`` and return its record."""
         sharding = self.data.sharding
         loss_sum, correct = self.accelerator.reduce(self.sums, reduction="sum").tolist()
-        train_seconds = state.epoch_train_seconds + time.perf_counter() - self.segment_start
+        train_seconds = state.epoch_train_seconds
         record = {
             "epoch": state.epoch,
             "global_step": state.global_step,

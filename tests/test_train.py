@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from helpers import launch_cli, read_jsonl, read_summary, run_cli
+from helpers import fault_env, launch_cli, make_tiny_mnist, read_jsonl, read_summary, run_cli
 
 # Launch modes a run can be started in: plain python (1 process) and 2 gloo ranks.
 LAUNCHERS = {"1proc": run_cli, "2proc": launch_cli}
@@ -34,6 +34,26 @@ def test_lr_is_stepped_once_per_epoch_on_every_world_size(launcher, mnist_dir, t
     expected = [1e-3] * 5 + [1e-5] * 3 + [1e-7] * 2
     assert lrs == pytest.approx(expected, rel=1e-9)
     assert read_summary(tmp_path / "r")["world_size"] == (2 if launcher == "2proc" else 1)
+
+
+def test_images_per_second_leaves_the_evaluation_out(tmp_path):
+    # Every evaluation batch sleeps 2 s (a fault): that belongs to epoch_seconds, not to the
+    # train_seconds that images/s divides by. Training 256 images takes a fraction of that.
+    data = make_tiny_mnist(tmp_path / "data", n_train=256)
+    result = run_cli(
+        "train", "--data-dir", str(data), "--output-dir", str(tmp_path / "r"), "--epochs", "2",
+        env=fault_env(EVAL_SLEEP=2),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert len(records) == 2
+    for r in records:
+        assert 0 < r["train_seconds"] < 2.0
+        assert r["epoch_seconds"] >= r["train_seconds"] + 2.0
+        assert r["images_per_second"] == pytest.approx(256 / r["train_seconds"])
+    summary = read_summary(tmp_path / "r")
+    total = sum(r["train_seconds"] for r in records)
+    assert summary["images_per_second"] == pytest.approx(512 / total)
 
 
 @pytest.mark.dataset

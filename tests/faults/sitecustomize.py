@@ -10,6 +10,8 @@ Training and checkpoints:
 - MNIST_DIST_FAULT_KILL_IN_SAVE=N    SIGKILL this process in the N-th checkpoint save, after the
                                      model file is written and before the optimizer file
 - MNIST_DIST_FAULT_ENOSPC_IN_SAVE=N  the N-th checkpoint save fails with "No space left on device"
+- MNIST_DIST_FAULT_EVAL_SLEEP=S      sleep S seconds in every evaluation batch (a loss computed
+                                     without gradients)
 - MNIST_DIST_FAULT_NAN_AT_STEP=N     the training loss of the N-th training forward pass (counted
                                      in this process) becomes NaN
 W&B:
@@ -38,6 +40,7 @@ def _install_training_faults() -> None:
     import torch
 
     sleep, nan_at = float(_env("STEP_SLEEP") or 0), int(_env("NAN_AT_STEP") or 0)
+    eval_sleep = float(_env("EVAL_SLEEP") or 0)
     kill_in, enospc_in = int(_env("KILL_IN_SAVE") or 0), int(_env("ENOSPC_IN_SAVE") or 0)
 
     if sleep:
@@ -48,6 +51,18 @@ def _install_training_faults() -> None:
             return original_step(self, *args, **kwargs)
 
         torch.optim.Adam.step = slow_step
+
+    if eval_sleep:
+        import torch.nn.functional as F
+
+        original_eval_ce = F.cross_entropy
+
+        def slow_eval_ce(*args, **kwargs):
+            if not torch.is_grad_enabled():  # evaluation batches only
+                time.sleep(eval_sleep)
+            return original_eval_ce(*args, **kwargs)
+
+        F.cross_entropy = slow_eval_ce
 
     if nan_at:
         import torch.nn.functional as F
@@ -129,7 +144,9 @@ def _record_wandb_import(path: str) -> None:
     atexit.register(record)
 
 
-if any(_env(n) for n in ("STEP_SLEEP", "NAN_AT_STEP", "KILL_IN_SAVE", "ENOSPC_IN_SAVE")):
+if any(
+    _env(n) for n in ("STEP_SLEEP", "EVAL_SLEEP", "NAN_AT_STEP", "KILL_IN_SAVE", "ENOSPC_IN_SAVE")
+):
     _install_training_faults()
 if _env("WANDB_LOG_RAISES_AFTER") or _env("WANDB_FINISH_SLEEPS"):
     _install_wandb_faults()
