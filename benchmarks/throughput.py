@@ -270,6 +270,20 @@ def run_plain_tensor(data_dir: str, epochs: int, max_train_samples: int | None) 
     )
 
 
+def run_timed(command: list[str], what: str) -> float:
+    """Run ``command`` from the repository root and return its wall seconds; raise with the
+    tail of its output if it fails."""
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-20:]
+        raise RuntimeError(
+            f"{what} exited with {proc.returncode}: {' '.join(command)}\n" + "\n".join(tail)
+        )
+    return seconds
+
+
 def run_mnist_dist(
     row: str, data_dir: str, epochs: int, max_train_samples: int | None
 ) -> RunResult:
@@ -295,14 +309,7 @@ def run_mnist_dist(
         ]  # fmt: skip
         if max_train_samples is not None:
             command += ["--max-train-samples", str(max_train_samples)]
-        started = time.perf_counter()
-        proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
-        process_seconds = time.perf_counter() - started
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-20:]
-            raise RuntimeError(
-                f"mnist-dist exited with {proc.returncode}: {' '.join(command)}\n" + "\n".join(tail)
-            )
+        process_seconds = run_timed(command, "mnist-dist")
         summary = json.loads((run_dir / "summary.json").read_text())
         resolved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         records = [
@@ -382,14 +389,7 @@ def run_plain_subprocess(row: str, args: argparse.Namespace) -> RunResult:
         ]  # fmt: skip
         if args.max_train_samples is not None:
             command += ["--max-train-samples", str(args.max_train_samples)]
-        started = time.perf_counter()
-        proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
-        process_seconds = time.perf_counter() - started
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-20:]
-            raise RuntimeError(
-                f"row {row} exited with {proc.returncode}: {' '.join(command)}\n" + "\n".join(tail)
-            )
+        process_seconds = run_timed(command, f"row {row}")
         saved = json.loads(out.read_text())
     saved["epochs"] = [EpochTiming(**e) for e in saved["epochs"]]
     return RunResult(**{**saved, "process_seconds": process_seconds})
