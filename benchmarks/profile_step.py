@@ -74,6 +74,8 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--versus-plain: the bare loop has no fp16 grad scaler; use no or bf16")
     accelerator = make_accelerator(tc.mixed_precision, static_graph=True)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    if args.versus_plain and world > 1:
+        raise SystemExit("--versus-plain compares one process with a bare loop: run it alone")
     tc.per_device_batch_size(world)
     ensure_raw_files(accelerator, dc)
     model, optimizer = build_model_and_optimizer(accelerator, tc, lr=1e-3)
@@ -132,8 +134,6 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
         "h2d_bytes_per_step": copied / steps if device.type == "cuda" else None,
     }
     if args.versus_plain:
-        if world > 1:
-            raise SystemExit("--versus-plain compares one process with a bare loop: run it alone")
         result.update(versus_plain(args, tc, data, step, device))
     accelerator.end_training()
     return {"summary": result, "table": table, "main": accelerator.is_main_process}
