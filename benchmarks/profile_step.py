@@ -12,7 +12,7 @@ profiles ``--steps`` steps of ``train_step`` with ``torch.profiler`` and prints:
 * the ops that take the most host time.
 
 With ``--versus-plain R`` it then times, in R interleaved rounds of ``--steps`` steps each, this
-step against row (b) of ``throughput.py``: a bare PyTorch step (the same options, batches and
+step against row (b) of ``throughput.py``: a bare PyTorch step (the same options, input and
 kernels, its own model and fused Adam, no Accelerate). Taking turns in one process cancels the
 machine's drift, so the median per-round ratio is the harness's per-step cost to within a few
 percent, which whole runs in separate processes cannot resolve here.
