@@ -40,14 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from throughput import bare_model_and_optimizer, bare_step  # row (b), in this folder
 from torch.profiler import ProfilerActivity, profile
 
 from mnist_dist.config import DataConfig, TrainConfig
 from mnist_dist.data import TrainData, build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.distributed import make_accelerator
 from mnist_dist.evaluate import evaluate
-from mnist_dist.model import MnistCNN
 from mnist_dist.train import build_model_and_optimizer, train_step
 
 
@@ -155,10 +154,7 @@ def versus_plain(
 ) -> dict[str, Any]:
     """Per-step time of ``harness_step`` and of the bare step of throughput.py's row (b), in
     ``args.versus_plain`` interleaved rounds of ``args.steps`` steps."""
-    model = MnistCNN().to(device)
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    model, optimizer = bare_model_and_optimizer(device, tc.channels_last)
     autocast = torch.autocast(
         device.type, dtype=torch.bfloat16, enabled=tc.mixed_precision == "bf16"
     )
@@ -166,11 +162,7 @@ def versus_plain(
 
     def plain_step(i: int) -> None:
         images, labels, _ = next(plain_batches)
-        with autocast:
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        bare_step(model, optimizer, images, labels, autocast)
 
     plain_per_step: list[float] = []
     harness_per_step: list[float] = []

@@ -49,6 +49,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -212,6 +213,31 @@ def run_plain(
     )
 
 
+def bare_model_and_optimizer(
+    device: torch.device, channels_last: bool = True
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Row (b)'s model and optimizer: mnist-dist's default speed options, no Accelerate."""
+    model = MnistCNN().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, torch.optim.Adam(model.parameters(), lr=LR, fused=True)
+
+
+def bare_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    autocast: AbstractContextManager[Any] | None = None,
+) -> None:
+    """Row (b)'s training step (under ``autocast`` for the forward pass, if given)."""
+    with autocast or nullcontext():
+        loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def run_plain_tensor(data_dir: str, epochs: int, max_train_samples: int | None) -> RunResult:
     """(b): the recipe as a plain loop over device-resident tensors, with mnist-dist's default
     speed options and none of its machinery."""
@@ -226,8 +252,7 @@ def run_plain_tensor(data_dir: str, epochs: int, max_train_samples: int | None) 
 
     images, labels = split(True, max_train_samples)
     test_images, test_labels = split(False, None)
-    model = MnistCNN().to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
+    model, optimizer = bare_model_and_optimizer(device)
     scheduler = MultiStepLR(optimizer, milestones=LR_MILESTONES, gamma=LR_GAMMA)
     n = len(labels)
     timings: list[EpochTiming] = []
@@ -239,10 +264,7 @@ def run_plain_tensor(data_dir: str, epochs: int, max_train_samples: int | None) 
         generator = torch.Generator().manual_seed(SEED * 100_003 + epoch)
         order = torch.randperm(n, generator=generator).to(device)
         for idx in order.split(BATCH_SIZE):
-            loss = F.cross_entropy(model(images[idx]), labels[idx])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            bare_step(model, optimizer, images[idx], labels[idx])
         synchronize(device)
         timings.append(EpochTiming(epoch, n, time.perf_counter() - epoch_start))
         scheduler.step()
