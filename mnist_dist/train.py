@@ -443,7 +443,7 @@ def backward(accelerator: Accelerator, loss: torch.Tensor) -> None:
 def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
     """``optimizer.step()`` then ``zero_grad``, bypassing ``AcceleratedOptimizer.step`` when it
     would only forward the call: without a grad scaler (fp16) it adds nothing here but an
-    uncached package look-up (``is_lomo_available``, twice, about 30 us each) per step."""
+    uncached package look-up (``is_lomo_available``, twice, about 30 us each) per step (issue 6)."""
     inner = getattr(optimizer, "optimizer", optimizer)
     if getattr(optimizer, "scaler", None) is None:
         inner.step()
