@@ -226,8 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in summary.items():
         if isinstance(value, list):
             shown = "-".join(f"{v:,.2f}" for v in value)
+        elif isinstance(value, float):
+            shown = f"{value:,.2f}"
         else:
-            shown = f"{value:,.2f}" if isinstance(value, float) else value
+            shown = value
         print(f"{key:24s} {shown}")
     return 0
 

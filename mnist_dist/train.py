@@ -313,7 +313,7 @@ class Trainer:
                 self.stopped(state)
         self.check_finite(state, first_step)  # a host sync: the epoch's device work is done
         # The clock stops here, before the evaluation: images/s is training throughput.
-        state.epoch_train_seconds += time.perf_counter() - self.segment_start
+        self.bank_train_seconds(state)
 
     def check_finite(self, state: TrainerState, first_step: int) -> None:
         """Raise ``DivergedError`` on every rank if any rank saw a non-finite loss this epoch.
@@ -336,14 +336,20 @@ class Trainer:
                 f"{global_step}); training stopped and {where}"
             )
 
+    def bank_train_seconds(self, state: TrainerState) -> None:
+        """Add the training time since the segment started to the epoch's, and start a new
+        segment."""
+        now = time.perf_counter()
+        state.epoch_train_seconds += now - self.segment_start
+        self.segment_start = now
+
     def save(self, state: TrainerState, first_step: int | None = None) -> None:
         """Checkpoint ``state`` (mid-epoch when ``first_step`` is given: the epoch's partial
         figures go with it). Never saves a state that follows a non-finite loss."""
         if first_step is not None:
             self.check_finite(state, first_step)
             state.epoch_sums = self.accelerator.reduce(self.sums, reduction="sum").tolist()
-            state.epoch_train_seconds += time.perf_counter() - self.segment_start
-            self.segment_start = time.perf_counter()
+            self.bank_train_seconds(state)
         state.scheduler = {
             "last_epoch": self.scheduler.last_epoch,
             "_last_lr": self.scheduler.get_last_lr(),

@@ -52,32 +52,23 @@ def _install_training_faults() -> None:
 
         torch.optim.Adam.step = slow_step
 
-    if eval_sleep:
+    if eval_sleep or nan_at:
         import torch.nn.functional as F
 
-        original_eval_ce = F.cross_entropy
+        original_ce, training_calls = F.cross_entropy, [0]
 
-        def slow_eval_ce(*args, **kwargs):
-            if not torch.is_grad_enabled():  # evaluation batches only
-                time.sleep(eval_sleep)
-            return original_eval_ce(*args, **kwargs)
-
-        F.cross_entropy = slow_eval_ce
-
-    if nan_at:
-        import torch.nn.functional as F
-
-        original_ce, calls = F.cross_entropy, [0]
-
-        def poisoned_ce(*args, **kwargs):
-            loss = original_ce(*args, **kwargs)
-            if torch.is_grad_enabled():  # training forward passes only
-                calls[0] += 1
-                if calls[0] == nan_at:
-                    loss = loss * float("nan")
+        def faulty_ce(*args, **kwargs):
+            if not torch.is_grad_enabled():  # an evaluation batch
+                if eval_sleep:
+                    time.sleep(eval_sleep)
+                return original_ce(*args, **kwargs)
+            loss = original_ce(*args, **kwargs)  # a training forward pass
+            training_calls[0] += 1
+            if training_calls[0] == nan_at:
+                loss = loss * float("nan")
             return loss
 
-        F.cross_entropy = poisoned_ce
+        F.cross_entropy = faulty_ce
 
     if kill_in or enospc_in:
         import accelerate.checkpointing as checkpointing
