@@ -155,10 +155,13 @@ def test_epoch_checkpoint_resumes_on_another_world_size(first, then, data, unint
     summary = read_summary(out)
     assert summary["world_size"] == (2 if then == "2proc" else 1)
     assert summary["epochs_completed"] == 2
-    # Within noise of the uninterrupted run: the same math, a different summation order.
-    reference = weights(uninterrupted[then])
+    # Within noise of the uninterrupted run: the same math, a different summation order. Adam
+    # turns rounding noise in a near-zero gradient into a step of up to lr (1e-3), so the noise
+    # floor is measured: what separates the uninterrupted 1- and 2-process runs themselves.
+    reference, other = weights(uninterrupted[then]), weights(uninterrupted[first])
+    noise = max((reference[key] - other[key]).abs().max().item() for key in reference)
     for key, tensor in weights(out / "model.safetensors").items():
-        assert (tensor - reference[key]).abs().max() < 1e-4, key
+        assert (tensor - reference[key]).abs().max() <= max(2 * noise, 1e-4), (key, noise)
     reference_summary = read_summary(uninterrupted[then].parent)
     assert abs(summary["test_accuracy"] - reference_summary["test_accuracy"]) <= 2 / 128
 
