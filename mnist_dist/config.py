@@ -116,6 +116,17 @@ class TrainConfig:
         "torch.compile the model's forward (pays a compile first; measure before using)",
         default=False,
     )
+    cuda_graph: Literal["auto", "on", "off"] = _opt(
+        "run the whole optimizer step as one CUDA graph replay: auto = wherever it can (one "
+        "process on a CUDA GPU, tensor loader), on = try even so and train eagerly with a "
+        "warning if capture fails, off = eager steps",
+        default="auto",
+    )
+    deterministic: bool = _opt(
+        "deterministic algorithms, so a rerun or a resume gives bit-identical weights on GPUs "
+        "too; --no-deterministic lets cuDNN benchmark and pick the fastest kernels",
+        default=True,
+    )
     log_every: int = _opt("optimizer steps between step records in steps.jsonl", default=50)
     output_dir: str | None = _opt("run directory (default: runs/<timestamp>)", default=None)
 
@@ -126,6 +137,8 @@ class TrainConfig:
         )
         _require(self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}")
         _require(self.log_every > 0, f"--log-every must be > 0, got {self.log_every}")
+        if self.cuda_graph not in ("auto", "on", "off"):
+            raise UsageError(f"--cuda-graph must be auto, on or off, got {self.cuda_graph!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UsageError(
                 f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}"
