@@ -46,8 +46,9 @@ from torch.profiler import ProfilerActivity, profile
 from mnist_dist.config import DataConfig, TrainConfig
 from mnist_dist.data import TrainData, build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.distributed import make_accelerator
+from mnist_dist.engine import train_step
 from mnist_dist.evaluate import evaluate
-from mnist_dist.train import build_model_and_optimizer, train_step
+from mnist_dist.train import build_model_and_optimizer
 
 
 def h2d_bytes(trace_path: Path) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, gather_object
 
 from mnist_dist.errors import UsageError
 
@@ -64,8 +64,12 @@ def make_accelerator(
         gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
         static_graph=static_graph,
     )
+    # Autocast's cache of cast weights must be off for a forward captured in a CUDA graph (the
+    # CUDA graphs notes of PyTorch); each weight is cast once per forward here, so it saves
+    # nothing anyway.
+    autocast = AutocastKwargs(cache_enabled=False)
     accelerator = Accelerator(
-        kwargs_handlers=[ddp],
+        kwargs_handlers=[ddp, autocast],
         # Without cpu=True, `accelerate launch --multi_gpu` on a machine without GPUs starts N
         # lone rank-0 processes (DistributedType.NO) that train independently (pitfalls.md).
         cpu=not has_accelerator(),

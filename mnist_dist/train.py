@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.optim.lr_scheduler import MultiStepLR
@@ -24,8 +23,10 @@ from mnist_dist.checkpoint import (
     restore_checkpoint,
 )
 from mnist_dist.config import Config, TrainConfig
-from mnist_dist.data import TrainData, build_train_data, ensure_raw_files, eval_batches
+from mnist_dist.data import Sharding, build_train_data, ensure_raw_files, eval_batches
+from mnist_dist.determinism import set_determinism
 from mnist_dist.distributed import make_accelerator, provenance
+from mnist_dist.engine import EpochStats, StepEngine, build_engine
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
 from mnist_dist.evaluate import EvalResult, evaluate
 from mnist_dist.model import MnistCNN
@@ -42,17 +43,20 @@ def train(config: Config) -> dict[str, Any]:
     input.
     """
     started = time.perf_counter()
+    determinism = set_determinism(config.train.deterministic)  # before the first CUDA call
     log_with = "wandb" if wants_wandb(config.tracking) else None
     accelerator = make_accelerator(
         config.train.mixed_precision, log_with=log_with, static_graph=config.train.grad_accum == 1
     )
     try:
-        return _train(accelerator, config, started)
+        return _train(accelerator, config, started, determinism)
     finally:
         accelerator.end_training()  # destroys the process group on every rank
 
 
-def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str, Any]:
+def _train(
+    accelerator: Accelerator, config: Config, started: float, determinism: dict[str, Any]
+) -> dict[str, Any]:
     tc, dc, oc, cc = config.train, config.data, config.optim, config.checkpoint
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     per_device_batch_size = tc.per_device_batch_size(world)  # raises if it does not divide
@@ -90,8 +94,14 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
         state = resume(accelerator, checkpoint, state, scheduler, console.print)
         run_dir.restore_records(state.history, state.global_step)
 
+    # After the resume: a capture records the addresses of the restored optimizer state.
+    engine, stats, engine_reason = build_engine(
+        tc.cuda_graph, model, optimizer, accelerator, train_data, tc.grad_accum, console.print
+    )
+
     resolved, launch = config.to_dict(), provenance(accelerator)
     launch["resumed_from"] = str(checkpoint.path) if checkpoint else None
+    launch.update(determinism, step_engine=engine.name)
     run_dir.write_config(resolved, launch)
     # A resumed run continues its W&B run: the id comes from the checkpoint (or the run dir).
     tracker = make_tracker(
@@ -106,18 +116,22 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
         f"global batch {tc.global_batch_size} ({per_device_batch_size} per process), "
         f"{sharding.num_samples} training images, run dir {run_dir.path}"
     )
+    console.print(
+        f"step engine: {engine.name} ({engine_reason}); deterministic algorithms "
+        f"{'on' if tc.deterministic else 'off (--no-deterministic)'}"
+    )
 
     trainer = Trainer(
-        accelerator, model, optimizer, scheduler, train_data, checkpointer,
-        StopControl(accelerator, run_dir.path / STOP_FILE), outputs, tc.grad_accum,
-        tc.log_every, cc.checkpoint_every,
+        accelerator, model, optimizer, scheduler, engine, stats, sharding, checkpointer,
+        StopControl(accelerator, run_dir.path / STOP_FILE), outputs, tc.log_every,
+        cc.checkpoint_every,
     )  # fmt: skip
     run_dir.write_status("running", epoch=state.epoch, step=state.step)
     try:
         with trainer.stop.handling_signals():
             while state.epoch <= tc.epochs:
                 console.start_epoch(state.epoch, completed=state.step)
-                lr = optimizer.param_groups[0]["lr"]
+                lr = current_lr(optimizer)
                 trainer.train_epoch(state)  # raises Stopped or DivergedError
                 eval_start = time.perf_counter()
                 result = evaluate(model, test_data, accelerator)
@@ -132,6 +146,7 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
             state.history, accelerator, sharding.num_samples, tc.global_batch_size,
             per_device_batch_size,
         )  # fmt: skip
+        summary["step_engine"], summary["deterministic"] = engine.name, tc.deterministic
         summary["wall_seconds"] = time.perf_counter() - started
         summary["run_dir"] = str(run_dir.path)
         if accelerator.is_main_process:
@@ -239,89 +254,80 @@ class Trainer:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: MultiStepLR,
-        data: TrainData,
+        engine: StepEngine,
+        stats: EpochStats,
+        sharding: Sharding,
         checkpointer: Checkpointer,
         stop: StopControl,
         outputs: RunOutputs,
-        grad_accum: int,
         log_every: int,
         checkpoint_every: int,
     ) -> None:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
-        self.scheduler, self.data, self.checkpointer = scheduler, data, checkpointer
+        self.scheduler, self.engine, self.stats = scheduler, engine, stats
+        self.sharding, self.checkpointer = sharding, checkpointer
         self.stop, self.outputs = stop, outputs
-        self.grad_accum, self.log_every = grad_accum, log_every
-        self.checkpoint_every = checkpoint_every
+        self.log_every, self.checkpoint_every = log_every, checkpoint_every
         self.last_saved: Path | None = None
-        device = accelerator.device
-        # Per epoch, on the device (no per-step host sync): this rank's summed loss and correct
-        # predictions, and how many leading steps had a finite loss (the NaN guard).
-        self.sums = torch.zeros(2, device=device, dtype=torch.float64)
-        self.finite_steps = torch.zeros((), device=device, dtype=torch.int64)
-        self.all_finite = torch.ones((), device=device, dtype=torch.bool)
+        self.first_step = 0  # the step this process started the epoch at
         self.segment_start = time.perf_counter()
 
     def train_epoch(self, state: TrainerState) -> None:
         """Train ``state.epoch`` from ``state.step`` to its end, logging every ``log_every``
         steps, checkpointing every ``checkpoint_every`` and stopping when asked."""
         self.model.train()
-        sharding = self.data.sharding
-        self.sums.zero_()
-        if self.accelerator.is_main_process:  # the epoch's figures before a resume, once
-            self.sums += torch.tensor(state.epoch_sums, dtype=torch.float64).to(self.sums.device)
-        self.finite_steps.zero_()
-        self.all_finite.fill_(True)
-        self.segment_start = time.perf_counter()
-        first_step = state.step
-        logged, window_images, window_start = self.sums.clone(), 0, time.perf_counter()
-        for images, labels in self.data.epoch(state.epoch, start_step=first_step):
-            batch = sharding.global_batch_size_at(state.step)
-            step_sums = train_step(
-                self.model, self.optimizer, self.accelerator, images, labels, batch,
-                self.grad_accum,
-            )  # fmt: skip
-            self.all_finite &= torch.isfinite(step_sums[0])
-            self.finite_steps += self.all_finite
-            self.sums += step_sums
-            window_images += batch
+        self.first_step = logged = state.step
+        self.segment_start = window_start = time.perf_counter()
+        for _ in self.engine.run_epoch(state.epoch, state.step):
             state.step += 1
             state.global_step += 1
             self.outputs.console.advance()
             if state.global_step % self.log_every == 0:
-                self.check_finite(state, first_step)
-                window = self.accelerator.reduce(self.sums - logged, reduction="sum")
+                self.check_finite(state)
+                loss_sum = self.reduced_sums(logged, state.step)[0]
+                images = sum(map(self.sharding.global_batch_size_at, range(logged, state.step)))
                 self.outputs.record_step(
                     {
                         "global_step": state.global_step,
                         "epoch": state.epoch,
-                        "train_loss": window[0].item() / window_images,
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "images_per_second": window_images / (time.perf_counter() - window_start),
+                        "train_loss": loss_sum / images,
+                        "lr": current_lr(self.optimizer),
+                        "images_per_second": images / (time.perf_counter() - window_start),
                     }
                 )
-                logged, window_images, window_start = self.sums.clone(), 0, time.perf_counter()
-            at_epoch_end = state.step == sharding.steps_per_epoch
+                logged, window_start = state.step, time.perf_counter()
+            at_epoch_end = state.step == self.sharding.steps_per_epoch
             if (
                 not at_epoch_end
                 and self.checkpoint_every
                 and (state.global_step % self.checkpoint_every == 0)
             ):
-                self.save(state, first_step)
+                self.save(state, mid_epoch=True)
             if self.stop.at_step_boundary():
                 if self.last_saved is None or self.last_saved.name != state.name:
-                    self.save(state, first_step)
+                    self.save(state, mid_epoch=True)
                 self.stopped(state)
-        self.check_finite(state, first_step)  # a host sync: the epoch's device work is done
+        self.check_finite(state)  # a host sync: the epoch's device work is done
         # The clock stops here, before the evaluation: images/s is training throughput.
         self.bank_train_seconds(state)
 
-    def check_finite(self, state: TrainerState, first_step: int) -> None:
+    def reduced_sums(self, start: int, stop: int, prior: list[float] | None = None) -> list[float]:
+        """(summed loss, correct) of steps ``start`` to ``stop`` over all ranks, plus ``prior``
+        (figures from before a resume, held once). A host sync and a collective."""
+        sums = self.stats.sums(start, stop)
+        if prior is not None and self.accelerator.is_main_process:
+            sums += torch.tensor(prior, dtype=sums.dtype).to(sums.device)
+        return self.accelerator.reduce(sums, reduction="sum").tolist()
+
+    def check_finite(self, state: TrainerState) -> None:
         """Raise ``DivergedError`` on every rank if any rank saw a non-finite loss this epoch.
         A host sync and a collective: called only where the loop has one anyway."""
-        flags = self.accelerator.gather(torch.stack([~self.all_finite, self.finite_steps]).long())
-        bad = flags.view(-1, 2)
-        if bad[:, 0].any():
-            step = first_step + int(bad[bad[:, 0] == 1, 1].min()) + 1
+        if state.step == self.first_step:
+            return  # no step taken yet (the same on every rank)
+        local = self.stats.first_non_finite(self.first_step, state.step)
+        flags = self.accelerator.gather(local).view(-1, 2)
+        if flags[:, 0].any():
+            step = self.first_step + int(flags[flags[:, 0] == 1, 1].min()) + 1
             global_step = state.global_step - (state.step - step)
             newest = self.last_saved or next(
                 reversed(complete_checkpoints(self.checkpointer.root)), None
@@ -343,16 +349,17 @@ class Trainer:
         state.epoch_train_seconds += now - self.segment_start
         self.segment_start = now
 
-    def save(self, state: TrainerState, first_step: int | None = None) -> None:
-        """Checkpoint ``state`` (mid-epoch when ``first_step`` is given: the epoch's partial
-        figures go with it). Never saves a state that follows a non-finite loss."""
-        if first_step is not None:
-            self.check_finite(state, first_step)
-            state.epoch_sums = self.accelerator.reduce(self.sums, reduction="sum").tolist()
+    def save(self, state: TrainerState, mid_epoch: bool = False) -> None:
+        """Checkpoint ``state`` (``mid_epoch``: the epoch's partial figures go with it). Never
+        saves a state that follows a non-finite loss."""
+        if mid_epoch:
+            self.check_finite(state)
+            state.epoch_sums = self.reduced_sums(self.first_step, state.step, state.epoch_sums)
+            self.first_step = state.step  # the figures so far now live in epoch_sums
             self.bank_train_seconds(state)
         state.scheduler = {
             "last_epoch": self.scheduler.last_epoch,
-            "_last_lr": self.scheduler.get_last_lr(),
+            "_last_lr": [float(lr) for lr in self.scheduler.get_last_lr()],
         }
         self.last_saved = self.checkpointer.save(state)
 
@@ -360,22 +367,22 @@ class Trainer:
         self, state: TrainerState, result: EvalResult, lr: float, eval_seconds: float
     ) -> dict[str, Any]:
         """Close the epoch in ``state`` and return its record."""
-        sharding = self.data.sharding
-        loss_sum, correct = self.accelerator.reduce(self.sums, reduction="sum").tolist()
+        num_samples = self.sharding.num_samples
+        loss_sum, correct = self.reduced_sums(self.first_step, state.step, state.epoch_sums)
         train_seconds = state.epoch_train_seconds
         record = {
             "epoch": state.epoch,
             "global_step": state.global_step,
             "lr": lr,
-            "train_loss": loss_sum / sharding.num_samples,
-            "train_accuracy": correct / sharding.num_samples,
+            "train_loss": loss_sum / num_samples,
+            "train_accuracy": correct / num_samples,
             "test_loss": result.loss,
             "test_accuracy": result.accuracy,
             "test_correct": result.correct,
             "test_total": result.total,
             "train_seconds": train_seconds,
             "epoch_seconds": train_seconds + eval_seconds,
-            "images_per_second": sharding.num_samples / train_seconds,
+            "images_per_second": num_samples / train_seconds,
         }
         state.history.append(record)
         state.epoch, state.step = state.epoch + 1, 0
@@ -393,69 +400,14 @@ class Trainer:
         )
 
 
-def train_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    accelerator: Accelerator,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    global_batch_size: int,
-    grad_accum: int,
-) -> torch.Tensor:
-    """One optimizer step on this rank's share of a global batch, in ``grad_accum`` micro-batches.
-
-    The loss is this rank's summed cross-entropy times world_size / global_batch_size: DDP then
-    averages over ranks, so the gradient is exactly that of the mean loss over the global batch,
-    whatever the world size, the accumulation or an uneven last batch. Returns this rank's
-    (summed loss, correct predictions) on the device, in float32.
-    """
-    scale = accelerator.num_processes / global_batch_size
-    if grad_accum == 1:  # the common case, without the split and the stack
-        logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        backward(accelerator, loss * scale)
-        correct = (logits.argmax(dim=1) == labels).sum()
-        optimizer_step(optimizer)
-        return torch.stack([loss.detach(), correct.to(loss.dtype)])
-    stats = []
-    micro_batches = list(
-        zip(images.tensor_split(grad_accum), labels.tensor_split(grad_accum), strict=True)
-    )
-    for i, (x, y) in enumerate(micro_batches):
-        # Gradients are all-reduced only on the last micro-batch.
-        sync = i == len(micro_batches) - 1
-        with nullcontext() if sync else accelerator.no_sync(model):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            backward(accelerator, loss * scale)
-        # Few, small device ops and no host sync: on a GPU every op is a kernel launch.
-        correct = (logits.argmax(dim=1) == y).sum()
-        stats.append(torch.stack([loss.detach(), correct.to(loss.dtype)]))
-    optimizer_step(optimizer)
-    return torch.stack(stats).sum(dim=0)
-
-
-def backward(accelerator: Accelerator, loss: torch.Tensor) -> None:
-    """``accelerator.backward(loss)`` without its division of the loss by the accumulation
-    steps, which the loss scale already covers: with ``gradient_accumulation_steps`` left at 1
-    it adds a division, forward and backward, to every step. Only fp16's grad scaler needs
-    Accelerate's path (issue 6)."""
-    if getattr(accelerator, "scaler", None) is None:
-        loss.backward()
-    else:
-        accelerator.backward(loss)
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.step()`` then ``zero_grad``, bypassing ``AcceleratedOptimizer.step`` when it
-    would only forward the call: without a grad scaler (fp16) it adds nothing here but an
-    uncached package look-up (``is_lomo_available``, twice, about 30 us each) per step (issue 6)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if getattr(optimizer, "scaler", None) is None:
-        inner.step()
-    else:
-        optimizer.step()  # the scaler unscales, skips steps with inf gradients, updates
-    inner.zero_grad(set_to_none=True)
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The LR of the first parameter group. Under a captured step it is a float32 tensor on the
+    device (reading it is a host sync: read it only where the loop syncs anyway), given as the
+    shortest decimal of that float32, so 1e-3 reads 0.001 and not 0.0010000000474974513."""
+    lr = optimizer.param_groups[0]["lr"]
+    if isinstance(lr, torch.Tensor):
+        return float(np.format_float_positional(np.float32(lr.item()), unique=True))
+    return lr
 
 
 def summarize(

@@ -1,0 +1,200 @@
+"""The step engines: the captured step's padded, masked batch against the plain step, the
+engine choice and its fallback, and the deterministic settings."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_bit_identical, read_summary, run_cli
+
+from mnist_dist.data import Sharding, TensorTrainData
+from mnist_dist.determinism import CUBLAS_WORKSPACE_ENV, set_determinism
+from mnist_dist.engine import CapturedStep, EagerStep, EpochStats, masked_forward_backward
+from mnist_dist.model import MnistCNN
+
+
+def _batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _plain_loss_and_grads(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, grad_accum: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The eager step's math: summed cross-entropy / batch size, in micro-batches."""
+    model.zero_grad(set_to_none=True)
+    total = torch.zeros(())
+    for x, y in zip(images.tensor_split(grad_accum), labels.tensor_split(grad_accum), strict=True):
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+        (loss / len(images)).backward()
+        total += loss.detach()
+    return total, [p.grad.clone() for p in model.parameters()]
+
+
+def _masked_loss_and_grads(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    padded_to: int,
+    grad_accum: int,
+    pad_seed: int = 1,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The captured step's math: the batch padded to ``padded_to`` with other images, masked."""
+    n = len(images)
+    pad_images, pad_labels = _batch(padded_to - n, pad_seed)
+    mask = (torch.arange(padded_to) < n).float()
+    model.zero_grad(set_to_none=True)
+    figures = masked_forward_backward(
+        model,
+        torch.cat([images, pad_images * 50]),  # padding far from the data: it must not count
+        torch.cat([labels, pad_labels]),
+        mask,
+        torch.tensor(1.0 / n),
+        grad_accum,
+    )
+    return figures[0], [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("real", "grad_accum"), [(64, 1), (32, 1), (64, 2), (32, 2), (32, 4), (8, 4)]
+)
+def test_a_padded_masked_batch_gives_the_loss_and_gradients_of_the_unpadded_one(real, grad_accum):
+    torch.manual_seed(0)
+    model = MnistCNN()
+    images, labels = _batch(real, seed=0)
+    plain_loss, plain_grads = _plain_loss_and_grads(model, images, labels, grad_accum)
+    masked_loss, masked_grads = _masked_loss_and_grads(model, images, labels, 64, grad_accum)
+    # Equal within fp32 rounding: the masked sum adds the same terms in another grouping.
+    torch.testing.assert_close(masked_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for plain, masked in zip(plain_grads, masked_grads, strict=True):
+        torch.testing.assert_close(masked, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_the_padding_adds_exactly_nothing_whatever_it_holds():
+    torch.manual_seed(0)
+    model = MnistCNN()
+    images, labels = _batch(32, seed=0)
+    loss_a, grads_a = _masked_loss_and_grads(model, images, labels, 64, 1, pad_seed=1)
+    loss_b, grads_b = _masked_loss_and_grads(model, images, labels, 64, 1, pad_seed=2)
+    assert loss_a.equal(loss_b)
+    assert all(a.equal(b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+def _engine_run(engine_cls: type, data: TensorTrainData, epochs: int) -> tuple[list, list]:
+    """Train ``epochs`` epochs with a fresh model and optimizer through ``engine_cls``."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    model = MnistCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    stats = EpochStats(data.sharding.steps_per_epoch, torch.device("cpu"))
+    if engine_cls is CapturedStep:
+        engine = CapturedStep(model, optimizer, None, data, stats, grad_accum=2)
+    else:
+        engine = EagerStep(model, optimizer, Accelerator(cpu=True), data, stats, grad_accum=2)
+    figures = []
+    for epoch in range(1, epochs + 1):
+        for _ in engine.run_epoch(epoch, 0):
+            pass
+        figures.append(stats.sums(0, data.sharding.steps_per_epoch))
+    return [p.detach().clone() for p in model.parameters()], figures
+
+
+def test_the_captured_steps_math_run_eagerly_trains_like_the_eager_step():
+    """Everything the CUDA graph records, run without a graph: the padded epoch (200 images =
+    3 x 64 + 8), the device step counter, the mask, the per-step scale, Adam with a tensor LR
+    and ``capturable``, and the epoch figures."""
+    images, labels = _batch(200, seed=3)
+    data = TensorTrainData(images, labels, Sharding(200, 64, 1, 0, seed=0))
+    eager_weights, eager_figures = _engine_run(EagerStep, data, epochs=2)
+    static_weights, static_figures = _engine_run(CapturedStep, data, epochs=2)
+    for eager, static in zip(eager_figures, static_figures, strict=True):
+        torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
+        assert static[1] == eager[1]  # the same correct count
+    for eager, static in zip(eager_weights, static_weights, strict=True):
+        torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_deterministic_settings_are_applied():
+    saved = os.environ.pop(CUBLAS_WORKSPACE_ENV, None)
+    try:
+        assert set_determinism(True) == {"deterministic": True, CUBLAS_WORKSPACE_ENV: ":4096:8"}
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ[CUBLAS_WORKSPACE_ENV] == ":4096:8"
+        assert set_determinism(False)["deterministic"] is False
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+    finally:
+        set_determinism(False)
+        torch.backends.cudnn.benchmark = False
+        if saved is None:
+            os.environ.pop(CUBLAS_WORKSPACE_ENV, None)
+        else:
+            os.environ[CUBLAS_WORKSPACE_ENV] = saved
+
+
+def _train(tmp_path, tiny_mnist, name: str, *flags: str):
+    out = tmp_path / name
+    result = run_cli(
+        "train", "--data-dir", str(tiny_mnist), "--epochs", "2", "--batch-size", "48",
+        "--output-dir", str(out), *flags,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_auto_trains_eagerly_on_the_cpu_and_records_the_engine_and_determinism(
+    tmp_path, tiny_mnist
+):
+    out, result = _train(tmp_path, tiny_mnist, "auto")
+    assert "warning" not in result.stdout + result.stderr
+    assert "step engine: eager (no CUDA device (cpu)); deterministic algorithms on" in result.stdout
+    summary = read_summary(out)
+    assert summary["step_engine"] == "eager" and summary["deterministic"] is True
+    config = (out / "config.yaml").read_text()
+    assert "deterministic: true" in config and "step_engine: eager" in config
+
+    out, result = _train(tmp_path, tiny_mnist, "nondet", "--no-deterministic")
+    assert read_summary(out)["deterministic"] is False
+    assert "deterministic: false" in (out / "config.yaml").read_text()
+    assert "deterministic algorithms off" in result.stdout
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_a_failed_capture_is_one_warning_then_eager_steps_that_match_cuda_graph_off(
+    precision, tmp_path, tiny_mnist
+):
+    """On a machine without a CUDA GPU ``--cuda-graph on`` runs the warm-up steps and then
+    fails to capture: the run goes on eagerly, and the warm-up left no trace in the weights."""
+    precision_flags = ("--mixed-precision", precision)
+    forced, result = _train(tmp_path, tiny_mnist, "on", "--cuda-graph", "on", *precision_flags)
+    output = result.stdout + result.stderr
+    warnings = [line for line in output.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1, output
+    assert warnings[0].startswith("warning: CUDA graph capture failed (")
+    assert warnings[0].endswith("); training with eager steps")
+    assert read_summary(forced)["step_engine"] == "eager"
+    off, _ = _train(tmp_path, tiny_mnist, "off", "--cuda-graph", "off", *precision_flags)
+    assert_bit_identical(forced / "model.safetensors", off / "model.safetensors")
+
+
+def test_cuda_graph_on_with_the_torchvision_loader_says_why_it_stays_eager(tmp_path, tiny_mnist):
+    out, result = _train(
+        tmp_path, tiny_mnist, "tv", "--cuda-graph", "on", "--loader", "torchvision",
+        "--num-workers", "0",
+    )  # fmt: skip
+    assert (
+        "warning: --cuda-graph on: the torchvision loader feeds batches from Python; "
+        "training with eager steps"
+    ) in result.stdout
+    assert read_summary(out)["step_engine"] == "eager"
+
+
+def test_cuda_graph_rejects_an_unknown_mode(tiny_mnist):
+    result = run_cli("train", "--data-dir", str(tiny_mnist), "--cuda-graph", "maybe")
+    assert result.returncode == 2
+    assert result.error_lines() and "--cuda-graph" in result.error_lines()[0]
