@@ -316,14 +316,23 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML or JSON config file shaped like ``Config.to_dict()``: a mapping per section."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason})"
+        ) from None
     try:
         raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        kind = "JSON" if p.suffix == ".json" else "YAML"
-        raise UsageError(f"config file {p} is not valid {kind}: {first_line(e)}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(
+            f"config file {p}, line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}"
+        ) from None
+    except yaml.YAMLError as e:
+        raise UsageError(
+            f"config file {p}{_yaml_position(e, text)}: not valid YAML: {_yaml_problem(e)}"
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -344,6 +353,28 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         if bad:
             raise UsageError(f"config file {p}: unknown key(s) {bad} in section {section!r}")
     return raw
+
+
+def _yaml_position(error: yaml.YAMLError, text: str) -> str:
+    """The position of a YAML error as ", line L, column C" (1-based, as editors count), or ""
+    when yaml does not know it."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is not None:
+        return f", line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(error, yaml.reader.ReaderError):  # a forbidden character: only its offset
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - text.rfind("\n", 0, error.position)
+        return f", line {line}, column {column}"
+    return ""
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What yaml found wrong, without the source excerpt it appends over several lines."""
+    problem = getattr(error, "problem", None)
+    context = getattr(error, "context", None)
+    if problem:
+        return f"{problem} ({context})" if context else problem
+    return first_line(error)
 
 
 def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS) -> Config:
