@@ -5,6 +5,7 @@ dataclasses below are the one schema for defaults, config files and the command 
 Precedence: flags > ``--config`` file > environment > defaults. Environment: ``MNIST_DIST_DATA_DIR``
 (data directory), ``ACCELERATE_MIXED_PRECISION`` (set by ``accelerate launch`` from its config) and
 W&B's own ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_NAME``, ``WANDB_RUN_GROUP``, ``WANDB_TAGS``.
+A variable that is set but empty counts as unset.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _opt(help: str, flag: str | None = None, env: str | None = None, **kwargs: A
 class DataConfig:
     """Where MNIST lives and how it reaches the model."""
 
-    data_dir: str = _opt(f"folder holding MNIST/raw/*-ubyte (env {DATA_DIR_ENV})", default="./data")
+    data_dir: str = _opt("folder holding MNIST/raw/*-ubyte", env=DATA_DIR_ENV, default="./data")
     loader: Literal["tensor", "torchvision"] = _opt(
         "input pipeline: 'tensor' = whole split preprocessed once on the training device, "
         "'torchvision' = DataLoader with the PIL transforms",
@@ -380,8 +381,6 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS) -> Config:
     """Resolve defaults <- environment <- config file <- flags into a validated ``Config``."""
     layered: dict[str, dict[str, Any]] = {name: {} for name in sections}
-    if os.environ.get(DATA_DIR_ENV) and "data" in layered:
-        layered["data"]["data_dir"] = os.environ[DATA_DIR_ENV]
     # `accelerate launch` passes its config's mixed_precision in this variable: it counts as a
     # default, so multi_gpu_bf16.yaml means bf16 unless the file or a flag says otherwise.
     launcher_precision = os.environ.get(LAUNCHER_PRECISION_ENV, "").lower()
@@ -389,6 +388,7 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
         layered["train"]["mixed_precision"] = launcher_precision
     for name, cls in sections.items():
         for f in dataclasses.fields(cls):
+            # An empty variable counts as unset (job templates often export `NAME=`).
             if f.metadata.get("env") and os.environ.get(f.metadata["env"]):
                 layered[name][f.name] = os.environ[f.metadata["env"]]
     config_path = getattr(args, "config", None)

@@ -193,3 +193,15 @@ def test_config_file_that_is_not_text_is_a_usage_error(tmp_path):
     cfg.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(UsageError, match="is not UTF-8 text"):
         parse("--config", str(cfg))
+
+
+def test_empty_environment_variables_count_as_unset(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    for name in ("MNIST_DIST_DATA_DIR", *WANDB_ENV):
+        monkeypatch.setenv(name, "")
+    c = parse()
+    assert c.data.data_dir == "./data"
+    t = c.tracking
+    assert (t.wandb_project, t.wandb_entity, t.run_name, t.wandb_group, t.wandb_tags) == (
+        "mnist-dist", None, None, None, (),
+    )  # fmt: skip
