@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from mnist_dist.config import DATA_DIR_ENV, SECTIONS, DataConfig, add_config_flags, build_config
+from mnist_dist.config import DataConfig, add_config_flags, build_config
 from mnist_dist.errors import MnistDistError, UsageError
 
 
@@ -60,13 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_settings(doctor)
     doctor.set_defaults(func=cmd_doctor)
 
-    data_only = {"data": DataConfig}
     evaluate = commands.add_parser(
         "evaluate", help="test accuracy of saved weights (also under `accelerate launch`)"
     )
     evaluate.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_config_flags(evaluate, data_only)
+    add_config_flags(evaluate, _DATA, only=EVALUATE_SETTINGS)
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="digit and probability for PNG/JPEG images")
@@ -88,16 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     download = commands.add_parser("download", help="fetch MNIST with torchvision")
-    download.add_argument(
-        "--data-dir",
-        default=os.environ.get(DATA_DIR_ENV) or DataConfig().data_dir,
-        help=f"where to put MNIST/raw (env {DATA_DIR_ENV}) [default: {DataConfig().data_dir}]",
-    )
+    add_config_flags(download, _DATA, only={"data_dir"})
     download.set_defaults(func=cmd_download)
     return parser
 
 
 _WEIGHTS_HELP = "model.safetensors from a run, or a torch state_dict (.pth) of the reference"
+_DATA: dict[str, type] = {"data": DataConfig}
+# The data settings `evaluate` uses: the test split only, so no training-set flags.
+EVALUATE_SETTINGS = {
+    "data_dir",
+    "loader",
+    "num_workers",
+    "max_eval_samples",
+    "eval_batch_size",
+    "download",
+}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -120,7 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mnist_dist.distributed import make_accelerator
     from mnist_dist.evaluate import evaluate
 
-    data = build_config(args, {"data": SECTIONS["data"]}).data
+    data = build_config(args, _DATA).data
     model = load_model(args.weights)  # before any process group: a bad file fails fast
     accelerator = make_accelerator("no")
     try:
@@ -193,8 +198,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     from mnist_dist.data import download_mnist, raw_dir
 
-    download_mnist(args.data_dir)
-    print(f"MNIST is in {raw_dir(args.data_dir)} (checksums verified)")
+    data_dir = build_config(args, _DATA).data.data_dir
+    download_mnist(data_dir)
+    print(f"MNIST is in {raw_dir(data_dir)} (checksums verified)")
     return 0
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,12 +29,20 @@ DATA_DIR_ENV = "MNIST_DIST_DATA_DIR"
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
-def _opt(help: str, flag: str | None = None, env: str | None = None, **kwargs: Any) -> Any:
-    """A dataclass field with CLI metadata: ``help`` text, an optional explicit flag name and an
-    optional environment variable that overrides the default."""
+def _opt(
+    help: str,
+    flag: str | None = None,
+    env: str | None = None,
+    shown_default: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A dataclass field with CLI metadata: ``help`` text, an optional explicit flag name, an
+    optional environment variable that overrides the default, and ``shown_default``: what the
+    help says the default is when the value itself would not tell (``None`` meaning "decided at
+    run time"). The help text itself never states the default; the flag's help adds it once."""
     default = kwargs.pop("default", dataclasses.MISSING)
     factory = kwargs.pop("default_factory", dataclasses.MISSING)
-    metadata = {"help": help, "flag": flag, "env": env}
+    metadata = {"help": help, "flag": flag, "env": env, "shown_default": shown_default}
     return field(default=default, default_factory=factory, metadata=metadata)
 
 
@@ -49,10 +58,10 @@ class DataConfig:
     )
     num_workers: int = _opt("DataLoader worker processes (torchvision loader only)", default=2)
     max_train_samples: int | None = _opt(
-        "use only the first N training images (images; default: all 60,000)", default=None
+        "use only the first N training images", shown_default="all 60,000", default=None
     )
     max_eval_samples: int | None = _opt(
-        "use only the first N test images (images; default: all 10,000)", default=None
+        "use only the first N test images", shown_default="all 10,000", default=None
     )
     eval_batch_size: int = _opt("images per forward pass during evaluation", default=1000)
     download: bool = _opt(
@@ -118,7 +127,11 @@ class TrainConfig:
         default=False,
     )
     log_every: int = _opt("optimizer steps between step records in steps.jsonl", default=50)
-    output_dir: str | None = _opt("run directory (default: runs/<timestamp>)", default=None)
+    output_dir: str | None = _opt(
+        "run directory; a run in it is resumed, never overwritten",
+        shown_default="runs/<timestamp>",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
@@ -179,20 +192,30 @@ class TrackingConfig:
     tracker: Literal["wandb", "none"] = _opt("experiment tracker", default="none")
     wandb_project: str = _opt("W&B project", env="WANDB_PROJECT", default="mnist-dist")
     wandb_entity: str | None = _opt(
-        "W&B team or user; None: the account's default entity", env="WANDB_ENTITY", default=None
+        "W&B team or user",
+        env="WANDB_ENTITY",
+        shown_default="the account's default entity",
+        default=None,
     )
     run_name: str | None = _opt(
-        "display name of the W&B run; None: W&B makes one up", env="WANDB_NAME", default=None
+        "display name of the W&B run",
+        env="WANDB_NAME",
+        shown_default="made up by W&B",
+        default=None,
     )
     wandb_group: str | None = _opt(
-        "W&B group, e.g. one per sweep or experiment", env="WANDB_RUN_GROUP", default=None
+        "W&B group, e.g. one per sweep or experiment",
+        env="WANDB_RUN_GROUP",
+        shown_default="none",
+        default=None,
     )
     wandb_tags: tuple[str, ...] = _opt(
         "W&B tags, comma separated (e.g. baseline,bf16)", env="WANDB_TAGS", default=()
     )
     wandb_mode: Literal["online", "offline", "disabled"] | None = _opt(
-        "online, offline or disabled; None: env WANDB_MODE, else online when W&B credentials "
-        "are found (WANDB_API_KEY or `wandb login`) and offline into the run directory when not",
+        "where the W&B run goes; disabled makes no W&B calls at all",
+        shown_default="env WANDB_MODE, else online when W&B credentials are found "
+        "(WANDB_API_KEY or `wandb login`) and offline into the run directory when not",
         default=None,
     )
     wandb_finish_timeout: float = _opt(
@@ -273,23 +296,34 @@ def _positive_or_none(text: str) -> int | None:
     return None if text.lower() in ("none", "all") else int(text)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, sections: dict[str, type] = SECTIONS) -> None:
-    """Add one flag per config field; every default is SUPPRESS so unset flags are not overrides."""
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    sections: dict[str, type] = SECTIONS,
+    only: Collection[str] | None = None,
+) -> None:
+    """Add one flag per config field of ``sections`` (or per field named in ``only``); every
+    default is SUPPRESS so unset flags are not overrides."""
     for section, cls in sections.items():
         group = parser.add_argument_group(f"{section} settings")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if only is not None and f.name not in only:
+                continue
             tp = _base_type(hints[f.name])
+            shown = _show_default(f)
             kwargs: dict[str, Any] = {
                 "dest": f"{section}.{f.name}",
                 "default": argparse.SUPPRESS,
                 "metavar": f.name.upper(),  # not the internal dest "SECTION.NAME"
-                "help": f"{f.metadata['help']}{_env_note(f)} [default: {_show_default(f)}]",
+                "help": f"{f.metadata['help']}{_env_note(f)}"
+                + (f" [default: {shown}]" if shown is not None else ""),
             }
             if tp is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
+                del kwargs["metavar"]  # a switch takes no value
             elif typing.get_origin(tp) is Literal:
                 kwargs["choices"] = list(typing.get_args(tp))
+                del kwargs["metavar"]  # argparse then shows the choices: --loader {tensor,...}
             elif typing.get_origin(tp) is tuple:  # "5,8" or "5 8"; parsed in _check_type
                 kwargs["nargs"] = "+"
                 kwargs["metavar"] = "TAG" if typing.get_args(tp)[0] is str else "EPOCH"
@@ -305,12 +339,21 @@ def _env_note(f: dataclasses.Field) -> str:
     return f" (env {f.metadata['env']})" if f.metadata.get("env") else ""
 
 
-def _show_default(f: dataclasses.Field) -> str:
+def _show_default(f: dataclasses.Field) -> str | None:
+    """The one default a flag's help shows: ``shown_default`` if the field has one, else its
+    value; nothing for a ``None`` that nobody explained."""
+    if f.metadata.get("shown_default") is not None:
+        return f.metadata["shown_default"]
+    value = f.default
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return str(f.default_factory())  # type: ignore[misc]
-    if isinstance(f.default, tuple):
-        return ",".join(str(v) for v in f.default) or "none"
-    return str(f.default)
+        value = f.default_factory()  # type: ignore[misc]
+    if value is None or value is dataclasses.MISSING:
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:

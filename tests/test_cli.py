@@ -1,13 +1,18 @@
 """The command line end to end: evaluate, predict, and one-line errors with exit code 2."""
 
+import argparse
+import dataclasses
 import json
 import os
+import typing
 
 import pytest
 import torch
 from helpers import read_summary, run_cli
 from PIL import Image
 
+from mnist_dist.__main__ import build_parser
+from mnist_dist.config import SECTIONS
 from mnist_dist.data import load_split
 
 
@@ -236,3 +241,62 @@ def test_predict_rejects_a_file_that_is_not_an_image(reference_weights, tmp_path
     bogus.write_text("not an image")
     result = run_cli("predict", "--weights", str(reference_weights), str(bogus))
     assert_usage_error(result, "cannot read image", str(bogus))
+
+
+def _help(*command: str) -> str:
+    """The help text of a command with its line wrapping undone."""
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    return " ".join(result.stdout.split())
+
+
+def _literal_choices(annotation: object) -> tuple | None:
+    """The values of a ``Literal[...]`` or ``Literal[...] | None`` annotation."""
+    for tp in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(tp) is typing.Literal:
+            return typing.get_args(tp)
+    return None
+
+
+def test_help_shows_one_default_per_flag_and_the_choices_of_every_literal_setting():
+    text = _help("train")
+    assert "[default: None]" not in text and "(default" not in text
+    assert (
+        "--output-dir OUTPUT_DIR run directory; a run in it is resumed, never overwritten "
+        "[default: runs/<timestamp>] " in text
+    )
+    assert (
+        "--max-train-samples N use only the first N training images [default: all 60,000] --"
+        in text
+    )
+    assert "--compile, --no-compile torch.compile" in text
+    for flag in (
+        "--loader {tensor,torchvision}",
+        "--tracker {wandb,none}",
+        "--mixed-precision {no,fp16,bf16}",
+        "--wandb-mode {online,offline,disabled}",
+    ):
+        assert flag in text
+    # Every setting whose type is a fixed set of values lists them, whatever is added later.
+    for cls in SECTIONS.values():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            choices = _literal_choices(hints[f.name])
+            if choices:
+                assert "{" + ",".join(choices) + "} " in text, f.name
+    # No flag of any command states its default twice, or states None.
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            help_text = action.help or ""
+            assert help_text.count("[default:") <= 1, (name, action.dest)
+            assert "(default" not in help_text and "None" not in help_text, (name, action.dest)
+
+
+def test_evaluate_help_lists_only_the_settings_evaluate_uses():
+    text = _help("evaluate")
+    for flag in ("--weights", "--data-dir", "--max-eval-samples", "--eval-batch-size"):
+        assert flag + " " in text
+    for flag in ("--max-train-samples", "--epochs", "--batch-size", "--lr", "--tracker"):
+        assert flag + " " not in text
