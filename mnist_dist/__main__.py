@@ -7,21 +7,57 @@ wrong world size) ends with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from mnist_dist.config import DataConfig, add_config_flags, build_config
 from mnist_dist.errors import MnistDistError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but its errors are one line (no usage dump) and exit with exit code 2."""
+    """argparse, but its errors are one line (no usage dump) that point to the sub-command's own
+    help, exit with exit code 2, and a flag is never taken for a longer one it is a prefix of."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # argparse would take `--epoch 1` as `--epochs 1` without a word; a typo in a flag must
+        # be an error (with a suggestion), and a flag added later must not change what an old
+        # abbreviation meant.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # A sub-command's parser receives every argument after the sub-command's name, so
+        # anything it does not know is unknown for good: report it here, where the help to point
+        # to is the sub-command's, not the top-level parser's.
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(extras)}")
+        return parsed, extras
+
+    def _suggestion(self, extras: list[str]) -> str:
+        """A "did you mean --epochs?" for the first unknown flag close to known ones: the flags
+        it is a prefix of (what argparse would have guessed), else the nearest by spelling."""
+        flags = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+        for extra in extras:
+            if extra.startswith("--") and len(extra) > 2:
+                name = extra.split("=", 1)[0]
+                close = [f for f in flags if f.startswith(name)] or difflib.get_close_matches(
+                    name, flags, n=1
+                )
+                if len(close) == 1:
+                    return f"; did you mean {close[0]}?"
+                if close:
+                    return f"; did you mean one of {', '.join(close)}?"
+        return ""
 
 
 def _add_run_settings(parser: argparse.ArgumentParser) -> None:

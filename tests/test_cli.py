@@ -128,6 +128,9 @@ def test_train_on_tiny_data_writes_a_complete_run_directory(tiny_mnist, tmp_path
     assert evaluated.json_lines()[0]["test_correct"] == summary["test_correct"]
 
 
+TRAIN_HELP = "(see `mnist-dist train --help`)"
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [
@@ -141,7 +144,23 @@ def test_train_on_tiny_data_writes_a_complete_run_directory(tiny_mnist, tmp_path
         (["train", "--max-train-samples", "0"], ["--max-train-samples"]),
         (["train", "--epochs", "ten"], ["--epochs", "invalid int value"]),
         (["train", "--mixed-precision", "fp8"], ["--mixed-precision", "invalid choice"]),
-        (["train", "--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
+        (["train", "--bogus-flag"], ["unrecognized arguments: --bogus-flag", TRAIN_HELP]),
+        # No prefix matching: `--epoch` is not silently `--epochs`.
+        (["train", "--epoch", "1"], ["arguments: --epoch 1; did you mean --epochs?", TRAIN_HELP]),
+        (["train", "--epoch=1"], ["arguments: --epoch=1; did you mean --epochs?", TRAIN_HELP]),
+        (["train", "--batch_size", "32"], ["did you mean --batch-size?", TRAIN_HELP]),
+        (
+            ["train", "--max", "5"],
+            ["did you mean one of --max-train-samples, --max-eval-samples?", TRAIN_HELP],
+        ),
+        (
+            ["evaluate", "--weights", "w.pth", "--jsn"],
+            ["unrecognized arguments: --jsn; did you mean --json?", "`mnist-dist evaluate --help`"],
+        ),
+        (
+            ["evaluate", "--weights", "w.pth", "--max-train-samples", "5"],
+            ["unrecognized arguments: --max-train-samples 5", "`mnist-dist evaluate --help`"],
+        ),
         (["train", "--batch-size", "64", "--grad-accum", "3"], ["not divisible"]),
         (["train", "--mixed-precision", "fp16"], ["fp16 needs a CUDA GPU"]),
         (["train", "--config", "does-not-exist.yaml"], ["cannot read config file"]),
