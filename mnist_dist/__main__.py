@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from mnist_dist.config import DataConfig, add_config_flags, build_config
-from mnist_dist.errors import MnistDistError, UsageError
+from mnist_dist.errors import MnistDistError, UsageError, leave_for_launcher
 
 
 class _Parser(argparse.ArgumentParser):
@@ -240,10 +240,12 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(error: MnistDistError) -> None:
-    # Under `accelerate launch` every rank hits the same error: print it once per node.
+def _report(line: str) -> None:
+    # Under `accelerate launch` every rank hits the same error: print it once per node, and have
+    # the launcher repeat it in its failure summary.
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"mnist-dist: {error.label}: {error}", file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
+    leave_for_launcher(line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,10 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except MnistDistError as e:
-        _report(e)
+        _report(f"mnist-dist: {e.label}: {e}")
         return e.exit_code
     except KeyboardInterrupt:
-        print("mnist-dist: interrupted", file=sys.stderr)
+        _report("mnist-dist: interrupted")
         return 130
 
 

@@ -8,7 +8,7 @@ import typing
 
 import pytest
 import torch
-from helpers import read_summary, run_cli
+from helpers import launch_cli, read_summary, run_cli
 from PIL import Image
 
 from mnist_dist.__main__ import build_parser
@@ -319,3 +319,20 @@ def test_evaluate_help_lists_only_the_settings_evaluate_uses():
         assert flag + " " in text
     for flag in ("--max-train-samples", "--epochs", "--batch-size", "--lr", "--tracker"):
         assert flag + " " not in text
+
+
+@pytest.mark.multiprocess
+def test_launcher_failure_summary_ends_with_the_ranks_own_line(tiny_mnist, tmp_path):
+    result = launch_cli(
+        "train", "--data-dir", str(tiny_mnist), "--output-dir", str(tmp_path / "o"),
+        "--batch-size", "3",
+    )  # fmt: skip
+    line = "mnist-dist: error: --batch-size 3 is not divisible by world size 2 x --grad-accum 1"
+    assert result.returncode != 0  # the launcher's own status: 1 for a failed rank
+    assert result.error_lines() == [line]  # printed once per node
+    # The launcher's failure summary names each rank's own message, not a link to torch's
+    # docs, and the root cause's message is its last line but the closing rule.
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].strip("=") == "" and lines[-2] == f"  traceback : {line}"
+    assert result.stderr.count(f"traceback : {line}") == 2  # rank 1 and rank 0
+    assert "To enable traceback see" not in result.stderr
