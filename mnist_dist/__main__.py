@@ -7,21 +7,57 @@ wrong world size) ends with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from mnist_dist.config import DATA_DIR_ENV, SECTIONS, DataConfig, add_config_flags, build_config
-from mnist_dist.errors import MnistDistError, UsageError
+from mnist_dist.config import DataConfig, add_config_flags, build_config
+from mnist_dist.errors import MnistDistError, UsageError, leave_for_launcher
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but its errors are one line (no usage dump) and exit with exit code 2."""
+    """argparse, but its errors are one line (no usage dump) that point to the sub-command's own
+    help, exit with exit code 2, and a flag is never taken for a longer one it is a prefix of."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # argparse would take `--epoch 1` as `--epochs 1` without a word; a typo in a flag must
+        # be an error (with a suggestion), and a flag added later must not change what an old
+        # abbreviation meant.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # A sub-command's parser receives every argument after the sub-command's name, so
+        # anything it does not know is unknown for good: report it here, where the help to point
+        # to is the sub-command's, not the top-level parser's.
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(extras)}")
+        return parsed, extras
+
+    def _suggestion(self, extras: list[str]) -> str:
+        """A "did you mean --epochs?" for the first unknown flag close to known ones: the flags
+        it is a prefix of (what argparse would have guessed), else the nearest by spelling."""
+        flags = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+        for extra in extras:
+            if extra.startswith("--") and len(extra) > 2:
+                name = extra.split("=", 1)[0]
+                close = [f for f in flags if f.startswith(name)] or difflib.get_close_matches(
+                    name, flags, n=1
+                )
+                if len(close) == 1:
+                    return f"; did you mean {close[0]}?"
+                if close:
+                    return f"; did you mean one of {', '.join(close)}?"
+        return ""
 
 
 def _add_run_settings(parser: argparse.ArgumentParser) -> None:
@@ -60,13 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_settings(doctor)
     doctor.set_defaults(func=cmd_doctor)
 
-    data_only = {"data": DataConfig}
     evaluate = commands.add_parser(
         "evaluate", help="test accuracy of saved weights (also under `accelerate launch`)"
     )
     evaluate.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_config_flags(evaluate, data_only)
+    add_config_flags(evaluate, _DATA, only=EVALUATE_SETTINGS)
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="digit and probability for PNG/JPEG images")
@@ -88,16 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     download = commands.add_parser("download", help="fetch MNIST with torchvision")
-    download.add_argument(
-        "--data-dir",
-        default=os.environ.get(DATA_DIR_ENV) or DataConfig().data_dir,
-        help=f"where to put MNIST/raw (env {DATA_DIR_ENV}) [default: {DataConfig().data_dir}]",
-    )
+    add_config_flags(download, _DATA, only={"data_dir"})
     download.set_defaults(func=cmd_download)
     return parser
 
 
 _WEIGHTS_HELP = "model.safetensors from a run, or a torch state_dict (.pth) of the reference"
+_DATA: dict[str, type] = {"data": DataConfig}
+# The data settings `evaluate` uses: the test split only, so no training-set flags.
+EVALUATE_SETTINGS = {
+    "data_dir",
+    "loader",
+    "num_workers",
+    "max_eval_samples",
+    "eval_batch_size",
+    "download",
+}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -120,7 +161,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mnist_dist.distributed import make_accelerator
     from mnist_dist.evaluate import evaluate
 
-    data = build_config(args, {"data": SECTIONS["data"]}).data
+    data = build_config(args, _DATA).data
     model = load_model(args.weights)  # before any process group: a bad file fails fast
     accelerator = make_accelerator("no")
     try:
@@ -193,15 +234,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     from mnist_dist.data import download_mnist, raw_dir
 
-    download_mnist(args.data_dir)
-    print(f"MNIST is in {raw_dir(args.data_dir)} (checksums verified)")
+    data_dir = build_config(args, _DATA).data.data_dir
+    download_mnist(data_dir)
+    print(f"MNIST is in {raw_dir(data_dir)} (checksums verified)")
     return 0
 
 
-def _report(error: MnistDistError) -> None:
-    # Under `accelerate launch` every rank hits the same error: print it once per node.
+def _report(line: str) -> None:
+    # Under `accelerate launch` every rank hits the same error: print it once per node, and have
+    # the launcher repeat it in its failure summary.
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"mnist-dist: {error.label}: {error}", file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
+    leave_for_launcher(line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,10 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except MnistDistError as e:
-        _report(e)
+        _report(f"mnist-dist: {e.label}: {e}")
         return e.exit_code
     except KeyboardInterrupt:
-        print("mnist-dist: interrupted", file=sys.stderr)
+        _report("mnist-dist: interrupted")
         return 130
 
 

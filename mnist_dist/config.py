@@ -5,6 +5,7 @@ dataclasses below are the one schema for defaults, config files and the command 
 Precedence: flags > ``--config`` file > environment > defaults. Environment: ``MNIST_DIST_DATA_DIR``
 (data directory), ``ACCELERATE_MIXED_PRECISION`` (set by ``accelerate launch`` from its config) and
 W&B's own ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_NAME``, ``WANDB_RUN_GROUP``, ``WANDB_TAGS``.
+A variable that is set but empty counts as unset.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,12 +29,20 @@ DATA_DIR_ENV = "MNIST_DIST_DATA_DIR"
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
-def _opt(help: str, flag: str | None = None, env: str | None = None, **kwargs: Any) -> Any:
-    """A dataclass field with CLI metadata: ``help`` text, an optional explicit flag name and an
-    optional environment variable that overrides the default."""
+def _opt(
+    help: str,
+    flag: str | None = None,
+    env: str | None = None,
+    shown_default: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A dataclass field with CLI metadata: ``help`` text, an optional explicit flag name, an
+    optional environment variable that overrides the default, and ``shown_default``: what the
+    help says the default is when the value itself would not tell (``None`` meaning "decided at
+    run time"). The help text itself never states the default; the flag's help adds it once."""
     default = kwargs.pop("default", dataclasses.MISSING)
     factory = kwargs.pop("default_factory", dataclasses.MISSING)
-    metadata = {"help": help, "flag": flag, "env": env}
+    metadata = {"help": help, "flag": flag, "env": env, "shown_default": shown_default}
     return field(default=default, default_factory=factory, metadata=metadata)
 
 
@@ -40,7 +50,7 @@ def _opt(help: str, flag: str | None = None, env: str | None = None, **kwargs: A
 class DataConfig:
     """Where MNIST lives and how it reaches the model."""
 
-    data_dir: str = _opt(f"folder holding MNIST/raw/*-ubyte (env {DATA_DIR_ENV})", default="./data")
+    data_dir: str = _opt("folder holding MNIST/raw/*-ubyte", env=DATA_DIR_ENV, default="./data")
     loader: Literal["tensor", "torchvision"] = _opt(
         "input pipeline: 'tensor' = whole split preprocessed once on the training device, "
         "'torchvision' = DataLoader with the PIL transforms",
@@ -48,10 +58,10 @@ class DataConfig:
     )
     num_workers: int = _opt("DataLoader worker processes (torchvision loader only)", default=2)
     max_train_samples: int | None = _opt(
-        "use only the first N training images (images; default: all 60,000)", default=None
+        "use only the first N training images", shown_default="all 60,000", default=None
     )
     max_eval_samples: int | None = _opt(
-        "use only the first N test images (images; default: all 10,000)", default=None
+        "use only the first N test images", shown_default="all 10,000", default=None
     )
     eval_batch_size: int = _opt("images per forward pass during evaluation", default=1000)
     download: bool = _opt(
@@ -128,7 +138,11 @@ class TrainConfig:
         default=True,
     )
     log_every: int = _opt("optimizer steps between step records in steps.jsonl", default=50)
-    output_dir: str | None = _opt("run directory (default: runs/<timestamp>)", default=None)
+    output_dir: str | None = _opt(
+        "run directory; a run in it is resumed, never overwritten",
+        shown_default="runs/<timestamp>",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
@@ -191,20 +205,30 @@ class TrackingConfig:
     tracker: Literal["wandb", "none"] = _opt("experiment tracker", default="none")
     wandb_project: str = _opt("W&B project", env="WANDB_PROJECT", default="mnist-dist")
     wandb_entity: str | None = _opt(
-        "W&B team or user; None: the account's default entity", env="WANDB_ENTITY", default=None
+        "W&B team or user",
+        env="WANDB_ENTITY",
+        shown_default="the account's default entity",
+        default=None,
     )
     run_name: str | None = _opt(
-        "display name of the W&B run; None: W&B makes one up", env="WANDB_NAME", default=None
+        "display name of the W&B run",
+        env="WANDB_NAME",
+        shown_default="made up by W&B",
+        default=None,
     )
     wandb_group: str | None = _opt(
-        "W&B group, e.g. one per sweep or experiment", env="WANDB_RUN_GROUP", default=None
+        "W&B group, e.g. one per sweep or experiment",
+        env="WANDB_RUN_GROUP",
+        shown_default="none",
+        default=None,
     )
     wandb_tags: tuple[str, ...] = _opt(
         "W&B tags, comma separated (e.g. baseline,bf16)", env="WANDB_TAGS", default=()
     )
     wandb_mode: Literal["online", "offline", "disabled"] | None = _opt(
-        "online, offline or disabled; None: env WANDB_MODE, else online when W&B credentials "
-        "are found (WANDB_API_KEY or `wandb login`) and offline into the run directory when not",
+        "where the W&B run goes; disabled makes no W&B calls at all",
+        shown_default="env WANDB_MODE, else online when W&B credentials are found "
+        "(WANDB_API_KEY or `wandb login`) and offline into the run directory when not",
         default=None,
     )
     wandb_finish_timeout: float = _opt(
@@ -285,23 +309,34 @@ def _positive_or_none(text: str) -> int | None:
     return None if text.lower() in ("none", "all") else int(text)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, sections: dict[str, type] = SECTIONS) -> None:
-    """Add one flag per config field; every default is SUPPRESS so unset flags are not overrides."""
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    sections: dict[str, type] = SECTIONS,
+    only: Collection[str] | None = None,
+) -> None:
+    """Add one flag per config field of ``sections`` (or per field named in ``only``); every
+    default is SUPPRESS so unset flags are not overrides."""
     for section, cls in sections.items():
         group = parser.add_argument_group(f"{section} settings")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if only is not None and f.name not in only:
+                continue
             tp = _base_type(hints[f.name])
+            shown = _show_default(f)
             kwargs: dict[str, Any] = {
                 "dest": f"{section}.{f.name}",
                 "default": argparse.SUPPRESS,
                 "metavar": f.name.upper(),  # not the internal dest "SECTION.NAME"
-                "help": f"{f.metadata['help']}{_env_note(f)} [default: {_show_default(f)}]",
+                "help": f"{f.metadata['help']}{_env_note(f)}"
+                + (f" [default: {shown}]" if shown is not None else ""),
             }
             if tp is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
+                del kwargs["metavar"]  # a switch takes no value
             elif typing.get_origin(tp) is Literal:
                 kwargs["choices"] = list(typing.get_args(tp))
+                del kwargs["metavar"]  # argparse then shows the choices: --loader {tensor,...}
             elif typing.get_origin(tp) is tuple:  # "5,8" or "5 8"; parsed in _check_type
                 kwargs["nargs"] = "+"
                 kwargs["metavar"] = "TAG" if typing.get_args(tp)[0] is str else "EPOCH"
@@ -317,26 +352,44 @@ def _env_note(f: dataclasses.Field) -> str:
     return f" (env {f.metadata['env']})" if f.metadata.get("env") else ""
 
 
-def _show_default(f: dataclasses.Field) -> str:
+def _show_default(f: dataclasses.Field) -> str | None:
+    """The one default a flag's help shows: ``shown_default`` if the field has one, else its
+    value; nothing for a ``None`` that nobody explained."""
+    if f.metadata.get("shown_default") is not None:
+        return f.metadata["shown_default"]
+    value = f.default
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return str(f.default_factory())  # type: ignore[misc]
-    if isinstance(f.default, tuple):
-        return ",".join(str(v) for v in f.default) or "none"
-    return str(f.default)
+        value = f.default_factory()  # type: ignore[misc]
+    if value is None or value is dataclasses.MISSING:
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML or JSON config file shaped like ``Config.to_dict()``: a mapping per section."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason})"
+        ) from None
     try:
         raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        kind = "JSON" if p.suffix == ".json" else "YAML"
-        raise UsageError(f"config file {p} is not valid {kind}: {first_line(e)}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(
+            f"config file {p}, line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}"
+        ) from None
+    except yaml.YAMLError as e:
+        raise UsageError(
+            f"config file {p}{_yaml_position(e, text)}: not valid YAML: {_yaml_problem(e)}"
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -359,11 +412,31 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return raw
 
 
+def _yaml_position(error: yaml.YAMLError, text: str) -> str:
+    """The position of a YAML error as ", line L, column C" (1-based, as editors count), or ""
+    when yaml does not know it."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is not None:
+        return f", line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(error, yaml.reader.ReaderError):  # a forbidden character: only its offset
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - text.rfind("\n", 0, error.position)
+        return f", line {line}, column {column}"
+    return ""
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What yaml found wrong, without the source excerpt it appends over several lines."""
+    problem = getattr(error, "problem", None)
+    context = getattr(error, "context", None)
+    if problem:
+        return f"{problem} ({context})" if context else problem
+    return first_line(error)
+
+
 def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS) -> Config:
     """Resolve defaults <- environment <- config file <- flags into a validated ``Config``."""
     layered: dict[str, dict[str, Any]] = {name: {} for name in sections}
-    if os.environ.get(DATA_DIR_ENV) and "data" in layered:
-        layered["data"]["data_dir"] = os.environ[DATA_DIR_ENV]
     # `accelerate launch` passes its config's mixed_precision in this variable: it counts as a
     # default, so multi_gpu_bf16.yaml means bf16 unless the file or a flag says otherwise.
     launcher_precision = os.environ.get(LAUNCHER_PRECISION_ENV, "").lower()
@@ -371,6 +444,7 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
         layered["train"]["mixed_precision"] = launcher_precision
     for name, cls in sections.items():
         for f in dataclasses.fields(cls):
+            # An empty variable counts as unset (job templates often export `NAME=`).
             if f.metadata.get("env") and os.environ.get(f.metadata["env"]):
                 layered[name][f.name] = os.environ[f.metadata["env"]]
     config_path = getattr(args, "config", None)

@@ -6,6 +6,10 @@ checkpoints, a launch that formed the wrong world size); 3 training diverged (no
 resumable with ``--resume auto`` (75 is EX_TEMPFAIL: "try again later").
 """
 
+import json
+import os
+import time
+
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_WRITE_FAILED = 4
@@ -51,3 +55,25 @@ def first_line(error: BaseException) -> str:
     or its type name when the message is empty."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def leave_for_launcher(line: str) -> None:
+    """Hand the line that ends this process to the launcher that started it, if any.
+
+    ``accelerate launch`` (torchrun's elastic agent) ends a failed run with its own traceback and
+    a failure summary with a block per failed rank, the root cause's block last; without help
+    each block says only "To enable traceback see: https://pytorch.org/docs/stable/elastic/
+    errors.html". The agent gives every rank a file to write its error into
+    (``TORCHELASTIC_ERROR_FILE``) and prints what it finds there, a JSON object
+    ``{"message": str, "timestamp": int}``, in the rank's block instead: the summary then ends
+    with the line. (torch's own ``record`` decorator would put the Python traceback there.) The
+    launcher's exit status is unchanged: 1 for any failed rank.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:  # not under the elastic agent, or it keeps no logs ("" then)
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass  # the line is on stderr already; the summary is a convenience

@@ -158,7 +158,8 @@ def has_wandb_credentials() -> bool:
 
 
 def wandb_mode(config: TrackingConfig) -> str:
-    """``--wandb-mode``, else ``WANDB_MODE``, else online with credentials and offline without."""
+    """``--wandb-mode``, else ``WANDB_MODE``, else online with credentials and offline without.
+    An empty ``WANDB_MODE`` counts as unset."""
     return (
         config.wandb_mode
         or os.environ.get("WANDB_MODE")
@@ -225,6 +226,7 @@ class WandbTracker:
             self._stop(e)
 
     def _start(self, mode: str, run_id: str, run_config: dict[str, Any]) -> None:
+        _prepare_wandb_environ(mode)
         import wandb
 
         c = self.config
@@ -364,6 +366,23 @@ class WandbTracker:
             self.say(f"W&B run {run.id} recorded offline; upload it with: wandb sync {place}")
         elif report:
             self.say(f"W&B run {run.id}: {run.url}")
+
+
+def _prepare_wandb_environ(mode: str) -> None:
+    """Make the environment say what this run decided, before W&B reads it.
+
+    wandb reads every ``WANDB_*`` variable from ``os.environ`` itself and validates it, even one
+    whose setting is also passed to ``wandb.init``: with wandb 0.31 an empty ``WANDB_MODE``,
+    ``WANDB_TAGS``, ``WANDB_RUN_ID``, ``WANDB_BASE_URL``, ``WANDB_INIT_TIMEOUT``, ``WANDB_SILENT``,
+    ``WANDB_CONSOLE`` or ``WANDB_RESUME`` (job templates often export ``NAME=``) fails its
+    settings validation and the run never starts. mnist-dist treats an empty variable as unset
+    everywhere, so they are removed here for wandb too; and ``WANDB_MODE`` is set to the mode
+    this run resolved, so that ``--wandb-mode`` also wins over an invalid value in the
+    environment, as every flag wins over the environment.
+    """
+    for name in [k for k, v in os.environ.items() if k.startswith("WANDB_") and v == ""]:
+        del os.environ[name]
+    os.environ["WANDB_MODE"] = mode
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:

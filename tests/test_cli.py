@@ -1,13 +1,18 @@
 """The command line end to end: evaluate, predict, and one-line errors with exit code 2."""
 
+import argparse
+import dataclasses
 import json
 import os
+import typing
 
 import pytest
 import torch
-from helpers import read_summary, run_cli
+from helpers import launch_cli, read_summary, run_cli
 from PIL import Image
 
+from mnist_dist.__main__ import build_parser
+from mnist_dist.config import SECTIONS
 from mnist_dist.data import load_split
 
 
@@ -123,6 +128,9 @@ def test_train_on_tiny_data_writes_a_complete_run_directory(tiny_mnist, tmp_path
     assert evaluated.json_lines()[0]["test_correct"] == summary["test_correct"]
 
 
+TRAIN_HELP = "(see `mnist-dist train --help`)"
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [
@@ -136,7 +144,23 @@ def test_train_on_tiny_data_writes_a_complete_run_directory(tiny_mnist, tmp_path
         (["train", "--max-train-samples", "0"], ["--max-train-samples"]),
         (["train", "--epochs", "ten"], ["--epochs", "invalid int value"]),
         (["train", "--mixed-precision", "fp8"], ["--mixed-precision", "invalid choice"]),
-        (["train", "--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
+        (["train", "--bogus-flag"], ["unrecognized arguments: --bogus-flag", TRAIN_HELP]),
+        # No prefix matching: `--epoch` is not silently `--epochs`.
+        (["train", "--epoch", "1"], ["arguments: --epoch 1; did you mean --epochs?", TRAIN_HELP]),
+        (["train", "--epoch=1"], ["arguments: --epoch=1; did you mean --epochs?", TRAIN_HELP]),
+        (["train", "--batch_size", "32"], ["did you mean --batch-size?", TRAIN_HELP]),
+        (
+            ["train", "--max", "5"],
+            ["did you mean one of --max-train-samples, --max-eval-samples?", TRAIN_HELP],
+        ),
+        (
+            ["evaluate", "--weights", "w.pth", "--jsn"],
+            ["unrecognized arguments: --jsn; did you mean --json?", "`mnist-dist evaluate --help`"],
+        ),
+        (
+            ["evaluate", "--weights", "w.pth", "--max-train-samples", "5"],
+            ["unrecognized arguments: --max-train-samples 5", "`mnist-dist evaluate --help`"],
+        ),
         (["train", "--batch-size", "64", "--grad-accum", "3"], ["not divisible"]),
         (["train", "--mixed-precision", "fp16"], ["fp16 needs a CUDA GPU"]),
         (["train", "--config", "does-not-exist.yaml"], ["cannot read config file"]),
@@ -236,3 +260,79 @@ def test_predict_rejects_a_file_that_is_not_an_image(reference_weights, tmp_path
     bogus.write_text("not an image")
     result = run_cli("predict", "--weights", str(reference_weights), str(bogus))
     assert_usage_error(result, "cannot read image", str(bogus))
+
+
+def _help(*command: str) -> str:
+    """The help text of a command with its line wrapping undone."""
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    return " ".join(result.stdout.split())
+
+
+def _literal_choices(annotation: object) -> tuple | None:
+    """The values of a ``Literal[...]`` or ``Literal[...] | None`` annotation."""
+    for tp in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(tp) is typing.Literal:
+            return typing.get_args(tp)
+    return None
+
+
+def test_help_shows_one_default_per_flag_and_the_choices_of_every_literal_setting():
+    text = _help("train")
+    assert "[default: None]" not in text and "(default" not in text
+    assert (
+        "--output-dir OUTPUT_DIR run directory; a run in it is resumed, never overwritten "
+        "[default: runs/<timestamp>] " in text
+    )
+    assert (
+        "--max-train-samples N use only the first N training images [default: all 60,000] --"
+        in text
+    )
+    assert "--compile, --no-compile torch.compile" in text
+    for flag in (
+        "--loader {tensor,torchvision}",
+        "--tracker {wandb,none}",
+        "--mixed-precision {no,fp16,bf16}",
+        "--wandb-mode {online,offline,disabled}",
+    ):
+        assert flag in text
+    # Every setting whose type is a fixed set of values lists them, whatever is added later.
+    for cls in SECTIONS.values():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            choices = _literal_choices(hints[f.name])
+            if choices:
+                assert "{" + ",".join(choices) + "} " in text, f.name
+    # No flag of any command states its default twice, or states None.
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            help_text = action.help or ""
+            assert help_text.count("[default:") <= 1, (name, action.dest)
+            assert "(default" not in help_text and "None" not in help_text, (name, action.dest)
+
+
+def test_evaluate_help_lists_only_the_settings_evaluate_uses():
+    text = _help("evaluate")
+    for flag in ("--weights", "--data-dir", "--max-eval-samples", "--eval-batch-size"):
+        assert flag + " " in text
+    for flag in ("--max-train-samples", "--epochs", "--batch-size", "--lr", "--tracker"):
+        assert flag + " " not in text
+
+
+@pytest.mark.multiprocess
+def test_launcher_failure_summary_ends_with_the_ranks_own_line(tiny_mnist, tmp_path):
+    result = launch_cli(
+        "train", "--data-dir", str(tiny_mnist), "--output-dir", str(tmp_path / "o"),
+        "--batch-size", "3",
+    )  # fmt: skip
+    line = "mnist-dist: error: --batch-size 3 is not divisible by world size 2 x --grad-accum 1"
+    assert result.returncode != 0  # the launcher's own status: 1 for a failed rank
+    assert result.error_lines() == [line]  # printed once per node
+    # The launcher's failure summary names each rank's own message, not a link to torch's
+    # docs, and the root cause's message is its last line but the closing rule.
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].strip("=") == "" and lines[-2] == f"  traceback : {line}"
+    assert result.stderr.count(f"traceback : {line}") == 2  # rank 1 and rank 0
+    assert "To enable traceback see" not in result.stderr

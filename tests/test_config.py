@@ -161,3 +161,47 @@ def test_tracker_is_a_tracking_setting_and_tags_survive_config_yaml(tmp_path):
     bad.write_text(yaml.safe_dump({"train": {"tracker": "wandb"}}))
     with pytest.raises(UsageError, match=r"unknown key\(s\) \['tracker'\] in section 'train'"):
         parse("--config", str(bad))
+
+
+@pytest.mark.parametrize(
+    "name, text, position, problem",
+    [
+        ("flow.yaml", "train:\n  epochs: 3\n  seed: [1, 2\n", "line 4, column 1", "expected ','"),
+        (
+            "indent.yaml",
+            "train:\n  epochs: 3\n bad: x\n",
+            "line 3, column 2",
+            "expected <block end>",
+        ),
+        ("tab.yaml", "train: {epochs: 3}\n\tseed: 1\n", "line 2, column 1", "'\\t'"),
+        ("control.yaml", 'train:\n  epochs: "x\x01"\n', "line 2, column 13", "#x0001"),
+        ("comma.json", '{"train": {\n  "epochs": 3,\n}}', "line 3, column 1", "Expecting"),
+    ],
+)
+def test_invalid_config_file_names_file_line_and_column(tmp_path, name, text, position, problem):
+    cfg = tmp_path / name
+    cfg.write_text(text)
+    with pytest.raises(UsageError) as info:
+        parse("--config", str(cfg))
+    message = str(info.value)
+    assert message.startswith(f"config file {cfg}, {position}: not valid ")
+    assert problem in message and "\n" not in message
+
+
+def test_config_file_that_is_not_text_is_a_usage_error(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(UsageError, match="is not UTF-8 text"):
+        parse("--config", str(cfg))
+
+
+def test_empty_environment_variables_count_as_unset(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    for name in ("MNIST_DIST_DATA_DIR", *WANDB_ENV):
+        monkeypatch.setenv(name, "")
+    c = parse()
+    assert c.data.data_dir == "./data"
+    t = c.tracking
+    assert (t.wandb_project, t.wandb_entity, t.run_name, t.wandb_group, t.wandb_tags) == (
+        "mnist-dist", None, None, None, (),
+    )  # fmt: skip

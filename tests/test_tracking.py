@@ -302,6 +302,41 @@ def test_flags_beat_wandb_env_and_a_requeued_job_continues_its_run(tiny_mnist, t
     assert run.run_id == "requeued1" and run_dir.name.endswith("-requeued1")
 
 
+# Variables a job template may export empty; wandb itself rejects an empty value of most of them.
+EMPTY_WANDB_ENV = (
+    "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME", "WANDB_RUN_GROUP",
+    "WANDB_TAGS", "WANDB_RUN_ID", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_INIT_TIMEOUT",
+    "WANDB_SILENT", "WANDB_CONSOLE", "WANDB_RESUME",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "env, flags",
+    [
+        ({name: "" for name in EMPTY_WANDB_ENV}, ("--wandb-mode", "offline")),
+        ({name: "" for name in EMPTY_WANDB_ENV}, ()),  # offline: no credentials
+        ({"WANDB_MODE": "sideways"}, ("--wandb-mode", "offline")),  # the flag wins
+    ],
+    ids=["empty-with-flag", "empty-without-flag", "invalid-env-with-flag"],
+)
+def test_empty_or_overridden_wandb_variables_still_record_an_offline_run(
+    env, flags, tiny_mnist, tmp_path
+):
+    out = tmp_path / "r"
+    result = train_tracked(run_cli, tiny_mnist, out, *flags, env=wandb_env(tmp_path, **env))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert warnings(result) == []
+    run_dir, run = run_file(out)  # in the run directory: an empty WANDB_DIR is unset
+    assert run.project == "mnist-dist" and run.exit_code == 0
+    assert run.run_id == (out / WANDB_RUN_ID_FILE).read_text().strip()
+    assert run.config["tracking"]["wandb_tags"] == [] and run.config["tracking"]["run_name"] is None
+    epochs = run.rows_with("epoch/test_accuracy")
+    assert [r["epoch/test_accuracy"] for r in epochs] == [
+        m["test_accuracy"] for m in read_jsonl(out / "metrics.jsonl")
+    ]
+    assert f"upload it with: wandb sync {run_dir}" in result.stdout
+
+
 def test_mode_is_flag_then_wandb_mode_then_online_only_with_credentials(tmp_path, monkeypatch):
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
