@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
@@ -73,13 +73,7 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
 
     set_seed(tc.seed)  # the same initial weights on every rank and world size
     model, optimizer = build_model_and_optimizer(accelerator, tc, oc.lr)
-    # Stepped once per epoch by us and never prepared (huggingface/accelerate#2926). It wraps
-    # the inner optimizer, whose step() optimizer_step calls, so torch sees the steps it counts.
-    scheduler = MultiStepLR(
-        getattr(optimizer, "optimizer", optimizer),
-        milestones=list(oc.lr_milestones),
-        gamma=oc.lr_gamma,
-    )
+    scheduler = epoch_lr_scheduler(optimizer, oc.lr_milestones, oc.lr_gamma)
     state = TrainerState(
         seed=tc.seed,
         global_batch_size=tc.global_batch_size,
@@ -487,3 +481,23 @@ def summarize(
         "global_step": last["global_step"],
         "images_per_second": train_images / sum(r["train_seconds"] for r in history),
     }
+
+
+def epoch_lr_scheduler(
+    optimizer: torch.optim.Optimizer, milestones: Sequence[int], gamma: float
+) -> MultiStepLR:
+    """The per-epoch MultiStepLR of a prepared ``optimizer``. We step it and never prepare it:
+    a prepared scheduler steps once per process (huggingface/accelerate#2926).
+
+    torch wraps the ``step`` of the optimizer it is given, to warn when the scheduler steps
+    before the optimizer; it must wrap the ``step`` that ``optimizer_step`` calls. Without a
+    grad scaler that is the inner optimizer's. With fp16's scaler it is
+    ``AcceleratedOptimizer.step``, which replaces the inner optimizer's ``step`` during each
+    call and then restores the method it saved in ``prepare``, from before any scheduler
+    existed: a wrapper put on the inner optimizer is gone after the first step, and torch
+    warns that "``optimizer.step()`` has been overridden after learning rate scheduler
+    initialization".
+    """
+    scaled = getattr(optimizer, "scaler", None) is not None
+    stepped = optimizer if scaled else getattr(optimizer, "optimizer", optimizer)
+    return MultiStepLR(stepped, milestones=list(milestones), gamma=gamma)
