@@ -25,7 +25,7 @@ from mnist_dist.checkpoint import (
 )
 from mnist_dist.config import Config, TrainConfig
 from mnist_dist.data import TrainData, build_train_data, ensure_raw_files, eval_batches
-from mnist_dist.distributed import make_accelerator, provenance
+from mnist_dist.distributed import describe_processes, make_accelerator, provenance
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
 from mnist_dist.evaluate import EvalResult, evaluate
 from mnist_dist.model import MnistCNN
@@ -95,7 +95,7 @@ def _train(accelerator: Accelerator, config: Config, started: float) -> dict[str
     state.tracker_run_id = tracker.run_id or state.tracker_run_id
     outputs = RunOutputs(run_dir, tracker, console)
     console.print(
-        f"mnist-dist: {world} process(es), {accelerator.distributed_type.value}, "
+        f"mnist-dist: {describe_processes(accelerator)}, "
         f"device {device}, mixed precision {accelerator.mixed_precision}, "
         f"global batch {tc.global_batch_size} ({per_device_batch_size} per process), "
         f"{sharding.num_samples} training images, run dir {run_dir.path}"

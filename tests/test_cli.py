@@ -98,6 +98,7 @@ def test_train_on_tiny_data_writes_a_complete_run_directory(tiny_mnist, tmp_path
     ):
         assert key in summary
     assert (summary["world_size"], summary["epochs_completed"]) == (1, 2)
+    assert result.stdout.startswith("mnist-dist: single process, device cpu, mixed precision no,")
     assert summary["global_step"] == 2 * 8 and summary["test_total"] == 128
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
