@@ -160,7 +160,7 @@ def test_full_reference_recipe_reaches_99_percent(launcher, mnist_dir, tmp_path)
     assert lrs == pytest.approx([1e-3] * 5 + [1e-5] * 3 + [1e-7] * 2, rel=1e-9)
     print(
         f"{launcher}: {summary['test_correct']}/10000, {summary['images_per_second']:.0f} img/s, "
-        f"{summary['wall_seconds']:.0f}s"
+        f"{summary['segment_wall_seconds']:.0f}s"
     )
     assert f"{summary['test_correct']}/10000" in result.stdout
 
