@@ -23,9 +23,9 @@ Every row runs in a new Python process ((a) and (b) through this script's intern
 images/s counts training only (data loading included, evaluation excluded) and is steady state:
 the first epoch (and with it any compile time) is left out when there are two or more. "recipe
 s" is the whole training function with its per-epoch evaluations (mnist-dist's
-``wall_seconds``); "process s" adds interpreter start and imports. With ``--repeats`` the rows
-take turns, each repeat starting one row later, and the table shows medians; a run during which
-other processes took CPU is flagged.
+``segment_wall_seconds``); "process s" adds interpreter start and imports. With ``--repeats``
+the rows take turns, each repeat starting one row later, and the table shows medians; a run
+during which other processes took CPU is flagged.
 
 Run from the repository root, e.g.::
 
@@ -353,7 +353,7 @@ def run_mnist_dist(
         test_accuracy=float(summary["test_accuracy"]),
         test_correct=int(summary["test_correct"]),
         test_total=int(summary["test_total"]),
-        wall_seconds=float(summary["wall_seconds"]),
+        wall_seconds=float(summary["segment_wall_seconds"]),
         process_seconds=process_seconds,
         epochs=timings,
         extra={

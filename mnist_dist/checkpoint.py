@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,10 @@ from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mnist_dist.config import changed_math_settings
 from mnist_dist.errors import UsageError, WriteError, first_line
 from mnist_dist.model import MnistCNN, ModelConfig
+from mnist_dist.rundir import read_config
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 _PICKLE_MAGIC = b"\x80"  # torch.save's legacy format starts with a pickle protocol opcode
@@ -55,6 +58,11 @@ class TrainerState:
     epoch_train_seconds: float = 0.0  # training time spent in the current epoch so far
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records
     tracker_run_id: str | None = None  # the W&B run a resumed job continues
+    # The run's own record, so that a checkpoint tells how it came to be without its run dir:
+    config: dict[str, Any] | None = None  # the resolved settings it was trained with
+    started_at: str | None = None  # when the run first started (UTC, ISO 8601)
+    branched_from: str | None = None  # the checkpoint of another run this one started from
+    run_wall_seconds: float = 0.0  # wall time of the processes that trained it, summed
 
     @property
     def name(self) -> str:
@@ -68,9 +76,14 @@ class TrainerState:
     def from_json(cls, text: str) -> TrainerState:
         raw = json.loads(text)
         names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(raw, dict) or not names <= set(raw):
-            raise ValueError(f"missing fields {sorted(names - set(raw or {}))}")
-        return cls(**{k: raw[k] for k in names})
+        required = names - _ADDED_FIELDS
+        if not isinstance(raw, dict) or not required <= set(raw):
+            raise ValueError(f"missing fields {sorted(required - set(raw or {}))}")
+        return cls(**{k: raw[k] for k in names & set(raw)})
+
+
+# Fields that checkpoints written by earlier versions lack: they take their defaults.
+_ADDED_FIELDS = frozenset({"config", "started_at", "branched_from", "run_wall_seconds"})
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,36 @@ class Checkpoint:
 
     path: Path
     state: TrainerState
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent.parent  # <run dir>/checkpoints/<checkpoint>
+
+    def settings(self) -> dict[str, Any] | None:
+        """The settings the run was trained with up to this checkpoint (``Config.to_dict()``):
+        stored in it, else, for a checkpoint written before they were, its run's config.yaml."""
+        if self.state.config is not None:
+            return self.state.config
+        return read_config(self.run_dir)
+
+    def check_settings(
+        self, settings: dict[str, Any], run_dir: Path, branch: bool, say: Callable[[str], None]
+    ) -> None:
+        """Refuse to continue the run in ``run_dir`` with settings that change its math (a
+        one-line ``UsageError`` naming each one); on a ``branch`` (another run directory), only
+        say which differ."""
+        trained = self.settings()
+        changed = changed_math_settings(trained, settings) if trained else []
+        if not changed:
+            return
+        was, now = " ".join(old for old, _ in changed), " ".join(new for _, new in changed)
+        if branch:
+            say(f"note: branching from {self.path}, trained with {was}; this run has {now}")
+            return
+        raise UsageError(
+            f"{run_dir} was trained with {was}; this command has {now}: resume with the "
+            "run's settings or choose another --output-dir"
+        )
 
 
 class Checkpointer:
@@ -91,11 +134,23 @@ class Checkpointer:
     then deletes checkpoints beyond ``keep``. Call ``save`` on every rank.
     """
 
-    def __init__(self, accelerator: Accelerator, run_dir: Path, keep: int) -> None:
+    def __init__(
+        self, accelerator: Accelerator, run_dir: Path, keep: int, started: float | None = None
+    ) -> None:
         self.accelerator, self.keep = accelerator, keep
         self.root = run_dir / CHECKPOINTS_DIR
+        # Every checkpoint records the run's wall time so far: this process's since ``started``
+        # (a ``time.perf_counter()`` reading) plus that of the processes before it, which a
+        # resumed run takes from its checkpoint.
+        self.started = time.perf_counter() if started is None else started
+        self.earlier_wall_seconds = 0.0
+
+    def holds(self, checkpoint: Checkpoint) -> bool:
+        """Whether ``checkpoint`` belongs to this run directory (else it starts a branch)."""
+        return checkpoint.path.resolve().parent == self.root.resolve()
 
     def save(self, state: TrainerState) -> Path:
+        state.run_wall_seconds = self.earlier_wall_seconds + time.perf_counter() - self.started
         acc = self.accelerator
         final = self.root / state.name
         partial = self.root / f"{_PARTIAL_PREFIX}{state.name}"
@@ -145,7 +200,9 @@ class Checkpointer:
 
     def find(self, resume: str, warn: Callable[[str], None]) -> Checkpoint | None:
         """The checkpoint ``--resume`` names (``auto``: the newest intact one, or None;
-        ``never``: None; a path: that one, or an error). Same answer on every rank."""
+        ``never``: None; a path: that one, or an error; a path into a run directory that
+        already holds the branch started from it: the branch's newest). Same answer on every
+        rank."""
         found: list[str | None] = [None, None]  # path, error
         if self.accelerator.is_main_process:
             try:
@@ -176,7 +233,17 @@ class Checkpointer:
                         f"{self.root} holds checkpoints newer than {path.name} "
                         f"({newer[-1].name}); resume into another --output-dir"
                     )
-            return path
+                return path
+            own = self._find("auto", warn)
+            if own is None:
+                return path  # a new branch
+            branched_from = read_checkpoint(own).branched_from
+            if branched_from and Path(branched_from).resolve() == path.resolve():
+                return own  # the branch's own newest: the same command continues it
+            raise UsageError(
+                f"{self.root.parent} already holds a run; continue it with --resume auto, "
+                f"or branch from {path} into a new --output-dir"
+            )
         for path in reversed(complete_checkpoints(self.root)):
             try:
                 read_checkpoint(path)

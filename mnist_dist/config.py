@@ -506,3 +506,57 @@ def _describe(annotation: Any) -> str:
     if typing.get_origin(tp) is tuple:
         return "a list of strings" if typing.get_args(tp)[0] is str else "a list of integers"
     return getattr(tp, "__name__", str(tp))
+
+
+# Settings a run may change when it continues in its own run directory: they decide where files
+# go, what is logged and how often, and how data is read, not what is trained. Every setting not
+# listed counts as math (seed, batch, accumulation, optimizer, precision, layout, compile,
+# loader, the images used, ...), so a new field is guarded on resume until it is added here.
+# ``train.epochs`` is listed because it is handled on its own: more epochs continue a run.
+RESUMABLE_SETTINGS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("data", "data_dir"),
+        ("data", "num_workers"),
+        ("data", "eval_batch_size"),
+        ("data", "download"),
+        ("train", "epochs"),
+        ("train", "log_every"),
+        ("train", "output_dir"),
+        ("checkpoint", "checkpoint_every"),
+        ("checkpoint", "keep_checkpoints"),
+        ("checkpoint", "resume"),
+        *(("tracking", f.name) for f in dataclasses.fields(TrackingConfig)),
+    }
+)
+
+
+def changed_math_settings(run: dict[str, Any], this: dict[str, Any]) -> list[tuple[str, str]]:
+    """Each setting outside ``RESUMABLE_SETTINGS`` that differs between two ``Config.to_dict()``
+    mappings, as the flag with the run's value and the flag with this one's, e.g.
+    ``("--lr 0.001", "--lr 0.01")``. A setting the run does not record (it predates the
+    setting) is not compared: what the run did then is unknown."""
+    changed = []
+    for section, cls in SECTIONS.items():
+        recorded = run.get(section) or {}
+        for f in dataclasses.fields(cls):
+            if (section, f.name) in RESUMABLE_SETTINGS or f.name not in recorded:
+                continue
+            was, now = recorded[f.name], this[section][f.name]
+            if _plain(was) != _plain(now):
+                changed.append((_as_flag(f, was), _as_flag(f, now)))
+    return changed
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists: the recorded settings went through JSON or YAML."""
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _as_flag(f: dataclasses.Field, value: Any) -> str:
+    """The command-line form of a setting, e.g. ``--lr 0.01``, ``--no-channels-last``."""
+    flag = _flag(f)
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {','.join(map(str, value)) or 'none'}"
+    return f"{flag} {'all' if value is None else value}"

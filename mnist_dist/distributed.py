@@ -185,3 +185,20 @@ def provenance(accelerator: Accelerator) -> dict[str, Any]:
             "cuda": torch.version.cuda,
         },
     }
+
+
+def describe_processes(accelerator: Accelerator) -> str:
+    """The process group in words: "single process", "2 processes (DDP, gloo)"."""
+    world = accelerator.num_processes
+    if world == 1:
+        return "single process"
+    kind = accelerator.distributed_type.value
+    kind = "DDP" if kind.startswith("MULTI_") else kind  # MULTI_GPU, MULTI_CPU, ...: plain DDP
+    # A backend per device type reads "cuda:nccl,cpu:gloo": name the one of our device.
+    backends = dict(
+        part.split(":", 1) if ":" in part else (accelerator.device.type, part)
+        for part in (getattr(accelerator.state, "backend", None) or "").split(",")
+        if part
+    )
+    backend = backends.get(accelerator.device.type)
+    return f"{world} processes ({kind}{', ' + backend if backend else ''})"

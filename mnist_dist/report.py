@@ -1,7 +1,8 @@
 """``mnist-dist report``: look at runs without W&B.
 
-Reads only the run directory's ``metrics.jsonl`` (one record per epoch), so it works on a laptop
-that never saw the training job, for a finished run or one still going. With the ``plot`` extra
+Reads the run directory's ``metrics.jsonl`` (one record per epoch), so it works on a laptop that
+never saw the training job, for a finished run or one still going; for a run that has not
+finished an epoch yet, its ``status.json`` and ``steps.jsonl``. With the ``plot`` extra
 (matplotlib) it also draws the loss, accuracy and learning-rate curves into a PNG.
 """
 
@@ -9,12 +10,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mnist_dist.errors import UsageError
 
-METRICS_FILE = "metrics.jsonl"  # the name rundir.py writes; not imported to keep torch out
+# The names rundir.py writes; not imported, to keep torch out of this module.
+METRICS_FILE = "metrics.jsonl"
+STEPS_FILE = "steps.jsonl"
+STATUS_FILE = "status.json"
+CONFIG_FILE = "config.yaml"
 
 # (header, record key, format) of each column of the per-epoch table.
 EPOCH_COLUMNS = (
@@ -29,18 +35,82 @@ EPOCH_COLUMNS = (
 )
 # Side by side, each run shows these (the epoch is the shared first column).
 SIDE_BY_SIDE_KEYS = ("lr", "train_loss", "test_loss", "test_accuracy")
+# A run that has not finished an epoch shows its newest step records, with these columns.
+STEP_COLUMNS = (
+    ("global step", "global_step", "{}"),
+    ("epoch", "epoch", "{}"),
+    ("lr", "lr", "{:.1e}"),
+    ("train loss", "train_loss", "{:.4f}"),
+    ("images/s", "images_per_second", "{:,.0f}"),
+)
+STEP_ROWS = 10
+
+
+@dataclass
+class RunRecords:
+    """What a run directory tells: its epoch records; for a run without any yet (stopped or
+    still in its first epoch), its status and step records."""
+
+    epochs: list[dict[str, Any]]
+    status: dict[str, Any] = field(default_factory=dict)  # status.json
+    steps: list[dict[str, Any]] = field(default_factory=list)  # steps.jsonl
+
+
+def load_run(run_dir: str | Path) -> RunRecords:
+    """The records of a run directory. Raises ``UsageError`` when it holds none of a run's
+    files, or unreadable ones."""
+    run_dir = Path(run_dir)
+    epochs = load_epochs(run_dir)
+    if epochs:
+        return RunRecords(epochs)
+    status = _read_json(run_dir / STATUS_FILE)
+    steps = [
+        r for r in _read_jsonl(run_dir / STEPS_FILE) if all(k in r for _, k, _ in STEP_COLUMNS)
+    ]
+    if status or steps or (run_dir / CONFIG_FILE).exists():
+        return RunRecords([], status, steps)
+    if (run_dir / METRICS_FILE).exists():
+        raise UsageError(f"{run_dir} has no finished epoch yet ({METRICS_FILE} is empty)")
+    raise UsageError(
+        f"{run_dir} is not a run directory (no {METRICS_FILE}, {STEPS_FILE} or {STATUS_FILE})"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or caught mid-write
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file a run may be appending to (a partial last line is left out)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def load_epochs(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch records of a run directory, in order. Raises ``UsageError`` when the
-    directory holds no readable records."""
+    """The per-epoch records of a run directory, in order; none when it has no
+    ``metrics.jsonl``. Raises ``UsageError`` when the file cannot be read or holds a bad line."""
     path = Path(run_dir) / METRICS_FILE
     try:
         lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
     except OSError as e:
-        raise UsageError(
-            f"{run_dir} is not a run directory (cannot read {METRICS_FILE}: {e.strerror or e})"
-        ) from None
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -55,8 +125,6 @@ def load_epochs(run_dir: str | Path) -> list[dict[str, Any]]:
         if missing:
             raise UsageError(f"{path}, line {number}: missing {', '.join(missing)}")
         records.append(record)
-    if not records:
-        raise UsageError(f"{run_dir} has no finished epoch yet ({METRICS_FILE} is empty)")
     return records
 
 
@@ -81,18 +149,20 @@ def _render(headers: list[str], rows: list[list[str]], groups: list[tuple[str, i
     return "\n".join(lines)
 
 
-def format_report(runs: dict[str, list[dict[str, Any]]]) -> str:
+def format_report(runs: dict[str, RunRecords]) -> str:
     """The per-epoch table of one run, or of several side by side, and each run's result."""
     formats = {key: fmt for _, key, fmt in EPOCH_COLUMNS}
     titles = {key: title for title, key, _ in EPOCH_COLUMNS}
     if len(runs) == 1:
-        (records,) = runs.values()
-        headers = [title for title, _, _ in EPOCH_COLUMNS]
-        rows = [[fmt.format(r[key]) for _, key, fmt in EPOCH_COLUMNS] for r in records]
-        table = _render(headers, rows, [])
+        (run,) = runs.values()
+        columns = EPOCH_COLUMNS if run.epochs else STEP_COLUMNS
+        records = run.epochs or run.steps[-STEP_ROWS:]
+        headers = [title for title, _, _ in columns]
+        rows = [[fmt.format(r[key]) for _, key, fmt in columns] for r in records]
+        table = _render(headers, rows, []) if rows else ""
     else:
-        epochs = sorted({r["epoch"] for records in runs.values() for r in records})
-        by_epoch = {label: {r["epoch"]: r for r in records} for label, records in runs.items()}
+        epochs = sorted({r["epoch"] for run in runs.values() for r in run.epochs})
+        by_epoch = {label: {r["epoch"]: r for r in run.epochs} for label, run in runs.items()}
         headers = ["epoch"] + [titles[k] for _ in runs for k in SIDE_BY_SIDE_KEYS]
         rows = []
         for epoch in epochs:
@@ -102,16 +172,37 @@ def format_report(runs: dict[str, list[dict[str, Any]]]) -> str:
                 row += [formats[k].format(record[k]) if record else "-" for k in SIDE_BY_SIDE_KEYS]
             rows.append(row)
         groups = [("", 1)] + [(label, len(SIDE_BY_SIDE_KEYS)) for label in runs]
-        table = _render(headers, rows, groups)
+        table = _render(headers, rows, groups) if rows else ""
     results = []
-    for label, records in runs.items():
-        last, best = records[-1], max(records, key=lambda r: r["test_accuracy"])
+    for label, run in runs.items():
+        if not run.epochs:
+            results.append(_first_epoch_result(label, run))
+            continue
+        last, best = run.epochs[-1], max(run.epochs, key=lambda r: r["test_accuracy"])
         results.append(
             f"{label}: test accuracy {last['test_accuracy']:.2%} "
             f"({last.get('test_correct', '?')}/{last.get('test_total', '?')}) after epoch "
             f"{last['epoch']}; best {best['test_accuracy']:.2%} at epoch {best['epoch']}"
         )
-    return table + "\n\n" + "\n".join(results)
+    return "\n\n".join(part for part in (table, "\n".join(results)) if part)
+
+
+def _first_epoch_result(label: str, run: RunRecords) -> str:
+    """What is known of a run that has not finished an epoch: its state, where it is, its
+    newest step record, and the message it ended with."""
+    state = run.status.get("state", "state unknown (no status.json)")
+    last = run.steps[-1] if run.steps else None
+    epoch = last["epoch"] if last else run.status.get("epoch", 1)
+    text = f"{label}: {state} in epoch {epoch}, no epoch finished yet; "
+    if last:
+        text += (
+            f"at global step {last['global_step']}: train loss {last['train_loss']:.4f}, "
+            f"{last['images_per_second']:,.0f} images/s"
+        )
+    else:
+        text += "no step recorded yet"
+    message = run.status.get("message")
+    return text + (f"\n  {message}" if message else "")
 
 
 def _pyplot() -> Any:
@@ -163,7 +254,7 @@ def report(run_dirs: Sequence[str | Path], png: str | Path | None = None) -> str
     """The text report of ``run_dirs``; with ``png``, the curves are also written there."""
     if png is not None:
         _pyplot()  # before reading anything
-    runs = dict(zip(_labels(run_dirs), (load_epochs(d) for d in run_dirs), strict=True))
+    runs = dict(zip(_labels(run_dirs), (load_run(d) for d in run_dirs), strict=True))
     if png is not None:
-        plot_report(runs, png)
+        plot_report({label: run.epochs for label, run in runs.items()}, png)
     return format_report(runs)

@@ -38,6 +38,15 @@ def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: st
     return Path(choice[0])
 
 
+def read_config(run_dir: Path) -> dict[str, Any] | None:
+    """A run directory's config.yaml (settings and provenance), or None if it has none."""
+    try:
+        config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def check_writable(folder: Path) -> None:
     """Create ``folder`` if needed and prove a file can be written in it; raises ``OSError``.
     The probe's name is unique per host and process: several nodes may probe one shared
@@ -68,9 +77,23 @@ class RunDir:
     def model_path(self) -> Path:
         return self.path / MODEL_FILE
 
+    @property
+    def summary_path(self) -> Path:
+        return self.path / SUMMARY_FILE
+
     def holds_records(self) -> bool:
         """Whether a run already wrote epoch records here."""
         return (self.path / METRICS_FILE).exists()
+
+    def finished_summary(self) -> dict[str, Any] | None:
+        """The summary of the finished run this directory holds, or None if it holds none."""
+        try:
+            status = json.loads((self.path / STATUS_FILE).read_text())
+            summary = json.loads((self.path / SUMMARY_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        finished = isinstance(status, dict) and status.get("state") == "finished"
+        return summary if finished and isinstance(summary, dict) else None
 
     def restore_records(self, history: list[dict[str, Any]], global_step: int) -> None:
         """Rewind the records to a checkpoint: its epoch history, and the step records up to

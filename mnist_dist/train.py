@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,12 +26,12 @@ from mnist_dist.checkpoint import (
 from mnist_dist.config import Config, TrainConfig
 from mnist_dist.data import Sharding, build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.determinism import set_determinism
-from mnist_dist.distributed import make_accelerator, provenance
+from mnist_dist.distributed import describe_processes, make_accelerator, provenance
 from mnist_dist.engine import EpochStats, StepEngine, build_engine
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
 from mnist_dist.evaluate import EvalResult, evaluate
 from mnist_dist.model import MnistCNN
-from mnist_dist.rundir import RunDir, resolve_run_dir
+from mnist_dist.rundir import RunDir, read_config, resolve_run_dir
 from mnist_dist.stopping import STOP_FILE, StopControl
 from mnist_dist.tracking import MAX_TABLE_ROWS, RunConsole, RunOutputs, make_tracker, wants_wandb
 
@@ -67,31 +68,43 @@ def _train(
     test_data = eval_batches(dc, world, rank, device)
     sharding = train_data.sharding
     console = RunConsole(accelerator.is_main_process, tc.epochs, sharding.steps_per_epoch)
-    checkpointer = Checkpointer(accelerator, run_dir.path, cc.keep_checkpoints)
+    checkpointer = Checkpointer(accelerator, run_dir.path, cc.keep_checkpoints, started)
     checkpoint = checkpointer.find(cc.resume, console.print)
-    if checkpoint is None and run_dir.holds_records():
+    branch = checkpoint is not None and not checkpointer.holds(checkpoint)
+    if (checkpoint is None or branch) and run_dir.holds_records():
         raise UsageError(
             f"{run_dir.path} already holds a run and no intact checkpoint to resume "
             f"(--resume {cc.resume}); choose another --output-dir"
         )
+    resolved = config.to_dict()
+    if checkpoint is not None:  # before anything is written
+        checkpoint.check_settings(resolved, run_dir.path, branch, console.print)
+    finished = None if branch else run_dir.finished_summary()
+    if finished is not None:
+        done = finished["epochs_completed"]
+        if tc.epochs <= done:  # the same command again: nothing to do, nothing rewritten
+            console.print(
+                f"mnist-dist: {run_dir.path} holds a finished run: {done} epoch(s), test "
+                f"accuracy {finished['test_accuracy']:.2%}; summary in {run_dir.summary_path}; "
+                f"pass --epochs above {done} to train it further"
+            )
+            console.close()
+            return finished
+        console.print(f"note: {run_dir.path} finished {done} epoch(s); training on to {tc.epochs}")
 
     set_seed(tc.seed)  # the same initial weights on every rank and world size
     model, optimizer = build_model_and_optimizer(accelerator, tc, oc.lr)
-    # Stepped once per epoch by us and never prepared (huggingface/accelerate#2926). It wraps
-    # the inner optimizer, whose step() optimizer_step calls, so torch sees the steps it counts.
-    scheduler = MultiStepLR(
-        getattr(optimizer, "optimizer", optimizer),
-        milestones=list(oc.lr_milestones),
-        gamma=oc.lr_gamma,
-    )
+    scheduler = epoch_lr_scheduler(optimizer, oc.lr_milestones, oc.lr_gamma)
     state = TrainerState(
         seed=tc.seed,
         global_batch_size=tc.global_batch_size,
         num_samples=sharding.num_samples,
         world_size=world,
+        config=resolved,
     )
     if checkpoint is not None:
-        state = resume(accelerator, checkpoint, state, scheduler, console.print)
+        state = resume(accelerator, checkpoint, state, scheduler, console.print, tc.epochs, branch)
+        checkpointer.earlier_wall_seconds = state.run_wall_seconds
         run_dir.restore_records(state.history, state.global_step)
 
     # After the resume: a capture records the addresses of the restored optimizer state.
@@ -99,8 +112,13 @@ def _train(
         tc.cuda_graph, model, optimizer, accelerator, train_data, tc.grad_accum, console.print
     )
 
-    resolved, launch = config.to_dict(), provenance(accelerator)
+    launch = provenance(accelerator)
+    if checkpoint is not None:
+        launch["resumed_at"] = launch["started_at"]
+    # The first start's time describes the run; a branch is a run of its own.
+    launch["started_at"] = state.started_at = state.started_at or launch["started_at"]
     launch["resumed_from"] = str(checkpoint.path) if checkpoint else None
+    launch["branched_from"] = state.branched_from
     launch.update(determinism, step_engine=engine.name)
     run_dir.write_config(resolved, launch)
     # A resumed run continues its W&B run: the id comes from the checkpoint (or the run dir).
@@ -111,7 +129,7 @@ def _train(
     state.tracker_run_id = tracker.run_id or state.tracker_run_id
     outputs = RunOutputs(run_dir, tracker, console)
     console.print(
-        f"mnist-dist: {world} process(es), {accelerator.distributed_type.value}, "
+        f"mnist-dist: {describe_processes(accelerator)}, "
         f"device {device}, mixed precision {accelerator.mixed_precision}, "
         f"global batch {tc.global_batch_size} ({per_device_batch_size} per process), "
         f"{sharding.num_samples} training images, run dir {run_dir.path}"
@@ -147,7 +165,13 @@ def _train(
             per_device_batch_size,
         )  # fmt: skip
         summary["step_engine"], summary["deterministic"] = engine.name, tc.deterministic
-        summary["wall_seconds"] = time.perf_counter() - started
+        # This command's time, and the run's: summed over every process that trained it (each
+        # up to its last checkpoint: work lost to a kill is not counted).
+        summary["segment_wall_seconds"] = time.perf_counter() - started
+        summary["run_wall_seconds"] = (
+            checkpointer.earlier_wall_seconds + summary["segment_wall_seconds"]
+        )
+        summary["started_at"] = state.started_at
         summary["run_dir"] = str(run_dir.path)
         if accelerator.is_main_process:
             export_model(
@@ -164,8 +188,10 @@ def _train(
         console.print(
             f"done: test accuracy {summary['test_accuracy']:.2%} ({summary['test_correct']}/"
             f"{summary['test_total']}) after {summary['epochs_completed']} epoch(s), "
-            f"{summary['images_per_second']:,.0f} images/s, {summary['wall_seconds']:.0f}s; "
-            f"weights in {run_dir.model_path}"
+            f"{summary['images_per_second']:,.0f} images/s, "
+            f"{summary['segment_wall_seconds']:.0f}s"
+            + (f" ({summary['run_wall_seconds']:.0f}s over the run)" if checkpoint else "")
+            + f"; weights in {run_dir.model_path}"
         )
     except (Stopped, DivergedError, WriteError) as e:
         state_name = {Stopped: "stopped", DivergedError: "diverged"}.get(type(e), "failed")
@@ -208,14 +234,24 @@ def resume(
     fresh: TrainerState,
     scheduler: MultiStepLR,
     say: Callable[[str], None],
+    epochs: int,
+    branch: bool = False,
 ) -> TrainerState:
     """Load ``checkpoint`` into the prepared model and optimizer and return its trainer state.
 
     A mid-epoch checkpoint continues the same permutation at the next batch, so it needs the
     same seed, global batch and training set; one taken at an epoch boundary can continue
-    with any world size (the global batch, not the per-process batch, fixes the math).
+    with any world size (the global batch, not the per-process batch, fixes the math). The
+    checkpoint must not be past the end of ``epochs``. A ``branch`` (a new run directory) is a
+    run of its own: it keeps the weights and position, not the first run's start.
     """
     state = checkpoint.state
+    trained = state.epoch - 1 if state.step == 0 else state.epoch  # whole or partial epochs
+    if epochs < trained:
+        raise UsageError(
+            f"checkpoint {checkpoint.path} has trained past --epochs {epochs} (it resumes at "
+            f"epoch {state.epoch}, step {state.step}): pass --epochs {trained} or more"
+        )
     if state.step > 0:
         for name, flag in (
             ("seed", "--seed"),
@@ -231,6 +267,14 @@ def resume(
     for note in restore_checkpoint(accelerator, checkpoint):
         say(note)
     scheduler.load_state_dict({**scheduler.state_dict(), **state.scheduler})
+    if branch:  # the restored optimizer holds the first run's LR: follow this run's schedule
+        decays = bisect_right(sorted(scheduler.milestones.elements()), scheduler.last_epoch)
+        lrs = [base * scheduler.gamma**decays for base in scheduler.base_lrs]
+        for group, base, lr in zip(
+            scheduler.optimizer.param_groups, scheduler.base_lrs, lrs, strict=True
+        ):
+            group["initial_lr"], group["lr"] = base, lr
+        scheduler.load_state_dict({**scheduler.state_dict(), "_last_lr": lrs})
     if state.world_size != fresh.world_size:
         say(
             f"note: {checkpoint.path.name} was saved by {state.world_size} process(es), "
@@ -238,6 +282,14 @@ def resume(
         )
     state.seed, state.global_batch_size = fresh.seed, fresh.global_batch_size
     state.num_samples, state.world_size = fresh.num_samples, fresh.world_size
+    state.config = fresh.config
+    if branch:
+        state.started_at, state.run_wall_seconds = fresh.started_at, fresh.run_wall_seconds
+        state.branched_from = str(checkpoint.path)
+    elif state.started_at is None:  # a checkpoint from before it stored this
+        state.started_at = (
+            (read_config(checkpoint.run_dir) or {}).get("provenance", {}).get("started_at")
+        )
     say(
         f"resumed from {checkpoint.path}: epoch {state.epoch}, step {state.step} "
         f"(global step {state.global_step})"
@@ -439,3 +491,23 @@ def summarize(
         "global_step": last["global_step"],
         "images_per_second": train_images / sum(r["train_seconds"] for r in history),
     }
+
+
+def epoch_lr_scheduler(
+    optimizer: torch.optim.Optimizer, milestones: Sequence[int], gamma: float
+) -> MultiStepLR:
+    """The per-epoch MultiStepLR of a prepared ``optimizer``. We step it and never prepare it:
+    a prepared scheduler steps once per process (huggingface/accelerate#2926).
+
+    torch wraps the ``step`` of the optimizer it is given, to warn when the scheduler steps
+    before the optimizer; it must wrap the ``step`` that ``optimizer_step`` calls. Without a
+    grad scaler that is the inner optimizer's. With fp16's scaler it is
+    ``AcceleratedOptimizer.step``, which replaces the inner optimizer's ``step`` during each
+    call and then restores the method it saved in ``prepare``, from before any scheduler
+    existed: a wrapper put on the inner optimizer is gone after the first step, and torch
+    warns that "``optimizer.step()`` has been overridden after learning rate scheduler
+    initialization".
+    """
+    scaled = getattr(optimizer, "scaler", None) is not None
+    stepped = optimizer if scaled else getattr(optimizer, "optimizer", optimizer)
+    return MultiStepLR(stepped, milestones=list(milestones), gamma=gamma)

@@ -6,11 +6,13 @@ takes seconds; faults come from ``tests/faults/sitecustomize.py`` in the started
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import (
     assert_bit_identical,
     fault_env,
@@ -336,3 +338,140 @@ def test_full_disk_at_the_final_export_is_one_line(data, small_disk):
     assert len(failed.stderr.strip().splitlines()) == 1
     assert status(out)["state"] == "failed"
     assert (out / "checkpoints" / "epoch-002-step-000000" / "COMPLETE").exists()
+
+
+def tree_hashes(run_dir: Path) -> dict[str, str]:
+    """The sha256 of every file under ``run_dir``, by relative path."""
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+def provenance(run_dir: Path) -> dict:
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["provenance"]
+
+
+def test_a_finished_run_stays_as_it_finished_and_more_epochs_continue_it(data, tmp_path):
+    out, milestone = tmp_path / "run", ("--lr-milestones", "2")
+    assert train(data, out, *milestone).returncode == 0
+    first, started_at = read_summary(out), provenance(out)["started_at"]
+    before = tree_hashes(out)
+
+    for epochs in (2, 1):  # the same command again, or fewer epochs: nothing to do
+        again = train(data, out, *milestone, epochs=epochs)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert again.stdout.splitlines() == [
+            f"mnist-dist: {out} holds a finished run: 2 epoch(s), test accuracy "
+            f"{first['test_accuracy']:.2%}; summary in {out / 'summary.json'}; pass --epochs "
+            "above 2 to train it further"
+        ]
+        assert again.stderr == ""
+        assert tree_hashes(out) == before
+
+    for epochs in (2, 3):  # settings that change the math: refused, whatever --epochs says
+        changed = train(
+            data, out, *milestone, "--lr", "0.01", "--batch-size", "64", "--no-channels-last",
+            epochs=epochs,
+        )  # fmt: skip
+        assert changed.returncode == EXIT_USAGE
+        assert changed.stderr.splitlines() == [
+            f"mnist-dist: error: {out} was trained with --lr 0.001 --batch-size 32 "
+            "--channels-last; this command has --lr 0.01 --batch-size 64 --no-channels-last: "
+            "resume with the run's settings or choose another --output-dir"
+        ]
+        assert tree_hashes(out) == before
+
+    # More epochs continue from the newest checkpoint, with settings that do not change the
+    # math: the schedule goes on (a decay after epoch 2), the records are appended, and the
+    # weights are an uninterrupted 3-epoch run's.
+    more = train(data, out, *milestone, "--log-every", "4", "--keep-checkpoints", "1", epochs=3)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert f"note: {out} finished 2 epoch(s); training on to 3" in more.stdout
+    uninterrupted = tmp_path / "uninterrupted"
+    assert train(data, uninterrupted, *milestone, epochs=3).returncode == 0
+    assert_bit_identical(out / "model.safetensors", uninterrupted / "model.safetensors")
+    assert [r["lr"] for r in read_jsonl(out / "metrics.jsonl")] == pytest.approx([1e-3, 1e-3, 1e-5])
+    steps = [r["global_step"] for r in read_jsonl(out / "steps.jsonl")]
+    assert steps == [*range(1, 33), 36, 40, 44, 48]
+    # The run's start is the first one; its wall time adds this process's to the first's.
+    summary = read_summary(out)
+    assert provenance(out)["started_at"] == summary["started_at"] == started_at
+    assert provenance(out)["resumed_at"] >= started_at
+    assert summary["epochs_completed"] == 3
+    assert (
+        summary["segment_wall_seconds"] + 0.5 * first["segment_wall_seconds"]
+        < summary["run_wall_seconds"]
+        <= summary["segment_wall_seconds"] + first["run_wall_seconds"]
+    )
+
+    # A run killed after its last checkpoint and before its summary: fewer epochs than it has
+    # trained are refused; its own count finishes it without training.
+    (out / "summary.json").unlink()
+    (out / "status.json").write_text('{"state": "running"}')
+    fewer = train(data, out, *milestone, epochs=2)
+    assert fewer.returncode == EXIT_USAGE
+    assert "has trained past --epochs 2" in fewer.stderr and "--epochs 3 or more" in fewer.stderr
+    assert train(data, out, *milestone, epochs=3).returncode == 0
+    assert read_summary(out)["epochs_completed"] == 3 and status(out)["state"] == "finished"
+
+
+def test_a_branch_may_change_settings_and_records_where_it_came_from(data, tmp_path):
+    first = tmp_path / "a"
+    assert train(data, first, "--checkpoint-every", "8", epochs=1).returncode == 0
+    origin = first / "checkpoints" / "epoch-002-step-000000"
+    branch = tmp_path / "b"
+    args = ("--resume", str(origin), "--lr", "0.01", "--lr-milestones", "2")
+    result = train(data, branch, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line for line in result.stdout.splitlines() if line.startswith("note:")] == [
+        f"note: branching from {origin}, trained with --lr 0.001 --lr-milestones 5,8; this "
+        "run has --lr 0.01 --lr-milestones 2"
+    ]
+    # The branch trains with its own LR (the restored optimizer held the first run's).
+    assert [r["lr"] for r in read_jsonl(branch / "metrics.jsonl")] == pytest.approx([1e-3, 1e-2])
+    assert provenance(branch)["branched_from"] == provenance(branch)["resumed_from"] == str(origin)
+    assert provenance(branch)["started_at"] > provenance(first)["started_at"]  # a run of its own
+    assert provenance(first)["branched_from"] is None
+
+    # The same command again continues the branch from its own newest checkpoint.
+    again = train(data, branch, *args, epochs=3)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {branch / 'checkpoints' / 'epoch-003-step-000000'}" in again.stdout
+    assert [r["lr"] for r in read_jsonl(branch / "metrics.jsonl")] == pytest.approx(
+        [1e-3, 1e-2, 1e-4]
+    )
+    assert trainer_state(branch / "checkpoints" / "epoch-004-step-000000")["branched_from"] == (
+        str(origin)
+    )
+    # Another checkpoint into the same folder would mix two runs' records.
+    mixed = train(data, branch, "--resume", str(first / "checkpoints" / "epoch-001-step-000008"))
+    assert mixed.returncode == EXIT_USAGE
+    assert f"{branch} already holds a run; continue it with --resume auto" in mixed.stderr
+
+
+def test_a_checkpoint_without_stored_settings_is_checked_against_config_yaml(data, tmp_path):
+    out = tmp_path / "run"
+    assert train(data, out, epochs=1).returncode == 0
+    started_at = provenance(out)["started_at"]
+    # Rewrite the checkpoint as versions before the settings were stored wrote it.
+    checkpoint = out / "checkpoints" / "epoch-002-step-000000"
+    state = trainer_state(checkpoint)
+    for added in ("config", "started_at", "branched_from", "run_wall_seconds"):
+        del state[added]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    manifest = json.loads((checkpoint / "COMPLETE").read_text())
+    data_bytes = (checkpoint / "trainer_state.json").read_bytes()
+    manifest["trainer_state.json"] = {
+        "bytes": len(data_bytes),
+        "sha256": hashlib.sha256(data_bytes).hexdigest(),
+    }
+    (checkpoint / "COMPLETE").write_text(json.dumps(manifest))
+
+    refused = train(data, out, "--seed", "1", epochs=2)
+    assert refused.returncode == EXIT_USAGE
+    assert f"{out} was trained with --seed 0; this command has --seed 1" in refused.stderr
+    resumed = train(data, out, epochs=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert provenance(out)["started_at"] == started_at

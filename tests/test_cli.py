@@ -99,10 +99,14 @@ def test_train_on_tiny_data_writes_a_complete_run_directory(tiny_mnist, tmp_path
         "epochs_completed",
         "global_step",
         "images_per_second",
-        "wall_seconds",
+        "run_wall_seconds",
+        "segment_wall_seconds",
+        "started_at",
     ):
         assert key in summary
     assert (summary["world_size"], summary["epochs_completed"]) == (1, 2)
+    assert summary["run_wall_seconds"] == summary["segment_wall_seconds"]  # one process ran it
+    assert result.stdout.startswith("mnist-dist: single process, device cpu, mixed precision no,")
     assert summary["global_step"] == 2 * 8 and summary["test_total"] == 128
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -6,7 +7,13 @@ from accelerate.commands.config.config_args import load_config_from_file
 from helpers import ACCELERATE_CONFIGS
 
 from mnist_dist.__main__ import build_parser
-from mnist_dist.config import Config, build_config
+from mnist_dist.config import (
+    RESUMABLE_SETTINGS,
+    SECTIONS,
+    Config,
+    build_config,
+    changed_math_settings,
+)
 from mnist_dist.errors import UsageError
 
 
@@ -205,3 +212,21 @@ def test_empty_environment_variables_count_as_unset(monkeypatch):
     assert (t.wandb_project, t.wandb_entity, t.run_name, t.wandb_group, t.wandb_tags) == (
         "mnist-dist", None, None, None, (),
     )  # fmt: skip
+
+
+def test_settings_that_change_the_math_are_all_but_the_resumable_ones():
+    fields = {(name, f.name) for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert RESUMABLE_SETTINGS.issubset(fields)  # no misspelt name lets a setting through
+    run = parse().to_dict()
+    this = parse(
+        "--seed", "3", "--max-train-samples", "100", "--no-channels-last", "--lr-milestones", "4",
+        "--log-every", "7", "--tracker", "wandb", "--epochs", "20", "--num-workers", "0",
+    ).to_dict()  # fmt: skip
+    assert changed_math_settings(run, this) == [
+        ("--max-train-samples all", "--max-train-samples 100"),
+        ("--lr-milestones 5,8", "--lr-milestones 4"),
+        ("--seed 0", "--seed 3"),
+        ("--channels-last", "--no-channels-last"),
+    ]
+    del run["train"]["seed"]  # a run recorded before the setting existed: not compared
+    assert ("--seed 0", "--seed 3") not in changed_math_settings(run, this)

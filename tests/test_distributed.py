@@ -93,6 +93,7 @@ def test_a_launch_that_forms_one_process_instead_of_two_is_refused(tiny_mnist, t
 def test_two_ranks_log_once(tiny_mnist, tmp_path):
     result = launch_train(tiny_mnist, tmp_path / "o", "--epochs", "2", "--batch-size", "32")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "mnist-dist: 2 processes (DDP, gloo), device cpu" in result.stdout  # cpu:0 per rank
     epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]  # main process only
     config = (tmp_path / "o" / "config.yaml").read_text()

@@ -1,7 +1,18 @@
 """``mnist-dist report``: the per-epoch table of real runs, side by side, and the PNG."""
 
+import signal
+
 import pytest
-from helpers import fault_env, make_tiny_mnist, read_jsonl, run_cli
+from helpers import (
+    fault_env,
+    make_tiny_mnist,
+    read_jsonl,
+    run_cli,
+    start_cli,
+    wait_for_step,
+)
+
+from mnist_dist.errors import EXIT_STOPPED
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +100,43 @@ def test_bad_run_directory_is_one_line(problem, tmp_path):
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
     expected = {
-        "missing": "is not a run directory (cannot read metrics.jsonl",
+        "missing": "is not a run directory (no metrics.jsonl, steps.jsonl or status.json)",
         "empty": "has no finished epoch yet",
         "not-json": "metrics.jsonl, line 1: not a JSON record",
     }[problem]
     assert line.startswith("mnist-dist: error: ") and expected in line
+
+
+def test_a_run_inside_its_first_epoch_shows_what_is_known(tmp_path):
+    data = make_tiny_mnist(tmp_path / "tiny")  # 8 steps of 32 images per epoch
+    out = tmp_path / "run"
+    # A slow step (1.5 s) keeps the run inside its first epoch while it is looked at.
+    started = start_cli(
+        "train", "--data-dir", str(data), "--output-dir", str(out), "--batch-size", "32",
+        "--log-every", "1", launched=False, env=fault_env(STEP_SLEEP=1.5), workdir=tmp_path / "p",
+    )  # fmt: skip
+    wait_for_step(out, 1, started)
+    running = run_cli("report", str(out))
+    started.proc.send_signal(signal.SIGTERM)
+    assert started.wait(timeout=120).returncode == EXIT_STOPPED
+    assert running.returncode == 0, running.stderr
+    assert "run: running in epoch 1, no epoch finished yet; at global step" in running.stdout
+
+    assert not (out / "metrics.jsonl").exists()
+    stopped = run_cli("report", str(out))
+    assert stopped.returncode == 0, stopped.stderr
+    steps = read_jsonl(out / "steps.jsonl")
+    last = steps[-1]
+    lines = stopped.stdout.splitlines()
+    assert lines[0].split() == ["global", "step", "epoch", "lr", "train", "loss", "images/s"]
+    assert [line.split()[0] for line in lines[1 : 1 + len(steps)]] == [
+        str(s["global_step"]) for s in steps
+    ]
+    assert (
+        f"run: stopped in epoch 1, no epoch finished yet; at global step {last['global_step']}: "
+        f"train loss {last['train_loss']:.4f}, {last['images_per_second']:,.0f} images/s"
+    ) in lines
+    assert f"  signal SIGTERM: stopped at epoch 1, step {last['global_step']} " in stopped.stdout
+    # Resumed from a checkpoint inside epoch 1, a run rewinds metrics.jsonl to no records.
+    (out / "metrics.jsonl").write_text("")
+    assert run_cli("report", str(out)).stdout == stopped.stdout

@@ -1,9 +1,16 @@
 """Training behaviour through the real entry point: schedule, precision, accumulation, accuracy."""
 
 import math
+import warnings
 
 import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from helpers import fault_env, launch_cli, make_tiny_mnist, read_jsonl, read_summary, run_cli
+
+from mnist_dist.config import TrainConfig
+from mnist_dist.train import build_model_and_optimizer, epoch_lr_scheduler, train_step
 
 # Launch modes a run can be started in: plain python (1 process) and 2 gloo ranks.
 LAUNCHERS = {"1proc": run_cli, "2proc": launch_cli}
@@ -153,6 +160,32 @@ def test_full_reference_recipe_reaches_99_percent(launcher, mnist_dir, tmp_path)
     assert lrs == pytest.approx([1e-3] * 5 + [1e-5] * 3 + [1e-7] * 2, rel=1e-9)
     print(
         f"{launcher}: {summary['test_correct']}/10000, {summary['images_per_second']:.0f} img/s, "
-        f"{summary['wall_seconds']:.0f}s"
+        f"{summary['segment_wall_seconds']:.0f}s"
     )
     assert f"{summary['test_correct']}/10000" in result.stdout
+
+
+@pytest.fixture
+def cpu_accelerator():
+    """An Accelerator in this process, on the CPU; its shared state is reset afterwards."""
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("scaled", [True, False], ids=["fp16 grad scaler", "no scaler"])
+def test_the_lr_scheduler_sees_the_optimizer_steps_without_a_warning(scaled, cpu_accelerator):
+    # fp16's path steps through AcceleratedOptimizer.step and a GradScaler. Accelerate makes the
+    # scaler for CUDA only, so it gets an enabled CPU one here, before prepare as in fp16 runs.
+    if scaled:
+        cpu_accelerator.scaler = torch.amp.GradScaler("cpu")
+    model, optimizer = build_model_and_optimizer(cpu_accelerator, TrainConfig(), lr=1e-3)
+    assert (optimizer.scaler is not None) == scaled
+    scheduler = epoch_lr_scheduler(optimizer, milestones=[1], gamma=0.1)
+    images, labels = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # an "epoch", then the scheduler's step at its end
+            train_step(model, optimizer, cpu_accelerator, images, labels, 8, grad_accum=1)
+        scheduler.step()
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # it still drives the LR
