@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -55,6 +56,15 @@ class StepEngine(Protocol):
         ...
 
 
+def lr_value(lr: float | torch.Tensor) -> float:
+    """An LR as a Python float. A captured step keeps it in a float32 tensor on the device
+    (reading it is a host sync): that float32 is given as its shortest decimal, so 1e-3 reads
+    0.001 and not 0.0010000000474974513."""
+    if isinstance(lr, torch.Tensor):
+        return float(np.format_float_positional(np.float32(lr.item()), unique=True))
+    return lr
+
+
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside Accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)
@@ -76,8 +86,8 @@ class EagerStep:
     ) -> None:
         self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
         self.data, self.stats, self.grad_accum = data, stats, grad_accum
-        for group in _inner(optimizer).param_groups:  # undo a capture's settings, if any
-            group["lr"], group["capturable"] = float(group["lr"]), False
+        for group in _inner(optimizer).param_groups:  # as a captured run's checkpoint left it
+            group["lr"], group["capturable"] = lr_value(group["lr"]), False
 
     def run_epoch(self, epoch: int, start_step: int) -> Iterator[int]:
         sharding = self.data.sharding
@@ -113,7 +123,8 @@ class CapturedStep:
         sharding = data.sharding
         if sharding.world_size != 1:
             raise ValueError("a captured step runs in one process")
-        self.model, self.optimizer, self.scaler = model, _inner(optimizer), scaler
+        self.model, self.scaler = model, scaler
+        self.prepared_optimizer, self.optimizer = optimizer, _inner(optimizer)
         self.data, self.stats, self.grad_accum = data, stats, grad_accum
         device = data.images.device
         steps, batch = sharding.steps_per_epoch, sharding.global_batch_size
@@ -123,9 +134,10 @@ class CapturedStep:
         # The gradient is that of the mean loss over the real images of the batch.
         self.scale = (1.0 / real.sum(dim=1).double()).float().to(device)
         self.position = torch.zeros(1, dtype=torch.int64, device=device)
+        self.eager_settings = [(g["lr"], g["capturable"]) for g in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
-            lr = float(group["lr"])  # a float, or a tensor restored from a checkpoint
             # float32: the fused CUDA kernels read a tensor LR as float.
+            lr = lr_value(group["lr"])  # a float, or a tensor restored from a checkpoint
             group["lr"] = torch.tensor(lr, dtype=torch.float32, device=device)
             group["capturable"] = True
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -157,10 +169,10 @@ class CapturedStep:
         )
         self.stats.values.index_copy_(0, self.position, figures.unsqueeze(0))
         if self.scaler is not None:
-            # A fused optimizer takes the scale and the inf check from the scaler on the device
-            # (no host sync), and skips the update of a step with inf gradients.
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            # Accelerate's step: the scaler's step and update. A fused optimizer takes the scale
+            # and the inf check on the device (no host sync) and skips the update of a step
+            # with inf gradients.
+            self.prepared_optimizer.step()
         else:
             self.optimizer.step()
         self.position.add_(1)
@@ -192,8 +204,12 @@ class CapturedStep:
         finally:
             saved.restore()
             self.position.zero_()
-            if not captured:
+            if not captured:  # leave the optimizer as the eager step expects it
                 self.optimizer.zero_grad(set_to_none=True)
+                for group, (lr, capturable) in zip(
+                    self.optimizer.param_groups, self.eager_settings, strict=True
+                ):
+                    group["lr"], group["capturable"] = lr, capturable
 
 
 class _TrainingState:

@@ -9,7 +9,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -27,7 +26,7 @@ from mnist_dist.config import Config, TrainConfig
 from mnist_dist.data import Sharding, build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.determinism import set_determinism
 from mnist_dist.distributed import describe_processes, make_accelerator, provenance
-from mnist_dist.engine import EpochStats, StepEngine, build_engine
+from mnist_dist.engine import EpochStats, StepEngine, build_engine, lr_value
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
 from mnist_dist.evaluate import EvalResult, evaluate
 from mnist_dist.model import MnistCNN
@@ -411,7 +410,7 @@ class Trainer:
             self.bank_train_seconds(state)
         state.scheduler = {
             "last_epoch": self.scheduler.last_epoch,
-            "_last_lr": [float(lr) for lr in self.scheduler.get_last_lr()],
+            "_last_lr": [lr_value(lr) for lr in self.scheduler.get_last_lr()],
         }
         self.last_saved = self.checkpointer.save(state)
 
@@ -453,13 +452,9 @@ class Trainer:
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The LR of the first parameter group. Under a captured step it is a float32 tensor on the
-    device (reading it is a host sync: read it only where the loop syncs anyway), given as the
-    shortest decimal of that float32, so 1e-3 reads 0.001 and not 0.0010000000474974513."""
-    lr = optimizer.param_groups[0]["lr"]
-    if isinstance(lr, torch.Tensor):
-        return float(np.format_float_positional(np.float32(lr.item()), unique=True))
-    return lr
+    """The LR of the first parameter group (a host sync under a captured step: read it only
+    where the loop syncs anyway)."""
+    return lr_value(optimizer.param_groups[0]["lr"])
 
 
 def summarize(
