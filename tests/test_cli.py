@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -236,3 +237,53 @@ def test_predict_rejects_a_file_that_is_not_an_image(reference_weights, tmp_path
     bogus.write_text("not an image")
     result = run_cli("predict", "--weights", str(reference_weights), str(bogus))
     assert_usage_error(result, "cannot read image", str(bogus))
+
+
+def _mnist_copy_with_damaged_training_images(mnist_dir, root, damage):
+    """The real MNIST, but the training images cut short or gone."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-labels-idx1-ubyte"):
+        shutil.copy(mnist_dir / "MNIST" / "raw" / name, raw / name)
+    images = raw / "train-images-idx3-ubyte"
+    if damage == "truncated":
+        with open(mnist_dir / "MNIST" / "raw" / images.name, "rb") as f:
+            images.write_bytes(f.read(1_000_000))
+    return images
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_evaluate_needs_only_the_test_split(damage, mnist_dir, reference_weights, tmp_path):
+    data = tmp_path / "data"
+    images = _mnist_copy_with_damaged_training_images(mnist_dir, data, damage)
+    result = run_cli(
+        "evaluate", "--weights", str(reference_weights), "--data-dir", str(data), "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    [report] = result.json_lines()
+    assert (report["test_correct"], report["test_total"]) == (9917, 10000)
+    # Training reads both splits: the same folder still fails, naming the file.
+    train = run_cli("train", "--data-dir", str(data), "--output-dir", str(tmp_path / "o"))
+    expected = f"{images} is truncated" if damage == "truncated" else f"missing {images.name}"
+    assert_usage_error(train, expected)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "download"])
+@pytest.mark.parametrize("given", ["MNIST/raw", "MNIST"])
+def test_data_dir_pointing_into_mnist_raw_names_the_right_one(
+    command, given, tiny_mnist, reference_weights, tmp_path
+):
+    data_dir = str(tiny_mnist / given)
+    extra = {
+        "train": ["--output-dir", str(tmp_path / "o")],
+        "evaluate": ["--weights", str(reference_weights)],
+        "download": [],
+    }[command]
+    result = run_cli(command, "--data-dir", data_dir, *extra)
+    assert_usage_error(
+        result,
+        f"itself holds the MNIST files; pass the folder that contains MNIST/raw: "
+        f"--data-dir {tiny_mnist}",
+    )
+    assert "mnist-dist download" not in result.stderr
+    assert not (tiny_mnist / given / "MNIST").exists()  # nothing was downloaded into it
