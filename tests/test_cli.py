@@ -8,7 +8,9 @@ import pytest
 import torch
 from helpers import read_summary, run_cli
 from PIL import Image
+from safetensors.torch import save_file
 
+from mnist_dist.checkpoint import load_model
 from mnist_dist.data import load_split
 
 
@@ -192,7 +194,7 @@ def _weights_cases(tmp_path, reference_weights):
     cases = {}
     random_bytes = tmp_path / "random.safetensors"
     random_bytes.write_bytes(os.urandom(4096))
-    cases["random.safetensors"] = (random_bytes, "not a readable safetensors")
+    cases["random.safetensors"] = (random_bytes, "is not a weights file: it is neither")
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(reference_weights.read_bytes()[:5000])
     cases["truncated.pth"] = (truncated, "not a readable torch state_dict")
@@ -266,6 +268,67 @@ def test_evaluate_needs_only_the_test_split(damage, mnist_dir, reference_weights
     train = run_cli("train", "--data-dir", str(data), "--output-dir", str(tmp_path / "o"))
     expected = f"{images} is truncated" if damage == "truncated" else f"missing {images.name}"
     assert_usage_error(train, expected)
+
+
+def _text(path, text="hello world, these are not weights\n"):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["notes.pth", "notes.safetensors", "notes.bin"])
+def test_a_text_file_is_named_for_what_it_holds_not_for_its_name(name, tmp_path):
+    path = _text(tmp_path / name)
+    result = run_cli("predict", "--weights", str(path), str(tmp_path / "x.png"))
+    assert_usage_error(
+        result,
+        f"{path} is not a weights file: it is neither a PyTorch checkpoint (zip or pickle) nor "
+        "safetensors (it starts with 'hello world,'...)",
+    )
+
+
+def test_an_empty_weights_file_says_it_is_empty(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    path.write_bytes(b"")
+    result = run_cli("predict", "--weights", str(path), str(tmp_path / "x.png"))
+    assert_usage_error(result, f"{path} is not a weights file", "(it is empty)")
+
+
+def test_a_truncated_safetensors_file_says_it_is_truncated(reference_weights, tmp_path):
+    state = torch.load(reference_weights, map_location="cpu", weights_only=True)
+    whole = tmp_path / "whole.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(whole))
+    data = whole.read_bytes()
+    for cut, words in ((5000, "its header describes"), (100, "its header alone announces")):
+        path = tmp_path / f"cut-{cut}.safetensors"
+        path.write_bytes(data[:cut])
+        result = run_cli("predict", "--weights", str(path), str(tmp_path / "x.png"))
+        assert_usage_error(
+            result,
+            f"{path} is not a readable safetensors weights file: it is truncated: {cut} bytes, "
+            f"{words}",
+        )
+
+
+@pytest.mark.parametrize("written_as", ["torch zip", "torch pickle", "safetensors"])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".bin"])
+def test_weights_load_whatever_their_name(written_as, suffix, reference_weights, tmp_path):
+    state = torch.load(reference_weights, map_location="cpu", weights_only=True)
+    path = tmp_path / f"weights{suffix}"
+    if written_as == "safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path, _use_new_zipfile_serialization=written_as == "torch zip")
+    loaded = load_model(path).state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k].cpu()) for k in state)
+
+
+def test_a_torch_state_dict_named_safetensors_evaluates(mnist_dir, reference_weights, tmp_path):
+    path = tmp_path / "model.safetensors"
+    shutil.copy(reference_weights, path)
+    result = run_cli("evaluate", "--weights", str(path), "--data-dir", str(mnist_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.json_lines()[0]["test_correct"] == 9917
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "download"])
