@@ -165,7 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.weights)  # before any process group: a bad file fails fast
     accelerator = make_accelerator("no")
     try:
-        ensure_raw_files(accelerator, data)
+        ensure_raw_files(accelerator, data, splits=("test",))  # reads no training file
         batches = eval_batches(
             data, accelerator.num_processes, accelerator.process_index, accelerator.device
         )

@@ -60,6 +60,7 @@ SPLITS = {
     ),
 }
 EXPECTED_FILES = [name for s in SPLITS.values() for name in (s.images, s.labels)]
+ALL_SPLITS = ("train", "test")  # what training reads; evaluation reads only "test"
 
 
 def raw_dir(data_dir: str | Path) -> Path:
@@ -82,46 +83,80 @@ def reference_transform() -> transforms.Compose:
 # Files on disk
 
 
-def download_mnist(data_dir: str | Path) -> None:
-    """Fetch both splits with torchvision into ``data_dir``/MNIST/raw, then verify them."""
+def download_mnist(data_dir: str | Path, splits: tuple[str, ...] = ALL_SPLITS) -> None:
+    """Fetch the splits with torchvision into ``data_dir``/MNIST/raw, then verify them."""
+    misplaced = misplaced_mnist(data_dir)
+    if misplaced:
+        # Downloading here would nest a second MNIST/raw inside the user's copy.
+        raise UsageError(f"not downloading into {raw_dir(data_dir)}: {misplaced}")
     try:
-        for train in (True, False):
-            datasets.MNIST(root=str(data_dir), train=train, download=True)
+        for split in splits:
+            datasets.MNIST(root=str(data_dir), train=split == "train", download=True)
     except (OSError, RuntimeError) as e:
         # torchvision lists every mirror it tried over several lines: fold them into one.
         reason = " ".join(str(e).split()) or type(e).__name__
         raise UsageError(f"downloading MNIST into {data_dir} failed: {reason[:500]}") from None
-    verify_raw_files(data_dir)
+    verify_raw_files(data_dir, splits)
 
 
-def prepare_raw_files(data_dir: str | Path, download: bool) -> None:
-    """Make the raw files usable: unpack ``.gz`` copies, download if allowed, verify.
+def prepare_raw_files(
+    data_dir: str | Path, download: bool, splits: tuple[str, ...] = ALL_SPLITS
+) -> None:
+    """Make the raw files of ``splits`` usable: unpack ``.gz`` copies, download if allowed,
+    verify. Files of other splits are neither needed nor checked.
 
     Call on the main process first (``accelerator.main_process_first()``).
     """
     folder = raw_dir(data_dir)
-    for name in EXPECTED_FILES:
+    for name in _split_files(splits):
         target, archive = folder / name, folder / f"{name}.gz"
         if not target.exists() and archive.exists():
             _gunzip(archive, target)
-    missing = [name for name in EXPECTED_FILES if not (folder / name).exists()]
-    if missing and download:
-        download_mnist(data_dir)
+    if download and any(not (folder / name).exists() for name in _split_files(splits)):
+        download_mnist(data_dir, splits)
         return
-    if missing:
-        raise UsageError(
-            f"MNIST not found in {folder}: missing {', '.join(missing)} "
-            f"(expected {', '.join(EXPECTED_FILES)}); "
-            f"run `mnist-dist download --data-dir {data_dir}` or pass --download"
-        )
-    verify_raw_files(data_dir)
+    verify_raw_files(data_dir, splits)
 
 
-def ensure_raw_files(accelerator: Accelerator, config: DataConfig) -> None:
+def ensure_raw_files(
+    accelerator: Accelerator, config: DataConfig, splits: tuple[str, ...] = ALL_SPLITS
+) -> None:
     """``prepare_raw_files`` on the main process first (only it may download), then on the
     other ranks, which find the files in place and verify them."""
     with accelerator.main_process_first():
-        prepare_raw_files(config.data_dir, download=config.download and accelerator.is_main_process)
+        prepare_raw_files(
+            config.data_dir, download=config.download and accelerator.is_main_process, splits=splits
+        )
+
+
+def misplaced_mnist(data_dir: str | Path) -> str | None:
+    """What to do instead, when ``data_dir`` is not the folder that holds MNIST/raw but the
+    MNIST files are right there: ``data_dir`` is itself ``MNIST/raw`` (or ``MNIST``), or holds
+    the files loose. None when ``data_dir``/MNIST/raw holds any of them (or nothing is near)."""
+    data_dir = Path(data_dir)
+    if _holds_mnist_files(raw_dir(data_dir)):
+        return None
+    for found in (data_dir, data_dir / "raw"):
+        if not _holds_mnist_files(found):
+            continue
+        if found.name == "raw" and found.parent.name == "MNIST":
+            return (
+                f"{found} itself holds the MNIST files; pass the folder that contains MNIST/raw: "
+                f"--data-dir {found.parent.parent}"
+            )
+        return (
+            f"the MNIST files are in {found}, but mnist-dist reads them from <data-dir>/MNIST/raw: "
+            f"move them into {raw_dir(data_dir)}"
+        )
+    return None
+
+
+def _holds_mnist_files(folder: Path) -> bool:
+    return any((folder / n).exists() or (folder / f"{n}.gz").exists() for n in EXPECTED_FILES)
+
+
+def _split_files(splits: tuple[str, ...]) -> list[str]:
+    return [name for split in splits for name in (SPLITS[split].images, SPLITS[split].labels)]
 
 
 def _gunzip(archive: Path, target: Path) -> None:
@@ -135,14 +170,24 @@ def _gunzip(archive: Path, target: Path) -> None:
         raise UsageError(f"cannot unpack {archive}: {e}") from None
 
 
-def verify_raw_files(data_dir: str | Path) -> None:
-    """Check every IDX file's header, size, shape and labels; md5 too for the full splits.
+def verify_raw_files(data_dir: str | Path, splits: tuple[str, ...] = ALL_SPLITS) -> None:
+    """Check that the IDX files of ``splits`` are there, and each one's header, size, shape and
+    labels; md5 too for the full splits.
 
     torchvision only checks that the files exist: a flipped byte would load silently and a
     truncated file would fail with a reshape error deep inside its reader.
     """
     folder = raw_dir(data_dir)
-    for split in SPLITS.values():
+    missing = [name for name in _split_files(splits) if not (folder / name).exists()]
+    if missing:
+        misplaced = misplaced_mnist(data_dir)
+        if misplaced:
+            raise UsageError(f"MNIST not found in {folder}: {misplaced}")
+        raise UsageError(
+            f"MNIST not found in {folder}: missing {', '.join(missing)}; "
+            f"run `mnist-dist download --data-dir {data_dir}` or pass --download"
+        )
+    for split in (SPLITS[name] for name in splits):
         n_images = _check_idx(folder / split.images, _IMAGE_MAGIC, (IMAGE_SIZE, IMAGE_SIZE))
         n_labels = _check_idx(folder / split.labels, _LABEL_MAGIC, ())
         if n_images != n_labels:
@@ -204,11 +249,31 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _SplitReader(datasets.MNIST):
+    """torchvision's MNIST reader, needing only the two files of the split it reads.
+
+    torchvision's own existence check wants all four files even to read one split, so a copy
+    with only the test files (all that ``evaluate`` needs) would be "not found".
+    """
+
+    @property
+    def raw_folder(self) -> str:  # torchvision derives it from the class name
+        return str(raw_dir(self.root))
+
+    @property
+    def processed_folder(self) -> str:
+        return str(Path(self.root) / "MNIST" / "processed")
+
+    def _check_exists(self) -> bool:
+        split = SPLITS["train" if self.train else "test"]
+        return all((raw_dir(self.root) / name).exists() for name in (split.images, split.labels))
+
+
 def load_split(
     data_dir: str | Path, train: bool, transform: transforms.Compose | None = None
 ) -> datasets.MNIST:
     """torchvision's MNIST reader over already verified raw files (never downloads)."""
-    return datasets.MNIST(root=str(data_dir), train=train, download=False, transform=transform)
+    return _SplitReader(root=str(data_dir), train=train, download=False, transform=transform)
 
 
 def split_tensors(

@@ -277,7 +277,7 @@ class Doctor:
         return f"{where}, port free"
 
     def _data(self) -> str:
-        from mnist_dist.data import raw_dir, verify_raw_files
+        from mnist_dist.data import misplaced_mnist, raw_dir, verify_raw_files
 
         data = self.config.data
         folder = raw_dir(data.data_dir)
@@ -290,7 +290,7 @@ class Doctor:
         try:
             verify_raw_files(data.data_dir)
         except (UsageError, OSError) as e:
-            if data.download:
+            if data.download and not misplaced_mnist(data.data_dir):
                 return f"{first_line(e)}; --download will fetch MNIST (needs internet)"
             raise UsageError(f"{first_line(e)} (in {folder})") from None
         return f"{folder}: MNIST verified"

@@ -1,5 +1,5 @@
-"""Shared fixtures: the real MNIST and reference weights from ../shared, and a tiny IDX dataset
-the tests write themselves."""
+"""Shared fixtures: the real MNIST and the reference weights (from ../shared unless the
+environment points elsewhere), and a tiny IDX dataset the tests write themselves."""
 
 from __future__ import annotations
 
@@ -30,7 +30,11 @@ def mnist_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def reference_weights() -> Path:
-    return _required(SHARED / "reference" / "seed_model.pth", "reference weights")
+    """The reference implementation's published weights (a torch state_dict):
+    $MNIST_DIST_REFERENCE_WEIGHTS, else ../shared/reference/seed_model.pth."""
+    default = SHARED / "reference" / "seed_model.pth"
+    path = Path(os.environ.get("MNIST_DIST_REFERENCE_WEIGHTS") or default).resolve()
+    return _required(path, "reference weights (set MNIST_DIST_REFERENCE_WEIGHTS)")
 
 
 @pytest.fixture

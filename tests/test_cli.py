@@ -4,14 +4,17 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import typing
 
 import pytest
 import torch
 from helpers import launch_cli, read_summary, run_cli
 from PIL import Image
+from safetensors.torch import save_file
 
 from mnist_dist.__main__ import build_parser
+from mnist_dist.checkpoint import load_model
 from mnist_dist.config import SECTIONS
 from mnist_dist.data import load_split
 
@@ -219,7 +222,7 @@ def _weights_cases(tmp_path, reference_weights):
     cases = {}
     random_bytes = tmp_path / "random.safetensors"
     random_bytes.write_bytes(os.urandom(4096))
-    cases["random.safetensors"] = (random_bytes, "not a readable safetensors")
+    cases["random.safetensors"] = (random_bytes, "is not a weights file: it is neither")
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(reference_weights.read_bytes()[:5000])
     cases["truncated.pth"] = (truncated, "not a readable torch state_dict")
@@ -340,3 +343,114 @@ def test_launcher_failure_summary_ends_with_the_ranks_own_line(tiny_mnist, tmp_p
     assert lines[-1].strip("=") == "" and lines[-2] == f"  traceback : {line}"
     assert result.stderr.count(f"traceback : {line}") == 2  # rank 1 and rank 0
     assert "To enable traceback see" not in result.stderr
+
+
+def _mnist_copy_with_damaged_training_images(mnist_dir, root, damage):
+    """The real MNIST, but the training images cut short or gone."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-labels-idx1-ubyte"):
+        shutil.copy(mnist_dir / "MNIST" / "raw" / name, raw / name)
+    images = raw / "train-images-idx3-ubyte"
+    if damage == "truncated":
+        with open(mnist_dir / "MNIST" / "raw" / images.name, "rb") as f:
+            images.write_bytes(f.read(1_000_000))
+    return images
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_evaluate_needs_only_the_test_split(damage, mnist_dir, reference_weights, tmp_path):
+    data = tmp_path / "data"
+    images = _mnist_copy_with_damaged_training_images(mnist_dir, data, damage)
+    result = run_cli(
+        "evaluate", "--weights", str(reference_weights), "--data-dir", str(data), "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    [report] = result.json_lines()
+    assert (report["test_correct"], report["test_total"]) == (9917, 10000)
+    # Training reads both splits: the same folder still fails, naming the file.
+    train = run_cli("train", "--data-dir", str(data), "--output-dir", str(tmp_path / "o"))
+    expected = f"{images} is truncated" if damage == "truncated" else f"missing {images.name}"
+    assert_usage_error(train, expected)
+
+
+def _text(path, text="hello world, these are not weights\n"):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["notes.pth", "notes.safetensors", "notes.bin"])
+def test_a_text_file_is_named_for_what_it_holds_not_for_its_name(name, tmp_path):
+    path = _text(tmp_path / name)
+    result = run_cli("predict", "--weights", str(path), str(tmp_path / "x.png"))
+    assert_usage_error(
+        result,
+        f"{path} is not a weights file: it is neither a PyTorch checkpoint (zip or pickle) nor "
+        "safetensors (it starts with 'hello world,'...)",
+    )
+
+
+def test_an_empty_weights_file_says_it_is_empty(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    path.write_bytes(b"")
+    result = run_cli("predict", "--weights", str(path), str(tmp_path / "x.png"))
+    assert_usage_error(result, f"{path} is not a weights file", "(it is empty)")
+
+
+def test_a_truncated_safetensors_file_says_it_is_truncated(reference_weights, tmp_path):
+    state = torch.load(reference_weights, map_location="cpu", weights_only=True)
+    whole = tmp_path / "whole.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(whole))
+    data = whole.read_bytes()
+    for cut, words in ((5000, "its header describes"), (100, "its header alone announces")):
+        path = tmp_path / f"cut-{cut}.safetensors"
+        path.write_bytes(data[:cut])
+        result = run_cli("predict", "--weights", str(path), str(tmp_path / "x.png"))
+        assert_usage_error(
+            result,
+            f"{path} is not a readable safetensors weights file: it is truncated: {cut} bytes, "
+            f"{words}",
+        )
+
+
+@pytest.mark.parametrize("written_as", ["torch zip", "torch pickle", "safetensors"])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".bin"])
+def test_weights_load_whatever_their_name(written_as, suffix, reference_weights, tmp_path):
+    state = torch.load(reference_weights, map_location="cpu", weights_only=True)
+    path = tmp_path / f"weights{suffix}"
+    if written_as == "safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path, _use_new_zipfile_serialization=written_as == "torch zip")
+    loaded = load_model(path).state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k].cpu()) for k in state)
+
+
+def test_a_torch_state_dict_named_safetensors_evaluates(mnist_dir, reference_weights, tmp_path):
+    path = tmp_path / "model.safetensors"
+    shutil.copy(reference_weights, path)
+    result = run_cli("evaluate", "--weights", str(path), "--data-dir", str(mnist_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.json_lines()[0]["test_correct"] == 9917
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "download"])
+@pytest.mark.parametrize("given", ["MNIST/raw", "MNIST"])
+def test_data_dir_pointing_into_mnist_raw_names_the_right_one(
+    command, given, tiny_mnist, reference_weights, tmp_path
+):
+    data_dir = str(tiny_mnist / given)
+    extra = {
+        "train": ["--output-dir", str(tmp_path / "o")],
+        "evaluate": ["--weights", str(reference_weights)],
+        "download": [],
+    }[command]
+    result = run_cli(command, "--data-dir", data_dir, *extra)
+    assert_usage_error(
+        result,
+        f"itself holds the MNIST files; pass the folder that contains MNIST/raw: "
+        f"--data-dir {tiny_mnist}",
+    )
+    assert "mnist-dist download" not in result.stderr
+    assert not (tiny_mnist / given / "MNIST").exists()  # nothing was downloaded into it

@@ -36,9 +36,50 @@ def test_missing_data_names_the_folder_the_files_and_the_download_command(tmp_pa
         prepare_raw_files(tmp_path / "nowhere", download=False)
     message = str(info.value)
     assert str(raw_dir(tmp_path / "nowhere")) in message
-    assert "train-images-idx3-ubyte" in message and "t10k-labels-idx1-ubyte" in message
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        assert message.count(name) == 1, message  # each missing file named once
     assert "mnist-dist download --data-dir" in message
     assert "\n" not in message
+
+
+def test_only_the_missing_files_are_named(tiny_mnist):
+    (raw_dir(tiny_mnist) / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(UsageError) as info:
+        prepare_raw_files(tiny_mnist, download=False)
+    message = str(info.value)
+    assert "missing t10k-labels-idx1-ubyte;" in message
+    assert "train-images-idx3-ubyte" not in message
+
+
+@pytest.mark.parametrize("download", [False, True])
+@pytest.mark.parametrize("given", ["MNIST/raw", "MNIST"])
+def test_a_data_dir_inside_mnist_raw_names_the_folder_to_pass(tiny_mnist, given, download):
+    # --data-dir ./data/MNIST/raw or ./data/MNIST: the files are right there, and a download
+    # would nest a second MNIST/raw inside them.
+    with pytest.raises(UsageError) as info:
+        prepare_raw_files(tiny_mnist / given, download=download)
+    message = str(info.value)
+    assert f"pass the folder that contains MNIST/raw: --data-dir {tiny_mnist}" in message
+    assert "mnist-dist download" not in message
+    assert not (tiny_mnist / given / "MNIST").exists()
+
+
+def test_loose_files_say_where_they_belong(tiny_mnist, tmp_path):
+    loose = tmp_path / "loose"
+    raw_dir(tiny_mnist).rename(loose)
+    with pytest.raises(UsageError) as info:
+        prepare_raw_files(loose, download=False)
+    assert f"the MNIST files are in {loose}" in str(info.value)
+    assert f"move them into {raw_dir(loose)}" in str(info.value)
+
+
+def test_the_test_split_alone_is_enough_to_read_it(tiny_mnist):
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (raw_dir(tiny_mnist) / name).unlink()
+    prepare_raw_files(tiny_mnist, download=False, splits=("test",))
+    assert len(load_split(tiny_mnist, train=False)) == 128
+    with pytest.raises(UsageError, match="missing train-images-idx3-ubyte, train-labels"):
+        prepare_raw_files(tiny_mnist, download=False)
 
 
 def test_gz_archives_are_unpacked_when_the_raw_files_are_missing(tiny_mnist):

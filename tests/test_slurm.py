@@ -82,8 +82,7 @@ def job_env(cluster: dict[str, str], tmp_path: Path, **extra: str) -> dict[str, 
 def sbatch(
     env: dict[str, str], workdir: Path, *args: str, options: tuple[str, ...] = CPU_JOB
 ) -> str:
-    """Submit the batch script from ``workdir`` (logs go to ``workdir/logs``); the job id."""
-    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    """Submit the batch script from ``workdir`` (its logs go there); the job id."""
     result = subprocess.run(
         ["sbatch", "--parsable", *options, str(SBATCH), *args],
         capture_output=True,
@@ -124,8 +123,8 @@ def finish(env: dict[str, str], job_id: str, timeout: float = 900) -> dict[str, 
 
 
 def logs(workdir: Path, job_id: str) -> tuple[str, str]:
-    out = workdir / "logs" / f"mnist-dist-{job_id}.out"
-    err = workdir / "logs" / f"mnist-dist-{job_id}.err"
+    out = workdir / f"mnist-dist-{job_id}.out"
+    err = workdir / f"mnist-dist-{job_id}.err"
     return out.read_text(), err.read_text() if err.exists() else ""
 
 
@@ -133,6 +132,47 @@ def launch_words(log: str) -> list[str]:
     """The words of the first ``accelerate launch`` command a log shows."""
     launch = next(line for line in log.splitlines() if "accelerate launch" in line)
     return shlex.split(launch.split(": ", 1)[1])
+
+
+def test_the_first_submission_works_from_a_folder_without_a_logs_folder(
+    cluster, tiny_mnist, tmp_path
+):
+    # A newcomer's first job: a fresh folder, no `mkdir -p logs`, the script's own log paths
+    # (the CPU options only because this node has no GPUs and 2 CPUs). A log path in a missing
+    # folder would fail the job with no output anywhere (JobState=FAILED
+    # Reason=JobLaunchFailure).
+    workdir = tmp_path / "fresh"
+    workdir.mkdir()
+    env = job_env(cluster, tmp_path)
+    run_dir = tmp_path / "run"
+    job = sbatch(env, workdir, "--data-dir", str(tiny_mnist), "--output-dir", str(run_dir),
+                 "--epochs", "1", "--tracker", "none")  # fmt: skip
+    info = finish(env, job)
+    assert info["JobState"] == "COMPLETED", info
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        f"mnist-dist-{job}.err", f"mnist-dist-{job}.out"
+    ]  # fmt: skip
+    out, _ = logs(workdir, job)
+    assert f"finished: {run_dir}/summary.json" in out
+    assert read_summary(run_dir)["epochs_completed"] == 1
+
+
+def test_the_gpu_default_on_a_cluster_without_gpus_is_refused_as_the_readme_says(cluster, tmp_path):
+    # SLURM refuses the job before the script can say anything, so the README must.
+    env = job_env(cluster, tmp_path)
+    refused = subprocess.run(
+        ["sbatch", str(SBATCH), "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    message = "Invalid generic resource (gres) specification"
+    assert message in refused.stderr
+    # The README's first SLURM commands, and the note right under them.
+    clusters = (ROOT / "README.md").read_text().split("## Clusters (SLURM)")[1]
+    opening = clusters[: clusters.index("Submit from the project folder")]
+    assert "sbatch --gpus-per-node 0 slurm/train.sbatch --data-dir" in opening
+    assert message in opening
+    assert "mkdir" not in opening
 
 
 def test_sbatch_trains_two_ranks_on_real_mnist_and_logs_the_launch(cluster, mnist_dir, tmp_path):
