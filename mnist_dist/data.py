@@ -122,11 +122,21 @@ def ensure_raw_files(
     accelerator: Accelerator, config: DataConfig, splits: tuple[str, ...] = ALL_SPLITS
 ) -> None:
     """``prepare_raw_files`` on the main process first (only it may download), then on the
-    other ranks, which find the files in place and verify them."""
+    other ranks, which find the files in place and verify them. Missing or damaged files raise
+    the same one-line error on every rank: each rank first leaves its turn, so that none is
+    left waiting at the barrier for a rank that has failed."""
+    failure: UsageError | None = None
     with accelerator.main_process_first():
-        prepare_raw_files(
-            config.data_dir, download=config.download and accelerator.is_main_process, splits=splits
-        )
+        try:
+            prepare_raw_files(
+                config.data_dir,
+                download=config.download and accelerator.is_main_process,
+                splits=splits,
+            )
+        except UsageError as e:
+            failure = e
+    if failure is not None:
+        raise failure
 
 
 def misplaced_mnist(data_dir: str | Path) -> str | None:
