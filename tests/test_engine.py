@@ -198,3 +198,55 @@ def test_cuda_graph_rejects_an_unknown_mode(tiny_mnist):
     result = run_cli("train", "--data-dir", str(tiny_mnist), "--cuda-graph", "maybe")
     assert result.returncode == 2
     assert result.error_lines() and "--cuda-graph" in result.error_lines()[0]
+
+
+@pytest.fixture
+def scaled_accelerator():
+    """An Accelerator on the CPU with an enabled GradScaler, as fp16 runs have one on a GPU
+    (Accelerate makes it for CUDA only); its shared state is reset afterwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    yield accelerator
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_captured_steps_grad_scaler_path_skips_a_non_finite_step_on_the_device(
+    scaled_accelerator,
+):
+    """fp16's path of the captured step, run without a graph: the scaler's step and update
+    through Accelerate's optimizer, with no host sync. A step whose gradients are not finite
+    leaves the weights alone and halves the scale; the next steps train; the LR scheduler sees
+    the steps (no warning)."""
+    import warnings
+
+    from mnist_dist.config import TrainConfig
+    from mnist_dist.train import build_model_and_optimizer, epoch_lr_scheduler
+
+    torch.manual_seed(0)
+    model, optimizer = build_model_and_optimizer(scaled_accelerator, TrainConfig(), lr=1e-3)
+    scheduler = epoch_lr_scheduler(optimizer, milestones=[1], gamma=0.1)
+    images, labels = _batch(200, seed=3)
+    sharding = Sharding(200, 64, 1, 0, seed=0)
+    images[sharding.permutation(1)[0]] = float("nan")  # in the first batch of epoch 1
+    data = TensorTrainData(images, labels, sharding)
+    stats = EpochStats(sharding.steps_per_epoch, torch.device("cpu"))
+    scaler = scaled_accelerator.scaler
+    engine = CapturedStep(model, optimizer, scaler, data, stats, grad_accum=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        steps = engine.run_epoch(1, 0)
+        next(steps)
+        assert all(p.equal(b) for p, b in zip(model.parameters(), before, strict=True))
+        assert scaler.get_scale() == 2.0**15
+        assert torch.isnan(stats.values[0, 0])
+        for _ in steps:
+            pass
+        scheduler.step()
+    assert not any(p.equal(b) for p, b in zip(model.parameters(), before, strict=True))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(stats.values[1:, 0]).all()
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(1e-4)
