@@ -5,13 +5,15 @@ import json
 import subprocess
 import sys
 
-from helpers import ROOT, make_tiny_mnist
+from helpers import ROOT, _env, make_tiny_mnist
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
+def run_script(*args: str, env: dict[str, str] | None = None, timeout: int = 600):
+    """A benchmark script in a new process, on the CPU like every process the tests start."""
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env=_env(env),
+    )  # fmt: skip
 
 
 def test_throughput_compares_every_row_to_a_and_b(tmp_path):
