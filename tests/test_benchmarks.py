@@ -1,11 +1,16 @@
 """The benchmark scripts run end to end (on tiny data: the figures here mean nothing, the
 shape of the output does) so they do not rot between measurements."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 
+import torch
+import torch.nn.functional as F
 from helpers import ROOT, _env, make_tiny_mnist
+
+from mnist_dist.model import MnistCNN
 
 
 def run_script(*args: str, env: dict[str, str] | None = None, timeout: int = 600):
@@ -16,16 +21,38 @@ def run_script(*args: str, env: dict[str, str] | None = None, timeout: int = 600
     )  # fmt: skip
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ (a folder of scripts, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(
+        f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_throughput_compares_every_row_to_a_and_b(tmp_path):
     data = make_tiny_mnist(tmp_path / "data", n_train=512)
     out = tmp_path / "t.json"
     proc = run_script(
         "benchmarks/throughput.py", "--data-dir", str(data), "--epochs", "2",
-        "--rows", "plain,plain-tensor,tensor,ddp2", "--json-out", str(out),
+        "--rows", "plain,plain-tensor,captured,tensor,ddp2", "--json-out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    # Row (c) needs CUDA: one line says so, and the others run.
+    [line] = [x for x in proc.stdout.splitlines() if "not available" in x]
+    assert line == (
+        "(c) plain PyTorch, step in one CUDA graph: not available here: "
+        "a CUDA graph needs a CUDA GPU and none is visible"
+    )
+    saved = json.loads(out.read_text())
+    assert saved["unavailable"] == {"captured": line.rsplit(": ", 1)[1]}
+    assert saved["failed"] == {}
+    rows = {r["row"]: r for r in saved["rows"]}
     assert list(rows) == ["plain", "plain-tensor", "tensor", "ddp2"]
+    assert all(row["ratio_to_captured"] is None for row in rows.values())
+    assert "vs (c)" not in proc.stdout
     assert rows["plain"]["ratio_to_plain"] == 1.0
     assert rows["plain-tensor"]["ratio_to_plain_tensor"] == 1.0
     for row in rows.values():
@@ -72,6 +99,7 @@ def test_profile_step_counts_ops_per_step(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 5 and summary["device"] == "cpu"
+    assert summary["cuda_kernels_per_step"] is None and summary["gpu_kernel_ms_per_step"] is None
     assert summary["host_ms_per_step"] > 0
     assert 10 < summary["top_level_ops_per_step"] <= summary["aten_ops_per_step"]
     # 3 rounds of 5 steps each way: more steps than the 8 batches of an epoch of 512 images,
@@ -80,3 +108,27 @@ def test_profile_step_counts_ops_per_step(tmp_path):
     assert summary["plain_ms_per_step"] > 0 and summary["harness_ms_per_step"] > 0
     low, high = summary["harness_speed_vs_plain_range"]
     assert low <= summary["harness_speed_vs_plain"] <= high
+
+
+def test_row_c_step_pads_the_short_last_batch_to_the_mean_over_its_images():
+    # Row (c)'s step, run eagerly on the CPU: a graph replays exactly these ops. 96 images are a
+    # full batch of 64 and a short one of 32, padded to 64 with image 0 at weight 0; each
+    # step's gradient must be that of the plain mean loss over its real images.
+    throughput = load_benchmark("throughput")
+    torch.manual_seed(0)
+    images, labels = torch.rand(96, 1, 28, 28), torch.randint(0, 10, (96,))
+    model = MnistCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # steps, but keeps the weights
+    step = throughput.CapturableStep(model, optimizer, images, labels, batch_size=64)
+    order = torch.randperm(96)
+    step.load_epoch(order)
+    assert step.weights[1, 32:].eq(0).all() and step.indices[1, 32:].eq(0).all()
+    for batch in order.split(64):
+        optimizer.zero_grad(set_to_none=True)
+        step()
+        grads = [p.grad.clone() for p in model.parameters()]
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images[batch]), labels[batch]).backward()
+        for got, expected in zip(grads, (p.grad for p in model.parameters()), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert step.step_index.item() == 2
