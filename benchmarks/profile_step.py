@@ -6,7 +6,8 @@ profiles ``--steps`` steps of ``train_step`` with ``torch.profiler`` and prints:
 
 * host time per step (wall clock, device synchronised at the ends only),
 * operators per step: ATen ops the step dispatches (top level, and all including nested ones),
-* CUDA kernels per step (on a GPU),
+* CUDA kernels per step and the GPU time they take (on a GPU, read from the profiler trace:
+  far less than the host time means the step is launch-bound),
 * host-to-device bytes per step (CUDA memcpy HtoD, read from the profiler trace; on a CPU there
   is no separate device memory, so none),
 * the ops that take the most host time.
@@ -51,14 +52,17 @@ from mnist_dist.evaluate import evaluate
 from mnist_dist.train import build_model_and_optimizer
 
 
-def h2d_bytes(trace_path: Path) -> int:
-    """Bytes copied host-to-device in a profiler (Chrome) trace."""
+def trace_totals(trace_path: Path) -> tuple[int, float]:
+    """Bytes copied host-to-device, and microseconds of GPU kernels, in a profiler (Chrome)
+    trace."""
     events = json.loads(trace_path.read_text()).get("traceEvents", [])
-    return sum(
+    copied = sum(
         int(e.get("args", {}).get("bytes", 0))
         for e in events
         if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")
     )
+    kernel_us = sum(float(e.get("dur", 0)) for e in events if e.get("cat") == "kernel")
+    return copied, kernel_us
 
 
 def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +112,7 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
-        copied = h2d_bytes(trace)
+        copied, kernel_us = trace_totals(trace)
 
     events = [e for e in prof.events() if e.name.startswith("aten::")]
     top_level = [
@@ -131,6 +135,7 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
         "top_level_ops_per_step": len(top_level) / steps,
         "aten_ops_per_step": len(events) / steps,
         "cuda_kernels_per_step": len(kernels) / steps if device.type == "cuda" else None,
+        "gpu_kernel_ms_per_step": kernel_us / steps / 1e3 if device.type == "cuda" else None,
         "h2d_bytes_per_step": copied / steps if device.type == "cuda" else None,
     }
     if args.versus_plain:

@@ -1,13 +1,51 @@
 """Shared fixtures: the real MNIST and the reference weights (from ../shared unless the
-environment points elsewhere), and a tiny IDX dataset the tests write themselves."""
+environment points elsewhere), and a tiny IDX dataset the tests write themselves.
+
+Devices. The suite must pass on a machine with a CUDA GPU as on one without. Every process a
+test starts gets ``CUDA_VISIBLE_DEVICES=""`` (``helpers._env``), so the tests of CPU behaviour
+(device cpu, fp16 refused, gloo ranks) hold there too; tests that run code in this process put
+their tensors on the CPU explicitly. The GPU path has its own tests, marked ``gpu``
+(``pytest -m gpu``): they start mnist-dist with the GPUs visible (``helpers.gpu_env``) and are
+skipped, all with one reason, where this process sees no CUDA GPU.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
-from helpers import SHARED, make_tiny_mnist
+from helpers import SHARED, cuda_available, make_tiny_mnist
+
+NO_GPU = "needs a CUDA GPU and none is visible"
+REFERENCE_WEIGHTS_ENV = "MNIST_DIST_REFERENCE_WEIGHTS"
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # an import hook that hides the module raises instead
+        return False
+
+
+# These two import wandb when collected. It is a dependency of the project, but a GPU machine
+# with the project installed --no-deps may lack it; there they are left out (the header says
+# so) instead of failing the collection of everything else, `pytest -m gpu` included.
+collect_ignore = [] if _importable("wandb") else ["test_sweeps.py", "test_tracking.py"]
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if collect_ignore:
+        return f"wandb is not installed: {', '.join(collect_ignore)} left out"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_tests and not cuda_available():
+        for item in gpu_tests:
+            item.add_marker(pytest.mark.skip(reason=NO_GPU))
 
 
 def _required(path: Path, what: str) -> Path:
@@ -32,9 +70,8 @@ def mnist_dir() -> Path:
 def reference_weights() -> Path:
     """The reference implementation's published weights (a torch state_dict):
     $MNIST_DIST_REFERENCE_WEIGHTS, else ../shared/reference/seed_model.pth."""
-    default = SHARED / "reference" / "seed_model.pth"
-    path = Path(os.environ.get("MNIST_DIST_REFERENCE_WEIGHTS") or default).resolve()
-    return _required(path, "reference weights (set MNIST_DIST_REFERENCE_WEIGHTS)")
+    path = os.environ.get(REFERENCE_WEIGHTS_ENV) or SHARED / "reference" / "seed_model.pth"
+    return _required(Path(path).resolve(), f"reference weights (set {REFERENCE_WEIGHTS_ENV})")
 
 
 @pytest.fixture

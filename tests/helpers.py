@@ -66,11 +66,38 @@ def free_port() -> int:
 
 
 def _env(extra: dict[str, str] | None) -> dict[str, str]:
+    """The environment of every process a test starts: none of the caller's W&B, Accelerate or
+    data-dir settings, and no GPU unless ``extra`` gives one back (``gpu_env``).
+
+    The tests describe mnist-dist on a machine without a GPU: device cpu, fp16 refused, two
+    gloo ranks from cpu_ddp.yaml, the CPU's numbers. On a GPU workstation the same commands
+    would take the GPU and do something else, so every started process sees no CUDA device
+    (``CUDA_VISIBLE_DEVICES=""``), which makes that machine the CPU-only one the tests describe.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
     env.pop("MNIST_DIST_DATA_DIR", None)
     env["PYTHONUNBUFFERED"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(extra or {})
     return env
+
+
+def gpu_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` for a test of the GPU path: the started process sees the CUDA devices this pytest
+    process sees (all of them when ``CUDA_VISIBLE_DEVICES`` is unset), not none."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        import torch
+
+        visible = ",".join(str(i) for i in range(torch.cuda.device_count()))
+    return {"CUDA_VISIBLE_DEVICES": visible, **(extra or {})}
+
+
+def cuda_available() -> bool:
+    """A CUDA GPU is visible to this pytest process (and so to ``gpu_env`` processes)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_cli(

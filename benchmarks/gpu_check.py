@@ -1,0 +1,939 @@
+"""The GPU check: every GPU figure mnist-dist promises, measured in one command (meant to take
+about 5 minutes on one H100/H200), printed as one table and written as JSON.
+
+Parts, in this order, each in a process of its own with its own time-out:
+
+* ``env``: GPU, driver, CUDA, cuDNN, torch, torchvision, accelerate, Python, the commit;
+* ``evaluate``: ``mnist-dist evaluate`` of the reference weights (must be 9917/10000);
+* ``recipe``: the full recipe with the default step engine in fp32, bf16 and fp16, and
+  ``--cuda-graph off`` fp32 for comparison (training images/s, training and process seconds,
+  test accuracy, the engine from ``summary.json``);
+* ``determinism``: two identical short runs, a third that checkpoints mid-epoch and a fourth
+  resumed from that checkpoint, compared bit for bit; then the same with ``--no-deterministic``;
+* ``throughput``: ``throughput.py``'s rows (a), (b), (c), mnist-dist's default, ``--cuda-graph
+  off`` and ``--no-deterministic``, in one invocation, with the ratios;
+* ``profile``: ``profile_step.py``'s summary of mnist-dist's (eager) training step;
+* ``pytest``: ``pytest -m gpu`` and its counts.
+
+A part that fails or runs out of time is recorded with a one-line reason and the check goes on.
+Each figure with a target from the project's goals is marked met or NOT MET; a target whose
+figure was not measured is marked so, never met. The JSON (``--out``) is rewritten every few
+seconds while parts run, so a check cut short keeps everything done so far
+(``--table-from`` prints its table again). Each part's full output goes to ``<out>-logs/``.
+
+It needs torch, torchvision, accelerate, rich and safetensors (pytest for the last part); W&B
+is never used. ``--smoke`` runs every part on the CPU with tiny settings (no GPU is used even
+where one exists): the figures then mean nothing and no target is judged, but every code path
+runs. Run from the repository root::
+
+    python benchmarks/gpu_check.py --data-dir ../shared/data \\
+        --reference-weights ../shared/reference/seed_model.pth --out gpu_check.json
+    python benchmarks/gpu_check.py --smoke --data-dir TINY --reference-weights W --out smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+POLL_SECONDS = 2.0  # how often the JSON is rewritten while a part runs
+KILL_GRACE_SECONDS = 15  # after SIGTERM, before SIGKILL (a run checkpoints on SIGTERM)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much each part trains: the real check's, or the smoke run's tiny ones."""
+
+    recipe_epochs: int  # the full recipe is 10 epochs
+    recipe_max_train_samples: int | None  # None: all 60,000
+    repro_epochs: int  # the determinism runs
+    repro_max_train_samples: int
+    repro_checkpoint_every: int  # a global step inside the last epoch: the mid-epoch checkpoint
+    throughput_epochs: int
+    throughput_max_train_samples: int | None
+    profile_steps: int
+    profile_warmup: int
+    profile_versus_plain: int  # interleaved rounds against the bare step (0: none)
+
+
+# 16,000 images = 250 steps per epoch, so global step 300 is epoch 2's 50th step.
+GPU_SETTINGS = Settings(10, None, 2, 16_000, 300, 2, None, 200, 30, 5)
+SMOKE_SETTINGS = Settings(1, 256, 2, 320, 7, 1, 256, 5, 2, 0)
+
+# Part name -> (what it does, time-out in seconds on a GPU).
+PARTS: dict[str, tuple[str, int]] = {
+    "env": ("versions and hardware", 120),
+    "evaluate": ("mnist-dist evaluate of the reference weights", 180),
+    "recipe": ("the 10-epoch recipe: fp32, bf16, fp16, --cuda-graph off", 420),
+    "determinism": ("reruns and a mid-epoch resume, bit for bit, with and without", 360),
+    "throughput": ("throughput.py rows (a), (b), (c) and mnist-dist's", 360),
+    "profile": ("profile_step.py's per-step summary", 240),
+    "pytest": ("pytest -m gpu", 600),
+}
+RECIPE_RUNS = {  # item id -> throughput.py row
+    "recipe:fp32": "tensor",
+    "recipe:bf16": "bf16",
+    "recipe:fp16": "fp16",
+    "recipe:eager-fp32": "eager",
+}
+THROUGHPUT_ROWS = ["plain", "plain-tensor", "captured", "tensor", "eager", "nondeterministic"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The parts. Each runs in a child process (``--part NAME``) and records items as it goes.
+
+
+class PartRecorder:
+    """A part's items (``{"id", "status": "ok"|"failed", "reason", "figures"}``), written to
+    its JSON file after each one, so that the parent sees them even if the part is killed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.items = path, []
+
+    def ok(self, item_id: str, **figures: Any) -> None:
+        self._add({"id": item_id, "status": "ok", "reason": None, "figures": figures})
+
+    def failed(self, item_id: str, reason: str, **figures: Any) -> None:
+        self._add({"id": item_id, "status": "failed", "reason": reason, "figures": figures})
+
+    def _add(self, item: dict[str, Any]) -> None:
+        self.items.append(item)
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps({"items": self.items}, indent=2))
+        partial.replace(self.path)  # the parent never reads half a file
+
+
+def one_line(text: str) -> str:
+    """The line that says why a command failed: the last that mnist-dist, a script or Python
+    printed as an error (``mnist-dist: error: ...``, ``ValueError: ...``), else the last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for pattern in (r"^mnist-dist: error:", r"^[\w.]*(Error|Exception)\b.*:", r"error:"):
+        hits = [line for line in lines if re.search(pattern, line)]
+        if hits:
+            return hits[-1][:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def run_command(command: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``command`` from the repository root; its exit code, stdout and stderr. Its output
+    also goes to this part's log."""
+    proc = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, env=env, check=False
+    )
+    print(f"$ {' '.join(command)}  -> exit {proc.returncode}", flush=True)
+    print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n", flush=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def mnist_dist(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mnist_dist", *args]
+
+
+def part_env(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+    import torch
+
+    from mnist_dist.distributed import git_commit
+
+    cuda = torch.cuda.is_available()
+    rec.ok(
+        "env",
+        gpu=torch.cuda.get_device_name(0) if cuda else None,
+        gpu_count=torch.cuda.device_count() if cuda else 0,
+        driver=nvidia_driver() if cuda else None,
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if cuda else None,
+        python=platform.python_version(),
+        cpu_count=os.cpu_count(),
+        git_commit=git_commit(),
+        **{name.replace("-", "_"): version(name) for name in VERSIONED},
+    )
+
+
+VERSIONED = ("torch", "torchvision", "accelerate", "rich", "safetensors", "wandb", "pytest")
+
+
+def version(package: str) -> str | None:
+    """The installed version of a package whose module has its name; None if it cannot be
+    imported."""
+    import importlib.util
+    from importlib import metadata
+
+    try:
+        if importlib.util.find_spec(package) is None:
+            return None
+        return metadata.version(package)
+    except (ImportError, ValueError, metadata.PackageNotFoundError):
+        return None
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version, from nvidia-smi or the kernel module."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        pass
+    try:  # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.124.06  ..."
+        words = Path("/proc/driver/nvidia/version").read_text().split()
+        return next(w for w in words if w[:1].isdigit() and "." in w)
+    except (OSError, StopIteration):
+        return None
+
+
+def part_evaluate(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+    import torch
+
+    if not args.reference_weights:
+        rec.failed("evaluate", "no --reference-weights given")
+        return
+    code, out, err = run_command(
+        mnist_dist(
+            "evaluate", "--weights", args.reference_weights, "--data-dir", args.data_dir, "--json"
+        )
+    )
+    if code != 0:
+        rec.failed("evaluate", one_line(err or out))
+        return
+    report = json.loads(out.strip().splitlines()[-1])
+    # mnist-dist takes a GPU whenever one is visible, and it saw what this process sees.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rec.ok(
+        "evaluate",
+        device=device,
+        test_correct=report["test_correct"],
+        test_total=report["test_total"],
+        test_accuracy=report["test_accuracy"],
+    )
+
+
+def throughput_args(args: argparse.Namespace, epochs: int, limit: int | None) -> list[str]:
+    extra = [] if limit is None else ["--max-train-samples", str(limit)]
+    return ["--data-dir", args.data_dir, "--epochs", str(epochs), *extra]
+
+
+def part_recipe(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+    import throughput
+
+    targs = throughput.build_parser().parse_args(
+        throughput_args(args, s.recipe_epochs, s.recipe_max_train_samples)
+    )
+    targs.data_dir = str(Path(targs.data_dir).resolve())
+    for item_id, row in RECIPE_RUNS.items():
+        try:
+            result = throughput.run_row(row, targs)
+        except Exception as e:  # this run's failure is a figure; the others still run
+            print(e, flush=True)
+            rec.failed(item_id, throughput.failure_reason(e))
+            continue
+        rec.ok(
+            item_id,
+            flags=throughput.MNIST_DIST_ROWS[row][0],
+            images_per_second=result.images_per_second,
+            train_seconds=result.extra["train_seconds"],
+            wall_seconds=result.wall_seconds,
+            process_seconds=result.process_seconds,
+            test_accuracy=result.test_accuracy,
+            test_correct=result.test_correct,
+            test_total=result.test_total,
+            epochs=len(result.epochs),
+            train_images=sum(e.images for e in result.epochs),
+            step_engine=result.extra["step_engine"],
+            deterministic=result.extra["deterministic"],
+            mixed_precision=result.extra["mixed_precision"],
+        )
+
+
+def part_determinism(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+    base = [
+        "train", "--data-dir", args.data_dir, "--tracker", "none",
+        "--epochs", str(s.repro_epochs), "--max-train-samples", str(s.repro_max_train_samples),
+    ]  # fmt: skip
+    checkpointed = ["--checkpoint-every", str(s.repro_checkpoint_every), "--keep-checkpoints", "20"]
+    for mode, flags in (("on", []), ("off", ["--no-deterministic"])):
+        item_id = f"determinism:{mode}"
+        with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+            runs = {
+                name: Path(tmp) / name for name in ("first", "rerun", "checkpointed", "resumed")
+            }
+            try:
+                summaries = {}
+                for name in ("first", "rerun", "checkpointed"):
+                    extra = checkpointed if name == "checkpointed" else []
+                    summaries[name] = train_run([*base, *flags, *extra], runs[name])
+                mid_epoch = mid_epoch_checkpoint(runs["checkpointed"])
+                resume = [*checkpointed, "--resume", str(mid_epoch)]
+                summaries["resumed"] = train_run([*base, *flags, *resume], runs["resumed"])
+            except RuntimeError as e:
+                rec.failed(item_id, str(e))
+                continue
+            rerun = compare_weights(runs["first"], runs["rerun"])
+            checkpointing = compare_weights(runs["first"], runs["checkpointed"])
+            resumed = compare_weights(runs["checkpointed"], runs["resumed"])
+        first = summaries["first"]
+        rec.ok(
+            item_id,
+            flags=flags,
+            epochs=s.repro_epochs,
+            train_images=s.repro_max_train_samples,
+            step_engine=first.get("step_engine"),
+            deterministic=first.get("deterministic"),
+            resumed_engine=summaries["resumed"].get("step_engine"),
+            resumed_from=mid_epoch.name,
+            images_per_second=first["images_per_second"],
+            rerun_identical=rerun[0],
+            rerun_max_abs_difference=rerun[1],
+            checkpointing_identical=checkpointing[0],
+            checkpointing_max_abs_difference=checkpointing[1],
+            resume_identical=resumed[0],
+            resume_max_abs_difference=resumed[1],
+        )
+
+
+def train_run(args: list[str], run_dir: Path) -> dict[str, Any]:
+    """``mnist-dist train ARGS --output-dir RUN_DIR``; its summary. Raises ``RuntimeError``
+    with the failure's one line."""
+    code, out, err = run_command(mnist_dist(*args, "--output-dir", str(run_dir)))
+    if code != 0:
+        raise RuntimeError(one_line(err or out))
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def mid_epoch_checkpoint(run_dir: Path) -> Path:
+    """The run's checkpoint taken inside an epoch (``epoch-NNN-step-MMMMMM`` with M > 0)."""
+    found = [
+        p
+        for p in sorted((run_dir / "checkpoints").glob("epoch-*-step-*"))
+        if int(p.name.rsplit("-", 1)[1]) > 0
+    ]
+    if not found:
+        raise RuntimeError(f"no mid-epoch checkpoint in {run_dir / 'checkpoints'}")
+    return found[-1]
+
+
+def compare_weights(run_a: Path, run_b: Path) -> tuple[bool, float | None]:
+    """Whether two runs' final weights are bit for bit the same, and their largest absolute
+    difference (None if they do not even hold the same tensors)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(r / "model.safetensors")) for r in (run_a, run_b))
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        return False, None
+    # Bytes, not values: -0.0 == 0.0 and NaN != NaN would hide or invent a difference.
+    identical = all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+    largest = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    return identical, largest
+
+
+def part_throughput(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+    import throughput
+
+    out = args.logs / "throughput.json"
+    argv = throughput_args(args, s.throughput_epochs, s.throughput_max_train_samples)
+    code = throughput.main([*argv, "--rows", ",".join(THROUGHPUT_ROWS), "--json-out", str(out)])
+    saved = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    rows = {r["row"]: r for r in saved["rows"]}
+    for row in THROUGHPUT_ROWS:
+        item_id = f"throughput:{row}"
+        if row in rows:
+            r = rows[row]
+            rec.ok(
+                item_id,
+                name=r["name"],
+                images_per_second=r["images_per_second"],
+                ratio_to_plain=r["ratio_to_plain"],
+                ratio_to_plain_tensor=r["ratio_to_plain_tensor"],
+                ratio_to_captured=r.get("ratio_to_captured"),
+                test_accuracy=r["test_accuracy"],
+                wall_seconds=r["wall_seconds"],
+                step_engine=r["runs"][0]["extra"].get("step_engine"),
+            )
+        else:
+            why = saved.get("unavailable", {}).get(row) or saved.get("failed", {}).get(row)
+            why = why or f"throughput.py ended (exit {code}) before this row"
+            rec.failed(item_id, why, name=throughput.ROW_NAMES[row])
+    machine = saved.get("machine", {})
+    rec.ok("throughput:settings", epochs=s.throughput_epochs, gpu=machine.get("cuda"))
+
+
+def part_profile(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+    command = [
+        sys.executable, str(HERE / "profile_step.py"), "--data-dir", args.data_dir,
+        "--steps", str(s.profile_steps), "--warmup", str(s.profile_warmup), "--json",
+    ]  # fmt: skip
+    if s.profile_versus_plain:
+        command += ["--versus-plain", str(s.profile_versus_plain)]
+    code, out, err = run_command(command)
+    if code != 0:
+        rec.failed("profile", one_line(err or out))
+        return
+    rec.ok("profile", **json.loads(out.strip().splitlines()[-1]))
+
+
+def part_pytest(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+    junit = args.logs / "pytest-gpu.xml"
+    env = {**os.environ, "MNIST_DIST_DATA_DIR": args.data_dir}
+    if args.reference_weights:
+        env["MNIST_DIST_REFERENCE_WEIGHTS"] = args.reference_weights
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider"]
+    code, out, err = run_command([*command, f"--junitxml={junit}", "tests"], env=env)
+    if not junit.exists():
+        rec.failed("pytest", one_line(err or out))
+        return
+    suites = ET.parse(junit).getroot()
+    suites = [suites] if suites.tag == "testsuite" else list(suites)
+    counts = {k: sum(int(x.get(k, 0)) for x in suites) for k in ("tests", "failures", "errors")}
+    cases = [case for suite in suites for case in suite.iter("testcase")]
+    failed = [c.get("name") for c in cases if c.find("failure") is not None]
+    failed += [c.get("name") for c in cases if c.find("error") is not None]
+    skipped = [c.find("skipped") for c in cases if c.find("skipped") is not None]
+    figures = {
+        "exit_code": code,
+        "passed": counts["tests"] - counts["failures"] - counts["errors"] - len(skipped),
+        "failed": counts["failures"],
+        "errors": counts["errors"],
+        "skipped": len(skipped),
+        "skip_reasons": sorted({str(x.get("message")) for x in skipped}),
+        "failed_tests": failed,
+    }
+    if code not in (0, 5):  # 5: no test selected, which the counts show
+        rec.failed("pytest", f"{len(failed)} failed or in error: {', '.join(failed)}", **figures)
+    else:
+        rec.ok("pytest", **figures)
+
+
+PART_FUNCTIONS: dict[str, Callable[[argparse.Namespace, Settings, PartRecorder], None]] = {
+    "env": part_env,
+    "evaluate": part_evaluate,
+    "recipe": part_recipe,
+    "determinism": part_determinism,
+    "throughput": part_throughput,
+    "profile": part_profile,
+    "pytest": part_pytest,
+}
+
+
+def run_part(args: argparse.Namespace) -> int:
+    """In the child: run one part, recording into ``args.part_json``."""
+    rec = PartRecorder(Path(args.part_json))
+    settings = SMOKE_SETTINGS if args.smoke else GPU_SETTINGS
+    PART_FUNCTIONS[args.part](args, settings, rec)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: run the parts, keep the JSON current, judge the targets, print the table.
+
+
+def child_env(smoke: bool) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if smoke:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run never uses a GPU, even where one is
+    # W&B is never needed here; an empty or stray WANDB_MODE must not reach the runs.
+    return {k: v for k, v in env.items() if not k.startswith("WANDB_")}
+
+
+def run_parts(args: argparse.Namespace, report: dict[str, Any], save: Callable[[], None]) -> None:
+    deadline = time.monotonic() + args.max_minutes * 60
+    scale = 1.0 if not args.smoke else 2.0  # the smoke run does little, on a slow CPU
+    for name in args.parts:
+        what, timeout = PARTS[name]
+        left = deadline - time.monotonic()
+        if left < 5:
+            report["parts"][name] = part_record(
+                "not run", f"--max-minutes {args.max_minutes} ran out"
+            )
+            save()
+            continue
+        limit = min(timeout * scale, left)
+        print(f"[{name}] {what} (time-out {limit:.0f}s) ...", file=sys.stderr, flush=True)
+        record = run_one_part(args, name, limit, report, save)
+        because = f": {record['reason']}" if record["reason"] else ""
+        print(f"[{name}] {record['status']} in {record['seconds']:.0f}s{because}", file=sys.stderr)
+        env = items_of(record).get("env")
+        if env is not None and not env["gpu"] and not args.smoke:
+            report["stopped"] = "no CUDA GPU is visible: use --smoke to run the check on a CPU"
+            save()
+            return
+
+
+def part_record(status: str, reason: str | None, seconds: float = 0.0, items=None) -> dict:
+    return {"status": status, "reason": reason, "seconds": seconds, "items": items or []}
+
+
+def items_of(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A part's ok items' figures by id."""
+    return {i["id"]: i["figures"] for i in record["items"] if i["status"] == "ok"}
+
+
+def run_one_part(
+    args: argparse.Namespace,
+    name: str,
+    limit: float,
+    report: dict[str, Any],
+    save: Callable[[], None],
+) -> dict[str, Any]:
+    part_json = args.logs / f"{name}.json"
+    part_json.unlink(missing_ok=True)
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--part", name,
+        "--part-json", str(part_json), "--data-dir", args.data_dir, "--logs", str(args.logs),
+        *(["--reference-weights", args.reference_weights] if args.reference_weights else []),
+        *(["--smoke"] if args.smoke else []),
+    ]  # fmt: skip
+    started = time.monotonic()
+    log_path = args.logs / f"{name}.log"
+    with open(log_path, "w") as log:
+        # A session of its own, so that a time-out ends the part's own children too.
+        proc = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(args.smoke),
+            start_new_session=True,
+        )
+        status = None
+        try:
+            while status is None:
+                try:
+                    code = proc.wait(timeout=POLL_SECONDS)
+                    status = "ok" if code == 0 else "failed"
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() - started > limit:
+                        stop_group(proc)
+                        status = "timed out"
+                report["parts"][name] = part_record(
+                    status or "running", None, time.monotonic() - started, read_items(part_json)
+                )
+                save()
+        except BaseException:  # Ctrl-C or a kill: take the part's processes with us
+            stop_group(proc)
+            raise
+    seconds = time.monotonic() - started
+    reason = None
+    if status == "timed out":
+        reason = f"ran out of its {limit:.0f}s"
+    elif status == "failed":
+        reason = one_line(log_path.read_text(errors="replace"))
+    record = part_record(status, reason, seconds, read_items(part_json))
+    report["parts"][name] = record
+    save()
+    return record
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the part's process group, then SIGKILL if it lingers."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def read_items(part_json: Path) -> list[dict[str, Any]]:
+    try:
+        return json.loads(part_json.read_text())["items"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets and the table
+
+
+@dataclass
+class Line:
+    """One line of the table."""
+
+    what: str
+    figure: str
+    target: str = "-"
+    verdict: str = "-"
+
+
+class Findings:
+    """A report's figures by item id, why any missing one is missing, and the verdicts."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        self.smoke = report["smoke"]
+        self.figures: dict[str, dict[str, Any]] = {}
+        self.reasons: dict[str, str] = {}
+        self.of_failed: dict[str, dict[str, Any]] = {}  # what a failed item still measured
+        for name, record in report["parts"].items():
+            for item in record["items"]:
+                if item["status"] == "ok":
+                    self.figures[item["id"]] = item["figures"]
+                else:
+                    self.reasons[item["id"]] = item["reason"] or "failed"
+                    self.of_failed[item["id"]] = item["figures"]
+            if record["status"] != "ok":
+                self.reasons[name] = " ".join(filter(None, [record["status"], record["reason"]]))
+
+    def get(self, item_id: str) -> dict[str, Any] | None:
+        return self.figures.get(item_id)
+
+    def missing(self, item_id: str) -> str:
+        """The figure column of an item that has no figures."""
+        reason = self.reasons.get(item_id) or self.reasons.get(item_id.split(":")[0])
+        return f"failed: {reason}" if reason else "not run"
+
+    def judge(
+        self,
+        what: str,
+        figure: str,
+        target: str,
+        value: float | None,
+        ok: Callable[[float], bool],
+        unjudged: str | None = None,
+    ) -> Line:
+        """A line with a target: met or NOT MET from ``value``; "not measured" when there is
+        no value, in a smoke run, or when ``unjudged`` says why the figure cannot count."""
+        if self.smoke:
+            unjudged = "smoke run"
+        if unjudged or value is None:
+            return Line(what, figure, target, f"not measured ({unjudged or 'no figure'})")
+        return Line(what, figure, target, "met" if ok(value) else "NOT MET")
+
+
+def table_lines(report: dict[str, Any]) -> list[Line]:
+    """Every figure of the report, with its target and verdict where it has one."""
+    f = Findings(report)
+    return [
+        *env_lines(f),
+        *evaluate_lines(f),
+        *recipe_lines(f),
+        *determinism_lines(f),
+        *throughput_lines(f),
+        *profile_lines(f),
+        *pytest_lines(f),
+    ]
+
+
+def env_lines(f: Findings) -> list[Line]:
+    env = f.get("env")
+    if env is None:
+        return [Line("GPU and versions", f.missing("env"))]
+    if env["gpu"]:
+        gpu = f"{env['gpu']} (x{env['gpu_count']}), driver {env['driver'] or 'unknown'}, "
+        gpu += f"CUDA {env['cuda']}, cuDNN {env['cudnn']}"
+    else:
+        gpu = f"none visible (torch built for CUDA {env['cuda']})"
+    versions = f"torch {env['torch']}, torchvision {env['torchvision']}, "
+    versions += f"accelerate {env['accelerate']}, Python {env['python']}, "
+    versions += f"commit {env['git_commit'] or 'unknown'}"
+    return [Line("GPU", gpu), Line("versions, commit", versions)]
+
+
+def evaluate_lines(f: Findings) -> list[Line]:
+    ev = f.get("evaluate")
+    target = "9917/10000 on CUDA"
+    if ev is None:
+        return [f.judge("evaluate reference weights", f.missing("evaluate"), target, None, bool)]
+    figure = f"{ev['test_correct']}/{ev['test_total']} on {ev['device']}"
+    exact = (ev["test_correct"], ev["test_total"], ev["device"]) == (9917, 10_000, "cuda")
+    return [f.judge("evaluate reference weights", figure, target, float(exact), bool)]
+
+
+def recipe_lines(f: Findings) -> list[Line]:
+    lines = []
+    for item_id, label in (
+        ("recipe:fp32", "default fp32"),
+        ("recipe:bf16", "default bf16"),
+        ("recipe:fp16", "default fp16"),
+        ("recipe:eager-fp32", "--cuda-graph off fp32"),
+    ):
+        r = f.get(item_id)
+        figure = f.missing(item_id)
+        if r is not None:
+            figure = (
+                f"{r['images_per_second']:,.0f} img/s, {r['train_seconds']:.1f} s training, "
+                f"{r['process_seconds']:.1f} s process, {r['test_accuracy']:.2%}, "
+                f"engine {r['step_engine']}, deterministic {r['deterministic']}"
+            )
+        lines.append(Line(f"recipe, {label}", figure))
+    fp32 = f.get("recipe:fp32")
+    if fp32 is None:
+        return lines
+    full = fp32["epochs"] == 10 and fp32["train_images"] == 600_000
+    partial = None if full else "not the full 10-epoch recipe"
+    engine = fp32["step_engine"]
+    lines += [
+        f.judge("  default fp32: step engine", str(engine), "cuda-graph",
+                float(engine == "cuda-graph"), bool, partial),
+        f.judge("  default fp32: images/s", f"{fp32['images_per_second']:,.0f}", ">= 250,000",
+                fp32["images_per_second"], lambda v: v >= 250_000, partial),
+        f.judge("  default fp32: training s", f"{fp32['train_seconds']:.2f}", "<= 3",
+                fp32["train_seconds"], lambda v: v <= 3.0, partial),
+        f.judge("  default fp32: process s", f"{fp32['process_seconds']:.1f}", "<= 15",
+                fp32["process_seconds"], lambda v: v <= 15.0, partial),
+        f.judge("  default fp32: test accuracy", f"{fp32['test_accuracy']:.2%}", ">= 99.0%",
+                fp32["test_accuracy"], lambda v: v >= 0.99, partial),
+    ]  # fmt: skip
+    for item_id, label in (("recipe:bf16", "bf16"), ("recipe:fp16", "fp16")):
+        r = f.get(item_id)
+        ratio = r["images_per_second"] / fp32["images_per_second"] if r else None
+        figure = "-" if r is None else f"{ratio:.2f}x, engine {r['step_engine']}"
+        captured = r is not None and r["step_engine"] == "cuda-graph"
+        lines.append(
+            f.judge(
+                f"  {label} / fp32 images/s",
+                figure,
+                ">= 1.00x, captured",
+                ratio,
+                lambda v, captured=captured: v >= 1.0 and captured,
+                partial,
+            )
+        )
+    return lines
+
+
+def determinism_lines(f: Findings) -> list[Line]:
+    lines = []
+    for mode, label in (("on", "deterministic"), ("off", "--no-deterministic")):
+        d = f.get(f"determinism:{mode}")
+        if d is None:
+            lines.append(Line(f"{label}: rerun, resume", f.missing(f"determinism:{mode}")))
+            continue
+        for key, what in (("rerun", "rerun"), ("resume", f"resume from {d['resumed_from']}")):
+            identical = d[f"{key}_identical"]
+            figure = (
+                "bit-identical"
+                if identical
+                else (f"differs by up to {d[f'{key}_max_abs_difference']}")
+            )
+            figure += f" (engine {d['step_engine']})"
+            if mode == "on":
+                lines.append(
+                    f.judge(f"{label}: {what}", figure, "bit-identical", float(identical), bool)
+                )
+            else:  # no target: what determinism buys
+                lines.append(Line(f"{label}: {what}", figure))
+    return lines
+
+
+def throughput_lines(f: Findings) -> list[Line]:
+    rows = {row: f.get(f"throughput:{row}") for row in THROUGHPUT_ROWS}
+    lines = []
+    for row, r in rows.items():
+        if r is None:
+            name = f.of_failed.get(f"throughput:{row}", {}).get("name", row)
+            lines.append(Line(f"throughput: {name}", f.missing(f"throughput:{row}")))
+        else:
+            figure = f"{r['images_per_second']:,.0f} img/s, {r['test_accuracy']:.2%}"
+            lines.append(Line(f"throughput: {r['name']}", figure))
+
+    def ratio(row: str, key: str) -> float | None:
+        return (rows[row] or {}).get(key)
+
+    for what, value, target, ok in (
+        ("default / (a)", ratio("tensor", "ratio_to_plain"), ">= 30x", lambda v: v >= 30),
+        ("default / (c)", ratio("tensor", "ratio_to_captured"), ">= 0.95x", lambda v: v >= 0.95),
+        (
+            "--cuda-graph off / (b)",
+            ratio("eager", "ratio_to_plain_tensor"),
+            ">= 0.9x",
+            lambda v: v >= 0.9,
+        ),
+    ):
+        figure = "-" if value is None else f"{value:.2f}x"
+        lines.append(f.judge(f"throughput: {what}", figure, target, value, ok))
+    on, off = rows["tensor"], rows["nondeterministic"]
+    cost = 1 - on["images_per_second"] / off["images_per_second"] if on and off else None
+    figure = "-" if cost is None else f"{cost:.1%} of the images/s without it"
+    lines.append(
+        f.judge("throughput: determinism cost", figure, "<= 10%", cost, lambda v: v <= 0.1)
+    )
+    return lines
+
+
+def profile_lines(f: Findings) -> list[Line]:
+    p = f.get("profile")
+    if p is None:
+        return [Line("profile, eager step", f.missing("profile"))]
+
+    def shown(key: str, form: str) -> str:
+        return "-" if p.get(key) is None else format(p[key], form)
+
+    figure = (
+        f"{shown('host_ms_per_step', '.2f')} ms host, "
+        f"{shown('gpu_kernel_ms_per_step', '.3f')} ms GPU kernels, "
+        f"{shown('cuda_kernels_per_step', '.0f')} CUDA kernels, "
+        f"{shown('aten_ops_per_step', '.0f')} ATen ops per step"
+    )
+    if p.get("harness_speed_vs_plain") is not None:
+        figure += f"; {p['harness_speed_vs_plain']:.2f}x the bare step's speed"
+    return [Line("profile, eager step", figure)]
+
+
+def pytest_lines(f: Findings) -> list[Line]:
+    target = "all pass, none skipped"
+    t = f.get("pytest") or f.of_failed.get("pytest")
+    if not t:
+        return [f.judge("pytest -m gpu", f.missing("pytest"), target, None, bool)]
+    figure = (
+        f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped"
+    )
+    if t["skip_reasons"]:
+        figure += f" ({'; '.join(t['skip_reasons'])})"
+    clean = t["passed"] > 0 and not (t["failed"] or t["errors"] or t["skipped"])
+    return [f.judge("pytest -m gpu", figure, target, float(clean), bool)]
+
+
+FIGURE_WIDTH = 100  # longer figures (a failure's reason) are cut in the table, not in the JSON
+
+
+def format_table(lines: list[Line]) -> str:
+    def cut(text: str) -> str:
+        return text if len(text) <= FIGURE_WIDTH else text[: FIGURE_WIDTH - 3] + "..."
+
+    header = Line("what", "figure", "target", "verdict")
+    lines = [Line(x.what, cut(x.figure), x.target, x.verdict) for x in lines]
+    rows = [header, *lines]
+    widths = [max(len(getattr(r, f)) for r in rows) for f in ("what", "figure", "target")]
+
+    def fmt(r: Line) -> str:
+        cells = [r.what.ljust(widths[0]), r.figure.ljust(widths[1]), r.target.ljust(widths[2])]
+        return "  ".join([*cells, r.verdict]).rstrip()
+
+    rule = "  ".join("-" * w for w in [*widths, len("verdict")])
+    return "\n".join([fmt(header), rule, *map(fmt, lines)])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_parts(text: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if not parts or unknown:
+        raise argparse.ArgumentTypeError(f"parts must be a comma list from {','.join(PARTS)}")
+    return [p for p in PARTS if p in parts]  # in the check's order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Measure mnist-dist on one CUDA GPU: one table, one JSON file."
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("MNIST_DIST_DATA_DIR", "./data"),
+        help="folder holding MNIST/raw/*-ubyte (default: env MNIST_DIST_DATA_DIR or ./data)",
+    )
+    parser.add_argument(
+        "--reference-weights",
+        default=os.environ.get("MNIST_DIST_REFERENCE_WEIGHTS"),
+        metavar="PTH",
+        help="the reference's seed_model.pth (default: env MNIST_DIST_REFERENCE_WEIGHTS)",
+    )
+    parser.add_argument(
+        "--out", default="gpu_check.json", help="JSON results (default: gpu_check.json)"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every part on the CPU with tiny settings: checks the check, judges nothing",
+    )
+    parser.add_argument(
+        "--parts",
+        type=parse_parts,
+        default=list(PARTS),
+        help=f"comma list from {','.join(PARTS)} (default: all)",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=9.0,
+        help="the whole check's time limit: a part still running then is cut short, later "
+        "ones are not started (default: 9)",
+    )
+    parser.add_argument("--table-from", metavar="JSON", help="print an earlier --out's table")
+    # Internal: run one part in this process.
+    parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
+    parser.add_argument("--part-json", help=argparse.SUPPRESS)
+    parser.add_argument("--logs", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.table_from:
+        print(format_table(table_lines(json.loads(Path(args.table_from).read_text()))))
+        return 0
+    args.data_dir = str(Path(args.data_dir).resolve())
+    if args.reference_weights:
+        args.reference_weights = str(Path(args.reference_weights).resolve())
+    if args.part:
+        sys.path.insert(0, str(HERE))  # throughput.py, as when this file runs as a script
+        return run_part(args)
+    if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
+        print(f"gpu_check.py: error: no MNIST/raw under {args.data_dir}", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    args.logs = out.with_name(out.stem + "-logs")
+    args.logs.mkdir(parents=True, exist_ok=True)
+    settings = SMOKE_SETTINGS if args.smoke else GPU_SETTINGS
+    report: dict[str, Any] = {
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv],
+        "smoke": args.smoke,
+        "settings": {
+            **asdict(settings),
+            "data_dir": args.data_dir,
+            "reference_weights": args.reference_weights,
+        },
+        "parts": {},
+    }
+
+    def save() -> None:
+        try:
+            report["table"] = [asdict(line) for line in table_lines(report)]
+        except Exception as e:  # a bug in the table must not cost the figures
+            report["table"] = [asdict(Line("table", f"cannot be drawn: {e!r}"))]
+        partial = out.with_suffix(".partial")
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+        partial.replace(out)
+
+    save()
+    try:
+        run_parts(args, report, save)
+    finally:
+        report["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        save()
+    print(format_table([Line(**line) for line in report["table"]]))
+    print(f"\nresults in {out}, each part's output in {args.logs}/")
+    if report.get("stopped"):
+        print(f"gpu_check.py: error: {report['stopped']}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
