@@ -198,7 +198,7 @@ def _sync(device: torch.device) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Per-step profile of mnist-dist's train_step.")
     parser.add_argument(
-        "--data-dir", default=os.environ.get("MNIST_DIST_DATA_DIR", "./data"), help="MNIST root"
+        "--data-dir", default=os.environ.get("MNIST_DIST_DATA_DIR") or "./data", help="MNIST root"
     )
     parser.add_argument("--steps", type=int, default=200, help="profiled steps")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first")

@@ -804,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data-dir",
-        default=os.environ.get("MNIST_DIST_DATA_DIR", "./data"),
+        default=os.environ.get("MNIST_DIST_DATA_DIR") or "./data",
         help="folder holding MNIST/raw/*-ubyte (default: env MNIST_DIST_DATA_DIR or ./data)",
     )
     parser.add_argument("--epochs", type=positive_int, default=2, help="epochs per run")

@@ -10,7 +10,8 @@ from accelerate.state import AcceleratorState
 from helpers import fault_env, launch_cli, make_tiny_mnist, read_jsonl, read_summary, run_cli
 
 from mnist_dist.config import TrainConfig
-from mnist_dist.train import build_model_and_optimizer, epoch_lr_scheduler, train_step
+from mnist_dist.engine import train_step
+from mnist_dist.train import build_model_and_optimizer, epoch_lr_scheduler
 
 # Launch modes a run can be started in: plain python (1 process) and 2 gloo ranks.
 LAUNCHERS = {"1proc": run_cli, "2proc": launch_cli}
