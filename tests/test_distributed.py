@@ -48,17 +48,19 @@ def test_one_and_two_processes_agree_step_by_step(mnist_dir, tmp_path):
     assert len(a) == len(b) == 200
     # Same global batches and the same gradient math; the ranks only sum in a different order
     # (per-rank convolutions over 32 images, then a gloo all-reduce), so the first steps agree to
-    # fp32 rounding (measured: 1.2e-7 relative over steps 1-50). Training is chaotic, so that
-    # rounding grows (measured: 7e-5 by step 100, 1e-2 by step 200) while epoch means stay
-    # equal (1e-8, 1.3e-5). For scale, another seed differs by 1.5e-2 within 10 steps and by
-    # 1e-1 (median) from step 26 on: these bounds cannot be met by independent trainings.
-    assert b[:50] == pytest.approx(a[:50], rel=1e-6)
-    assert b[:100] == pytest.approx(a[:100], rel=1e-3)
+    # fp32 rounding. Training is chaotic, so that rounding grows, and how fast depends on the
+    # kernels of the torch release. Measured, relative: torch 2.15.0 1.2e-7 over steps 1-50 and
+    # 7e-5 by step 100; torch 2.14.1 1.7e-7 over steps 1-30, 4.4e-6 by step 50 and 8e-3 by step
+    # 100, epoch means 4.7e-5 and 1.8e-4. For scale, another seed differs by 1.5e-2 within 10
+    # steps and by 1e-1 (median) from step 26 on: these bounds cannot be met by independent
+    # trainings.
+    assert b[:30] == pytest.approx(a[:30], rel=1e-6)
+    assert b[:50] == pytest.approx(a[:50], rel=1e-5)
     epoch_means = [
         [m["train_loss"] for m in read_jsonl(tmp_path / d / "metrics.jsonl")]
         for d in ("one", "two")
     ]
-    assert epoch_means[1] == pytest.approx(epoch_means[0], rel=1e-4)
+    assert epoch_means[1] == pytest.approx(epoch_means[0], rel=1e-3)
     acc = [read_summary(tmp_path / d)["test_correct"] for d in ("one", "two")]
     assert abs(acc[0] - acc[1]) <= 5
 
