@@ -368,7 +368,7 @@ def build_engine(
             warn(f"warning: --cuda-graph on: {why}; training with eager steps")
         return eager(why)
     if mode == "auto" and accelerator.device.type != "cuda":
-        return eager(f"no CUDA device ({accelerator.device.type})")
+        return eager("no CUDA device")
     scaler = getattr(accelerator, "scaler", None)
     engine = CapturedStep(model, optimizer, scaler, data, stats, grad_accum)
     try:
