@@ -70,6 +70,16 @@ def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def stepped_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose ``step`` a training step calls, of a prepared ``optimizer``: with
+    fp16's grad scaler, Accelerate's (the scaler's step and update, no host sync: a fused
+    optimizer takes the scale and the inf check on the device and skips the update of a step
+    with inf gradients); otherwise the inner one, since ``AcceleratedOptimizer.step`` would
+    only forward the call after an uncached package look-up (``is_lomo_available``, twice,
+    about 30 us each)."""
+    return optimizer if getattr(optimizer, "scaler", None) is not None else _inner(optimizer)
+
+
 class EagerStep:
     """One step at a time from Python (``train_step``)."""
 
@@ -168,13 +178,7 @@ class CapturedStep:
             self.model, images, labels, mask, scale, self.grad_accum, backward
         )
         self.stats.values.index_copy_(0, self.position, figures.unsqueeze(0))
-        if self.scaler is not None:
-            # Accelerate's step: the scaler's step and update. A fused optimizer takes the scale
-            # and the inf check on the device (no host sync) and skips the update of a step
-            # with inf gradients.
-            self.prepared_optimizer.step()
-        else:
-            self.optimizer.step()
+        stepped_optimizer(self.prepared_optimizer).step()
         self.position.add_(1)
 
     def capture(self) -> None:
@@ -327,15 +331,9 @@ def backward(accelerator: Accelerator, loss: torch.Tensor) -> None:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.step()`` then ``zero_grad``, bypassing ``AcceleratedOptimizer.step`` when it
-    would only forward the call: without a grad scaler (fp16) it adds nothing here but an
-    uncached package look-up (``is_lomo_available``, twice, about 30 us each) per step."""
-    inner = _inner(optimizer)
-    if getattr(optimizer, "scaler", None) is None:
-        inner.step()
-    else:
-        optimizer.step()  # the scaler unscales, skips steps with inf gradients, updates
-    inner.zero_grad(set_to_none=True)
+    """The step of ``stepped_optimizer``, then ``zero_grad``."""
+    stepped_optimizer(optimizer).step()
+    _inner(optimizer).zero_grad(set_to_none=True)
 
 
 def build_engine(

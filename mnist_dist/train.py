@@ -26,7 +26,13 @@ from mnist_dist.config import Config, TrainConfig
 from mnist_dist.data import Sharding, build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.determinism import set_determinism
 from mnist_dist.distributed import describe_processes, make_accelerator, provenance
-from mnist_dist.engine import EpochStats, StepEngine, build_engine, lr_value
+from mnist_dist.engine import (
+    EpochStats,
+    StepEngine,
+    build_engine,
+    lr_value,
+    stepped_optimizer,
+)
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
 from mnist_dist.evaluate import EvalResult, evaluate
 from mnist_dist.model import MnistCNN
@@ -495,14 +501,12 @@ def epoch_lr_scheduler(
     a prepared scheduler steps once per process (huggingface/accelerate#2926).
 
     torch wraps the ``step`` of the optimizer it is given, to warn when the scheduler steps
-    before the optimizer; it must wrap the ``step`` that ``optimizer_step`` calls. Without a
-    grad scaler that is the inner optimizer's. With fp16's scaler it is
-    ``AcceleratedOptimizer.step``, which replaces the inner optimizer's ``step`` during each
-    call and then restores the method it saved in ``prepare``, from before any scheduler
-    existed: a wrapper put on the inner optimizer is gone after the first step, and torch
-    warns that "``optimizer.step()`` has been overridden after learning rate scheduler
+    before the optimizer; it must wrap the ``step`` that the training step calls
+    (``stepped_optimizer``). With fp16's scaler that is ``AcceleratedOptimizer.step``, which
+    replaces the inner optimizer's ``step`` during each call and then restores the method it
+    saved in ``prepare``, from before any scheduler existed: a wrapper put on the inner
+    optimizer is gone after the first step, and torch warns that
+    "``optimizer.step()`` has been overridden after learning rate scheduler
     initialization".
     """
-    scaled = getattr(optimizer, "scaler", None) is not None
-    stepped = optimizer if scaled else getattr(optimizer, "optimizer", optimizer)
-    return MultiStepLR(stepped, milestones=list(milestones), gamma=gamma)
+    return MultiStepLR(stepped_optimizer(optimizer), milestones=list(milestones), gamma=gamma)

@@ -77,3 +77,14 @@ def reference_weights() -> Path:
 @pytest.fixture
 def tiny_mnist(tmp_path: Path) -> Path:
     return make_tiny_mnist(tmp_path / "tiny")
+
+
+@pytest.fixture
+def cpu_accelerator():
+    """An Accelerator in this process, on the CPU; Accelerate's shared state is reset
+    afterwards, so no other in-process test inherits it."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -83,10 +83,10 @@ def test_the_padding_adds_exactly_nothing_whatever_it_holds():
     assert all(a.equal(b) for a, b in zip(grads_a, grads_b, strict=True))
 
 
-def _engine_run(engine_cls: type, data: TensorTrainData, epochs: int) -> tuple[list, list]:
+def _engine_run(
+    engine_cls: type, data: TensorTrainData, epochs: int, accelerator
+) -> tuple[list, list]:
     """Train ``epochs`` epochs with a fresh model and optimizer through ``engine_cls``."""
-    from accelerate import Accelerator
-
     torch.manual_seed(0)
     model = MnistCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
@@ -94,7 +94,7 @@ def _engine_run(engine_cls: type, data: TensorTrainData, epochs: int) -> tuple[l
     if engine_cls is CapturedStep:
         engine = CapturedStep(model, optimizer, None, data, stats, grad_accum=2)
     else:
-        engine = EagerStep(model, optimizer, Accelerator(cpu=True), data, stats, grad_accum=2)
+        engine = EagerStep(model, optimizer, accelerator, data, stats, grad_accum=2)
     figures = []
     for epoch in range(1, epochs + 1):
         for _ in engine.run_epoch(epoch, 0):
@@ -103,14 +103,14 @@ def _engine_run(engine_cls: type, data: TensorTrainData, epochs: int) -> tuple[l
     return [p.detach().clone() for p in model.parameters()], figures
 
 
-def test_the_captured_steps_math_run_eagerly_trains_like_the_eager_step():
+def test_the_captured_steps_math_run_eagerly_trains_like_the_eager_step(cpu_accelerator):
     """Everything the CUDA graph records, run without a graph: the padded epoch (200 images =
     3 x 64 + 8), the device step counter, the mask, the per-step scale, Adam with a tensor LR
     and ``capturable``, and the epoch figures."""
     images, labels = _batch(200, seed=3)
     data = TensorTrainData(images, labels, Sharding(200, 64, 1, 0, seed=0))
-    eager_weights, eager_figures = _engine_run(EagerStep, data, epochs=2)
-    static_weights, static_figures = _engine_run(CapturedStep, data, epochs=2)
+    eager_weights, eager_figures = _engine_run(EagerStep, data, 2, cpu_accelerator)
+    static_weights, static_figures = _engine_run(CapturedStep, data, 2, cpu_accelerator)
     for eager, static in zip(eager_figures, static_figures, strict=True):
         torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
         assert static[1] == eager[1]  # the same correct count
@@ -201,16 +201,11 @@ def test_cuda_graph_rejects_an_unknown_mode(tiny_mnist):
 
 
 @pytest.fixture
-def scaled_accelerator():
+def scaled_accelerator(cpu_accelerator):
     """An Accelerator on the CPU with an enabled GradScaler, as fp16 runs have one on a GPU
-    (Accelerate makes it for CUDA only); its shared state is reset afterwards."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    accelerator = Accelerator(cpu=True)
-    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    yield accelerator
-    AcceleratorState._reset_state(reset_partial_state=True)
+    (Accelerate makes it for CUDA only)."""
+    cpu_accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    return cpu_accelerator
 
 
 def test_the_captured_steps_grad_scaler_path_skips_a_non_finite_step_on_the_device(

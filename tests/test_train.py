@@ -5,8 +5,6 @@ import warnings
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from helpers import fault_env, launch_cli, make_tiny_mnist, read_jsonl, read_summary, run_cli
 
 from mnist_dist.config import TrainConfig
@@ -164,13 +162,6 @@ def test_full_reference_recipe_reaches_99_percent(launcher, mnist_dir, tmp_path)
         f"{summary['segment_wall_seconds']:.0f}s"
     )
     assert f"{summary['test_correct']}/10000" in result.stdout
-
-
-@pytest.fixture
-def cpu_accelerator():
-    """An Accelerator in this process, on the CPU; its shared state is reset afterwards."""
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.parametrize("scaled", [True, False], ids=["fp16 grad scaler", "no scaler"])
