@@ -70,6 +70,11 @@ class TrainerState:
         """The checkpoint's folder name: the position training resumes from."""
         return f"epoch-{self.epoch:03d}-step-{self.step:06d}"
 
+    @property
+    def position(self) -> str:
+        """Where training stands, for messages."""
+        return f"epoch {self.epoch}, step {self.step} (global step {self.global_step})"
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
@@ -132,13 +137,20 @@ class Checkpointer:
     ``total_limit`` deletes before writing, huggingface/accelerate#1171, #3662), so every rank
     writes into a hidden ``.partial-*`` folder; the main process then adds the trainer state
     and a manifest with every file's size and sha256, renames the folder into place, and only
-    then deletes checkpoints beyond ``keep``. Call ``save`` on every rank.
+    then deletes checkpoints beyond ``keep``. It decides when a mid-epoch checkpoint is due
+    (every ``every`` optimizer steps; 0: only at epoch ends). Call ``save`` on every rank.
     """
 
     def __init__(
-        self, accelerator: Accelerator, run_dir: Path, keep: int, started: float | None = None
+        self,
+        accelerator: Accelerator,
+        run_dir: Path,
+        keep: int,
+        every: int = 0,
+        started: float | None = None,
     ) -> None:
-        self.accelerator, self.keep = accelerator, keep
+        self.accelerator, self.keep, self.every = accelerator, keep, every
+        self.last_saved: Path | None = None  # by this process
         self.root = run_dir / CHECKPOINTS_DIR
         # Every checkpoint records the run's wall time so far: this process's since ``started``
         # (a ``time.perf_counter()`` reading) plus that of the processes before it, which a
@@ -149,6 +161,20 @@ class Checkpointer:
     def holds(self, checkpoint: Checkpoint) -> bool:
         """Whether ``checkpoint`` belongs to this run directory (else it starts a branch)."""
         return checkpoint.path.resolve().parent == self.root.resolve()
+
+    def due(self, state: TrainerState, steps_per_epoch: int) -> bool:
+        """Whether to save a mid-epoch checkpoint after the step ``state`` just took (not after
+        an epoch's last step: the epoch's own checkpoint follows its evaluation)."""
+        at_epoch_end = state.step == steps_per_epoch
+        return bool(self.every) and state.global_step % self.every == 0 and not at_epoch_end
+
+    def saved(self, state: TrainerState) -> bool:
+        """Whether this process already saved the position of ``state``."""
+        return self.last_saved is not None and self.last_saved.name == state.name
+
+    def newest(self) -> Path | None:
+        """The newest checkpoint of the run: this process's last, else the newest on disk."""
+        return self.last_saved or next(reversed(complete_checkpoints(self.root)), None)
 
     def save(self, state: TrainerState) -> Path:
         state.run_wall_seconds = self.earlier_wall_seconds + time.perf_counter() - self.started
@@ -165,6 +191,7 @@ class Checkpointer:
             error = e
         self._agree(partial, final, error)
         self._agree(partial, final, self._on_main(lambda: self._complete(state, partial, final)))
+        self.last_saved = final
         return final
 
     def _on_main(self, work: Callable[[], None]) -> OSError | None:

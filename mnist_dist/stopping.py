@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
+from mnist_dist.errors import Stopped
+
 STOP_FILE = "STOP"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -36,6 +38,7 @@ class StopControl:
         self, accelerator: Accelerator, stop_file: Path, poll_seconds: float = 0.5
     ) -> None:
         self.stop_file, self.poll_seconds = stop_file, poll_seconds
+        self._is_main = accelerator.is_main_process
         self.reason: str | None = None  # why this rank wants to stop
         self._next_poll = 0.0
         # A CPU group of its own, also when training runs on NCCL: a CPU flag needs no device
@@ -88,6 +91,17 @@ class StopControl:
         flag = torch.tensor([int(local or earlier)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
+
+    def stopped(self, position: str, checkpoint: Path | None) -> Stopped:
+        """The error that ends the run after an agreed stop at ``position``, with
+        ``checkpoint`` saved there. Removes the stop file, or the resumed run would stop at
+        once."""
+        if self._is_main:
+            self.stop_file.unlink(missing_ok=True)
+        return Stopped(
+            f"{self.describe()}: stopped at {position}; checkpoint {checkpoint}; run the same "
+            "command again (--resume auto) to continue"
+        )
 
     def describe(self) -> str:
         """Why the run stops, as this rank knows it."""

@@ -1,0 +1,211 @@
+"""The epoch/step loop: train an epoch step by step, evaluate it, save, stop when asked.
+
+The step itself belongs to the step engine (``engine.py``). The loop counts steps and acts
+only at their boundaries, where the host may wait for the device: a logging window, a
+checkpoint the checkpointer asks for, a stop every rank agreed on, the end of an epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.optim.lr_scheduler import MultiStepLR
+
+from mnist_dist.checkpoint import Checkpointer, TrainerState
+from mnist_dist.data import Sharding
+from mnist_dist.engine import EpochStats, StepEngine, lr_value
+from mnist_dist.errors import DivergedError
+from mnist_dist.evaluate import EvalResult, evaluate
+from mnist_dist.stopping import StopControl
+from mnist_dist.tracking import RunOutputs
+
+
+@dataclass
+class Loop:
+    """Everything the loop acts on, built by ``train.build``."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: MultiStepLR
+    engine: StepEngine
+    figures: EpochFigures
+    test_data: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    checkpointer: Checkpointer
+    stop: StopControl
+    outputs: RunOutputs
+    log_every: int  # optimizer steps per step record
+
+    def fit(self, state: TrainerState, epochs: int) -> None:
+        """Train from ``state`` to the end of epoch ``epochs``. Raises ``Stopped`` after a stop
+        every rank agreed on (its checkpoint saved) and ``DivergedError`` on a non-finite loss."""
+        with self.stop.handling_signals():
+            while state.epoch <= epochs:
+                self.outputs.console.start_epoch(state.epoch, completed=state.step)
+                lr = current_lr(self.optimizer)  # the LR this epoch trains with
+                self.train_epoch(state)
+                eval_start = time.perf_counter()
+                result = evaluate(self.model, self.test_data, self.accelerator)
+                self.scheduler.step()
+                eval_seconds = time.perf_counter() - eval_start
+                self.outputs.record_epoch(self.figures.close_epoch(state, result, lr, eval_seconds))
+                self.save(state)
+                if state.epoch <= epochs and self.stop.now():  # not after the last epoch
+                    raise self.stop.stopped(state.position, self.checkpointer.last_saved)
+
+    def train_epoch(self, state: TrainerState) -> None:
+        """Train ``state.epoch`` from ``state.step`` to its end."""
+        self.model.train()
+        self.figures.start(state)
+        window = (state.step, time.perf_counter())  # the steps the next step record covers
+        for _ in self.engine.run_epoch(state.epoch, state.step):
+            state.step += 1
+            state.global_step += 1
+            self.outputs.console.advance()
+            if state.global_step % self.log_every == 0:
+                self.check_finite(state)
+                lr = current_lr(self.optimizer)
+                self.outputs.record_step(self.figures.step_record(state, *window, lr))
+                window = (state.step, time.perf_counter())
+            if self.checkpointer.due(state, self.figures.sharding.steps_per_epoch):
+                self.save(state, mid_epoch=True)
+            if self.stop.at_step_boundary():
+                if not self.checkpointer.saved(state):
+                    self.save(state, mid_epoch=True)
+                raise self.stop.stopped(state.position, self.checkpointer.last_saved)
+        self.check_finite(state)  # a host sync: the epoch's device work is done
+        # The clock stops here, before the evaluation: images/s is training throughput.
+        self.figures.bank_train_seconds(state)
+
+    def save(self, state: TrainerState, mid_epoch: bool = False) -> None:
+        """Checkpoint ``state`` (``mid_epoch``: the epoch's figures so far go with it). Never
+        saves a state that follows a non-finite loss."""
+        if mid_epoch:
+            self.check_finite(state)
+            self.figures.fold(state)
+        state.scheduler = {
+            "last_epoch": self.scheduler.last_epoch,
+            "_last_lr": [lr_value(lr) for lr in self.scheduler.get_last_lr()],
+        }
+        self.checkpointer.save(state)
+
+    def check_finite(self, state: TrainerState) -> None:
+        """Raise ``DivergedError`` on every rank if any rank saw a non-finite loss this epoch."""
+        step = self.figures.first_non_finite(state)
+        if step is None:
+            return
+        global_step = state.global_step - (state.step - step)
+        newest = self.checkpointer.newest()
+        where = (
+            f"the newest checkpoint, {newest}, holds the last good state"
+            if newest
+            else "no checkpoint was saved before it"
+        )
+        raise DivergedError(
+            f"non-finite training loss at epoch {state.epoch}, step {step} (global step "
+            f"{global_step}); training stopped and {where}"
+        )
+
+
+@dataclass
+class EpochFigures:
+    """The current epoch's training figures: the per-step (loss, correct) that the step engine
+    writes on the device since ``first_step``, the sums a mid-epoch checkpoint folded into the
+    trainer state before that, and the training clock.
+
+    Reading the device figures is a host sync and a collective: the loop does it only at log
+    steps, checkpoints and the end of an epoch, on every rank.
+    """
+
+    accelerator: Accelerator
+    stats: EpochStats
+    sharding: Sharding
+    first_step: int = 0  # the first step whose figures are still on the device
+    segment_start: float = field(default_factory=time.perf_counter)
+
+    def start(self, state: TrainerState) -> None:
+        self.first_step, self.segment_start = state.step, time.perf_counter()
+
+    def reduced(self, start: int, stop: int, prior: list[float] | None = None) -> list[float]:
+        """(summed loss, correct) of steps ``start`` to ``stop`` over all ranks, plus ``prior``
+        (figures from before a checkpoint, held once)."""
+        sums = self.stats.sums(start, stop)
+        if prior is not None and self.accelerator.is_main_process:
+            sums += torch.tensor(prior, dtype=sums.dtype).to(sums.device)
+        return self.accelerator.reduce(sums, reduction="sum").tolist()
+
+    def first_non_finite(self, state: TrainerState) -> int | None:
+        """The step (1-based, of this epoch) of the first non-finite loss any rank saw since
+        ``first_step``, or None."""
+        if state.step == self.first_step:
+            return None  # no step taken yet (the same on every rank)
+        local = self.stats.first_non_finite(self.first_step, state.step)
+        flags = self.accelerator.gather(local).view(-1, 2)
+        if not flags[:, 0].any():
+            return None
+        return self.first_step + int(flags[flags[:, 0] == 1, 1].min()) + 1
+
+    def step_record(
+        self, state: TrainerState, since_step: int, since: float, lr: float
+    ) -> dict[str, Any]:
+        """The record of the steps from ``since_step`` (at ``time.perf_counter()`` ``since``)
+        to now."""
+        loss_sum = self.reduced(since_step, state.step)[0]
+        images = sum(map(self.sharding.global_batch_size_at, range(since_step, state.step)))
+        return {
+            "global_step": state.global_step,
+            "epoch": state.epoch,
+            "train_loss": loss_sum / images,
+            "lr": lr,
+            "images_per_second": images / (time.perf_counter() - since),
+        }
+
+    def fold(self, state: TrainerState) -> None:
+        """Move the figures so far into ``state`` (before a mid-epoch checkpoint saves it)."""
+        state.epoch_sums = self.reduced(self.first_step, state.step, state.epoch_sums)
+        self.first_step = state.step
+        self.bank_train_seconds(state)
+
+    def bank_train_seconds(self, state: TrainerState) -> None:
+        """Add the training time since the segment started to the epoch's; start a new one."""
+        now = time.perf_counter()
+        state.epoch_train_seconds += now - self.segment_start
+        self.segment_start = now
+
+    def close_epoch(
+        self, state: TrainerState, result: EvalResult, lr: float, eval_seconds: float
+    ) -> dict[str, Any]:
+        """The epoch's record, appended to ``state.history``; ``state`` moves to the next
+        epoch."""
+        num_samples = self.sharding.num_samples
+        loss_sum, correct = self.reduced(self.first_step, state.step, state.epoch_sums)
+        train_seconds = state.epoch_train_seconds
+        record = {
+            "epoch": state.epoch,
+            "global_step": state.global_step,
+            "lr": lr,
+            "train_loss": loss_sum / num_samples,
+            "train_accuracy": correct / num_samples,
+            "test_loss": result.loss,
+            "test_accuracy": result.accuracy,
+            "test_correct": result.correct,
+            "test_total": result.total,
+            "train_seconds": train_seconds,
+            "epoch_seconds": train_seconds + eval_seconds,
+            "images_per_second": num_samples / train_seconds,
+        }
+        state.history.append(record)
+        state.epoch, state.step = state.epoch + 1, 0
+        state.epoch_sums, state.epoch_train_seconds = [0.0, 0.0], 0.0
+        return record
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The LR of the first parameter group (a host sync under a captured step: read it only
+    where the loop syncs anyway)."""
+    return lr_value(optimizer.param_groups[0]["lr"])
