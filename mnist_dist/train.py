@@ -131,12 +131,9 @@ def build(
     tc, cc = config.train, config.checkpoint
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     tc.per_device_batch_size(world)  # raises if it does not divide
-    ensure_raw_files(
-        accelerator, config.data
-    )  # verified (or downloaded) before anything is written
-    run_dir = RunDir(
-        resolve_run_dir(accelerator, tc.output_dir, cc.resume), accelerator.is_main_process
-    )
+    ensure_raw_files(accelerator, config.data)  # verified before anything is written
+    run_path = resolve_run_dir(accelerator, tc.output_dir, cc.resume)
+    run_dir = RunDir(run_path, accelerator.is_main_process)
     train_data = build_train_data(config.data, tc.global_batch_size, world, rank, tc.seed, device)
     sharding = train_data.sharding
     console = RunConsole(accelerator.is_main_process, tc.epochs, sharding.steps_per_epoch)
@@ -144,19 +141,10 @@ def build(
         accelerator, run_dir.path, cc.keep_checkpoints, cc.checkpoint_every, started
     )
     checkpoint, branch = find_checkpoint(checkpointer, run_dir, config, console.print)
-    finished = None if branch else run_dir.finished_summary()
-    if finished is not None and tc.epochs <= finished["epochs_completed"]:
-        console.print(
-            f"mnist-dist: {run_dir.path} holds a finished run: {finished['epochs_completed']} "
-            f"epoch(s), test accuracy {finished['test_accuracy']:.2%}; summary in "
-            f"{run_dir.summary_path}; pass --epochs above {finished['epochs_completed']} to "
-            "train it further"
-        )  # the same command again: nothing to do, nothing rewritten
+    finished = None if branch else already_finished(run_dir, tc.epochs, console.print)
+    if finished is not None:
         console.close()
         return finished
-    if finished is not None:
-        done = finished["epochs_completed"]
-        console.print(f"note: {run_dir.path} finished {done} epoch(s); training on to {tc.epochs}")
 
     set_seed(tc.seed)  # the same initial weights on every rank and world size
     model, optimizer = build_model_and_optimizer(accelerator, tc, config.optim.lr)
@@ -173,21 +161,12 @@ def build(
         checkpointer.earlier_wall_seconds = state.run_wall_seconds
         run_dir.restore_records(state.history, state.global_step)
     # After the resume: a capture records the addresses of the restored optimizer state.
-    engine, stats, engine_reason = build_engine(
+    engine, stats, reason = build_engine(
         tc.cuda_graph, model, optimizer, accelerator, train_data, tc.grad_accum, console.print
     )
     launch = {**provenance(accelerator), **determinism, "step_engine": engine.name}
     tracker = record_start(accelerator, config, run_dir, state, checkpoint, launch, console.print)
-    console.print(
-        f"mnist-dist: {describe_processes(accelerator)}, "
-        f"device {device}, mixed precision {accelerator.mixed_precision}, "
-        f"global batch {tc.global_batch_size} ({tc.per_device_batch_size(world)} per process), "
-        f"{sharding.num_samples} training images, run dir {run_dir.path}"
-    )
-    console.print(
-        f"step engine: {engine.name} ({engine_reason}); deterministic algorithms "
-        f"{'on' if tc.deterministic else 'off (--no-deterministic)'}"
-    )
+    announce(accelerator, tc, sharding.num_samples, run_dir, engine.name, reason, console.print)
     loop = Loop(
         accelerator=accelerator,
         model=model,
@@ -203,6 +182,45 @@ def build(
     )
     resumed = checkpoint is not None
     return Run(config, accelerator, run_dir, state, loop, tracker, resumed, started, engine.name)
+
+
+def already_finished(run_dir: RunDir, epochs: int, say: Callable[[str], None]) -> dict | None:
+    """The summary of the finished run ``run_dir`` holds when it trained ``epochs`` or more
+    (the same command again: nothing to do, nothing rewritten); else None."""
+    finished = run_dir.finished_summary()
+    if finished is None:
+        return None
+    done = finished["epochs_completed"]
+    if epochs > done:
+        say(f"note: {run_dir.path} finished {done} epoch(s); training on to {epochs}")
+        return None
+    say(
+        f"mnist-dist: {run_dir.path} holds a finished run: {done} epoch(s), test accuracy "
+        f"{finished['test_accuracy']:.2%}; summary in {run_dir.summary_path}; pass --epochs "
+        f"above {done} to train it further"
+    )
+    return finished
+
+
+def announce(
+    accelerator: Accelerator,
+    tc: TrainConfig,
+    num_samples: int,
+    run_dir: RunDir,
+    engine: str,
+    reason: str,
+    say: Callable[[str], None],
+) -> None:
+    """The start-up lines: processes, device, precision, batch, data, run dir, step engine."""
+    world = accelerator.num_processes
+    say(
+        f"mnist-dist: {describe_processes(accelerator)}, "
+        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
+        f"global batch {tc.global_batch_size} ({tc.per_device_batch_size(world)} per process), "
+        f"{num_samples} training images, run dir {run_dir.path}"
+    )
+    deterministic = "on" if tc.deterministic else "off (--no-deterministic)"
+    say(f"step engine: {engine} ({reason}); deterministic algorithms {deterministic}")
 
 
 def find_checkpoint(
@@ -316,35 +334,12 @@ def resume(
     run of its own: it keeps the weights and position, not the first run's start.
     """
     state = checkpoint.state
-    trained = state.epoch - 1 if state.step == 0 else state.epoch  # whole or partial epochs
-    if epochs < trained:
-        raise UsageError(
-            f"checkpoint {checkpoint.path} has trained past --epochs {epochs} (it resumes at "
-            f"epoch {state.epoch}, step {state.step}): pass --epochs {trained} or more"
-        )
-    if state.step > 0:
-        for name, flag in (
-            ("seed", "--seed"),
-            ("global_batch_size", "--batch-size"),
-            ("num_samples", "--max-train-samples"),
-        ):
-            if getattr(state, name) != getattr(fresh, name):
-                raise UsageError(
-                    f"checkpoint {checkpoint.path} was taken mid-epoch with {name} "
-                    f"{getattr(state, name)}, this run has {getattr(fresh, name)}: resume with "
-                    f"the same {flag}, or from a checkpoint at an epoch boundary"
-                )
+    check_resumable(checkpoint, fresh, epochs)
     for note in restore_checkpoint(accelerator, checkpoint):
         say(note)
     scheduler.load_state_dict({**scheduler.state_dict(), **state.scheduler})
     if branch:  # the restored optimizer holds the first run's LR: follow this run's schedule
-        decays = bisect_right(sorted(scheduler.milestones.elements()), scheduler.last_epoch)
-        lrs = [base * scheduler.gamma**decays for base in scheduler.base_lrs]
-        for group, base, lr in zip(
-            scheduler.optimizer.param_groups, scheduler.base_lrs, lrs, strict=True
-        ):
-            group["initial_lr"], group["lr"] = base, lr
-        scheduler.load_state_dict({**scheduler.state_dict(), "_last_lr": lrs})
+        follow_schedule(scheduler)
     if state.world_size != fresh.world_size:
         say(
             f"note: {checkpoint.path.name} was saved by {state.world_size} process(es), "
@@ -365,6 +360,42 @@ def resume(
         f"(global step {state.global_step})"
     )
     return state
+
+
+def check_resumable(checkpoint: Checkpoint, fresh: TrainerState, epochs: int) -> None:
+    """Refuse a checkpoint past the end of ``epochs``, and a mid-epoch one whose next batch
+    this run would not draw the same (another seed, global batch or training set)."""
+    state = checkpoint.state
+    trained = state.epoch - 1 if state.step == 0 else state.epoch  # whole or partial epochs
+    if epochs < trained:
+        raise UsageError(
+            f"checkpoint {checkpoint.path} has trained past --epochs {epochs} (it resumes at "
+            f"epoch {state.epoch}, step {state.step}): pass --epochs {trained} or more"
+        )
+    if state.step == 0:
+        return
+    for name, flag in (
+        ("seed", "--seed"),
+        ("global_batch_size", "--batch-size"),
+        ("num_samples", "--max-train-samples"),
+    ):
+        if getattr(state, name) != getattr(fresh, name):
+            raise UsageError(
+                f"checkpoint {checkpoint.path} was taken mid-epoch with {name} "
+                f"{getattr(state, name)}, this run has {getattr(fresh, name)}: resume with "
+                f"the same {flag}, or from a checkpoint at an epoch boundary"
+            )
+
+
+def follow_schedule(scheduler: MultiStepLR) -> None:
+    """Set the optimizer's LRs to what ``scheduler``'s own milestones give at its position."""
+    decays = bisect_right(sorted(scheduler.milestones.elements()), scheduler.last_epoch)
+    lrs = [base * scheduler.gamma**decays for base in scheduler.base_lrs]
+    for group, base, lr in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, lrs, strict=True
+    ):
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler.load_state_dict({**scheduler.state_dict(), "_last_lr": lrs})
 
 
 def summarize(
