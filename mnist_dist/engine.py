@@ -343,7 +343,7 @@ def build_engine(
     accelerator: Accelerator,
     data: TrainData,
     grad_accum: int,
-    warn: Callable[[str], None],
+    say: Callable[[str], None],
 ) -> tuple[StepEngine, EpochStats, str]:
     """The step engine ``--cuda-graph MODE`` asks for, its ``EpochStats`` and why it was
     chosen. ``auto`` captures where it can; a capture that fails leaves one warning and eager
@@ -363,7 +363,7 @@ def build_engine(
             else "DDP steps run eagerly"
         )
         if mode == "on":
-            warn(f"warning: --cuda-graph on: {why}; training with eager steps")
+            say(f"warning: --cuda-graph on: {why}; training with eager steps")
         return eager(why)
     if mode == "auto" and accelerator.device.type != "cuda":
         return eager("no CUDA device")
@@ -373,7 +373,7 @@ def build_engine(
         engine.capture()
     except Exception as e:  # whatever the capture raised, the run goes on eagerly
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        warn(
+        say(
             f"warning: CUDA graph capture failed ({type(e).__name__}: {message}); "
             "training with eager steps"
         )
