@@ -50,17 +50,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mnist_dist.config import TrainConfig
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 POLL_SECONDS = 2.0  # how often the JSON is rewritten while a part runs
 KILL_GRACE_SECONDS = 15  # after SIGTERM, before SIGKILL (a run checkpoints on SIGTERM)
+RECIPE_EPOCHS = TrainConfig().epochs  # the full recipe's length: mnist-dist's default
+MNIST_TRAIN_IMAGES = 60_000  # the whole training split (mnist_dist.data would import torch here)
 
 
 @dataclass(frozen=True)
 class Settings:
     """How much each part trains: the real check's, or the smoke run's tiny ones."""
 
-    recipe_epochs: int  # the full recipe is 10 epochs
+    recipe_epochs: int  # the full recipe is RECIPE_EPOCHS
     recipe_max_train_samples: int | None  # None: all 60,000
     repro_epochs: int  # the determinism runs
     repro_max_train_samples: int
@@ -73,14 +77,14 @@ class Settings:
 
 
 # 16,000 images = 250 steps per epoch, so global step 300 is epoch 2's 50th step.
-GPU_SETTINGS = Settings(10, None, 2, 16_000, 300, 2, None, 200, 30, 5)
+GPU_SETTINGS = Settings(RECIPE_EPOCHS, None, 2, 16_000, 300, 2, None, 200, 30, 5)
 SMOKE_SETTINGS = Settings(1, 256, 2, 320, 7, 1, 256, 5, 2, 0)
 
 # Part name -> (what it does, time-out in seconds on a GPU).
 PARTS: dict[str, tuple[str, int]] = {
     "env": ("versions and hardware", 120),
     "evaluate": ("mnist-dist evaluate of the reference weights", 180),
-    "recipe": ("the 10-epoch recipe: fp32, bf16, fp16, --cuda-graph off", 420),
+    "recipe": (f"the {RECIPE_EPOCHS}-epoch recipe: fp32, bf16, fp16, --cuda-graph off", 420),
     "determinism": ("reruns and a mid-epoch resume, bit for bit, with and without", 360),
     "throughput": ("throughput.py rows (a), (b), (c) and mnist-dist's", 420),
     "profile": ("profile_step.py's per-step summary", 240),
@@ -686,8 +690,9 @@ def recipe_lines(f: Findings) -> list[Line]:
     fp32 = f.get("recipe:fp32")
     if fp32 is None:
         return lines
-    full = fp32["epochs"] == 10 and fp32["train_images"] == 600_000
-    partial = None if full else "not the full 10-epoch recipe"
+    recipe = (RECIPE_EPOCHS, RECIPE_EPOCHS * MNIST_TRAIN_IMAGES)
+    full = (fp32["epochs"], fp32["train_images"]) == recipe
+    partial = None if full else f"not the full {RECIPE_EPOCHS}-epoch recipe"
     engine = fp32["step_engine"]
     lines += [
         f.judge("  default fp32: step engine", str(engine), "cuda-graph",

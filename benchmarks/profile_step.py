@@ -13,10 +13,10 @@ profiles ``--steps`` steps of ``train_step`` with ``torch.profiler`` and prints:
 * the ops that take the most host time.
 
 With ``--versus-plain R`` it then times, in R interleaved rounds of ``--steps`` steps each, this
-step against row (b) of ``throughput.py``: a bare PyTorch step (the same options, input and
-kernels, its own model and fused Adam, no Accelerate). Taking turns in one process cancels the
-machine's drift, so the median per-round ratio is the harness's per-step cost to within a few
-percent, which whole runs in separate processes cannot resolve here.
+step against row (b) of ``throughput.py`` (in ``baselines.py``): a bare PyTorch step (the same
+options, input and kernels, its own model and fused Adam, no Accelerate). Taking turns in one
+process cancels the machine's drift, so the median per-round ratio is the harness's per-step
+cost to within a few percent, which whole runs in separate processes cannot resolve here.
 
 Run from the repository root, e.g.::
 
@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from throughput import bare_model_and_optimizer, bare_step  # row (b), in this folder
+from baselines import bare_model_and_optimizer, bare_step, synchronize  # row (b), this folder
 from torch.profiler import ProfilerActivity, profile
 
-from mnist_dist.config import DataConfig, TrainConfig
+from mnist_dist.config import DataConfig, OptimConfig, TrainConfig
 from mnist_dist.data import TrainData, build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.distributed import make_accelerator
 from mnist_dist.engine import train_step
@@ -82,7 +82,7 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--versus-plain compares one process with a bare loop: run it alone")
     tc.per_device_batch_size(world)
     ensure_raw_files(accelerator, dc)
-    model, optimizer = build_model_and_optimizer(accelerator, tc, lr=1e-3)
+    model, optimizer = build_model_and_optimizer(accelerator, tc, lr=OptimConfig().lr)
     data = build_train_data(dc, tc.global_batch_size, world, rank, 0, device)
     batches = endless(data)
     total = args.warmup + args.steps
@@ -102,12 +102,12 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     accelerator.wait_for_everyone()
-    _sync(device)
+    synchronize(device)
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for i in range(args.warmup, total):
             step(i)
-        _sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
@@ -158,7 +158,7 @@ def versus_plain(
     harness_step: Callable[[int], None],
     device: torch.device,
 ) -> dict[str, Any]:
-    """Per-step time of ``harness_step`` and of the bare step of throughput.py's row (b), in
+    """Per-step time of ``harness_step`` and of the bare step of row (b) (baselines.py), in
     ``args.versus_plain`` interleaved rounds of ``args.steps`` steps."""
     model, optimizer = bare_model_and_optimizer(device, tc.channels_last)
     autocast = torch.autocast(
@@ -174,11 +174,11 @@ def versus_plain(
     harness_per_step: list[float] = []
     for _ in range(args.versus_plain):
         for per_step, one_step in ((plain_per_step, plain_step), (harness_per_step, harness_step)):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             for i in range(args.steps):
                 one_step(i)
-            _sync(device)
+            synchronize(device)
             per_step.append((time.perf_counter() - start) / args.steps)
     ratios = [p / h for p, h in zip(plain_per_step, harness_per_step, strict=True)]
     return {
@@ -190,11 +190,6 @@ def versus_plain(
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Per-step profile of mnist-dist's train_step.")
     parser.add_argument(
@@ -202,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--steps", type=int, default=200, help="profiled steps")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first")
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch")
+    parser.add_argument(
+        "--batch-size", type=int, default=TrainConfig().global_batch_size, help="global batch"
+    )
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action="store_true")

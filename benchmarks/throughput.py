@@ -2,21 +2,17 @@
 
 Rows (choose with ``--rows``, a comma list; ``--rows all`` runs every one):
 
-* ``plain`` (a): the reference recipe: ``torchvision.datasets.MNIST`` with
-  ``Compose([Grayscale(1), Resize((28, 28)), ToTensor()])``, ``DataLoader(batch_size=64,
-  shuffle=True)`` (``--plain-workers`` worker processes, default 0 like the reference), the
-  ``MnistCNN`` model, Adam (lr 1e-3), ``CrossEntropyLoss``, MultiStepLR(milestones=[5, 8],
-  gamma=0.01) stepped per epoch; test accuracy after every epoch (batch 1000).
-* ``plain-tensor`` (b): a plain PyTorch loop over device-resident tensors with the speed options
-  of mnist-dist's default (channels-last, fused Adam, one seeded permutation per epoch,
-  no host sync per step), evaluating after every epoch like mnist-dist. (b) vs ``tensor`` is
-  the harness's own overhead: Accelerate, checkpoints, stop checks, logging.
-* ``captured`` (c): (b)'s recipe with the whole step (gather from the device-resident data by a
-  static index buffer, forward, loss, backward, fused Adam with ``capturable=True`` and the LR
-  in a device tensor) captured in one CUDA graph and replayed per step; the short last batch is
-  padded to the full batch and masked by per-sample weights. (c) vs ``tensor`` is the harness's
-  cost on top of a captured step. It needs a CUDA GPU: elsewhere it is reported as not
-  available and skipped.
+* the plain PyTorch baselines (``baselines.py`` describes them):
+
+  * ``plain`` (a): the reference recipe as it was written: DataLoader and PIL transform
+    (``--plain-workers`` worker processes, default 0 like the reference), a plain loop;
+  * ``plain-tensor`` (b): mnist-dist's default recipe and speed options as a bare loop over
+    device-resident tensors. (b) vs ``tensor`` is the harness's own overhead: Accelerate,
+    checkpoints, stop checks, logging;
+  * ``captured`` (c): (b) with the whole step captured in one CUDA graph and replayed per step.
+    (c) vs ``tensor`` is the harness's cost on top of a captured step. It needs a CUDA GPU:
+    elsewhere it is reported as not available and skipped.
+
 * mnist-dist rows, each ``python -m mnist_dist train`` run as a real subprocess and read back
   from its run directory: ``tensor`` (the default), ``eager`` (``--cuda-graph off``),
   ``nondeterministic`` (``--no-deterministic``), ``no-channels-last``, ``bf16`` (autocast),
@@ -50,12 +46,9 @@ Run from the repository root, e.g.::
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import math
 import os
 import platform
-import random
 import resource
 import socket
 import statistics
@@ -64,29 +57,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
-from torch import nn
-from torch.optim.lr_scheduler import MultiStepLR
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import datasets, transforms
+from baselines import (  # the plain PyTorch rows, in this folder
+    BASELINE_ROWS,
+    TRAIN,
+    EpochTiming,
+    RunResult,
+    run_baseline,
+    steady_images_per_second,
+)
 
-from mnist_dist.model import MnistCNN
-
-SEED = 0
-BATCH_SIZE = 64
-EVAL_BATCH_SIZE = 1000
-LR = 1e-3
-LR_MILESTONES = [5, 8]
-LR_GAMMA = 0.01
 BUSY_CORES = 0.25  # CPU used by other processes (cores) above which a run is flagged
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,8 +92,6 @@ ROW_NAMES = {
     "ddp2": "mnist-dist, 2 DDP ranks, batch 64",
     "ddp2-weak": "mnist-dist, 2 DDP ranks, 64 per rank",
 }
-# The rows this script runs itself, in a worker process of their own.
-BARE_ROWS = ("plain", "plain-tensor", "captured")
 # The mnist-dist rows: extra `train` flags, and whether 2 ranks run under accelerate launch.
 MNIST_DIST_ROWS: dict[str, tuple[list[str], bool]] = {
     "tensor": ([], False),
@@ -129,370 +113,10 @@ CUDA_ONLY_ROWS = {
 }
 
 
-@dataclass
-class EpochTiming:
-    """Training images and training seconds of one epoch."""
-
-    epoch: int
-    images: int
-    train_seconds: float
-
-
-@dataclass
-class RunResult:
-    """One run of one row."""
-
-    row: str
-    images_per_second: float  # steady state, see steady_images_per_second
-    test_accuracy: float
-    test_correct: int
-    test_total: int
-    wall_seconds: float
-    process_seconds: float | None = None  # the whole process, imports included
-    other_cpu_cores: float | None = None  # CPU used meanwhile by other processes, in cores
-    epochs: list[EpochTiming] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so that the clock reads finished work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def steady_images_per_second(epochs: Sequence[EpochTiming]) -> float:
-    """Training images per second over all epochs but the first (all of them if only one)."""
-    steady = [e for e in epochs if e.epoch >= 2] or list(epochs)
-    return sum(e.images for e in steady) / sum(e.train_seconds for e in steady)
-
-
-def reference_transform() -> transforms.Compose:
-    return transforms.Compose(
-        [transforms.Grayscale(1), transforms.Resize((28, 28)), transforms.ToTensor()]
-    )
-
-
-def run_plain(
-    data_dir: str, epochs: int, max_train_samples: int | None, num_workers: int
-) -> RunResult:
-    """Train and test the reference recipe in this process."""
-    started = time.perf_counter()
-    seed_everything(SEED)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    transform = reference_transform()
-    train_set: Dataset = datasets.MNIST(
-        root=data_dir, train=True, download=False, transform=transform
-    )
-    if max_train_samples is not None:
-        train_set = Subset(train_set, range(min(max_train_samples, len(train_set))))
-    test_set = datasets.MNIST(root=data_dir, train=False, download=False, transform=transform)
-    train_loader = DataLoader(
-        train_set, batch_size=BATCH_SIZE, shuffle=True, num_workers=num_workers
-    )
-    test_loader = DataLoader(test_set, batch_size=EVAL_BATCH_SIZE, num_workers=num_workers)
-
-    model = MnistCNN().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    scheduler = MultiStepLR(optimizer, milestones=LR_MILESTONES, gamma=LR_GAMMA)
-    criterion = nn.CrossEntropyLoss()
-
-    timings: list[EpochTiming] = []
-    correct = total = 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        synchronize(device)
-        epoch_start = time.perf_counter()
-        for images, labels in train_loader:
-            images, labels = images.to(device), labels.to(device)
-            optimizer.zero_grad()
-            loss = criterion(model(images), labels)
-            loss.backward()
-            optimizer.step()
-        synchronize(device)
-        timings.append(EpochTiming(epoch, len(train_set), time.perf_counter() - epoch_start))
-        scheduler.step()
-        model.eval()
-        correct = total = 0
-        with torch.no_grad():
-            for images, labels in test_loader:
-                images, labels = images.to(device), labels.to(device)
-                correct += int((model(images).argmax(dim=1) == labels).sum())
-                total += labels.numel()
-    return RunResult(
-        row="plain",
-        images_per_second=steady_images_per_second(timings),
-        test_accuracy=correct / total,
-        test_correct=correct,
-        test_total=total,
-        wall_seconds=time.perf_counter() - started,
-        epochs=timings,
-        extra={"device": str(device), "num_workers": num_workers},
-    )
-
-
-def bare_model_and_optimizer(
-    device: torch.device, channels_last: bool = True
-) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Row (b)'s model and optimizer: mnist-dist's default speed options, no Accelerate."""
-    model = MnistCNN().to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, torch.optim.Adam(model.parameters(), lr=LR, fused=True)
-
-
-def bare_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    autocast: AbstractContextManager[Any] | None = None,
-) -> None:
-    """Row (b)'s training step (under ``autocast`` for the forward pass, if given)."""
-    with autocast or nullcontext():
-        loss = F.cross_entropy(model(images), labels)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def set_deterministic(on: bool) -> None:
-    """Deterministic kernels on or off, as mnist-dist's ``--deterministic`` does. cuBLAS reads
-    ``CUBLAS_WORKSPACE_CONFIG`` when it first starts, so call this before any CUDA work."""
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on)
-    torch.backends.cudnn.deterministic = on
-    torch.backends.cudnn.benchmark = False
-
-
-def device_split(
-    data_dir: str, train: bool, limit: int | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A split's first ``limit`` images (pixels in [0, 1]) and labels, resident on ``device``."""
-    ds = datasets.MNIST(root=data_dir, train=train, download=False)
-    n = len(ds) if limit is None else min(limit, len(ds))
-    return ds.data[:n].to(device).unsqueeze(1).float().div_(255), ds.targets[:n].to(device)
-
-
-def epoch_order(num_samples: int, epoch: int) -> torch.Tensor:
-    """The epoch's order of training images: mnist-dist's seed formula, so rows (b), (c) and
-    mnist-dist see the same batches."""
-    generator = torch.Generator().manual_seed(SEED * 100_003 + epoch)
-    return torch.randperm(num_samples, generator=generator)
-
-
-@torch.no_grad()
-def bare_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
-    """Correct predictions over a device-resident split, in batches of ``EVAL_BATCH_SIZE``."""
-    model.eval()
-    hits = sum(
-        (model(x).argmax(dim=1) == y).sum()
-        for x, y in zip(images.split(EVAL_BATCH_SIZE), labels.split(EVAL_BATCH_SIZE), strict=True)
-    )
-    model.train()
-    return int(hits)
-
-
-def run_plain_tensor(
-    data_dir: str, epochs: int, max_train_samples: int | None, deterministic: bool
-) -> RunResult:
-    """(b): the recipe as a plain loop over device-resident tensors, with mnist-dist's default
-    speed options and none of its machinery."""
-    started = time.perf_counter()
-    set_deterministic(deterministic)
-    seed_everything(SEED)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images, labels = device_split(data_dir, True, max_train_samples, device)
-    test_images, test_labels = device_split(data_dir, False, None, device)
-    model, optimizer = bare_model_and_optimizer(device)
-    scheduler = MultiStepLR(optimizer, milestones=LR_MILESTONES, gamma=LR_GAMMA)
-    n = len(labels)
-    timings: list[EpochTiming] = []
-    correct = 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        synchronize(device)
-        epoch_start = time.perf_counter()
-        order = epoch_order(n, epoch).to(device)
-        for idx in order.split(BATCH_SIZE):
-            bare_step(model, optimizer, images[idx], labels[idx])
-        synchronize(device)
-        timings.append(EpochTiming(epoch, n, time.perf_counter() - epoch_start))
-        scheduler.step()
-        correct = bare_correct(model, test_images, test_labels)
-    total = len(test_labels)
-    return RunResult(
-        row="plain-tensor",
-        images_per_second=steady_images_per_second(timings),
-        test_accuracy=correct / total,
-        test_correct=correct,
-        test_total=total,
-        wall_seconds=time.perf_counter() - started,
-        epochs=timings,
-        extra={"device": str(device), "deterministic": deterministic},
-    )
-
-
-class CapturableStep:
-    """Row (c)'s training step, written so that CUDA can capture it whole and replay it.
-
-    An epoch's batches wait in static buffers: ``indices`` (one row of image indices per step)
-    and ``weights`` (the same shape: 1 / the batch's size for a real image, 0 for padding), and
-    a step counter on the device picks the row, so a replay needs no input from the host. The
-    short last batch (60,000 = 937 x 64 + 32) is padded to the full batch with image 0 at
-    weight 0: every step has one shape, and the loss, sum(weight x cross-entropy), is still the
-    mean over the real images, since padding adds exact zeros to the loss and the gradients.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-    ) -> None:
-        self.model, self.optimizer = model, optimizer
-        self.images, self.labels = images, labels
-        self.num_samples, self.batch_size = len(labels), batch_size
-        self.steps_per_epoch = math.ceil(self.num_samples / batch_size)
-        shape, device = (self.steps_per_epoch, batch_size), images.device
-        self.indices = torch.zeros(shape, dtype=torch.long, device=device)
-        self.weights = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.step_index = torch.zeros(1, dtype=torch.long, device=device)
-
-    def load_epoch(self, order: torch.Tensor) -> None:
-        """Fill the buffers, in place, with an epoch's ``order`` of images (a permutation of
-        the training set) and rewind the counter to its first step."""
-        n, b = self.num_samples, self.batch_size
-        sizes = torch.full((self.steps_per_epoch,), b, dtype=torch.float32)
-        sizes[-1] = n - (self.steps_per_epoch - 1) * b
-        weights = (1.0 / sizes).repeat_interleave(b)
-        weights[n:] = 0.0
-        indices = torch.zeros(self.steps_per_epoch * b, dtype=torch.long)
-        indices[:n] = order
-        self.indices.copy_(indices.view(self.steps_per_epoch, b))
-        self.weights.copy_(weights.view(self.steps_per_epoch, b))
-        self.step_index.zero_()
-
-    def __call__(self) -> None:
-        """One optimizer step on the counter's batch, then advance the counter. No host sync,
-        no Python branch on a tensor: every op can be captured."""
-        idx = self.indices.index_select(0, self.step_index).view(-1)
-        weight = self.weights.index_select(0, self.step_index).view(-1)
-        images, labels = self.images.index_select(0, idx), self.labels.index_select(0, idx)
-        losses = F.cross_entropy(self.model(images), labels, reduction="none")
-        (losses * weight).sum().backward()
-        self.optimizer.step()
-        self.step_index += 1
-
-
-def captured_model_and_optimizer(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Row (b)'s model and fused Adam, made capturable: Adam keeps its step count on the device
-    and reads the LR from a device tensor, which MultiStepLR changes in place (``fill_``), so
-    the schedule needs no new capture."""
-    model = MnistCNN().to(device).to(memory_format=torch.channels_last)
-    lr = torch.tensor(LR, device=device)
-    return model, torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=True)
-
-
-def capture(step: CapturableStep, warmup_steps: int = 3) -> torch.cuda.CUDAGraph:
-    """``step`` as one CUDA graph, ready to replay from the loaded epoch's first step.
-
-    Capture needs warm-up steps first, on a side stream (torch docs, "CUDA Graphs", whole-network
-    capture): cuDNN and cuBLAS set up their kernels and Adam creates its state. They must not
-    count as training, so afterwards the weights are put back and Adam's state zeroed (step 0,
-    zero moments: what a fresh Adam's first step starts from), both in place, because the graph
-    keeps these very tensors' addresses.
-    """
-    model, optimizer = step.model, step.optimizer
-    if optimizer.state:
-        raise ValueError("capture() needs an optimizer that has not stepped yet")
-    tensors = list(itertools.chain(model.parameters(), model.buffers()))
-    saved = [t.detach().clone() for t in tensors]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup_steps):
-            step.step_index.zero_()
-            optimizer.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.no_grad():
-        for tensor, value in zip(tensors, saved, strict=True):
-            tensor.copy_(value)
-        for state in optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    value.zero_()
-    step.step_index.zero_()
-    # No gradients at capture: the graph's backward then allocates them from its own pool and
-    # every replay writes them afresh, so no zero_grad is needed between steps.
-    optimizer.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
-
-
-def run_captured(
-    data_dir: str, epochs: int, max_train_samples: int | None, deterministic: bool
-) -> RunResult:
-    """(c): row (b)'s recipe with its whole step captured in one CUDA graph, replayed per step."""
-    started = time.perf_counter()
-    set_deterministic(deterministic)
-    seed_everything(SEED)
-    device = torch.device("cuda")
-    images, labels = device_split(data_dir, True, max_train_samples, device)
-    test_images, test_labels = device_split(data_dir, False, None, device)
-    model, optimizer = captured_model_and_optimizer(device)
-    scheduler = MultiStepLR(optimizer, milestones=LR_MILESTONES, gamma=LR_GAMMA)
-    step = CapturableStep(model, optimizer, images, labels, BATCH_SIZE)
-    graph: torch.cuda.CUDAGraph | None = None
-    capture_seconds = 0.0
-    timings: list[EpochTiming] = []
-    correct = 0
-    for epoch in range(1, epochs + 1):
-        synchronize(device)
-        epoch_start = time.perf_counter()
-        step.load_epoch(epoch_order(step.num_samples, epoch))
-        if graph is None:  # in epoch 1's clock, as a compile would be
-            graph = capture(step)
-            synchronize(device)
-            capture_seconds = time.perf_counter() - epoch_start
-        for _ in range(step.steps_per_epoch):
-            graph.replay()
-        synchronize(device)
-        timings.append(EpochTiming(epoch, step.num_samples, time.perf_counter() - epoch_start))
-        scheduler.step()
-        correct = bare_correct(model, test_images, test_labels)
-    total = len(test_labels)
-    return RunResult(
-        row="captured",
-        images_per_second=steady_images_per_second(timings),
-        test_accuracy=correct / total,
-        test_correct=correct,
-        test_total=total,
-        wall_seconds=time.perf_counter() - started,
-        epochs=timings,
-        extra={
-            "device": str(device),
-            "deterministic": deterministic,
-            "capture_seconds": capture_seconds,
-        },
-    )
 
 
 def run_timed(command: list[str], what: str) -> float:
@@ -601,15 +225,6 @@ def own_cpu_seconds() -> float:
     return total
 
 
-def run_plain_row(row: str, args: argparse.Namespace) -> RunResult:
-    """Row (a), (b) or (c) in this process."""
-    if row == "plain":
-        return run_plain(args.data_dir, args.epochs, args.max_train_samples, args.plain_workers)
-    if row == "captured":
-        return run_captured(args.data_dir, args.epochs, args.max_train_samples, args.deterministic)
-    return run_plain_tensor(args.data_dir, args.epochs, args.max_train_samples, args.deterministic)
-
-
 def run_plain_subprocess(row: str, args: argparse.Namespace) -> RunResult:
     """Row (a), (b) or (c) in a new Python process, like the mnist-dist rows: a fresh process
     (allocator, caches, thread pools) is not the harness's cost, so no row runs in a warm one.
@@ -637,7 +252,7 @@ def run_row(row: str, args: argparse.Namespace) -> RunResult:
     """Run one row in a new process and note how much CPU other processes took meanwhile
     (steal included)."""
     busy, own, started = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
-    if row in BARE_ROWS:
+    if row in BASELINE_ROWS:
         result = run_plain_subprocess(row, args)
     else:
         result = run_mnist_dist(
@@ -843,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the results as JSON (rewritten after every row)",
     )
     # Internal: run one of the bare rows in this process and write its result as JSON.
-    parser.add_argument("--worker", choices=BARE_ROWS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=BASELINE_ROWS, help=argparse.SUPPRESS)
     parser.add_argument("--result-json", help=argparse.SUPPRESS)
     parser.add_argument(
         "--table-from",
@@ -879,8 +494,8 @@ def write_json(
         "rows": args.rows,
         "plain_workers": args.plain_workers,
         "deterministic": args.deterministic,
-        "seed": SEED,
-        "batch_size": BATCH_SIZE,
+        "seed": TRAIN.seed,
+        "batch_size": TRAIN.global_batch_size,
     }
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     out = {
@@ -902,7 +517,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"throughput.py: no MNIST/raw under {args.data_dir}", file=sys.stderr)
         return 2
     if args.worker:
-        result = run_plain_row(args.worker, args)
+        result = run_baseline(
+            args.worker,
+            args.data_dir,
+            args.epochs,
+            args.max_train_samples,
+            args.plain_workers,
+            args.deterministic,
+        )
         Path(args.result_json).write_text(json.dumps(asdict(result)))
         return 0
 

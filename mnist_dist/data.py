@@ -303,6 +303,12 @@ def split_tensors(
 # Sharding: which images each rank sees at each step
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of ``epoch``'s shuffle in a run seeded with ``seed``: a different one for every
+    seed and every epoch below 100,003, so no two runs or epochs share an order by accident."""
+    return seed * 100_003 + epoch
+
+
 @dataclass(frozen=True)
 class Sharding:
     """One rank's share of every global batch of an epoch."""
@@ -323,7 +329,7 @@ class Sharding:
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """The epoch's order of training images: the same on every rank and world size."""
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         return torch.randperm(self.num_samples, generator=generator)
 
     def rank_indices(self, epoch: int) -> list[torch.Tensor]:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from helpers import ROOT, _env, make_tiny_mnist
 
+from mnist_dist.config import DataConfig, OptimConfig, TrainConfig
+from mnist_dist.data import Sharding
 from mnist_dist.model import MnistCNN
 
 GPU_CHECK_PARTS = ["env", "evaluate", "recipe", "determinism", "throughput", "profile", "pytest"]
@@ -128,12 +130,12 @@ def test_row_c_step_pads_the_short_last_batch_to_the_mean_over_its_images():
     # Row (c)'s step, run eagerly on the CPU: a graph replays exactly these ops. 96 images are a
     # full batch of 64 and a short one of 32, padded to 64 with image 0 at weight 0; each
     # step's gradient must be that of the plain mean loss over its real images.
-    throughput = load_benchmark("throughput")
+    baselines = load_benchmark("baselines")
     torch.manual_seed(0)
     images, labels = torch.rand(96, 1, 28, 28), torch.randint(0, 10, (96,))
     model = MnistCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # steps, but keeps the weights
-    step = throughput.CapturableStep(model, optimizer, images, labels, batch_size=64)
+    step = baselines.CapturableStep(model, optimizer, images, labels, batch_size=64)
     order = torch.randperm(96)
     step.load_epoch(order)
     assert step.weights[1, 32:].eq(0).all() and step.indices[1, 32:].eq(0).all()
@@ -146,6 +148,29 @@ def test_row_c_step_pads_the_short_last_batch_to_the_mean_over_its_images():
         for got, expected in zip(grads, (p.grad for p in model.parameters()), strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     assert step.step_index.item() == 2
+
+
+def test_row_a_writes_out_the_recipe_that_mnist_dist_defaults_to():
+    # Row (a) spells the reference recipe out as its author did, on purpose not read from
+    # mnist-dist; mnist-dist's defaults are that recipe, so a change to either shows here.
+    baselines = load_benchmark("baselines")
+    train, optim = TrainConfig(), OptimConfig()
+    defaults = baselines.ReferenceRecipe(
+        seed=train.seed,
+        batch_size=train.global_batch_size,
+        eval_batch_size=DataConfig().eval_batch_size,
+        lr=optim.lr,
+        lr_milestones=optim.lr_milestones,
+        lr_gamma=optim.lr_gamma,
+    )
+    assert defaults == baselines.REFERENCE
+
+
+def test_rows_b_and_c_shuffle_each_epoch_as_mnist_dist_does():
+    baselines = load_benchmark("baselines")
+    sharding = Sharding(100, 64, world_size=1, rank=0, seed=TrainConfig().seed)
+    for epoch in (1, 2, 7):
+        assert torch.equal(baselines.epoch_order(100, epoch), sharding.permutation(epoch))
 
 
 @pytest.mark.slow  # about 30 processes, each importing torch: minutes
