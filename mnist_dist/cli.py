@@ -274,61 +274,49 @@ def _parse_list(text: str, item: type) -> list[Any]:
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML or JSON config file shaped like ``Config.to_dict()``: a mapping per section."""
     p = Path(path)
+
+    def bad(problem: str) -> UsageError:
+        return UsageError(f"config file {p}{problem}")
+
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot read config file {p}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise UsageError(
-            f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason})"
-        ) from None
+        raise bad(f" is not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
         raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as e:
-        raise UsageError(
-            f"config file {p}, line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}"
-        ) from None
+        raise bad(f", line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}") from None
     except yaml.YAMLError as e:
-        raise UsageError(
-            f"config file {p}{_yaml_position(e, text)}: not valid YAML: {_yaml_problem(e)}"
-        ) from None
+        raise bad(_yaml_error(e, text)) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise UsageError(
-            f"config file {p} must hold a mapping of sections, got {type(raw).__name__}"
-        )
+        raise bad(f" must hold a mapping of sections, got {type(raw).__name__}")
     raw.pop("provenance", None)  # a run's own config.yaml can be fed back as --config
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise UsageError(
-            f"config file {p}: unknown section(s) {unknown}; expected {list(SECTIONS)}"
-        )
+        raise bad(f": unknown section(s) {unknown}; expected {list(SECTIONS)}")
     for section, values in raw.items():
         if not isinstance(values, dict):
-            raise UsageError(f"config file {p}: section {section!r} must be a mapping")
-        bad = sorted(set(values) - {f.name for f in dataclasses.fields(SECTIONS[section])})
-        if bad:
-            raise UsageError(f"config file {p}: unknown key(s) {bad} in section {section!r}")
+            raise bad(f": section {section!r} must be a mapping")
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(SECTIONS[section])})
+        if unknown:
+            raise bad(f": unknown key(s) {unknown} in section {section!r}")
     return raw
 
 
-def _yaml_position(error: yaml.YAMLError, text: str) -> str:
-    """The position of a YAML error as ", line L, column C" (1-based, as editors count), or ""
-    when yaml does not know it."""
+def _yaml_error(error: yaml.YAMLError, text: str) -> str:
+    """Where yaml found a problem (", line L, column C", 1-based as editors count, when it knows)
+    and what, without the source excerpt it appends over several lines."""
     mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-    if mark is not None:
-        return f", line {mark.line + 1}, column {mark.column + 1}"
-    if isinstance(error, yaml.reader.ReaderError):  # a forbidden character: only its offset
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if mark is None and isinstance(error, yaml.reader.ReaderError):  # a bad character: offset
         line = text.count("\n", 0, error.position) + 1
         column = error.position - text.rfind("\n", 0, error.position)
-        return f", line {line}, column {column}"
-    return ""
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """What yaml found wrong, without the source excerpt it appends over several lines."""
+        where = f", line {line}, column {column}"
     problem, context = getattr(error, "problem", None), getattr(error, "context", None)
-    if problem:
-        return f"{problem} ({context})" if context else problem
-    return first_line(error)
+    if problem and context:
+        problem = f"{problem} ({context})"
+    return f"{where}: not valid YAML: {problem or first_line(error)}"
