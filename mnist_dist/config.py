@@ -1,7 +1,8 @@
 """Typed settings: defaults are the reference recipe; a YAML/JSON file and CLI flags override them.
 
 Every field carries a ``help`` string (with its unit) that becomes the flag's help text, so the
-dataclasses below are the one schema for defaults, config files and the command line.
+dataclasses below are the one schema for defaults, config files and the command line (``cli``
+turns them into flags and reads the file). Each section validates itself on construction.
 Precedence: flags > ``--config`` file > environment > defaults. Environment: ``MNIST_DIST_DATA_DIR``
 (data directory), ``ACCELERATE_MIXED_PRECISION`` (set by ``accelerate launch`` from its config) and
 W&B's own ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_NAME``, ``WANDB_RUN_GROUP``, ``WANDB_TAGS``.
@@ -10,20 +11,11 @@ A variable that is set but empty counts as unset.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import os
-import types
-import typing
-from collections.abc import Collection
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from mnist_dist.errors import UsageError, first_line
+from mnist_dist.errors import UsageError
 
 DATA_DIR_ENV = "MNIST_DIST_DATA_DIR"
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
@@ -282,230 +274,9 @@ def _require(ok: bool, message: str) -> None:
         raise UsageError(message)
 
 
-def _flag(f: dataclasses.Field) -> str:
+def flag_name(f: dataclasses.Field) -> str:
+    """A setting's command-line flag: ``--`` and its name with dashes, unless it has its own."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def _base_type(tp: Any) -> Any:
-    """``int | None`` -> int; other annotations unchanged."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
-
-
-def _parse_tags(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _parse_milestones(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.replace(" ", ",").split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"--lr-milestones expects epochs like 5,8, got {text!r}") from None
-
-
-def _positive_or_none(text: str) -> int | None:
-    return None if text.lower() in ("none", "all") else int(text)
-
-
-def add_config_flags(
-    parser: argparse.ArgumentParser,
-    sections: dict[str, type] = SECTIONS,
-    only: Collection[str] | None = None,
-) -> None:
-    """Add one flag per config field of ``sections`` (or per field named in ``only``); every
-    default is SUPPRESS so unset flags are not overrides."""
-    for section, cls in sections.items():
-        group = parser.add_argument_group(f"{section} settings")
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if only is not None and f.name not in only:
-                continue
-            tp = _base_type(hints[f.name])
-            shown = _show_default(f)
-            kwargs: dict[str, Any] = {
-                "dest": f"{section}.{f.name}",
-                "default": argparse.SUPPRESS,
-                "metavar": f.name.upper(),  # not the internal dest "SECTION.NAME"
-                "help": f"{f.metadata['help']}{_env_note(f)}"
-                + (f" [default: {shown}]" if shown is not None else ""),
-            }
-            if tp is bool:
-                kwargs["action"] = argparse.BooleanOptionalAction
-                del kwargs["metavar"]  # a switch takes no value
-            elif typing.get_origin(tp) is Literal:
-                kwargs["choices"] = list(typing.get_args(tp))
-                del kwargs["metavar"]  # argparse then shows the choices: --loader {tensor,...}
-            elif typing.get_origin(tp) is tuple:  # "5,8" or "5 8"; parsed in _check_type
-                kwargs["nargs"] = "+"
-                kwargs["metavar"] = "TAG" if typing.get_args(tp)[0] is str else "EPOCH"
-            elif tp is int and f.default is None:
-                kwargs["type"] = _positive_or_none
-                kwargs["metavar"] = "N"
-            else:
-                kwargs["type"] = tp
-            group.add_argument(_flag(f), **kwargs)
-
-
-def _env_note(f: dataclasses.Field) -> str:
-    return f" (env {f.metadata['env']})" if f.metadata.get("env") else ""
-
-
-def _show_default(f: dataclasses.Field) -> str | None:
-    """The one default a flag's help shows: ``shown_default`` if the field has one, else its
-    value; nothing for a ``None`` that nobody explained."""
-    if f.metadata.get("shown_default") is not None:
-        return f.metadata["shown_default"]
-    value = f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
-    if value is None or value is dataclasses.MISSING:
-        return None
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, tuple):
-        return ",".join(str(v) for v in value) or "none"
-    return str(value)
-
-
-def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML or JSON config file shaped like ``Config.to_dict()``: a mapping per section."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"cannot read config file {p}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(
-            f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason})"
-        ) from None
-    try:
-        raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(
-            f"config file {p}, line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}"
-        ) from None
-    except yaml.YAMLError as e:
-        raise UsageError(
-            f"config file {p}{_yaml_position(e, text)}: not valid YAML: {_yaml_problem(e)}"
-        ) from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UsageError(
-            f"config file {p} must hold a mapping of sections, got {type(raw).__name__}"
-        )
-    raw.pop("provenance", None)  # a run's own config.yaml can be fed back as --config
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise UsageError(
-            f"config file {p}: unknown section(s) {unknown}; expected {list(SECTIONS)}"
-        )
-    for section, values in raw.items():
-        if not isinstance(values, dict):
-            raise UsageError(f"config file {p}: section {section!r} must be a mapping")
-        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
-        bad = sorted(set(values) - known)
-        if bad:
-            raise UsageError(f"config file {p}: unknown key(s) {bad} in section {section!r}")
-    return raw
-
-
-def _yaml_position(error: yaml.YAMLError, text: str) -> str:
-    """The position of a YAML error as ", line L, column C" (1-based, as editors count), or ""
-    when yaml does not know it."""
-    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-    if mark is not None:
-        return f", line {mark.line + 1}, column {mark.column + 1}"
-    if isinstance(error, yaml.reader.ReaderError):  # a forbidden character: only its offset
-        line = text.count("\n", 0, error.position) + 1
-        column = error.position - text.rfind("\n", 0, error.position)
-        return f", line {line}, column {column}"
-    return ""
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """What yaml found wrong, without the source excerpt it appends over several lines."""
-    problem = getattr(error, "problem", None)
-    context = getattr(error, "context", None)
-    if problem:
-        return f"{problem} ({context})" if context else problem
-    return first_line(error)
-
-
-def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS) -> Config:
-    """Resolve defaults <- environment <- config file <- flags into a validated ``Config``."""
-    layered: dict[str, dict[str, Any]] = {name: {} for name in sections}
-    # `accelerate launch` passes its config's mixed_precision in this variable: it counts as a
-    # default, so multi_gpu_bf16.yaml means bf16 unless the file or a flag says otherwise.
-    launcher_precision = os.environ.get(LAUNCHER_PRECISION_ENV, "").lower()
-    if launcher_precision in ("no", "fp16", "bf16") and "train" in layered:
-        layered["train"]["mixed_precision"] = launcher_precision
-    for name, cls in sections.items():
-        for f in dataclasses.fields(cls):
-            # An empty variable counts as unset (job templates often export `NAME=`).
-            if f.metadata.get("env") and os.environ.get(f.metadata["env"]):
-                layered[name][f.name] = os.environ[f.metadata["env"]]
-    config_path = getattr(args, "config", None)
-    if config_path:
-        for section, values in load_config_file(config_path).items():
-            if section in layered:
-                layered[section].update(values)
-    for key, value in vars(args).items():
-        section, _, name = key.partition(".")
-        if name and section in layered:
-            layered[section][name] = value
-    built = {}
-    for name, values in layered.items():
-        hints = typing.get_type_hints(sections[name])
-        flags = {f.name: _flag(f) for f in dataclasses.fields(sections[name])}
-        checked = {k: _check_type(flags[k], v, hints[k]) for k, v in values.items()}
-        built[name] = sections[name](**checked)
-    return Config(**built)
-
-
-def _check_type(flag: str, value: Any, annotation: Any) -> Any:
-    """Values from a config file arrive untyped: accept what the field's type accepts, or say so."""
-    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    tp = _base_type(annotation)
-    if value is None and optional:
-        return None
-    if typing.get_origin(tp) is Literal:
-        if value in typing.get_args(tp):
-            return value
-    elif typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is str:
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            value = ",".join(value)  # from the command line or a config file
-        if isinstance(value, str):
-            return tuple(_parse_tags(value))
-    elif typing.get_origin(tp) is tuple:
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            value = ",".join(value)  # from the command line
-        if isinstance(value, str):
-            return tuple(_parse_milestones(value))
-        if isinstance(value, (list, tuple)) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            return tuple(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, tp):
-        return value
-    raise UsageError(f"invalid value {value!r} for {flag} (expected {_describe(annotation)})")
-
-
-def _describe(annotation: Any) -> str:
-    tp = _base_type(annotation)
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
-    if typing.get_origin(tp) is tuple:
-        return "a list of strings" if typing.get_args(tp)[0] is str else "a list of integers"
-    return getattr(tp, "__name__", str(tp))
 
 
 # Settings a run may change when it continues in its own run directory: they decide where files
@@ -554,7 +325,7 @@ def _plain(value: Any) -> Any:
 
 def _as_flag(f: dataclasses.Field, value: Any) -> str:
     """The command-line form of a setting, e.g. ``--lr 0.01``, ``--no-channels-last``."""
-    flag = _flag(f)
+    flag = flag_name(f)
     if isinstance(value, bool):
         return flag if value else "--no-" + flag[2:]
     if isinstance(value, (list, tuple)):

@@ -13,8 +13,8 @@ from helpers import launch_cli, read_summary, run_cli
 from PIL import Image
 from safetensors.torch import save_file
 
-from mnist_dist.__main__ import build_parser
 from mnist_dist.checkpoint import load_model
+from mnist_dist.cli import build_parser
 from mnist_dist.config import SECTIONS
 from mnist_dist.data import load_split
 

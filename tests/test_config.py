@@ -6,12 +6,11 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from helpers import ACCELERATE_CONFIGS
 
-from mnist_dist.__main__ import build_parser
+from mnist_dist.cli import build_config, build_parser
 from mnist_dist.config import (
     RESUMABLE_SETTINGS,
     SECTIONS,
     Config,
-    build_config,
     changed_math_settings,
 )
 from mnist_dist.errors import UsageError

@@ -10,8 +10,8 @@ from accelerate.commands.config.config_args import load_config_from_file
 from helpers import ROOT
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from mnist_dist.__main__ import build_parser
-from mnist_dist.config import Config, build_config
+from mnist_dist.cli import build_config, build_parser
+from mnist_dist.config import Config
 from mnist_dist.errors import UsageError
 from mnist_dist.report import EPOCH_COLUMNS
 from mnist_dist.tracking import namespaced

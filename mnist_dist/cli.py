@@ -1,0 +1,322 @@
+"""The command line's parser: sub-commands, a flag per setting of the schema in ``config``, the
+``--config`` file, and the typed ``Config`` they resolve to (precedence: see ``config``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+import yaml
+
+from mnist_dist.config import (
+    LAUNCHER_PRECISION_ENV,
+    SECTIONS,
+    Config,
+    DataConfig,
+    flag_name,
+)
+from mnist_dist.errors import UsageError, first_line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line (no usage dump) that point to the sub-command's own
+    help, exit with exit code 2, and a flag is never taken for a longer one it is a prefix of."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # argparse would take `--epoch 1` as `--epochs 1` without a word; a typo in a flag must
+        # be an error (with a suggestion), and a flag added later must not change what an old
+        # abbreviation meant.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # A sub-command's parser receives every argument after the sub-command's name, so
+        # anything it does not know is unknown for good: report it here, where the help to point
+        # to is the sub-command's, not the top-level parser's.
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(extras)}")
+        return parsed, extras
+
+    def _suggestion(self, extras: list[str]) -> str:
+        """A "did you mean --epochs?" for the first unknown flag close to known ones: the flags
+        it is a prefix of (what argparse would have guessed), else the nearest by spelling."""
+        flags = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+        for name in (e.split("=", 1)[0] for e in extras if e.startswith("--") and len(e) > 2):
+            close = [f for f in flags if f.startswith(name)] or difflib.get_close_matches(
+                name, flags, n=1
+            )
+            if len(close) == 1:
+                return f"; did you mean {close[0]}?"
+            if close:
+                return f"; did you mean one of {', '.join(close)}?"
+        return ""
+
+
+_WEIGHTS_HELP = "model.safetensors from a run, or a torch state_dict (.pth) of the reference"
+# The one section `evaluate` and `download` use (``build_config(args, DATA_SECTION).data``).
+DATA_SECTION: dict[str, type] = {"data": DataConfig}
+# The data settings `evaluate` uses: the test split only, so no training-set flags.
+EVALUATE_SETTINGS = {
+    "data_dir",
+    "loader",
+    "num_workers",
+    "max_eval_samples",
+    "eval_batch_size",
+    "download",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mnist-dist`` parser; ``args.command`` names the sub-command given."""
+    parser = _Parser(
+        prog="mnist-dist",
+        description="Train, evaluate and use the reference MNIST CNN on CPU, GPU, DDP or SLURM.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = commands.add_parser(
+        "train",
+        help="train the reference recipe (plain python or under `accelerate launch`)",
+        description="Train. Settings: defaults (the reference recipe) < --config file < flags.",
+    )
+    _add_run_settings(train)
+    doctor = commands.add_parser(
+        "doctor",
+        help="pre-flight checks for a launch (SLURM layout, processes, port, data, output, W&B)",
+        description="Check a launch before it starts: takes the same settings as `train`.",
+    )
+    doctor.add_argument(
+        "--write-env",
+        metavar="FILE",
+        help="also write the launch plan as shell `export` lines (used by slurm/train.sbatch)",
+    )
+    _add_run_settings(doctor)
+    evaluate = commands.add_parser(
+        "evaluate", help="test accuracy of saved weights (also under `accelerate launch`)"
+    )
+    evaluate.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_settings(evaluate, DATA_SECTION, only=EVALUATE_SETTINGS)
+    predict = commands.add_parser("predict", help="digit and probability for PNG/JPEG images")
+    predict.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    predict.add_argument("--json", action="store_true", help="print one JSON object per image")
+    report = commands.add_parser(
+        "report",
+        help="per-epoch table of runs from their metrics.jsonl (no W&B needed), optional PNG",
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    report.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw loss, accuracy and LR curves into this PNG (needs the plot extra)",
+    )
+    download = commands.add_parser("download", help="fetch MNIST with torchvision")
+    add_settings(download, DATA_SECTION, only={"data_dir"})
+    return parser
+
+
+def _add_run_settings(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and a flag per setting of every section."""
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON file with data/optim/train/tracking"
+    )
+    add_settings(parser)
+
+
+def add_settings(
+    parser: argparse.ArgumentParser,
+    sections: dict[str, type] = SECTIONS,
+    only: Collection[str] | None = None,
+) -> None:
+    """Add one flag per field of ``sections`` (or per field named in ``only``); every default is
+    SUPPRESS, so a flag not given overrides nothing."""
+    for section, cls in sections.items():
+        group = parser.add_argument_group(f"{section} settings")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if only is None or f.name in only:
+                env = f" (env {f.metadata['env']})" if f.metadata["env"] else ""
+                group.add_argument(
+                    flag_name(f),
+                    dest=f"{section}.{f.name}",
+                    default=argparse.SUPPRESS,
+                    help=f.metadata["help"] + env + _default_note(f),
+                    **_value_kwargs(f, _base_type(hints[f.name])),
+                )
+
+
+def _value_kwargs(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
+    """How a flag takes its value: a switch, one of a set (argparse lists them), a list ("5,8"
+    or "5 8"; split in ``_check_type``), a count that may be "all", or one typed value."""
+    if tp is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(tp) is Literal:
+        return {"choices": list(typing.get_args(tp))}
+    if typing.get_origin(tp) is tuple:
+        return {"nargs": "+", "metavar": "TAG" if typing.get_args(tp)[0] is str else "EPOCH"}
+    if tp is int and f.default is None:
+        return {"type": _positive_or_none, "metavar": "N"}
+    return {"type": tp, "metavar": f.name.upper()}  # not the internal dest "SECTION.NAME"
+
+
+def _default_note(f: dataclasses.Field) -> str:
+    """The one default a flag's help shows: ``shown_default`` if the field has one, else its
+    value; nothing for a ``None`` that nobody explained."""
+    shown = f.metadata["shown_default"]
+    value = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    if shown is None and value is not None and value is not dataclasses.MISSING:
+        if isinstance(value, bool):
+            shown = "on" if value else "off"
+        elif isinstance(value, tuple):
+            shown = ",".join(map(str, value)) or "none"
+        else:
+            shown = str(value)
+    return "" if shown is None else f" [default: {shown}]"
+
+
+# argparse names this function in its error ("invalid _positive_or_none value: 'x'").
+def _positive_or_none(text: str) -> int | None:
+    return None if text.lower() in ("none", "all") else int(text)
+
+
+def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS) -> Config:
+    """Resolve defaults <- environment <- config file <- flags into a validated ``Config``."""
+    layered: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    # `accelerate launch` passes its config's mixed_precision in this variable: it counts as a
+    # default, so multi_gpu_bf16.yaml means bf16 unless the file or a flag says otherwise.
+    launcher_precision = os.environ.get(LAUNCHER_PRECISION_ENV, "").lower()
+    if launcher_precision in ("no", "fp16", "bf16") and "train" in layered:
+        layered["train"]["mixed_precision"] = launcher_precision
+    for name, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            # An empty variable counts as unset (job templates often export `NAME=`).
+            if f.metadata["env"] and os.environ.get(f.metadata["env"]):
+                layered[name][f.name] = os.environ[f.metadata["env"]]
+    if getattr(args, "config", None):
+        for section, values in load_config_file(args.config).items():
+            if section in layered:
+                layered[section].update(values)
+    for key, value in vars(args).items():
+        section, _, name = key.partition(".")
+        if name and section in layered:
+            layered[section][name] = value
+    built = {}
+    for name, values in layered.items():
+        cls = sections[name]
+        hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+        built[name] = cls(**{k: _check_type(fields[k], v, hints[k]) for k, v in values.items()})
+    return Config(**built)
+
+
+def _check_type(f: dataclasses.Field, value: Any, annotation: Any) -> Any:
+    """Values from a config file arrive untyped: accept what the field's type accepts, or say so."""
+    tp = _base_type(annotation)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if value is None and tp is not annotation:  # an optional field
+        return None
+    if origin is tuple:
+        expected = "a list of strings" if args[0] is str else "a list of integers"
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)  # "5 8" from the command line, or a list of tags
+        if isinstance(value, str):
+            return tuple(_parse_list(value, args[0]))
+        if isinstance(value, list) and all(_is(v, args[0]) for v in value):
+            return tuple(value)
+    elif origin is Literal:
+        expected = "one of " + ", ".join(map(str, args))
+        if value in args:
+            return value
+    else:
+        expected = tp.__name__
+        if _is(value, tp):
+            return float(value) if tp is float else value
+    raise UsageError(f"invalid value {value!r} for {flag_name(f)} (expected {expected})")
+
+
+def _is(value: Any, tp: type) -> bool:
+    """``isinstance`` as a config file means it: a bool is not a number, an int is a float."""
+    if isinstance(value, bool):
+        return tp is bool
+    return isinstance(value, (int, float) if tp is float else tp)
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> int; other annotations unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _parse_list(text: str, item: type) -> list[Any]:
+    """Tags split at commas; epochs at commas or spaces."""
+    if item is str:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        return [int(part) for part in text.replace(" ", ",").split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--lr-milestones expects epochs like 5,8, got {text!r}") from None
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML or JSON config file shaped like ``Config.to_dict()``: a mapping per section."""
+    p = Path(path)
+
+    def bad(problem: str) -> UsageError:
+        return UsageError(f"config file {p}{problem}")
+
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise bad(f" is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise bad(f", line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}") from None
+    except yaml.YAMLError as e:
+        raise bad(_yaml_error(e, text)) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise bad(f" must hold a mapping of sections, got {type(raw).__name__}")
+    raw.pop("provenance", None)  # a run's own config.yaml can be fed back as --config
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise bad(f": unknown section(s) {unknown}; expected {list(SECTIONS)}")
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise bad(f": section {section!r} must be a mapping")
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(SECTIONS[section])})
+        if unknown:
+            raise bad(f": unknown key(s) {unknown} in section {section!r}")
+    return raw
+
+
+def _yaml_error(error: yaml.YAMLError, text: str) -> str:
+    """Where yaml found a problem (", line L, column C", 1-based as editors count, when it knows)
+    and what, without the source excerpt it appends over several lines."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if mark is None and isinstance(error, yaml.reader.ReaderError):  # a bad character: offset
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - text.rfind("\n", 0, error.position)
+        where = f", line {line}, column {column}"
+    problem, context = getattr(error, "problem", None), getattr(error, "context", None)
+    if problem and context:
+        problem = f"{problem} ({context})"
+    return f"{where}: not valid YAML: {problem or first_line(error)}"
