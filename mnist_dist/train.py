@@ -23,6 +23,7 @@ from mnist_dist.checkpoint import (
     restore_checkpoint,
 )
 from mnist_dist.config import Config, TrainConfig
+from mnist_dist.console import RunConsole
 from mnist_dist.data import Sharding, build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.determinism import set_determinism
 from mnist_dist.distributed import describe_processes, make_accelerator, provenance
@@ -38,7 +39,7 @@ from mnist_dist.evaluate import EvalResult, evaluate
 from mnist_dist.model import MnistCNN
 from mnist_dist.rundir import RunDir, read_config, resolve_run_dir
 from mnist_dist.stopping import STOP_FILE, StopControl
-from mnist_dist.tracking import MAX_TABLE_ROWS, RunConsole, RunOutputs, make_tracker, wants_wandb
+from mnist_dist.tracking import MAX_TABLE_ROWS, RunOutputs, make_tracker, wants_wandb
 
 
 def train(config: Config) -> dict[str, Any]:
