@@ -19,7 +19,6 @@ from mnist_dist.checkpoint import (
     Checkpointer,
     TrainerState,
     complete_checkpoints,
-    export_model,
     restore_checkpoint,
 )
 from mnist_dist.config import Config, TrainConfig
@@ -40,6 +39,7 @@ from mnist_dist.model import MnistCNN
 from mnist_dist.rundir import RunDir, read_config, resolve_run_dir
 from mnist_dist.stopping import STOP_FILE, StopControl
 from mnist_dist.tracking import MAX_TABLE_ROWS, RunOutputs, make_tracker, wants_wandb
+from mnist_dist.weights import export_model
 
 
 def train(config: Config) -> dict[str, Any]:
