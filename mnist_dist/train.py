@@ -25,7 +25,7 @@ from mnist_dist.config import Config, TrainConfig
 from mnist_dist.console import RunConsole
 from mnist_dist.data import Sharding, build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.determinism import set_determinism
-from mnist_dist.distributed import describe_processes, make_accelerator, provenance
+from mnist_dist.distributed import describe_processes, make_accelerator
 from mnist_dist.engine import (
     EpochStats,
     StepEngine,
@@ -36,6 +36,7 @@ from mnist_dist.engine import (
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
 from mnist_dist.evaluate import EvalResult, evaluate
 from mnist_dist.model import MnistCNN
+from mnist_dist.provenance import provenance
 from mnist_dist.rundir import RunDir, read_config, resolve_run_dir
 from mnist_dist.stopping import STOP_FILE, StopControl
 from mnist_dist.tracking import MAX_TABLE_ROWS, RunOutputs, make_tracker, wants_wandb
