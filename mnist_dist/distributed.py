@@ -21,24 +21,31 @@ def has_accelerator() -> bool:
     )
 
 
-def check_mixed_precision(mixed_precision: str) -> None:
-    """Reject precisions the hardware cannot run instead of silently training in fp32."""
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
+def precision_supported(mixed_precision: str, cuda_gpus: int) -> bool:
+    """Whether a node with ``cuda_gpus`` CUDA GPUs can train in ``mixed_precision``: fp16 only
+    on a CUDA GPU, bf16 on the CPU or on a GPU that supports it. The one rule that training
+    and ``mnist-dist doctor`` both apply."""
+    if mixed_precision == "fp16":
         # Autocast to fp16 is silently ignored on CPU (pitfalls.md), so a run would report fp16
         # while training in fp32.
+        return cuda_gpus > 0
+    if mixed_precision == "bf16" and cuda_gpus > 0 and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+def check_mixed_precision(mixed_precision: str) -> None:
+    """Reject precisions the hardware cannot run instead of silently training in fp32."""
+    if precision_supported(mixed_precision, torch.cuda.device_count()):
+        return
+    if mixed_precision == "fp16":
         raise UsageError(
             "--mixed-precision fp16 needs a CUDA GPU and none is available; "
             "use --mixed-precision bf16 (works on CPU) or no"
         )
-    if (
-        mixed_precision == "bf16"
-        and torch.cuda.is_available()
-        and not torch.cuda.is_bf16_supported()
-    ):
-        raise UsageError(
-            f"--mixed-precision bf16 is not supported by {torch.cuda.get_device_name()}; "
-            "use fp16 or no"
-        )
+    raise UsageError(
+        f"--mixed-precision bf16 is not supported by {torch.cuda.get_device_name()}; use fp16 or no"
+    )
 
 
 def make_accelerator(
