@@ -154,7 +154,7 @@ def mnist_dist(*args: str) -> list[str]:
 def part_env(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
     import torch
 
-    from mnist_dist.distributed import git_commit
+    from mnist_dist.provenance import git_commit
 
     cuda = torch.cuda.is_available()
     rec.ok(

@@ -31,10 +31,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mnist_dist.checkpoint import load_model
     from mnist_dist.data import ensure_raw_files, eval_batches
     from mnist_dist.distributed import make_accelerator
     from mnist_dist.evaluate import evaluate
+    from mnist_dist.weights import load_model
 
     data = build_config(args, DATA_SECTION).data
     model = load_model(args.weights)  # before any process group: a bad file fails fast
@@ -73,8 +73,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from mnist_dist.checkpoint import load_model
     from mnist_dist.data import reference_transform
+    from mnist_dist.weights import load_model
 
     model = load_model(args.weights).eval()
     transform = reference_transform()

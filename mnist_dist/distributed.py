@@ -1,20 +1,12 @@
-"""Creating the Accelerator, proving the process group it formed, and recording provenance."""
+"""Creating the Accelerator and proving the process group it formed."""
 
 from __future__ import annotations
 
 import os
-import platform
-import socket
-import subprocess
-import sys
-from datetime import datetime, timezone
-from importlib import metadata
-from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, gather_object
+from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs
 
 from mnist_dist.errors import UsageError
 
@@ -29,24 +21,31 @@ def has_accelerator() -> bool:
     )
 
 
-def check_mixed_precision(mixed_precision: str) -> None:
-    """Reject precisions the hardware cannot run instead of silently training in fp32."""
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
+def precision_supported(mixed_precision: str, cuda_gpus: int) -> bool:
+    """Whether a node with ``cuda_gpus`` CUDA GPUs can train in ``mixed_precision``: fp16 only
+    on a CUDA GPU, bf16 on the CPU or on a GPU that supports it. The one rule that training
+    and ``mnist-dist doctor`` both apply."""
+    if mixed_precision == "fp16":
         # Autocast to fp16 is silently ignored on CPU (pitfalls.md), so a run would report fp16
         # while training in fp32.
+        return cuda_gpus > 0
+    if mixed_precision == "bf16" and cuda_gpus > 0 and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+def check_mixed_precision(mixed_precision: str) -> None:
+    """Reject precisions the hardware cannot run instead of silently training in fp32."""
+    if precision_supported(mixed_precision, torch.cuda.device_count()):
+        return
+    if mixed_precision == "fp16":
         raise UsageError(
             "--mixed-precision fp16 needs a CUDA GPU and none is available; "
             "use --mixed-precision bf16 (works on CPU) or no"
         )
-    if (
-        mixed_precision == "bf16"
-        and torch.cuda.is_available()
-        and not torch.cuda.is_bf16_supported()
-    ):
-        raise UsageError(
-            f"--mixed-precision bf16 is not supported by {torch.cuda.get_device_name()}; "
-            "use fp16 or no"
-        )
+    raise UsageError(
+        f"--mixed-precision bf16 is not supported by {torch.cuda.get_device_name()}; use fp16 or no"
+    )
 
 
 def make_accelerator(
@@ -111,80 +110,6 @@ def check_world_size(accelerator: Accelerator) -> None:
             f"group of {formed} ({accelerator.distributed_type.value}); no accelerator was "
             "found, so launch with --config_file accelerate_configs/cpu_ddp.yaml"
         )
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        return f"cpu: {_cpu_model()} ({torch.get_num_threads()} threads)"
-    return str(device)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def git_commit() -> str | None:
-    """The commit of the checkout the package runs from, if it runs from one."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def provenance(accelerator: Accelerator) -> dict[str, Any]:
-    """Versions, hardware and launch facts for the run record. Collective: call on every rank."""
-    hosts_and_devices = gather_object([(socket.gethostname(), device_name(accelerator.device))])
-    return {
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "world_size": accelerator.num_processes,
-        "num_nodes": len({host for host, _ in hosts_and_devices}),
-        "distributed_type": accelerator.distributed_type.value,
-        "mixed_precision": accelerator.mixed_precision,
-        "devices": [
-            f"rank {i} on {host}: {dev}" for i, (host, dev) in enumerate(hosts_and_devices)
-        ],
-        "hostname": socket.gethostname(),
-        "git_commit": git_commit(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "versions": {
-            "python": sys.version.split()[0],
-            **{
-                pkg: _version(pkg)
-                for pkg in ("mnist-dist", "torch", "torchvision", "accelerate", "wandb", "rich")
-            },
-            "cuda": torch.version.cuda,
-        },
-    }
 
 
 def describe_processes(accelerator: Accelerator) -> str:

@@ -1,4 +1,4 @@
-"""``mnist-dist doctor``: pre-flight checks for a launch, and the launch plan they imply.
+"""``mnist-dist doctor``: the pre-flight checks of a launch, which fill in its launch plan.
 
 A multi-node job that is wrong in any way usually does not fail: it hangs at the rendezvous
 until a timeout, or trains on the wrong number of processes. The checks here run in seconds,
@@ -11,25 +11,28 @@ job and launches from the plan they print (``--write-env``).
 from __future__ import annotations
 
 import os
-import re
-import shlex
 import shutil
 import socket
-import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from mnist_dist.config import Config
 from mnist_dist.errors import UsageError, first_line
+from mnist_dist.launch import (
+    MAIN_PORT_ENV,
+    PROCS_PER_NODE_ENV,
+    LaunchPlan,
+    main_addr,
+    main_port,
+    node_cpus,
+    port_is_free,
+    procs_per_node,
+    visible_gpus,
+    write_env,
+)
 
-PROCS_PER_NODE_ENV = "MNIST_DIST_PROCS_PER_NODE"
-MAIN_ADDR_ENV = "MNIST_DIST_MAIN_ADDR"
-MAIN_PORT_ENV = "MNIST_DIST_MAIN_PORT"
-DEFAULT_PORT = 29500
-# Lightning's rule: two jobs that share a node get different ports.
-SLURM_PORT_BASE = 15000
 WANDB_PROBE_SECONDS = 3.0
 
 
@@ -38,108 +41,6 @@ class Check:
     name: str
     ok: bool
     detail: str
-
-
-@dataclass
-class LaunchPlan:
-    """What one job launches: ``nodes`` x ``procs_per_node`` processes meeting at
-    ``main_addr:main_port``, writing to ``run_dir``."""
-
-    nodes: int = 1
-    node_rank: int = 0
-    procs_per_node: int = 1
-    main_addr: str = "127.0.0.1"
-    main_port: int = DEFAULT_PORT
-    run_dir: Path = Path("runs")
-    wandb_mode: str | None = None  # None: tracking off
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def num_processes(self) -> int:
-        return self.nodes * self.procs_per_node
-
-    def env(self) -> dict[str, str]:
-        """The plan as environment variables for ``slurm/launch-node.sh``."""
-        env = {
-            "MNIST_DIST_RUN_DIR": str(self.run_dir),
-            PROCS_PER_NODE_ENV: str(self.procs_per_node),
-            "MNIST_DIST_NUM_PROCESSES": str(self.num_processes),
-            MAIN_ADDR_ENV: self.main_addr,
-            MAIN_PORT_ENV: str(self.main_port),
-        }
-        if self.wandb_mode:
-            env["WANDB_MODE"] = self.wandb_mode
-        return env
-
-
-def _positive_int(name: str, value: str) -> int:
-    if not re.fullmatch(r"[0-9]+", value.strip()) or int(value) < 1:
-        raise UsageError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def slurm_gpus_on_node() -> int | None:
-    """GPUs the scheduler gave this node, if it says: ``SLURM_GPUS_ON_NODE``, else
-    ``SLURM_GPUS_PER_NODE`` (``2`` or ``a100:2``)."""
-    on_node = os.environ.get("SLURM_GPUS_ON_NODE")
-    if on_node and on_node.isdigit():
-        return int(on_node)
-    per_node = os.environ.get("SLURM_GPUS_PER_NODE")
-    if per_node:
-        count = per_node.rsplit(":", 1)[-1]
-        if count.isdigit():
-            return int(count)
-    return None
-
-
-def visible_gpus() -> int:
-    """GPUs this node can use: the scheduler's figure, else what CUDA sees."""
-    from_slurm = slurm_gpus_on_node()
-    if from_slurm is not None:
-        return from_slurm
-    import torch
-
-    return torch.cuda.device_count()
-
-
-def node_cpus() -> int:
-    """CPUs this job may use on this node."""
-    for name in ("SLURM_CPUS_ON_NODE", "SLURM_JOB_CPUS_PER_NODE"):
-        value = os.environ.get(name, "").split("(")[0].split(",")[0]
-        if value.isdigit():
-            return int(value)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list (``node[03-05,07]`` -> ``node03``), expanded by
-    ``scontrol`` itself."""
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout.split()
-    except (OSError, subprocess.SubprocessError) as e:
-        raise UsageError(
-            f"cannot expand SLURM_JOB_NODELIST {nodelist!r}: {first_line(e)}"
-        ) from None
-    if not out:
-        raise UsageError(f"SLURM_JOB_NODELIST {nodelist!r} names no host")
-    return out[0]
-
-
-def port_is_free(port: int) -> bool:
-    """Whether the rendezvous could listen on ``port`` here (as torch's TCPStore would)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("", port))
-        except OSError:
-            return False
-    return True
 
 
 def _wandb_host_reachable() -> tuple[str, bool]:
@@ -161,12 +62,11 @@ class Doctor:
         self.config = config
         self.in_slurm = bool(os.environ.get("SLURM_JOB_ID"))
         self.gpus = visible_gpus()
-        self.plan = LaunchPlan(
-            nodes=int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1),
-            node_rank=int(os.environ.get("SLURM_NODEID") or 0),
-        )
+        self.plan = LaunchPlan.for_this_node()
+        self.checks: list[Check] = []
 
-    def run(self) -> LaunchPlan:
+    def run(self) -> list[Check]:
+        """Every check, in order; each that passes has filled in its part of ``self.plan``."""
         checks: list[tuple[str, Callable[[], str]]] = [("launcher", self._launcher)]
         if self.in_slurm:
             checks += [("srun", self._srun), ("tasks", self._tasks)]
@@ -181,10 +81,10 @@ class Doctor:
         ]
         for name, check in checks:
             try:
-                self.plan.checks.append(Check(name, True, check()))
+                self.checks.append(Check(name, True, check()))
             except UsageError as e:
-                self.plan.checks.append(Check(name, False, str(e)))
-        return self.plan
+                self.checks.append(Check(name, False, str(e)))
+        return self.checks
 
     def _launcher(self) -> str:
         path = shutil.which("accelerate")
@@ -214,10 +114,7 @@ class Doctor:
 
     def _processes(self) -> str:
         plan, gpus = self.plan, self.gpus
-        override = os.environ.get(PROCS_PER_NODE_ENV)
-        plan.procs_per_node = (
-            _positive_int(PROCS_PER_NODE_ENV, override) if override else max(gpus, 1)
-        )
+        plan.procs_per_node = procs_per_node(gpus)
         layout = (
             f"{plan.procs_per_node} per node x {plan.nodes} node(s) = world size "
             f"{plan.num_processes}"
@@ -239,10 +136,16 @@ class Doctor:
         return f"{layout}, on CPU (no GPU on this node; {cpus} CPU(s))"
 
     def _precision(self) -> str:
+        from mnist_dist.distributed import precision_supported
+
         precision = self.config.train.mixed_precision
-        if precision == "fp16" and not self.gpus:
+        if precision_supported(precision, self.gpus):
+            return precision
+        if precision == "fp16":
             raise UsageError("--mixed-precision fp16 needs GPUs and this node has none; use bf16")
-        return precision
+        raise UsageError(
+            "--mixed-precision bf16 is not supported by this node's GPUs; use fp16 or no"
+        )
 
     def _batch(self) -> str:
         world_size = self.plan.num_processes
@@ -251,18 +154,8 @@ class Doctor:
 
     def _rendezvous(self) -> str:
         plan = self.plan
-        job_id = os.environ.get("SLURM_JOB_ID", "")
-        port = os.environ.get(MAIN_PORT_ENV)
-        if port:
-            plan.main_port = _positive_int(MAIN_PORT_ENV, port)
-            if plan.main_port > 65535:
-                raise UsageError(f"{MAIN_PORT_ENV} must be a port (1-65535), got {port}")
-        elif job_id.isdigit():
-            plan.main_port = SLURM_PORT_BASE + int(job_id) % 10000
-        nodelist = os.environ.get("SLURM_JOB_NODELIST")
-        plan.main_addr = os.environ.get(MAIN_ADDR_ENV) or (
-            first_host(nodelist) if nodelist else "127.0.0.1"
-        )
+        plan.main_port = main_port()
+        plan.main_addr = main_addr()
         try:
             socket.getaddrinfo(plan.main_addr, plan.main_port)
         except OSError as e:
@@ -334,33 +227,25 @@ class Doctor:
         return f"online ({'as asked' if chosen else 'credentials found'})"
 
 
-def format_checks(plan: LaunchPlan) -> str:
-    width = max(len(c.name) for c in plan.checks)
+def format_checks(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
     return "\n".join(
-        f"  {'ok' if c.ok else 'FAIL':4}  {c.name:{width}}  {c.detail}" for c in plan.checks
+        f"  {'ok' if c.ok else 'FAIL':4}  {c.name:{width}}  {c.detail}" for c in checks
     )
-
-
-def write_env(plan: LaunchPlan, path: str | os.PathLike[str]) -> None:
-    """The plan as ``export NAME=value`` lines a shell can source."""
-    lines = [f"export {k}={shlex.quote(v)}\n" for k, v in plan.env().items()]
-    try:
-        Path(path).write_text("".join(lines))
-    except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def doctor(config: Config, env_file: str | None = None) -> LaunchPlan:
     """Run every check and print them; raise ``UsageError`` naming the failures, if any."""
-    plan = Doctor(config).run()
+    checkup = Doctor(config)
+    checks = checkup.run()
     job = os.environ.get("SLURM_JOB_ID")
     print(f"mnist-dist doctor: {'SLURM job ' + job if job else 'this machine'}", flush=True)
-    print(format_checks(plan), flush=True)
-    failed = [c for c in plan.checks if not c.ok]
+    print(format_checks(checks), flush=True)
+    failed = [c for c in checks if not c.ok]
     if failed:
         raise UsageError(
             "pre-flight check failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed)
         )
     if env_file:
-        write_env(plan, env_file)
-    return plan
+        write_env(checkup.plan, env_file)
+    return checkup.plan

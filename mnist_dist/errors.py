@@ -8,7 +8,9 @@ resumable with ``--resume auto`` (75 is EX_TEMPFAIL: "try again later").
 
 import json
 import os
+import shutil
 import time
+from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -55,6 +57,19 @@ def first_line(error: BaseException) -> str:
     or its type name when the message is empty."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def write_failure(error: Exception, folder: Path) -> str:
+    """What went wrong with a write, in words (torch.save's errors do not name a full disk)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    reason = first_line(error)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None:
+        free = shutil.disk_usage(existing).free
+        if free < 16 << 20:
+            return f"No space left on device ({free:,} bytes free; {reason})"
+    return reason
 
 
 def leave_for_launcher(line: str) -> None:

@@ -20,28 +20,23 @@ from mnist_dist.checkpoint import (
     Checkpoint,
     Checkpointer,
     TrainerState,
-    export_model,
     restore_checkpoint,
 )
 from mnist_dist.config import Config, TrainConfig
+from mnist_dist.console import RunConsole
 from mnist_dist.data import build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.determinism import set_determinism
-from mnist_dist.distributed import describe_processes, make_accelerator, provenance
+from mnist_dist.distributed import describe_processes, make_accelerator
 from mnist_dist.engine import build_engine, stepped_optimizer
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
 from mnist_dist.evaluate import evaluate
 from mnist_dist.loop import EpochFigures, Loop
 from mnist_dist.model import MnistCNN
+from mnist_dist.provenance import provenance
 from mnist_dist.rundir import RunDir, read_config, resolve_run_dir
 from mnist_dist.stopping import STOP_FILE, StopControl
-from mnist_dist.tracking import (
-    MAX_TABLE_ROWS,
-    RunConsole,
-    RunOutputs,
-    Tracker,
-    make_tracker,
-    wants_wandb,
-)
+from mnist_dist.tracking import MAX_TABLE_ROWS, RunOutputs, Tracker, make_tracker, wants_wandb
+from mnist_dist.weights import export_model
 
 
 def train(config: Config) -> dict[str, Any]:

@@ -13,10 +13,10 @@ from helpers import launch_cli, read_summary, run_cli
 from PIL import Image
 from safetensors.torch import save_file
 
-from mnist_dist.checkpoint import load_model
 from mnist_dist.cli import build_parser
 from mnist_dist.config import SECTIONS
 from mnist_dist.data import load_split
+from mnist_dist.weights import load_model
 
 
 def assert_usage_error(result, *fragments: str) -> None:

@@ -28,8 +28,9 @@ from helpers import (
 from wandb_file import read_run
 
 from mnist_dist.config import TrackingConfig
+from mnist_dist.console import format_epoch_line
 from mnist_dist.errors import EXIT_STOPPED
-from mnist_dist.tracking import WANDB_RUN_ID_FILE, format_epoch_line, wandb_mode, wants_wandb
+from mnist_dist.tracking import WANDB_RUN_ID_FILE, wandb_mode, wants_wandb
 
 WARNING = "warning: W&B"
 

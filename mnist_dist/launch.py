@@ -1,0 +1,164 @@
+"""The launch plan of a job (nodes, processes, rendezvous) from SLURM and environment variables."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnist_dist.errors import UsageError, first_line
+
+PROCS_PER_NODE_ENV = "MNIST_DIST_PROCS_PER_NODE"
+MAIN_ADDR_ENV = "MNIST_DIST_MAIN_ADDR"
+MAIN_PORT_ENV = "MNIST_DIST_MAIN_PORT"
+DEFAULT_PORT = 29500
+# Lightning's rule: two jobs that share a node get different ports.
+SLURM_PORT_BASE = 15000
+
+
+@dataclass
+class LaunchPlan:
+    """What one job launches: ``nodes`` x ``procs_per_node`` processes meeting at
+    ``main_addr:main_port``, writing to ``run_dir``."""
+
+    nodes: int = 1
+    node_rank: int = 0
+    procs_per_node: int = 1
+    main_addr: str = "127.0.0.1"
+    main_port: int = DEFAULT_PORT
+    run_dir: Path = Path("runs")
+    wandb_mode: str | None = None  # None: tracking off
+
+    @classmethod
+    def for_this_node(cls) -> LaunchPlan:
+        """The nodes of the job and this node's rank, as SLURM says (one node outside SLURM)."""
+        return cls(
+            nodes=int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1),
+            node_rank=int(os.environ.get("SLURM_NODEID") or 0),
+        )
+
+    @property
+    def num_processes(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    def env(self) -> dict[str, str]:
+        """The plan as environment variables for ``slurm/launch-node.sh``."""
+        env = {
+            "MNIST_DIST_RUN_DIR": str(self.run_dir),
+            PROCS_PER_NODE_ENV: str(self.procs_per_node),
+            "MNIST_DIST_NUM_PROCESSES": str(self.num_processes),
+            MAIN_ADDR_ENV: self.main_addr,
+            MAIN_PORT_ENV: str(self.main_port),
+        }
+        if self.wandb_mode:
+            env["WANDB_MODE"] = self.wandb_mode
+        return env
+
+
+def _positive_int(name: str, value: str) -> int:
+    if not re.fullmatch(r"[0-9]+", value.strip()) or int(value) < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def procs_per_node(gpus: int) -> int:
+    """``MNIST_DIST_PROCS_PER_NODE``, else one process per GPU, else one."""
+    override = os.environ.get(PROCS_PER_NODE_ENV)
+    return _positive_int(PROCS_PER_NODE_ENV, override) if override else max(gpus, 1)
+
+
+def main_port() -> int:
+    """``MNIST_DIST_MAIN_PORT``, else one derived from the SLURM job id, else ``DEFAULT_PORT``."""
+    port = os.environ.get(MAIN_PORT_ENV)
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    if port:
+        value = _positive_int(MAIN_PORT_ENV, port)
+        if value > 65535:
+            raise UsageError(f"{MAIN_PORT_ENV} must be a port (1-65535), got {port}")
+        return value
+    if job_id.isdigit():
+        return SLURM_PORT_BASE + int(job_id) % 10000
+    return DEFAULT_PORT
+
+
+def main_addr() -> str:
+    """``MNIST_DIST_MAIN_ADDR``, else the first host of the SLURM job, else this machine."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    return os.environ.get(MAIN_ADDR_ENV) or (first_host(nodelist) if nodelist else "127.0.0.1")
+
+
+def slurm_gpus_on_node() -> int | None:
+    """GPUs the scheduler gave this node, if it says: ``SLURM_GPUS_ON_NODE``, else
+    ``SLURM_GPUS_PER_NODE`` (``2`` or ``a100:2``)."""
+    on_node = os.environ.get("SLURM_GPUS_ON_NODE")
+    if on_node and on_node.isdigit():
+        return int(on_node)
+    per_node = os.environ.get("SLURM_GPUS_PER_NODE")
+    if per_node:
+        count = per_node.rsplit(":", 1)[-1]
+        if count.isdigit():
+            return int(count)
+    return None
+
+
+def visible_gpus() -> int:
+    """GPUs this node can use: the scheduler's figure, else what CUDA sees."""
+    from_slurm = slurm_gpus_on_node()
+    if from_slurm is not None:
+        return from_slurm
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def node_cpus() -> int:
+    """CPUs this job may use on this node."""
+    for name in ("SLURM_CPUS_ON_NODE", "SLURM_JOB_CPUS_PER_NODE"):
+        value = os.environ.get(name, "").split("(")[0].split(",")[0]
+        if value.isdigit():
+            return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``node[03-05,07]`` -> ``node03``), expanded by
+    ``scontrol`` itself."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError) as e:
+        raise UsageError(
+            f"cannot expand SLURM_JOB_NODELIST {nodelist!r}: {first_line(e)}"
+        ) from None
+    if not out:
+        raise UsageError(f"SLURM_JOB_NODELIST {nodelist!r} names no host")
+    return out[0]
+
+
+def port_is_free(port: int) -> bool:
+    """Whether the rendezvous could listen on ``port`` here (as torch's TCPStore would)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def write_env(plan: LaunchPlan, path: str | os.PathLike[str]) -> None:
+    """The plan as ``export NAME=value`` lines a shell can source."""
+    lines = [f"export {k}={shlex.quote(v)}\n" for k, v in plan.env().items()]
+    try:
+        Path(path).write_text("".join(lines))
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None

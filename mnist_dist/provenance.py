@@ -1,0 +1,91 @@
+"""Provenance for a run's record: git commit, library versions, hardware and launch facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"cpu: {_cpu_model()} ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout the package runs from, if it runs from one."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def provenance(accelerator: Accelerator) -> dict[str, Any]:
+    """Versions, hardware and launch facts for the run record. Collective: call on every rank."""
+    hosts_and_devices = gather_object([(socket.gethostname(), device_name(accelerator.device))])
+    return {
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "world_size": accelerator.num_processes,
+        "num_nodes": len({host for host, _ in hosts_and_devices}),
+        "distributed_type": accelerator.distributed_type.value,
+        "mixed_precision": accelerator.mixed_precision,
+        "devices": [
+            f"rank {i} on {host}: {dev}" for i, (host, dev) in enumerate(hosts_and_devices)
+        ],
+        "hostname": socket.gethostname(),
+        "git_commit": git_commit(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "versions": {
+            "python": sys.version.split()[0],
+            **{
+                pkg: _version(pkg)
+                for pkg in ("mnist-dist", "torch", "torchvision", "accelerate", "wandb", "rich")
+            },
+            "cuda": torch.version.cuda,
+        },
+    }
