@@ -35,9 +35,10 @@ from mnist_dist.engine import (
 )
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
 from mnist_dist.evaluate import EvalResult, evaluate
+from mnist_dist.layout import STOP_FILE
 from mnist_dist.model import MnistCNN
 from mnist_dist.rundir import RunDir, read_config, resolve_run_dir
-from mnist_dist.stopping import STOP_FILE, StopControl
+from mnist_dist.stopping import StopControl
 from mnist_dist.tracking import MAX_TABLE_ROWS, RunConsole, RunOutputs, make_tracker, wants_wandb
 
 
