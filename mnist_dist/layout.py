@@ -61,6 +61,8 @@ MANIFEST_FILE = "COMPLETE"  # written last: every file of the checkpoint with si
 PARTIAL_PREFIX = ".partial-"  # a checkpoint folder still being written
 
 RUNS_DIR = "runs"  # where a run without --output-dir gets a folder of its own
+# The ``state`` of status.json: stopped is resumable (exit code 75), the others are final.
+STATES = ("running", "finished", "stopped", "diverged", "failed")
 
 _CHECKPOINT_NAME = re.compile(r"epoch-(\d+)-step-(\d+)")
 
