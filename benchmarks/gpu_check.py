@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_dist.config import TrainConfig
+from mnist_dist.layout import RunLayout, parse_checkpoint_name
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
@@ -323,19 +324,18 @@ def train_run(args: list[str], run_dir: Path) -> dict[str, Any]:
     code, out, err = run_command(mnist_dist(*args, "--output-dir", str(run_dir)))
     if code != 0:
         raise RuntimeError(one_line(err or out))
-    return json.loads((run_dir / "summary.json").read_text())
+    return json.loads(RunLayout(run_dir).summary.read_text())
 
 
 def mid_epoch_checkpoint(run_dir: Path) -> Path:
-    """The run's checkpoint taken inside an epoch (``epoch-NNN-step-MMMMMM`` with M > 0)."""
-    found = [
-        p
-        for p in sorted((run_dir / "checkpoints").glob("epoch-*-step-*"))
-        if int(p.name.rsplit("-", 1)[1]) > 0
-    ]
+    """The run's checkpoint taken inside an epoch (a step above 0 in its name)."""
+    folder = RunLayout(run_dir).checkpoints
+    found = sorted(
+        (at, p) for p in folder.iterdir() if (at := parse_checkpoint_name(p.name)) and at[1] > 0
+    )
     if not found:
-        raise RuntimeError(f"no mid-epoch checkpoint in {run_dir / 'checkpoints'}")
-    return found[-1]
+        raise RuntimeError(f"no mid-epoch checkpoint in {folder}")
+    return found[-1][1]
 
 
 def compare_weights(run_a: Path, run_b: Path) -> tuple[bool, float | None]:
@@ -344,7 +344,7 @@ def compare_weights(run_a: Path, run_b: Path) -> tuple[bool, float | None]:
     import torch
     from safetensors.torch import load_file
 
-    a, b = (load_file(str(r / "model.safetensors")) for r in (run_a, run_b))
+    a, b = (load_file(str(RunLayout(r).model)) for r in (run_a, run_b))
     if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
         return False, None
     # Bytes, not values: -0.0 == 0.0 and NaN != NaN would hide or invent a difference.

@@ -73,6 +73,9 @@ from baselines import (  # the plain PyTorch rows, in this folder
     steady_images_per_second,
 )
 
+from mnist_dist.layout import RunLayout
+from mnist_dist.records import EpochRecord, Summary
+
 BUSY_CORES = 0.25  # CPU used by other processes (cores) above which a run is flagged
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,42 +168,51 @@ def run_mnist_dist(
         if max_train_samples is not None:
             command += ["--max-train-samples", str(max_train_samples)]
         process_seconds = run_timed(command, "mnist-dist")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        resolved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        layout = RunLayout(run_dir)
+        summary = Summary.from_dict(json.loads(layout.summary.read_text()))
+        resolved = yaml.safe_load(layout.config.read_text()) or {}
         records = [
-            json.loads(line)
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            EpochRecord.from_dict(json.loads(line))
+            for line in layout.metrics.read_text().splitlines()
             if line.strip()
         ]
     timings = [
         EpochTiming(
-            epoch=int(r["epoch"]),
-            images=round(r["images_per_second"] * r["train_seconds"]),
-            train_seconds=float(r["train_seconds"]),
+            epoch=r.epoch,
+            images=round(r.images_per_second * written(r.train_seconds, "train_seconds")),
+            train_seconds=written(r.train_seconds, "train_seconds"),
         )
         for r in records
     ]
     return RunResult(
         row=row,
         images_per_second=steady_images_per_second(timings),
-        test_accuracy=float(summary["test_accuracy"]),
-        test_correct=int(summary["test_correct"]),
-        test_total=int(summary["test_total"]),
-        wall_seconds=float(summary["segment_wall_seconds"]),
+        test_accuracy=float(summary.test_accuracy),
+        test_correct=summary.test_correct,
+        test_total=summary.test_total,
+        wall_seconds=written(summary.segment_wall_seconds, "segment_wall_seconds"),
         process_seconds=process_seconds,
         epochs=timings,
         extra={
-            "world_size": summary.get("world_size"),
-            "mixed_precision": summary.get("mixed_precision"),
-            "step_engine": summary.get("step_engine"),
-            "deterministic": summary.get("deterministic"),
+            "world_size": summary.world_size,
+            "mixed_precision": summary.mixed_precision,
+            "step_engine": summary.step_engine,
+            "deterministic": summary.deterministic,
             "train_seconds": sum(t.train_seconds for t in timings),
             "num_workers": resolved.get("data", {}).get("num_workers"),
-            "summary_images_per_second": summary.get("images_per_second"),
-            "epoch_seconds": [r.get("epoch_seconds") for r in records],
-            "test_accuracy_per_epoch": [r.get("test_accuracy") for r in records],
+            "summary_images_per_second": summary.images_per_second,
+            "epoch_seconds": [r.epoch_seconds for r in records],
+            "test_accuracy_per_epoch": [r.test_accuracy for r in records],
         },
     )
+
+
+def written(value: float | None, name: str) -> float:
+    """A figure that the records of the current version always hold (None only in older
+    runs' records, which a benchmark never reads)."""
+    if value is None:
+        raise RuntimeError(f"the run's records have no {name}")
+    return float(value)
 
 
 def machine_busy_seconds() -> float | None:

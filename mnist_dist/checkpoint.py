@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -20,13 +19,18 @@ from accelerate.utils import broadcast_object_list
 
 from mnist_dist.config import changed_math_settings
 from mnist_dist.errors import UsageError, WriteError, first_line, write_failure
+from mnist_dist.layout import (
+    CHECKPOINTS_DIR,
+    MANIFEST_FILE,
+    PARTIAL_PREFIX,
+    STATE_FILE,
+    checkpoint_name,
+    parse_checkpoint_name,
+    parse_resume,
+    partial_checkpoint,
+    run_dir_of,
+)
 from mnist_dist.rundir import read_config
-
-CHECKPOINTS_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"
-MANIFEST_FILE = "COMPLETE"  # written last: every file of the checkpoint with size and sha256
-_NAME = re.compile(r"epoch-(\d+)-step-(\d+)")
-_PARTIAL_PREFIX = ".partial-"
 
 
 @dataclass
@@ -54,7 +58,7 @@ class TrainerState:
     @property
     def name(self) -> str:
         """The checkpoint's folder name: the position training resumes from."""
-        return f"epoch-{self.epoch:03d}-step-{self.step:06d}"
+        return checkpoint_name(self.epoch, self.step)
 
     @property
     def position(self) -> str:
@@ -87,7 +91,7 @@ class Checkpoint:
 
     @property
     def run_dir(self) -> Path:
-        return self.path.parent.parent  # <run dir>/checkpoints/<checkpoint>
+        return run_dir_of(self.path)
 
     def settings(self) -> dict[str, Any] | None:
         """The settings the run was trained with up to this checkpoint (``Config.to_dict()``):
@@ -166,7 +170,7 @@ class Checkpointer:
         state.run_wall_seconds = self.earlier_wall_seconds + time.perf_counter() - self.started
         acc = self.accelerator
         final = self.root / state.name
-        partial = self.root / f"{_PARTIAL_PREFIX}{state.name}"
+        partial = partial_checkpoint(final)
         # Three phases, each followed by an agreement, so every rank runs the same collectives
         # and a failure on one rank ends the save on all of them instead of a rendezvous hang.
         self._agree(partial, final, self._on_main(lambda: _fresh_dir(partial)))
@@ -207,7 +211,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         """Delete checkpoints beyond the newest ``keep``, and partial folders of killed writes."""
-        for stale in self.root.glob(f"{_PARTIAL_PREFIX}*"):
+        for stale in self.root.glob(f"{PARTIAL_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
         for old in complete_checkpoints(self.root)[: -self.keep]:
             shutil.rmtree(old)
@@ -234,10 +238,11 @@ class Checkpointer:
         return Checkpoint(path, TrainerState.from_json((path / STATE_FILE).read_text()))
 
     def _find(self, resume: str, warn: Callable[[str], None]) -> Path | None:
-        if resume == "never":
+        choice = parse_resume(resume)
+        if choice.never:
             return None
-        if resume != "auto":
-            path = Path(resume)
+        if choice.path is not None:
+            path = choice.path
             read_checkpoint(path)  # raises with the reason
             if path.resolve().parent == self.root.resolve():
                 newer = complete_checkpoints(self.root)
@@ -273,9 +278,9 @@ def complete_checkpoints(root: Path) -> list[Path]:
         return []
     found = []
     for path in root.iterdir():
-        match = _NAME.fullmatch(path.name)
-        if match and (path / MANIFEST_FILE).exists():
-            found.append(((int(match[1]), int(match[2])), path))
+        position = parse_checkpoint_name(path.name)
+        if position and (path / MANIFEST_FILE).exists():
+            found.append((position, path))
     return [path for _, path in sorted(found)]
 
 
@@ -364,7 +369,7 @@ def _replace_dir(partial: Path, final: Path) -> None:
     earlier save at the same position, goes only once the new one is there)."""
     old = None
     if final.exists():
-        old = final.with_name(f"{_PARTIAL_PREFIX}old-{final.name}")
+        old = final.with_name(f"{PARTIAL_PREFIX}old-{final.name}")
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)

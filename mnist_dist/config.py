@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mnist_dist.errors import UsageError
+from mnist_dist.layout import parse_resume
 
 DATA_DIR_ENV = "MNIST_DIST_DATA_DIR"
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
@@ -183,7 +184,7 @@ class CheckpointConfig:
             self.keep_checkpoints >= 1,
             f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}",
         )
-        _require(bool(self.resume), "--resume must be auto, never or a checkpoint folder")
+        parse_resume(self.resume)  # raises UsageError for a value it cannot read
 
 
 @dataclass

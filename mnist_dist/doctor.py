@@ -32,6 +32,7 @@ from mnist_dist.launch import (
     visible_gpus,
     write_env,
 )
+from mnist_dist.layout import RUNS_DIR, RunLayout, parse_resume
 
 WANDB_PROBE_SECONDS = 3.0
 
@@ -194,12 +195,14 @@ class Doctor:
 
         output_dir = self.config.train.output_dir
         if not output_dir:
-            self.plan.run_dir = Path("runs")
-            return "runs/<timestamp>: a new run per launch (--output-dir makes one resumable)"
+            self.plan.run_dir = Path(RUNS_DIR)
+            return (
+                f"{RUNS_DIR}/<timestamp>: a new run per launch (--output-dir makes one resumable)"
+            )
         path = self.plan.run_dir = Path(output_dir)
         check_output_dir(path)
-        found = complete_checkpoints(path / "checkpoints")
-        if found and self.config.checkpoint.resume == "auto":
+        found = complete_checkpoints(RunLayout(path).checkpoints)
+        if found and parse_resume(self.config.checkpoint.resume).auto:
             return f"{path}: writable; resumes from {found[-1].name}"
         return f"{path}: writable; new run"
 
@@ -211,7 +214,7 @@ class Doctor:
             return "off (--tracker none)"
         mode = wandb_mode(tracking)
         chosen = tracking.wandb_mode or os.environ.get("WANDB_MODE")
-        sync = f"afterwards: wandb sync {self.plan.run_dir / 'wandb'}/offline-run-*"
+        sync = f"afterwards: wandb sync {RunLayout(self.plan.run_dir).wandb}/offline-run-*"
         if mode == "online" and not chosen:
             where, reachable = _wandb_host_reachable()
             if not reachable:

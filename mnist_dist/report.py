@@ -8,6 +8,7 @@ finished an epoch yet, its ``status.json`` and ``steps.jsonl``. With the ``plot`
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,14 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from mnist_dist.errors import UsageError
+from mnist_dist.layout import METRICS_FILE, STATUS_FILE, STEPS_FILE, RunLayout
+from mnist_dist.records import EpochRecord, RecordError, StepRecord
 
-# The names rundir.py writes; not imported, to keep torch out of this module.
-METRICS_FILE = "metrics.jsonl"
-STEPS_FILE = "steps.jsonl"
-STATUS_FILE = "status.json"
-CONFIG_FILE = "config.yaml"
-
-# (header, record key, format) of each column of the per-epoch table.
+# (header, record field, format) of each column of the per-epoch table.
 EPOCH_COLUMNS = (
     ("epoch", "epoch", "{}"),
     ("lr", "lr", "{:.1e}"),
@@ -51,25 +48,27 @@ class RunRecords:
     """What a run directory tells: its epoch records; for a run without any yet (stopped or
     still in its first epoch), its status and step records."""
 
-    epochs: list[dict[str, Any]]
+    epochs: list[EpochRecord]
     status: dict[str, Any] = field(default_factory=dict)  # status.json
-    steps: list[dict[str, Any]] = field(default_factory=list)  # steps.jsonl
+    steps: list[StepRecord] = field(default_factory=list)  # steps.jsonl
 
 
 def load_run(run_dir: str | Path) -> RunRecords:
     """The records of a run directory. Raises ``UsageError`` when it holds none of a run's
     files, or unreadable ones."""
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     epochs = load_epochs(run_dir)
     if epochs:
         return RunRecords(epochs)
-    status = _read_json(run_dir / STATUS_FILE)
-    steps = [
-        r for r in _read_jsonl(run_dir / STEPS_FILE) if all(k in r for _, k, _ in STEP_COLUMNS)
-    ]
-    if status or steps or (run_dir / CONFIG_FILE).exists():
+    status = _read_json(layout.status)
+    steps = []
+    for raw in _read_jsonl(layout.steps):
+        with contextlib.suppress(RecordError):  # a line this version cannot show
+            steps.append(StepRecord.from_dict(raw))
+    if status or steps or layout.config.exists():
         return RunRecords([], status, steps)
-    if (run_dir / METRICS_FILE).exists():
+    if layout.metrics.exists():
         raise UsageError(f"{run_dir} has no finished epoch yet ({METRICS_FILE} is empty)")
     raise UsageError(
         f"{run_dir} is not a run directory (no {METRICS_FILE}, {STEPS_FILE} or {STATUS_FILE})"
@@ -101,10 +100,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def load_epochs(run_dir: str | Path) -> list[dict[str, Any]]:
+def load_epochs(run_dir: str | Path) -> list[EpochRecord]:
     """The per-epoch records of a run directory, in order; none when it has no
     ``metrics.jsonl``. Raises ``UsageError`` when the file cannot be read or holds a bad line."""
-    path = Path(run_dir) / METRICS_FILE
+    path = RunLayout(Path(run_dir)).metrics
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
@@ -121,10 +120,10 @@ def load_epochs(run_dir: str | Path) -> list[dict[str, Any]]:
             if number == len(lines):  # a job killed mid-write leaves a partial last line
                 break
             raise UsageError(f"{path}, line {number}: not a JSON record") from None
-        missing = [key for _, key, _ in EPOCH_COLUMNS if key not in record]
-        if missing:
-            raise UsageError(f"{path}, line {number}: missing {', '.join(missing)}")
-        records.append(record)
+        try:
+            records.append(EpochRecord.from_dict(record))
+        except RecordError as e:
+            raise UsageError(f"{path}, line {number}: {e}") from None
     return records
 
 
@@ -158,18 +157,21 @@ def format_report(runs: dict[str, RunRecords]) -> str:
         columns = EPOCH_COLUMNS if run.epochs else STEP_COLUMNS
         records = run.epochs or run.steps[-STEP_ROWS:]
         headers = [title for title, _, _ in columns]
-        rows = [[fmt.format(r[key]) for _, key, fmt in columns] for r in records]
+        rows = [[fmt.format(getattr(r, key)) for _, key, fmt in columns] for r in records]
         table = _render(headers, rows, []) if rows else ""
     else:
-        epochs = sorted({r["epoch"] for run in runs.values() for r in run.epochs})
-        by_epoch = {label: {r["epoch"]: r for r in run.epochs} for label, run in runs.items()}
+        epochs = sorted({r.epoch for run in runs.values() for r in run.epochs})
+        by_epoch = {label: {r.epoch: r for r in run.epochs} for label, run in runs.items()}
         headers = ["epoch"] + [titles[k] for _ in runs for k in SIDE_BY_SIDE_KEYS]
         rows = []
         for epoch in epochs:
             row = [str(epoch)]
             for label in runs:
                 record = by_epoch[label].get(epoch)
-                row += [formats[k].format(record[k]) if record else "-" for k in SIDE_BY_SIDE_KEYS]
+                row += [
+                    formats[k].format(getattr(record, k)) if record else "-"
+                    for k in SIDE_BY_SIDE_KEYS
+                ]
             rows.append(row)
         groups = [("", 1)] + [(label, len(SIDE_BY_SIDE_KEYS)) for label in runs]
         table = _render(headers, rows, groups) if rows else ""
@@ -178,13 +180,17 @@ def format_report(runs: dict[str, RunRecords]) -> str:
         if not run.epochs:
             results.append(_first_epoch_result(label, run))
             continue
-        last, best = run.epochs[-1], max(run.epochs, key=lambda r: r["test_accuracy"])
+        last, best = run.epochs[-1], max(run.epochs, key=lambda r: r.test_accuracy)
+        correct, total = (_or_unknown(n) for n in (last.test_correct, last.test_total))
         results.append(
-            f"{label}: test accuracy {last['test_accuracy']:.2%} "
-            f"({last.get('test_correct', '?')}/{last.get('test_total', '?')}) after epoch "
-            f"{last['epoch']}; best {best['test_accuracy']:.2%} at epoch {best['epoch']}"
+            f"{label}: test accuracy {last.test_accuracy:.2%} ({correct}/{total}) after epoch "
+            f"{last.epoch}; best {best.test_accuracy:.2%} at epoch {best.epoch}"
         )
     return "\n\n".join(part for part in (table, "\n".join(results)) if part)
+
+
+def _or_unknown(value: int | None) -> str:
+    return "?" if value is None else str(value)  # a run from before the field was written
 
 
 def _first_epoch_result(label: str, run: RunRecords) -> str:
@@ -192,12 +198,12 @@ def _first_epoch_result(label: str, run: RunRecords) -> str:
     newest step record, and the message it ended with."""
     state = run.status.get("state", "state unknown (no status.json)")
     last = run.steps[-1] if run.steps else None
-    epoch = last["epoch"] if last else run.status.get("epoch", 1)
+    epoch = last.epoch if last else run.status.get("epoch", 1)
     text = f"{label}: {state} in epoch {epoch}, no epoch finished yet; "
     if last:
         text += (
-            f"at global step {last['global_step']}: train loss {last['train_loss']:.4f}, "
-            f"{last['images_per_second']:,.0f} images/s"
+            f"at global step {last.global_step}: train loss {last.train_loss:.4f}, "
+            f"{last.images_per_second:,.0f} images/s"
         )
     else:
         text += "no step recorded yet"
@@ -216,13 +222,13 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_report(runs: dict[str, list[dict[str, Any]]], png: str | Path) -> None:
+def plot_report(runs: dict[str, list[EpochRecord]], png: str | Path) -> None:
     """Loss, accuracy and learning rate per epoch of every run, into one PNG."""
     plt = _pyplot()
     fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4.5))
     for i, (label, records) in enumerate(runs.items()):
         color = f"C{i % 10}"
-        epochs = [r["epoch"] for r in records]
+        epochs = [r.epoch for r in records]
         for ax, key, style, name in (
             (loss_ax, "train_loss", "-", "train"),
             (loss_ax, "test_loss", "--", "test"),
@@ -231,7 +237,7 @@ def plot_report(runs: dict[str, list[dict[str, Any]]], png: str | Path) -> None:
             (lr_ax, "lr", "-", None),
         ):
             ax.plot(
-                epochs, [r[key] for r in records], style, color=color, marker=".",
+                epochs, [getattr(r, key) for r in records], style, color=color, marker=".",
                 label=f"{label} {name}" if name else label,
             )  # fmt: skip
     for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy"), (lr_ax, "learning rate")):

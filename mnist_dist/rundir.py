@@ -15,13 +15,22 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from mnist_dist.errors import UsageError, WriteError
+from mnist_dist.layout import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    RUNS_DIR,
+    STATUS_FILE,
+    STEPS_FILE,
+    SUMMARY_FILE,
+    RunLayout,
+    parse_resume,
+    partial_file,
+    run_dir_of,
+)
+from mnist_dist.records import EpochRecord, StepRecord, Summary
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-STEPS_FILE = "steps.jsonl"
-SUMMARY_FILE = "summary.json"
-MODEL_FILE = "model.safetensors"
-STATUS_FILE = "status.json"
+# The records a writer takes: typed, or (until every producer builds them) their dicts.
+AnyRecord = StepRecord | EpochRecord | Summary | dict[str, Any]
 
 
 def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: str) -> Path:
@@ -30,9 +39,10 @@ def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: st
     process and broadcast."""
     if output_dir:
         return Path(output_dir)
-    if resume not in ("auto", "never"):
-        return Path(resume).parent.parent  # <run dir>/checkpoints/<checkpoint>
-    choice = [f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
+    checkpoint = parse_resume(resume).path
+    if checkpoint is not None:
+        return run_dir_of(checkpoint)
+    choice = [f"{RUNS_DIR}/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
     if accelerator.num_processes > 1:
         broadcast_object_list(choice)
     return Path(choice[0])
@@ -41,7 +51,7 @@ def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: st
 def read_config(run_dir: Path) -> dict[str, Any] | None:
     """A run directory's config.yaml (settings and provenance), or None if it has none."""
     try:
-        config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+        config = yaml.safe_load(RunLayout(run_dir).config.read_text())
     except (OSError, yaml.YAMLError):
         return None
     return config if isinstance(config, dict) else None
@@ -66,42 +76,47 @@ def check_output_dir(path: Path) -> None:
 
 
 class RunDir:
-    """Writes a run's records; a no-op on every rank but the main process."""
+    """Writes a run's records, in the files ``layout`` names; a no-op on every rank but the
+    main process. The writers take the typed records of ``records`` or the same records as
+    plain dicts (written as given)."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
+        self.layout = RunLayout(path)
         if enabled:
             check_output_dir(path)
 
     @property
     def model_path(self) -> Path:
-        return self.path / MODEL_FILE
+        return self.layout.model
 
     @property
     def summary_path(self) -> Path:
-        return self.path / SUMMARY_FILE
+        return self.layout.summary
 
     def holds_records(self) -> bool:
         """Whether a run already wrote epoch records here."""
-        return (self.path / METRICS_FILE).exists()
+        return self.layout.metrics.exists()
 
     def finished_summary(self) -> dict[str, Any] | None:
         """The summary of the finished run this directory holds, or None if it holds none."""
         try:
-            status = json.loads((self.path / STATUS_FILE).read_text())
-            summary = json.loads((self.path / SUMMARY_FILE).read_text())
+            status = json.loads(self.layout.status.read_text())
+            summary = json.loads(self.layout.summary.read_text())
         except (OSError, ValueError):
             return None
         finished = isinstance(status, dict) and status.get("state") == "finished"
         return summary if finished and isinstance(summary, dict) else None
 
-    def restore_records(self, history: list[dict[str, Any]], global_step: int) -> None:
+    def restore_records(
+        self, history: list[EpochRecord] | list[dict[str, Any]], global_step: int
+    ) -> None:
         """Rewind the records to a checkpoint: its epoch history, and the step records up to
         its global step (a resumed run repeats the steps after it)."""
         if not self.enabled:
             return
-        self._write_atomic(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
-        steps = self.path / STEPS_FILE
+        self._write_atomic(METRICS_FILE, "".join(_json_line(r) for r in history))
+        steps = self.layout.steps
         if steps.exists():
             kept = [
                 line + "\n"
@@ -123,28 +138,41 @@ class RunDir:
             text = yaml.safe_dump({**config, "provenance": provenance}, sort_keys=False)
             self._write_atomic(CONFIG_FILE, text)
 
-    def append_epoch(self, record: dict[str, Any]) -> None:
+    def append_epoch(self, record: EpochRecord | dict[str, Any]) -> None:
         self._append(METRICS_FILE, record)
 
-    def append_step(self, record: dict[str, Any]) -> None:
+    def append_step(self, record: StepRecord | dict[str, Any]) -> None:
         self._append(STEPS_FILE, record)
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
+    def write_summary(self, summary: Summary | dict[str, Any]) -> None:
         if self.enabled:
-            self._write_atomic(SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+            self._write_atomic(SUMMARY_FILE, json.dumps(_plain(summary), indent=2) + "\n")
 
-    def _append(self, name: str, record: dict[str, Any]) -> None:
+    def _append(self, name: str, record: AnyRecord) -> None:
         if self.enabled:
             try:
                 with open(self.path / name, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(_json_line(record))
             except OSError as e:
                 raise WriteError(f"cannot write {self.path / name}: {e.strerror or e}") from None
 
     def _write_atomic(self, name: str, text: str) -> None:
-        partial = self.path / f".{name}.partial"
+        """Replace ``name`` with ``text`` in one rename: a failed write leaves the old file
+        as it was, and no partial file behind."""
+        final = self.path / name
+        partial = partial_file(final)
         try:
             partial.write_text(text)
-            os.replace(partial, self.path / name)
+            os.replace(partial, final)
         except OSError as e:
-            raise WriteError(f"cannot write {self.path / name}: {e.strerror or e}") from None
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)  # may hold the last free bytes of a full disk
+            raise WriteError(f"cannot write {final}: {e.strerror or e}") from None
+
+
+def _plain(record: AnyRecord) -> dict[str, Any]:
+    return record if isinstance(record, dict) else record.to_dict()
+
+
+def _json_line(record: AnyRecord) -> str:
+    return json.dumps(_plain(record)) + "\n"

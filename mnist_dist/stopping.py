@@ -1,7 +1,7 @@
 """Stopping a run at a step boundary: signals, a stop file, and every rank agreeing on when.
 
-A stop request (SIGTERM, SIGINT, SIGUSR1, or a file named ``STOP`` in the run directory) only
-sets a flag; the training loop asks ``StopControl`` at each step boundary whether to stop, and
+A stop request (SIGTERM, SIGINT, SIGUSR1, or the run directory's stop file, ``layout.STOP_FILE``)
+only sets a flag; the training loop asks ``StopControl`` at each step boundary whether to stop, and
 all ranks get the same answer at the same step, so they save one consistent checkpoint.
 """
 
@@ -20,7 +20,6 @@ from accelerate import Accelerator
 
 from mnist_dist.errors import Stopped
 
-STOP_FILE = "STOP"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 

@@ -19,9 +19,9 @@ from accelerate import Accelerator
 from mnist_dist.config import TrackingConfig
 from mnist_dist.console import RunConsole
 from mnist_dist.evaluate import EvalResult
+from mnist_dist.layout import RunLayout
 from mnist_dist.rundir import RunDir, check_writable
 
-WANDB_RUN_ID_FILE = "wandb-run-id.txt"  # in the run directory: a requeued job continues the run
 MAX_TABLE_ROWS = 100  # misclassified test images sent to W&B at the end of a run
 
 
@@ -304,13 +304,13 @@ def _new_run_id() -> str:
 
 def _read_run_id(run_dir: Path) -> str | None:
     try:
-        return (run_dir / WANDB_RUN_ID_FILE).read_text().strip() or None
+        return RunLayout(run_dir).wandb_run_id.read_text().strip() or None
     except OSError:
         return None
 
 
 def _write_run_id(run_dir: Path, run_id: str) -> None:
-    (run_dir / WANDB_RUN_ID_FILE).write_text(run_id + "\n")
+    RunLayout(run_dir).wandb_run_id.write_text(run_id + "\n")
 
 
 def make_tracker(

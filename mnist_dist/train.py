@@ -34,7 +34,7 @@ from mnist_dist.loop import EpochFigures, Loop
 from mnist_dist.model import MnistCNN
 from mnist_dist.provenance import provenance
 from mnist_dist.rundir import RunDir, read_config, resolve_run_dir
-from mnist_dist.stopping import STOP_FILE, StopControl
+from mnist_dist.stopping import StopControl
 from mnist_dist.tracking import MAX_TABLE_ROWS, RunOutputs, Tracker, make_tracker, wants_wandb
 from mnist_dist.weights import export_model
 
@@ -171,7 +171,7 @@ def build(
         figures=EpochFigures(accelerator, stats, sharding),
         test_data=eval_batches(config.data, world, rank, device),
         checkpointer=checkpointer,
-        stop=StopControl(accelerator, run_dir.path / STOP_FILE),
+        stop=StopControl(accelerator, run_dir.layout.stop),
         outputs=RunOutputs(run_dir, tracker, console),
         log_every=tc.log_every,
     )

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_dist.layout import STEPS_FILE, SUMMARY_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 ACCELERATE_CONFIGS = ROOT / "accelerate_configs"
@@ -182,7 +184,7 @@ def wait_for_step(run_dir: Path, global_step: int, started: Started, timeout: fl
     """Wait until ``steps.jsonl`` in ``run_dir`` records ``global_step`` (or later)."""
     import time
 
-    steps = run_dir / "steps.jsonl"
+    steps = run_dir / STEPS_FILE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if steps.exists():
@@ -228,7 +230,7 @@ def read_plan(path: Path) -> dict[str, str]:
 
 
 def read_summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+    return json.loads((run_dir / SUMMARY_FILE).read_text())
 
 
 def run_cli_in_terminal(*args: str, timeout: float = 300) -> tuple[int, str]:

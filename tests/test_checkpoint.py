@@ -27,6 +27,18 @@ from helpers import (
 from safetensors.torch import load_file
 
 from mnist_dist.errors import EXIT_DIVERGED, EXIT_STOPPED, EXIT_USAGE, EXIT_WRITE_FAILED
+from mnist_dist.layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    STATUS_FILE,
+    STEPS_FILE,
+    STOP_FILE,
+    SUMMARY_FILE,
+)
 
 STEPS_PER_EPOCH = 16
 
@@ -56,7 +68,7 @@ def uninterrupted(data, tmp_path_factory) -> dict[str, Path]:
         run_dir = tmp_path_factory.mktemp(f"uninterrupted-{name}") / "run"
         result = train(data, run_dir, launched=launched)
         assert result.returncode == 0, result.stderr[-3000:]
-        out[name] = run_dir / "model.safetensors"
+        out[name] = run_dir / MODEL_FILE
     return out
 
 
@@ -65,15 +77,15 @@ def weights(path: Path) -> dict:
 
 
 def checkpoints(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    return sorted(p.name for p in (run_dir / CHECKPOINTS_DIR).iterdir())
 
 
 def trainer_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "trainer_state.json").read_text())
+    return json.loads((checkpoint / STATE_FILE).read_text())
 
 
 def status(run_dir: Path) -> dict:
-    return json.loads((run_dir / "status.json").read_text())
+    return json.loads((run_dir / STATUS_FILE).read_text())
 
 
 @pytest.mark.multiprocess
@@ -93,7 +105,7 @@ def test_stop_mid_epoch_then_resume_gives_bit_identical_weights(
     )  # fmt: skip
     wait_for_step(out, STEPS_PER_EPOCH + 4, started)
     if how == "stop file":
-        (out / "STOP").write_text("")
+        (out / STOP_FILE).write_text("")
     else:  # to the launcher itself under accelerate launch, as a scheduler would
         started.proc.send_signal(getattr(signal, how))
     stopped = started.wait(timeout=120)
@@ -103,22 +115,22 @@ def test_stop_mid_epoch_then_resume_gives_bit_identical_weights(
         assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
     [line] = [x for x in stopped.stderr.splitlines() if x.startswith("mnist-dist: stopped:")]
     assert {"SIGTERM": "signal SIGTERM", "SIGUSR1": "signal SIGUSR1"}.get(how, how) in line
-    newest = out / "checkpoints" / checkpoints(out)[-1]
+    newest = out / CHECKPOINTS_DIR / checkpoints(out)[-1]
     state = trainer_state(newest)
     assert state["epoch"] == 2 and 0 < state["step"] < STEPS_PER_EPOCH  # mid-epoch
     assert state["global_step"] == STEPS_PER_EPOCH + state["step"]
     assert state["world_size"] == (2 if launched else 1)
-    assert not (out / "STOP").exists()  # consumed: the resumed run must not stop at once
+    assert not (out / STOP_FILE).exists()  # consumed: the resumed run must not stop at once
 
     resumed = train(data, out, launched=launched)  # the same command: --resume auto
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {newest}: epoch 2, step {state['step']}" in resumed.stdout
-    assert_bit_identical(out / "model.safetensors", uninterrupted[launcher])
+    assert_bit_identical(out / MODEL_FILE, uninterrupted[launcher])
     summary = read_summary(out)
     assert (summary["epochs_completed"], summary["global_step"]) == (2, 2 * STEPS_PER_EPOCH)
     assert summary["world_size"] == (2 if launched else 1)
-    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
-    steps = [r["global_step"] for r in read_jsonl(out / "steps.jsonl")]
+    assert [r["epoch"] for r in read_jsonl(out / METRICS_FILE)] == [1, 2]
+    steps = [r["global_step"] for r in read_jsonl(out / STEPS_FILE)]
     assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # no step twice, none missing
     assert status(out)["state"] == "finished"
 
@@ -139,7 +151,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(
     resumed = train(data, out, "--checkpoint-every", "5")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "epoch-001-step-000010" in resumed.stdout
-    assert_bit_identical(out / "model.safetensors", uninterrupted["1proc"])
+    assert_bit_identical(out / MODEL_FILE, uninterrupted["1proc"])
     assert not [name for name in checkpoints(out) if name.startswith(".partial")]
 
 
@@ -162,7 +174,7 @@ def test_epoch_checkpoint_resumes_on_another_world_size(first, then, data, unint
     # floor is measured: what separates the uninterrupted 1- and 2-process runs themselves.
     reference, other = weights(uninterrupted[then]), weights(uninterrupted[first])
     noise = max((reference[key] - other[key]).abs().max().item() for key in reference)
-    for key, tensor in weights(out / "model.safetensors").items():
+    for key, tensor in weights(out / MODEL_FILE).items():
         assert (tensor - reference[key]).abs().max() <= max(2 * noise, 1e-4), (key, noise)
     reference_summary = read_summary(uninterrupted[then].parent)
     assert abs(summary["test_accuracy"] - reference_summary["test_accuracy"]) <= 2 / 128
@@ -174,7 +186,7 @@ def test_keep_checkpoints_keeps_exactly_the_newest_complete_ones(data, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert checkpoints(out) == ["epoch-002-step-000014", "epoch-003-step-000000"]
     for name in checkpoints(out):
-        assert (out / "checkpoints" / name / "COMPLETE").exists()
+        assert (out / CHECKPOINTS_DIR / name / MANIFEST_FILE).exists()
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint_newest(data, uninterrupted, tmp_path):
@@ -191,13 +203,13 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_newest(data, uninterrupted
     resumed = train(data, out, "--checkpoint-every", "5")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "epoch 2, step 4" in resumed.stdout
-    assert_bit_identical(out / "model.safetensors", uninterrupted["1proc"])
+    assert_bit_identical(out / MODEL_FILE, uninterrupted["1proc"])
 
 
 def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(data, tmp_path):
     out = tmp_path / "run"
     assert train(data, out, "--checkpoint-every", "5", epochs=1).returncode == 0
-    newest = out / "checkpoints" / "epoch-002-step-000000"
+    newest = out / CHECKPOINTS_DIR / "epoch-002-step-000000"
     optimizer = newest / "optimizer.bin"
     optimizer.write_bytes(optimizer.read_bytes()[:1000])  # truncated
 
@@ -249,7 +261,7 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_state(data, 
 def test_unwritable_checkpoint_folder_is_one_line(data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "checkpoints").write_text("")  # not a folder: nothing can be written under it
+    (out / CHECKPOINTS_DIR).write_text("")  # not a folder: nothing can be written under it
     result = train(data, out)
     assert result.returncode == EXIT_WRITE_FAILED
     [line] = result.error_lines()
@@ -259,17 +271,17 @@ def test_unwritable_checkpoint_folder_is_one_line(data, tmp_path):
 def test_resume_never_refuses_a_directory_holding_a_run(data, tmp_path):
     out = tmp_path / "run"
     assert train(data, out, epochs=1).returncode == 0
-    before = (out / "metrics.jsonl").read_text()
+    before = (out / METRICS_FILE).read_text()
     result = train(data, out, "--resume", "never")
     assert result.returncode == EXIT_USAGE
     assert "already holds a run" in result.error_lines()[0]
-    assert (out / "metrics.jsonl").read_text() == before
+    assert (out / METRICS_FILE).read_text() == before
 
 
 def test_mid_epoch_checkpoint_refuses_another_batch_size(data, tmp_path):
     out = tmp_path / "run"
     assert train(data, out, "--checkpoint-every", "5", epochs=1).returncode == 0
-    mid = out / "checkpoints" / "epoch-001-step-000015"
+    mid = out / CHECKPOINTS_DIR / "epoch-001-step-000015"
     result = run_cli(
         "train", "--data-dir", str(data), "--output-dir", str(tmp_path / "b"),
         "--batch-size", "64", "--resume", str(mid),
@@ -302,8 +314,8 @@ def test_full_disk_is_one_line_and_the_previous_checkpoint_resumes(data, small_d
     assert failed.returncode == EXIT_WRITE_FAILED, failed.stderr[-3000:]
     [line] = failed.error_lines()
     assert "cannot write checkpoint" in line and "No space left on device" in line
-    first = out / "checkpoints" / "epoch-001-step-000005"
-    assert (first / "COMPLETE").exists()
+    first = out / CHECKPOINTS_DIR / "epoch-001-step-000005"
+    assert (first / MANIFEST_FILE).exists()
 
     resumed = train(data, tmp_path / "elsewhere", "--resume", str(first), epochs=1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -313,7 +325,7 @@ def test_full_disk_is_one_line_and_the_previous_checkpoint_resumes(data, small_d
 def test_evaluate_reads_a_checkpoint_folder_and_names_a_truncated_one(data, tmp_path):
     out = tmp_path / "run"
     assert train(data, out, epochs=1).returncode == 0
-    folder = out / "checkpoints" / "epoch-002-step-000000"
+    folder = out / CHECKPOINTS_DIR / "epoch-002-step-000000"
     ok = run_cli("evaluate", "--weights", str(folder), "--data-dir", str(data), "--json")
     assert ok.returncode == 0, ok.stderr[-3000:]
     [report] = ok.json_lines()
@@ -337,7 +349,7 @@ def test_full_disk_at_the_final_export_is_one_line(data, small_disk):
     assert f"cannot write {out / 'model.safetensors'}: No space left on device" in line
     assert len(failed.stderr.strip().splitlines()) == 1
     assert status(out)["state"] == "failed"
-    assert (out / "checkpoints" / "epoch-002-step-000000" / "COMPLETE").exists()
+    assert (out / CHECKPOINTS_DIR / "epoch-002-step-000000" / MANIFEST_FILE).exists()
 
 
 def tree_hashes(run_dir: Path) -> dict[str, str]:
@@ -350,7 +362,7 @@ def tree_hashes(run_dir: Path) -> dict[str, str]:
 
 
 def provenance(run_dir: Path) -> dict:
-    return yaml.safe_load((run_dir / "config.yaml").read_text())["provenance"]
+    return yaml.safe_load((run_dir / CONFIG_FILE).read_text())["provenance"]
 
 
 def test_a_finished_run_stays_as_it_finished_and_more_epochs_continue_it(data, tmp_path):
@@ -391,9 +403,9 @@ def test_a_finished_run_stays_as_it_finished_and_more_epochs_continue_it(data, t
     assert f"note: {out} finished 2 epoch(s); training on to 3" in more.stdout
     uninterrupted = tmp_path / "uninterrupted"
     assert train(data, uninterrupted, *milestone, epochs=3).returncode == 0
-    assert_bit_identical(out / "model.safetensors", uninterrupted / "model.safetensors")
-    assert [r["lr"] for r in read_jsonl(out / "metrics.jsonl")] == pytest.approx([1e-3, 1e-3, 1e-5])
-    steps = [r["global_step"] for r in read_jsonl(out / "steps.jsonl")]
+    assert_bit_identical(out / MODEL_FILE, uninterrupted / MODEL_FILE)
+    assert [r["lr"] for r in read_jsonl(out / METRICS_FILE)] == pytest.approx([1e-3, 1e-3, 1e-5])
+    steps = [r["global_step"] for r in read_jsonl(out / STEPS_FILE)]
     assert steps == [*range(1, 33), 36, 40, 44, 48]
     # The run's start is the first one; its wall time adds this process's to the first's.
     summary = read_summary(out)
@@ -408,8 +420,8 @@ def test_a_finished_run_stays_as_it_finished_and_more_epochs_continue_it(data, t
 
     # A run killed after its last checkpoint and before its summary: fewer epochs than it has
     # trained are refused; its own count finishes it without training.
-    (out / "summary.json").unlink()
-    (out / "status.json").write_text('{"state": "running"}')
+    (out / SUMMARY_FILE).unlink()
+    (out / STATUS_FILE).write_text('{"state": "running"}')
     fewer = train(data, out, *milestone, epochs=2)
     assert fewer.returncode == EXIT_USAGE
     assert "has trained past --epochs 2" in fewer.stderr and "--epochs 3 or more" in fewer.stderr
@@ -420,7 +432,7 @@ def test_a_finished_run_stays_as_it_finished_and_more_epochs_continue_it(data, t
 def test_a_branch_may_change_settings_and_records_where_it_came_from(data, tmp_path):
     first = tmp_path / "a"
     assert train(data, first, "--checkpoint-every", "8", epochs=1).returncode == 0
-    origin = first / "checkpoints" / "epoch-002-step-000000"
+    origin = first / CHECKPOINTS_DIR / "epoch-002-step-000000"
     branch = tmp_path / "b"
     args = ("--resume", str(origin), "--lr", "0.01", "--lr-milestones", "2")
     result = train(data, branch, *args)
@@ -430,7 +442,7 @@ def test_a_branch_may_change_settings_and_records_where_it_came_from(data, tmp_p
         "run has --lr 0.01 --lr-milestones 2"
     ]
     # The branch trains with its own LR (the restored optimizer held the first run's).
-    assert [r["lr"] for r in read_jsonl(branch / "metrics.jsonl")] == pytest.approx([1e-3, 1e-2])
+    assert [r["lr"] for r in read_jsonl(branch / METRICS_FILE)] == pytest.approx([1e-3, 1e-2])
     assert provenance(branch)["branched_from"] == provenance(branch)["resumed_from"] == str(origin)
     assert provenance(branch)["started_at"] > provenance(first)["started_at"]  # a run of its own
     assert provenance(first)["branched_from"] is None
@@ -439,14 +451,12 @@ def test_a_branch_may_change_settings_and_records_where_it_came_from(data, tmp_p
     again = train(data, branch, *args, epochs=3)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {branch / 'checkpoints' / 'epoch-003-step-000000'}" in again.stdout
-    assert [r["lr"] for r in read_jsonl(branch / "metrics.jsonl")] == pytest.approx(
-        [1e-3, 1e-2, 1e-4]
-    )
-    assert trainer_state(branch / "checkpoints" / "epoch-004-step-000000")["branched_from"] == (
+    assert [r["lr"] for r in read_jsonl(branch / METRICS_FILE)] == pytest.approx([1e-3, 1e-2, 1e-4])
+    assert trainer_state(branch / CHECKPOINTS_DIR / "epoch-004-step-000000")["branched_from"] == (
         str(origin)
     )
     # Another checkpoint into the same folder would mix two runs' records.
-    mixed = train(data, branch, "--resume", str(first / "checkpoints" / "epoch-001-step-000008"))
+    mixed = train(data, branch, "--resume", str(first / CHECKPOINTS_DIR / "epoch-001-step-000008"))
     assert mixed.returncode == EXIT_USAGE
     assert f"{branch} already holds a run; continue it with --resume auto" in mixed.stderr
 
@@ -456,18 +466,18 @@ def test_a_checkpoint_without_stored_settings_is_checked_against_config_yaml(dat
     assert train(data, out, epochs=1).returncode == 0
     started_at = provenance(out)["started_at"]
     # Rewrite the checkpoint as versions before the settings were stored wrote it.
-    checkpoint = out / "checkpoints" / "epoch-002-step-000000"
+    checkpoint = out / CHECKPOINTS_DIR / "epoch-002-step-000000"
     state = trainer_state(checkpoint)
     for added in ("config", "started_at", "branched_from", "run_wall_seconds"):
         del state[added]
-    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
-    manifest = json.loads((checkpoint / "COMPLETE").read_text())
-    data_bytes = (checkpoint / "trainer_state.json").read_bytes()
-    manifest["trainer_state.json"] = {
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+    manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
+    data_bytes = (checkpoint / STATE_FILE).read_bytes()
+    manifest[STATE_FILE] = {
         "bytes": len(data_bytes),
         "sha256": hashlib.sha256(data_bytes).hexdigest(),
     }
-    (checkpoint / "COMPLETE").write_text(json.dumps(manifest))
+    (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest))
 
     refused = train(data, out, "--seed", "1", epochs=2)
     assert refused.returncode == EXIT_USAGE

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from mnist_dist.cli import build_parser
 from mnist_dist.config import SECTIONS
 from mnist_dist.data import load_split
+from mnist_dist.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE
 from mnist_dist.weights import load_model
 
 
@@ -111,10 +112,10 @@ def test_train_on_tiny_data_writes_a_complete_run_directory(tiny_mnist, tmp_path
     assert summary["run_wall_seconds"] == summary["segment_wall_seconds"]  # one process ran it
     assert result.stdout.startswith("mnist-dist: single process, device cpu, mixed precision no,")
     assert summary["global_step"] == 2 * 8 and summary["test_total"] == 128
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert metrics[-1]["test_accuracy"] == summary["test_accuracy"]
-    config = (out / "config.yaml").read_text()
+    config = (out / CONFIG_FILE).read_text()
     for key in ("torch:", "accelerate:", "git_commit:", "world_size: 1", "devices:"):
         assert key in config
     # The plain (non-terminal) console: one line per epoch, no progress bars.
@@ -126,7 +127,7 @@ def test_train_on_tiny_data_writes_a_complete_run_directory(tiny_mnist, tmp_path
     evaluated = run_cli(
         "evaluate",
         "--weights",
-        str(out / "model.safetensors"),
+        str(out / MODEL_FILE),
         "--data-dir",
         str(tiny_mnist),
         "--json",
@@ -205,10 +206,10 @@ def test_truncated_idx_file_is_one_line(tiny_mnist, tmp_path):
 def test_output_dir_holding_a_run_is_never_overwritten(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (out / METRICS_FILE).write_text('{"epoch": 1}\n')
     result = run_cli("train", "--data-dir", str(tiny_mnist), "--output-dir", str(out))
     assert_usage_error(result, "already holds a run")
-    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+    assert (out / METRICS_FILE).read_text() == '{"epoch": 1}\n'
 
 
 def test_unwritable_output_dir_is_one_line(tiny_mnist, tmp_path):

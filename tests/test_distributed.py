@@ -3,6 +3,8 @@
 import pytest
 from helpers import launch_cli, read_jsonl, read_summary, run_cli
 
+from mnist_dist.layout import CONFIG_FILE, METRICS_FILE, STEPS_FILE
+
 
 def step_losses_on_one_and_two_processes(data_dir, tmp_path, *args: str):
     """Train the same settings plainly and on 2 ranks; return both step-loss series."""
@@ -12,7 +14,7 @@ def step_losses_on_one_and_two_processes(data_dir, tmp_path, *args: str):
         assert result.returncode == 0, result.stderr[-3000:]
     assert read_summary(tmp_path / "two")["world_size"] == 2
     return [
-        [s["train_loss"] for s in read_jsonl(tmp_path / name / "steps.jsonl")]
+        [s["train_loss"] for s in read_jsonl(tmp_path / name / STEPS_FILE)]
         for name in ("one", "two")
     ]
 
@@ -57,8 +59,7 @@ def test_one_and_two_processes_agree_step_by_step(mnist_dir, tmp_path):
     assert b[:30] == pytest.approx(a[:30], rel=1e-6)
     assert b[:50] == pytest.approx(a[:50], rel=1e-5)
     epoch_means = [
-        [m["train_loss"] for m in read_jsonl(tmp_path / d / "metrics.jsonl")]
-        for d in ("one", "two")
+        [m["train_loss"] for m in read_jsonl(tmp_path / d / METRICS_FILE)] for d in ("one", "two")
     ]
     assert epoch_means[1] == pytest.approx(epoch_means[0], rel=1e-3)
     acc = [read_summary(tmp_path / d)["test_correct"] for d in ("one", "two")]
@@ -88,7 +89,7 @@ def test_a_launch_that_forms_one_process_instead_of_two_is_refused(tiny_mnist, t
     assert result.returncode != 0
     ours = result.error_lines()
     assert len(ours) == 1 and "asked for several processes but started one" in ours[0]
-    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+    assert not (tmp_path / "o" / METRICS_FILE).exists()
 
 
 @pytest.mark.multiprocess
@@ -98,7 +99,7 @@ def test_two_ranks_log_once(tiny_mnist, tmp_path):
     assert "mnist-dist: 2 processes (DDP, gloo), device cpu" in result.stdout  # cpu:0 per rank
     epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]  # main process only
-    config = (tmp_path / "o" / "config.yaml").read_text()
+    config = (tmp_path / "o" / CONFIG_FILE).read_text()
     assert "world_size: 2" in config and "rank 1 on" in config
 
 

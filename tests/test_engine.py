@@ -13,6 +13,7 @@ from helpers import assert_bit_identical, read_summary, run_cli
 from mnist_dist.data import Sharding, TensorTrainData
 from mnist_dist.determinism import CUBLAS_WORKSPACE_ENV, set_determinism
 from mnist_dist.engine import CapturedStep, EagerStep, EpochStats, masked_forward_backward
+from mnist_dist.layout import CONFIG_FILE, MODEL_FILE
 from mnist_dist.model import MnistCNN
 
 
@@ -155,12 +156,12 @@ def test_auto_trains_eagerly_on_the_cpu_and_records_the_engine_and_determinism(
     assert "step engine: eager (no CUDA device); deterministic algorithms on" in result.stdout
     summary = read_summary(out)
     assert summary["step_engine"] == "eager" and summary["deterministic"] is True
-    config = (out / "config.yaml").read_text()
+    config = (out / CONFIG_FILE).read_text()
     assert "deterministic: true" in config and "step_engine: eager" in config
 
     out, result = _train(tmp_path, tiny_mnist, "nondet", "--no-deterministic")
     assert read_summary(out)["deterministic"] is False
-    assert "deterministic: false" in (out / "config.yaml").read_text()
+    assert "deterministic: false" in (out / CONFIG_FILE).read_text()
     assert "deterministic algorithms off" in result.stdout
 
 
@@ -179,7 +180,7 @@ def test_a_failed_capture_is_one_warning_then_eager_steps_that_match_cuda_graph_
     assert warnings[0].endswith("); training with eager steps")
     assert read_summary(forced)["step_engine"] == "eager"
     off, _ = _train(tmp_path, tiny_mnist, "off", "--cuda-graph", "off", *precision_flags)
-    assert_bit_identical(forced / "model.safetensors", off / "model.safetensors")
+    assert_bit_identical(forced / MODEL_FILE, off / MODEL_FILE)
 
 
 def test_cuda_graph_on_with_the_torchvision_loader_says_why_it_stays_eager(tmp_path, tiny_mnist):

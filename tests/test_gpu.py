@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import assert_bit_identical, gpu_env, read_jsonl, read_summary, run_cli
 
+from mnist_dist.layout import CHECKPOINTS_DIR, METRICS_FILE, MODEL_FILE, STEPS_FILE
+
 pytestmark = pytest.mark.gpu
 
 # Two epochs of 16,000 images (250 steps each): long enough for a non-deterministic kernel to
@@ -36,11 +38,11 @@ def trained(data: Path, out: Path, *args: str) -> dict:
 
 
 def step_losses(run_dir: Path) -> list[float]:
-    return [r["train_loss"] for r in read_jsonl(run_dir / "steps.jsonl")]
+    return [r["train_loss"] for r in read_jsonl(run_dir / STEPS_FILE)]
 
 
 def epoch_losses(run_dir: Path) -> list[float]:
-    return [r["train_loss"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    return [r["train_loss"] for r in read_jsonl(run_dir / METRICS_FILE)]
 
 
 def test_captured_step_masks_the_short_last_batch_like_the_eager_step(mnist_dir, tmp_path):
@@ -86,7 +88,7 @@ def first_run(mnist_dir, tmp_path_factory) -> Path:
 
 def test_the_same_run_twice_gives_bit_identical_weights(mnist_dir, first_run, tmp_path):
     trained(mnist_dir, tmp_path / "rerun", *REPRO)
-    assert_bit_identical(tmp_path / "rerun" / "model.safetensors", first_run / "model.safetensors")
+    assert_bit_identical(tmp_path / "rerun" / MODEL_FILE, first_run / MODEL_FILE)
 
 
 def test_a_mid_epoch_resume_gives_bit_identical_weights(mnist_dir, first_run, tmp_path):
@@ -94,7 +96,7 @@ def test_a_mid_epoch_resume_gives_bit_identical_weights(mnist_dir, first_run, tm
     # checkpoint (its restored optimizer captured anew) ends where the uninterrupted run did.
     checkpointed = tmp_path / "checkpointed"
     trained(mnist_dir, checkpointed, *REPRO, *CHECKPOINTED)
-    checkpoint = checkpointed / "checkpoints" / MID_EPOCH
+    checkpoint = checkpointed / CHECKPOINTS_DIR / MID_EPOCH
     assert checkpoint.is_dir(), sorted(p.name for p in checkpoint.parent.iterdir())
     resumed = tmp_path / "resumed"
     result = train(mnist_dir, resumed, *REPRO, *CHECKPOINTED, "--resume", str(checkpoint))
@@ -103,7 +105,7 @@ def test_a_mid_epoch_resume_gives_bit_identical_weights(mnist_dir, first_run, tm
     assert f"resumed from {checkpoint}" in result.stdout and "epoch 2, step 50" in result.stdout
     assert read_summary(resumed)["step_engine"] == "cuda-graph"
     for run in (checkpointed, resumed):
-        assert_bit_identical(run / "model.safetensors", first_run / "model.safetensors")
+        assert_bit_identical(run / MODEL_FILE, first_run / MODEL_FILE)
 
 
 def test_fp16_trains_with_its_grad_scaler_and_names_its_engine(mnist_dir, tmp_path):

@@ -13,6 +13,7 @@ from helpers import (
 )
 
 from mnist_dist.errors import EXIT_STOPPED
+from mnist_dist.layout import METRICS_FILE, STEPS_FILE
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_one_run_prints_every_epoch_from_metrics_jsonl(two_runs):
         "epoch", "lr", "train", "loss", "train", "acc", "test", "loss", "test", "acc",
         "seconds", "images/s",
     ]  # fmt: skip
-    metrics = read_jsonl(run / "metrics.jsonl")
+    metrics = read_jsonl(run / METRICS_FILE)
     for record, line in zip(metrics, lines[1:4], strict=True):
         cells = line.split()
         assert cells[0] == str(record["epoch"])
@@ -60,7 +61,7 @@ def test_several_runs_side_by_side(two_runs):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["slow", "fast"]
-    slow, fast = (read_jsonl(run / "metrics.jsonl") for run in two_runs)
+    slow, fast = (read_jsonl(run / METRICS_FILE) for run in two_runs)
     epoch3 = lines[4].split()  # the shorter run has no third epoch
     assert epoch3[:5] == ["3", "-", "-", "-", "-"]
     assert epoch3[-1] == f"{fast[2]['test_accuracy']:.2%}"
@@ -93,9 +94,9 @@ def test_bad_run_directory_is_one_line(problem, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     if problem == "empty":
-        (run / "metrics.jsonl").write_text("")
+        (run / METRICS_FILE).write_text("")
     elif problem == "not-json":
-        (run / "metrics.jsonl").write_text("epoch 1\n{}\n")
+        (run / METRICS_FILE).write_text("epoch 1\n{}\n")
     result = run_cli("report", str(run))
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
@@ -122,10 +123,10 @@ def test_a_run_inside_its_first_epoch_shows_what_is_known(tmp_path):
     assert running.returncode == 0, running.stderr
     assert "run: running in epoch 1, no epoch finished yet; at global step" in running.stdout
 
-    assert not (out / "metrics.jsonl").exists()
+    assert not (out / METRICS_FILE).exists()
     stopped = run_cli("report", str(out))
     assert stopped.returncode == 0, stopped.stderr
-    steps = read_jsonl(out / "steps.jsonl")
+    steps = read_jsonl(out / STEPS_FILE)
     last = steps[-1]
     lines = stopped.stdout.splitlines()
     assert lines[0].split() == ["global", "step", "epoch", "lr", "train", "loss", "images/s"]
@@ -138,5 +139,5 @@ def test_a_run_inside_its_first_epoch_shows_what_is_known(tmp_path):
     ) in lines
     assert f"  signal SIGTERM: stopped at epoch 1, step {last['global_step']} " in stopped.stdout
     # Resumed from a checkpoint inside epoch 1, a run rewinds metrics.jsonl to no records.
-    (out / "metrics.jsonl").write_text("")
+    (out / METRICS_FILE).write_text("")
     assert run_cli("report", str(out)).stdout == stopped.stdout

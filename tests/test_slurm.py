@@ -32,12 +32,31 @@ from helpers import (
     run_cli,
 )
 
+from mnist_dist.layout import (
+    METRICS_FILE,
+    MODEL_FILE,
+    STATES,
+    STATUS_FILE,
+    STEPS_FILE,
+    STOP_FILE,
+    SUMMARY_FILE,
+    RunLayout,
+)
+
 SBATCH = ROOT / "slurm" / "train.sbatch"
 LAUNCH_NODE = ROOT / "slurm" / "launch-node.sh"
 CLUSTER = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
 CPU_JOB = ("--gpus-per-node=0", "--cpus-per-task=2")
+# The RunLayout properties that name a file or folder directly in the run directory.
+RUN_DIR_FILES = (
+    "config", "metrics", "steps", "summary", "model", "status", "stop", "wandb_run_id", "wandb",
+    "checkpoints",
+)  # fmt: skip
 
-pytestmark = [pytest.mark.slurm, pytest.mark.dataset]
+
+def needs_cluster(test):
+    """A test that submits jobs to the local SLURM cluster and trains on the real MNIST."""
+    return pytest.mark.slurm(pytest.mark.dataset(test))
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +153,7 @@ def launch_words(log: str) -> list[str]:
     return shlex.split(launch.split(": ", 1)[1])
 
 
+@needs_cluster
 def test_the_first_submission_works_from_a_folder_without_a_logs_folder(
     cluster, tiny_mnist, tmp_path
 ):
@@ -157,6 +177,7 @@ def test_the_first_submission_works_from_a_folder_without_a_logs_folder(
     assert read_summary(run_dir)["epochs_completed"] == 1
 
 
+@needs_cluster
 def test_the_gpu_default_on_a_cluster_without_gpus_is_refused_as_the_readme_says(cluster, tmp_path):
     # SLURM refuses the job before the script can say anything, so the README must.
     env = job_env(cluster, tmp_path)
@@ -175,6 +196,7 @@ def test_the_gpu_default_on_a_cluster_without_gpus_is_refused_as_the_readme_says
     assert "mkdir" not in opening
 
 
+@needs_cluster
 def test_sbatch_trains_two_ranks_on_real_mnist_and_logs_the_launch(cluster, mnist_dir, tmp_path):
     env = job_env(cluster, tmp_path, MNIST_DIST_PROCS_PER_NODE="2")
     run_dir = tmp_path / "run"
@@ -226,7 +248,7 @@ def preemptible_args(data_dir: Path, run_dir: Path) -> list[str]:
 
 def wait_for_steps(run_dir: Path, env: dict[str, str], job: str, steps: int) -> None:
     deadline = time.monotonic() + 300
-    path = run_dir / "steps.jsonl"
+    path = run_dir / STEPS_FILE
     while time.monotonic() < deadline:
         if path.exists() and len(path.read_text().splitlines()) >= steps:
             return
@@ -247,6 +269,7 @@ def release_requeued(env: dict[str, str], job: str) -> dict[str, str]:
     return info
 
 
+@needs_cluster
 def test_usr1_before_the_time_limit_requeues_and_the_job_resumes_bit_identical(
     cluster, mnist_dir, tmp_path
 ):
@@ -274,17 +297,16 @@ def test_usr1_before_the_time_limit_requeues_and_the_job_resumes_bit_identical(
     assert f"job {job}, attempt 2" in out
 
     # One run: every step recorded once, the final weights those of an uninterrupted run.
-    assert [r["global_step"] for r in read_jsonl(run_dir / "steps.jsonl")] == list(range(1, 129))
+    assert [r["global_step"] for r in read_jsonl(run_dir / STEPS_FILE)] == list(range(1, 129))
     assert read_summary(run_dir)["world_size"] == 2
-    assert_bit_identical(
-        run_dir / "model.safetensors", tmp_path / "reference" / "model.safetensors"
-    )
+    assert_bit_identical(run_dir / MODEL_FILE, tmp_path / "reference" / MODEL_FILE)
     # Both attempts wrote into the same W&B run.
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 2
     assert len({p.name.rsplit("-", 1)[1] for p in offline}) == 1
 
 
+@needs_cluster
 def test_requeues_are_capped_and_a_failed_run_is_not_requeued(cluster, mnist_dir, tmp_path):
     # The cap: a second warning signal once the allowed requeues are used up.
     env = job_env(
@@ -302,7 +324,7 @@ def test_requeues_are_capped_and_a_failed_run_is_not_requeued(cluster, mnist_dir
     assert info["JobState"] == "FAILED", out + err
     assert info["Restarts"] == "0"
     assert "MNIST_DIST_MAX_REQUEUES=0 is reached; resubmit with --output-dir" in err
-    assert json.loads((tmp_path / "capped" / "status.json").read_text())["state"] == "stopped"
+    assert json.loads((tmp_path / "capped" / STATUS_FILE).read_text())["state"] == "stopped"
 
     # A run that fails (here: a NaN loss) is reported and not requeued.
     env = job_env(cluster, tmp_path, MNIST_DIST_PROCS_PER_NODE="2", **fault_env(NAN_AT_STEP=3))
@@ -315,6 +337,7 @@ def test_requeues_are_capped_and_a_failed_run_is_not_requeued(cluster, mnist_dir
     assert "not requeued" in err
 
 
+@needs_cluster
 def test_launch_step_on_two_nodes_forms_one_job_of_world_size_two(cluster, mnist_dir, tmp_path):
     """The script's launch step as srun runs it on a 2-node allocation: the batch host's doctor
     writes the plan, then each node's launcher, with that node's SLURM variables."""
@@ -362,9 +385,10 @@ def test_launch_step_on_two_nodes_forms_one_job_of_world_size_two(cluster, mnist
     # The same job as two ranks on one machine, bit for bit: the gradients were synchronised.
     one_node = launch_cli("train", *args[:3], str(tmp_path / "one-node"), *args[4:])
     assert one_node.returncode == 0, one_node.stderr[-3000:]
-    assert_bit_identical(run_dir / "model.safetensors", tmp_path / "one-node" / "model.safetensors")
+    assert_bit_identical(run_dir / MODEL_FILE, tmp_path / "one-node" / MODEL_FILE)
 
 
+@needs_cluster
 @pytest.mark.parametrize(
     "problem, env_extra, expected",
     [
@@ -395,4 +419,17 @@ def test_preflight_fails_fast_with_a_clear_message(
     assert expected.format(missing=missing) in err
     assert "pre-flight check failed (above); nothing was launched" in err
     assert "accelerate launch" not in out
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / METRICS_FILE).exists()
+
+
+def test_the_batch_script_reads_the_run_directory_through_the_layouts_names():
+    """train.sbatch cannot import mnist_dist.layout: the names it uses must still be its."""
+    text = SBATCH.read_text()
+    assert "mnist_dist/layout.py" in text  # where a reader of the script finds the contract
+    named = set(re.findall(r"\$run_dir/([\w.-]+)", text))
+    assert {STATUS_FILE, STOP_FILE, SUMMARY_FILE} <= named
+    assert named <= {getattr(RunLayout(Path()), p).name for p in RUN_DIR_FILES}
+    case = text[text.index("case $state in") : text.index("esac")]
+    assert '["state"]' in text
+    states = re.findall(r"^\s+(\w+)\)$", case, re.MULTILINE)
+    assert states and set(states) <= set(STATES)

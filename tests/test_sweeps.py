@@ -1,6 +1,7 @@
 """The W&B sweep examples in sweeps/: every parameter is a valid ``mnist-dist train`` flag with a
 valid value, formatted the way ``wandb agent`` formats it, under the launcher the sweep names."""
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 from mnist_dist.cli import build_config, build_parser
 from mnist_dist.config import Config
 from mnist_dist.errors import UsageError
+from mnist_dist.records import EpochRecord, StepRecord
 from mnist_dist.report import EPOCH_COLUMNS
 from mnist_dist.tracking import namespaced
 
@@ -94,3 +96,17 @@ def test_the_check_catches_a_bad_sweep_value(params, message):
     sweep = yaml.safe_load((ROOT / "sweeps" / "lr_schedule_ddp.yaml").read_text())
     with pytest.raises(UsageError, match=message):
         parse_trial(agent_command(sweep, params))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_the_sweep_metric_is_a_field_of_the_records_a_run_logs(path):
+    """W&B sees step records under train/ and epoch records under epoch/ (``namespaced``);
+    a sweep's metric must be one of those fields, or the sweep optimises nothing."""
+    metric = yaml.safe_load(path.read_text())["metric"]["name"]
+    kinds = {"train": StepRecord, "epoch": EpochRecord}
+    logged = {
+        name
+        for prefix, kind in kinds.items()
+        for name in namespaced(prefix, {f.name: 0 for f in dataclasses.fields(kind)})
+    }
+    assert metric in logged

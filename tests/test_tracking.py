@@ -30,7 +30,8 @@ from wandb_file import read_run
 from mnist_dist.config import TrackingConfig
 from mnist_dist.console import format_epoch_line
 from mnist_dist.errors import EXIT_STOPPED
-from mnist_dist.tracking import WANDB_RUN_ID_FILE, wandb_mode, wants_wandb
+from mnist_dist.layout import METRICS_FILE, MODEL_FILE, STEPS_FILE, WANDB_RUN_ID_FILE
+from mnist_dist.tracking import wandb_mode, wants_wandb
 
 WARNING = "warning: W&B"
 
@@ -94,12 +95,12 @@ def warnings(result) -> list[str]:
 
 
 def assert_local_records_complete(out: Path, epochs: int = 2) -> None:
-    metrics = read_jsonl(out / "metrics.jsonl")
+    metrics = read_jsonl(out / METRICS_FILE)
     assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1))
     summary = read_summary(out)
     assert summary["epochs_completed"] == epochs
     assert summary["test_accuracy"] == metrics[-1]["test_accuracy"]
-    assert (out / "model.safetensors").stat().st_size > 0
+    assert (out / MODEL_FILE).stat().st_size > 0
 
 
 def test_offline_run_holds_config_metrics_confusion_misclassified_and_model(tiny_mnist, tmp_path):
@@ -123,13 +124,13 @@ def test_offline_run_holds_config_metrics_confusion_misclassified_and_model(tiny
     assert "git_commit" in provenance and "slurm_job_id" in provenance and provenance["devices"]
 
     # Per-epoch figures equal metrics.jsonl; per-step ones equal steps.jsonl.
-    metrics = read_jsonl(out / "metrics.jsonl")
+    metrics = read_jsonl(out / METRICS_FILE)
     epochs = run.rows_with("epoch/test_accuracy")
     assert [r["epoch/test_accuracy"] for r in epochs] == [m["test_accuracy"] for m in metrics]
     assert [r["epoch/train_loss"] for r in epochs] == [m["train_loss"] for m in metrics]
     assert [r["global_step"] for r in epochs] == [m["global_step"] for m in metrics]
     assert all("epoch/seconds" in r and "epoch/train_accuracy" in r for r in epochs)
-    steps = read_jsonl(out / "steps.jsonl")
+    steps = read_jsonl(out / STEPS_FILE)
     logged_steps = run.rows_with("train/loss")
     assert [r["train/loss"] for r in logged_steps] == [s["train_loss"] for s in steps]
     assert [r["global_step"] for r in logged_steps] == [s["global_step"] for s in steps]
@@ -159,8 +160,8 @@ def test_offline_run_holds_config_metrics_confusion_misclassified_and_model(tiny
     assert len(pngs) == len(wrong["data"])  # one 28x28 image per row
     (model,) = [a for a in run.artifacts if a.type == "model"]
     (entry,) = model.manifest.contents
-    weights = (out / "model.safetensors").read_bytes()
-    assert entry.path == "model.safetensors"
+    weights = (out / MODEL_FILE).read_bytes()
+    assert entry.path == MODEL_FILE
     assert entry.digest == base64.b64encode(hashlib.md5(weights).digest()).decode()
 
 
@@ -177,7 +178,7 @@ def test_two_processes_make_exactly_one_wandb_run(tiny_mnist, tmp_path):
     assert len(records) >= 3 and sum(bool(r) for r in records) == 1
     run_dir, run = run_file(out)
     assert run.config["provenance"]["world_size"] == 2
-    metrics = read_jsonl(out / "metrics.jsonl")
+    metrics = read_jsonl(out / METRICS_FILE)
     epochs = run.rows_with("epoch/test_accuracy")
     assert [r["epoch/test_accuracy"] for r in epochs] == [m["test_accuracy"] for m in metrics]
     # Misclassified images gathered from both ranks, in test-set order, each once.
@@ -333,7 +334,7 @@ def test_empty_or_overridden_wandb_variables_still_record_an_offline_run(
     assert run.config["tracking"]["wandb_tags"] == [] and run.config["tracking"]["run_name"] is None
     epochs = run.rows_with("epoch/test_accuracy")
     assert [r["epoch/test_accuracy"] for r in epochs] == [
-        m["test_accuracy"] for m in read_jsonl(out / "metrics.jsonl")
+        m["test_accuracy"] for m in read_jsonl(out / METRICS_FILE)
     ]
     assert f"upload it with: wandb sync {run_dir}" in result.stdout
 

@@ -9,6 +9,7 @@ from helpers import fault_env, launch_cli, make_tiny_mnist, read_jsonl, read_sum
 
 from mnist_dist.config import TrainConfig
 from mnist_dist.engine import train_step
+from mnist_dist.layout import CONFIG_FILE, METRICS_FILE, STEPS_FILE
 from mnist_dist.train import build_model_and_optimizer, epoch_lr_scheduler
 
 # Launch modes a run can be started in: plain python (1 process) and 2 gloo ranks.
@@ -36,7 +37,7 @@ def test_lr_is_stepped_once_per_epoch_on_every_world_size(launcher, mnist_dir, t
         "--max-eval-samples",
         "500",
     )
-    lrs = [m["lr"] for m in read_jsonl(tmp_path / "r" / "metrics.jsonl")]
+    lrs = [m["lr"] for m in read_jsonl(tmp_path / "r" / METRICS_FILE)]
     expected = [1e-3] * 5 + [1e-5] * 3 + [1e-7] * 2
     assert lrs == pytest.approx(expected, rel=1e-9)
     assert read_summary(tmp_path / "r")["world_size"] == (2 if launcher == "2proc" else 1)
@@ -51,7 +52,7 @@ def test_images_per_second_leaves_the_evaluation_out(tmp_path):
         env=fault_env(EVAL_SLEEP=2),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    records = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    records = read_jsonl(tmp_path / "r" / METRICS_FILE)
     assert len(records) == 2
     for r in records:
         assert 0 < r["train_seconds"] < 2.0
@@ -82,7 +83,7 @@ def test_bf16_trains_on_cpu_with_a_finite_loss(mnist_dir, tmp_path):
     )
     summary = read_summary(tmp_path / "r")
     assert (summary["mixed_precision"], summary["global_step"]) == ("bf16", 300)
-    losses = [s["train_loss"] for s in read_jsonl(tmp_path / "r" / "steps.jsonl")]
+    losses = [s["train_loss"] for s in read_jsonl(tmp_path / "r" / STEPS_FILE)]
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.5 * losses[0]
     assert summary["test_accuracy"] > 0.9
@@ -102,8 +103,8 @@ def test_grad_accum_splits_a_step_without_changing_its_math(mnist_dir, tmp_path)
     )
     train("1proc", mnist_dir, tmp_path / "a1", *args)
     train("1proc", mnist_dir, tmp_path / "a4", *args, "--grad-accum", "4")
-    one = [s["train_loss"] for s in read_jsonl(tmp_path / "a1" / "steps.jsonl")]
-    four = [s["train_loss"] for s in read_jsonl(tmp_path / "a4" / "steps.jsonl")]
+    one = [s["train_loss"] for s in read_jsonl(tmp_path / "a1" / STEPS_FILE)]
+    four = [s["train_loss"] for s in read_jsonl(tmp_path / "a4" / STEPS_FILE)]
     # Same global batch, same samples: only float summation order differs.
     assert four == pytest.approx(one, rel=1e-4)
     assert read_summary(tmp_path / "a4")["global_step"] == 50
@@ -116,11 +117,11 @@ def test_speed_options_keep_the_math(option, mnist_dir, tmp_path):
     args += ("--log-every", "5")
     train("1proc", mnist_dir, tmp_path / "default", *args)
     train("1proc", mnist_dir, tmp_path / "option", *args, option)
-    default = [s["train_loss"] for s in read_jsonl(tmp_path / "default" / "steps.jsonl")]
-    other = [s["train_loss"] for s in read_jsonl(tmp_path / "option" / "steps.jsonl")]
+    default = [s["train_loss"] for s in read_jsonl(tmp_path / "default" / STEPS_FILE)]
+    other = [s["train_loss"] for s in read_jsonl(tmp_path / "option" / STEPS_FILE)]
     # Other kernels, other float summation order; the same optimizer steps on the same batches.
     assert other == pytest.approx(default, rel=1e-3)
-    config = (tmp_path / "option" / "config.yaml").read_text()
+    config = (tmp_path / "option" / CONFIG_FILE).read_text()
     assert ("compile: true" if option == "--compile" else "channels_last: false") in config
 
 
@@ -140,8 +141,8 @@ def test_torchvision_loader_trains_the_same_batches(mnist_dir, tmp_path):
     train(
         "1proc", mnist_dir, tmp_path / "v", *args, "--loader", "torchvision", "--num-workers", "1"
     )
-    tensor = [s["train_loss"] for s in read_jsonl(tmp_path / "t" / "steps.jsonl")]
-    loader = [s["train_loss"] for s in read_jsonl(tmp_path / "v" / "steps.jsonl")]
+    tensor = [s["train_loss"] for s in read_jsonl(tmp_path / "t" / STEPS_FILE)]
+    loader = [s["train_loss"] for s in read_jsonl(tmp_path / "v" / STEPS_FILE)]
     assert loader == pytest.approx(tensor, rel=1e-6)
 
 
@@ -155,7 +156,7 @@ def test_full_reference_recipe_reaches_99_percent(launcher, mnist_dir, tmp_path)
     assert (summary["epochs_completed"], summary["global_step"]) == (10, 10 * 938)
     assert summary["test_total"] == 10_000
     assert summary["test_accuracy"] >= 0.990, summary
-    lrs = [m["lr"] for m in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
+    lrs = [m["lr"] for m in read_jsonl(tmp_path / "full" / METRICS_FILE)]
     assert lrs == pytest.approx([1e-3] * 5 + [1e-5] * 3 + [1e-7] * 2, rel=1e-9)
     print(
         f"{launcher}: {summary['test_correct']}/10000, {summary['images_per_second']:.0f} img/s, "
