@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from safetensors import SafetensorError
 
 from mnist_dist.config import changed_math_settings
 from mnist_dist.errors import UsageError, WriteError, first_line, write_failure
@@ -177,7 +178,9 @@ class Checkpointer:
         try:
             acc.save_state(str(partial), safe_serialization=True)
             error = None
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        # torch.save reports a full disk as RuntimeError, safetensors (the model file) as
+        # SafetensorError ("Error while serializing: I/O error: ...").
+        except (OSError, RuntimeError, SafetensorError) as e:
             error = e
         self._agree(partial, final, error)
         self._agree(partial, final, self._on_main(lambda: self._complete(state, partial, final)))

@@ -88,3 +88,38 @@ def cpu_accelerator():
 
     yield Accelerator(cpu=True)
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def train_here(monkeypatch):
+    """``mnist-dist train ARGS`` in this process: the command line's parser and settings, then
+    ``train.train``; returns the summary and raises what the run raised. For the tests that
+    assert on the files a run writes, without a process start (5-10 s of imports) per run.
+
+    The environment is that of a started process (``helpers._env``): none of the caller's W&B,
+    Accelerate or data-dir settings, and the CPU even where a GPU is visible. Accelerate's
+    shared state and torch's determinism switches are put back afterwards."""
+    import os
+
+    import torch
+    from accelerate.state import AcceleratorState
+
+    from mnist_dist.cli import build_config, build_parser
+    from mnist_dist.determinism import CUBLAS_WORKSPACE_ENV, set_determinism
+    from mnist_dist.train import train
+
+    for name in list(os.environ):
+        if name.startswith(("WANDB_", "ACCELERATE_")) or name == "MNIST_DIST_DATA_DIR":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # what CUDA_VISIBLE_DEVICES="" does there
+    monkeypatch.delenv(CUBLAS_WORKSPACE_ENV, raising=False)  # set_determinism sets it
+
+    def run(*args: str) -> dict:
+        try:
+            return train(build_config(build_parser().parse_args(["train", *args])))
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+    yield run
+    set_determinism(False)
+    torch.backends.cudnn.benchmark = False  # torch's defaults, which set_determinism changes

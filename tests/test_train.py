@@ -2,6 +2,7 @@
 
 import math
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -24,12 +25,24 @@ def train(launcher: str, data_dir, out, *args: str):
     return result
 
 
+@pytest.fixture
+def train_1proc(train_here):
+    """``train("1proc", ...)`` in this process (no process start) for the tests that read
+    only the files a run writes."""
+
+    def run(data_dir, out, *args: str) -> None:
+        train_here("--data-dir", str(data_dir), "--output-dir", str(out), *args)
+
+    return run
+
+
 @pytest.mark.dataset
 @pytest.mark.parametrize("launcher", ["1proc", "2proc"])
-def test_lr_is_stepped_once_per_epoch_on_every_world_size(launcher, mnist_dir, tmp_path):
+def test_lr_is_stepped_once_per_epoch_on_every_world_size(
+    launcher, mnist_dir, tmp_path, train_1proc
+):
     # 10 epochs of 640 images: the reference schedule, cheaply.
-    train(
-        launcher,
+    (train_1proc if launcher == "1proc" else partial(train, launcher))(
         mnist_dir,
         tmp_path / "r",
         "--max-train-samples",
@@ -64,10 +77,9 @@ def test_images_per_second_leaves_the_evaluation_out(tmp_path):
 
 
 @pytest.mark.dataset
-def test_bf16_trains_on_cpu_with_a_finite_loss(mnist_dir, tmp_path):
+def test_bf16_trains_on_cpu_with_a_finite_loss(mnist_dir, tmp_path, train_1proc):
     # 300 optimizer steps of 64 images under bf16 autocast.
-    train(
-        "1proc",
+    train_1proc(
         mnist_dir,
         tmp_path / "r",
         "--mixed-precision",
@@ -90,7 +102,7 @@ def test_bf16_trains_on_cpu_with_a_finite_loss(mnist_dir, tmp_path):
 
 
 @pytest.mark.dataset
-def test_grad_accum_splits_a_step_without_changing_its_math(mnist_dir, tmp_path):
+def test_grad_accum_splits_a_step_without_changing_its_math(mnist_dir, tmp_path, train_1proc):
     args = (
         "--epochs",
         "1",
@@ -101,8 +113,8 @@ def test_grad_accum_splits_a_step_without_changing_its_math(mnist_dir, tmp_path)
         "--log-every",
         "5",
     )
-    train("1proc", mnist_dir, tmp_path / "a1", *args)
-    train("1proc", mnist_dir, tmp_path / "a4", *args, "--grad-accum", "4")
+    train_1proc(mnist_dir, tmp_path / "a1", *args)
+    train_1proc(mnist_dir, tmp_path / "a4", *args, "--grad-accum", "4")
     one = [s["train_loss"] for s in read_jsonl(tmp_path / "a1" / STEPS_FILE)]
     four = [s["train_loss"] for s in read_jsonl(tmp_path / "a4" / STEPS_FILE)]
     # Same global batch, same samples: only float summation order differs.
@@ -112,11 +124,11 @@ def test_grad_accum_splits_a_step_without_changing_its_math(mnist_dir, tmp_path)
 
 @pytest.mark.dataset
 @pytest.mark.parametrize("option", ["--compile", "--no-channels-last"])
-def test_speed_options_keep_the_math(option, mnist_dir, tmp_path):
+def test_speed_options_keep_the_math(option, mnist_dir, tmp_path, train_1proc):
     args = ("--epochs", "1", "--max-train-samples", "1600", "--max-eval-samples", "1000")
     args += ("--log-every", "5")
-    train("1proc", mnist_dir, tmp_path / "default", *args)
-    train("1proc", mnist_dir, tmp_path / "option", *args, option)
+    train_1proc(mnist_dir, tmp_path / "default", *args)
+    train_1proc(mnist_dir, tmp_path / "option", *args, option)
     default = [s["train_loss"] for s in read_jsonl(tmp_path / "default" / STEPS_FILE)]
     other = [s["train_loss"] for s in read_jsonl(tmp_path / "option" / STEPS_FILE)]
     # Other kernels, other float summation order; the same optimizer steps on the same batches.
@@ -126,7 +138,7 @@ def test_speed_options_keep_the_math(option, mnist_dir, tmp_path):
 
 
 @pytest.mark.dataset
-def test_torchvision_loader_trains_the_same_batches(mnist_dir, tmp_path):
+def test_torchvision_loader_trains_the_same_batches(mnist_dir, tmp_path, train_1proc):
     args = (
         "--epochs",
         "1",
@@ -137,10 +149,8 @@ def test_torchvision_loader_trains_the_same_batches(mnist_dir, tmp_path):
         "--log-every",
         "5",
     )
-    train("1proc", mnist_dir, tmp_path / "t", *args)
-    train(
-        "1proc", mnist_dir, tmp_path / "v", *args, "--loader", "torchvision", "--num-workers", "1"
-    )
+    train_1proc(mnist_dir, tmp_path / "t", *args)
+    train_1proc(mnist_dir, tmp_path / "v", *args, "--loader", "torchvision", "--num-workers", "1")
     tensor = [s["train_loss"] for s in read_jsonl(tmp_path / "t" / STEPS_FILE)]
     loader = [s["train_loss"] for s in read_jsonl(tmp_path / "v" / STEPS_FILE)]
     assert loader == pytest.approx(tensor, rel=1e-6)
