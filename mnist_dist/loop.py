@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -21,6 +20,7 @@ from mnist_dist.data import Sharding
 from mnist_dist.engine import EpochStats, StepEngine, lr_value
 from mnist_dist.errors import DivergedError
 from mnist_dist.evaluate import EvalResult, evaluate
+from mnist_dist.records import EpochRecord, StepRecord
 from mnist_dist.stopping import StopControl
 from mnist_dist.tracking import RunOutputs
 
@@ -152,18 +152,18 @@ class EpochFigures:
 
     def step_record(
         self, state: TrainerState, since_step: int, since: float, lr: float
-    ) -> dict[str, Any]:
+    ) -> StepRecord:
         """The record of the steps from ``since_step`` (at ``time.perf_counter()`` ``since``)
         to now."""
         loss_sum = self.reduced(since_step, state.step)[0]
         images = sum(map(self.sharding.global_batch_size_at, range(since_step, state.step)))
-        return {
-            "global_step": state.global_step,
-            "epoch": state.epoch,
-            "train_loss": loss_sum / images,
-            "lr": lr,
-            "images_per_second": images / (time.perf_counter() - since),
-        }
+        return StepRecord(
+            global_step=state.global_step,
+            epoch=state.epoch,
+            train_loss=loss_sum / images,
+            lr=lr,
+            images_per_second=images / (time.perf_counter() - since),
+        )
 
     def fold(self, state: TrainerState) -> None:
         """Move the figures so far into ``state`` (before a mid-epoch checkpoint saves it)."""
@@ -179,27 +179,27 @@ class EpochFigures:
 
     def close_epoch(
         self, state: TrainerState, result: EvalResult, lr: float, eval_seconds: float
-    ) -> dict[str, Any]:
+    ) -> EpochRecord:
         """The epoch's record, appended to ``state.history``; ``state`` moves to the next
         epoch."""
         num_samples = self.sharding.num_samples
         loss_sum, correct = self.reduced(self.first_step, state.step, state.epoch_sums)
         train_seconds = state.epoch_train_seconds
-        record = {
-            "epoch": state.epoch,
-            "global_step": state.global_step,
-            "lr": lr,
-            "train_loss": loss_sum / num_samples,
-            "train_accuracy": correct / num_samples,
-            "test_loss": result.loss,
-            "test_accuracy": result.accuracy,
-            "test_correct": result.correct,
-            "test_total": result.total,
-            "train_seconds": train_seconds,
-            "epoch_seconds": train_seconds + eval_seconds,
-            "images_per_second": num_samples / train_seconds,
-        }
-        state.history.append(record)
+        record = EpochRecord(
+            epoch=state.epoch,
+            global_step=state.global_step,
+            lr=lr,
+            train_loss=loss_sum / num_samples,
+            train_accuracy=correct / num_samples,
+            test_loss=result.loss,
+            test_accuracy=result.accuracy,
+            test_correct=result.correct,
+            test_total=result.total,
+            train_seconds=train_seconds,
+            epoch_seconds=train_seconds + eval_seconds,
+            images_per_second=num_samples / train_seconds,
+        )
+        state.history.append(record.to_dict())  # checkpoints hold the history as JSON
         state.epoch, state.step = state.epoch + 1, 0
         state.epoch_sums, state.epoch_train_seconds = [0.0, 0.0], 0.0
         return record

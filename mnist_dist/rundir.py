@@ -98,15 +98,16 @@ class RunDir:
         """Whether a run already wrote epoch records here."""
         return self.layout.metrics.exists()
 
-    def finished_summary(self) -> dict[str, Any] | None:
+    def finished_summary(self) -> Summary | None:
         """The summary of the finished run this directory holds, or None if it holds none."""
         try:
             status = json.loads(self.layout.status.read_text())
-            summary = json.loads(self.layout.summary.read_text())
-        except (OSError, ValueError):
+            finished = isinstance(status, dict) and status.get("state") == "finished"
+            return (
+                Summary.from_dict(json.loads(self.layout.summary.read_text())) if finished else None
+            )
+        except (OSError, ValueError):  # RecordError is a ValueError
             return None
-        finished = isinstance(status, dict) and status.get("state") == "finished"
-        return summary if finished and isinstance(summary, dict) else None
 
     def restore_records(
         self, history: list[EpochRecord] | list[dict[str, Any]], global_step: int

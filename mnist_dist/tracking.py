@@ -20,6 +20,7 @@ from mnist_dist.config import TrackingConfig
 from mnist_dist.console import RunConsole
 from mnist_dist.evaluate import EvalResult
 from mnist_dist.layout import RunLayout
+from mnist_dist.records import EpochRecord, StepRecord, Summary
 from mnist_dist.rundir import RunDir, check_writable
 
 MAX_TABLE_ROWS = 100  # misclassified test images sent to W&B at the end of a run
@@ -32,7 +33,7 @@ class Tracker(Protocol):
 
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
 
-    def log_final(self, summary: dict[str, Any], final: EvalResult, model_path: Path) -> None: ...
+    def log_final(self, summary: Summary, final: EvalResult, model_path: Path) -> None: ...
 
     def finish(self) -> None: ...
 
@@ -45,7 +46,7 @@ class NoTracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         pass
 
-    def log_final(self, summary: dict[str, Any], final: EvalResult, model_path: Path) -> None:
+    def log_final(self, summary: Summary, final: EvalResult, model_path: Path) -> None:
         pass
 
     def finish(self) -> None:
@@ -191,7 +192,7 @@ class WandbTracker:
             except Exception as e:
                 self._stop(e)
 
-    def log_final(self, summary: dict[str, Any], final: EvalResult, model_path: Path) -> None:
+    def log_final(self, summary: Summary, final: EvalResult, model_path: Path) -> None:
         """Summary figures, confusion matrix, misclassified test images and the model."""
         if not self.active:
             return
@@ -199,7 +200,11 @@ class WandbTracker:
             import wandb
 
             self.run.summary.update(
-                {f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float, str))}
+                {
+                    f"final/{k}": v
+                    for k, v in summary.to_dict().items()
+                    if isinstance(v, (int, float, str))
+                }
             )
             # W&B's chart wants one (true, predicted) pair per image; the matrix holds the counts.
             pairs = [
@@ -222,7 +227,7 @@ class WandbTracker:
                 )
             self.accelerator.log(
                 {
-                    "global_step": summary["global_step"],
+                    "global_step": summary.global_step,
                     "test/confusion_matrix": wandb.plot.confusion_matrix(
                         y_true=[t for t, _ in pairs],
                         preds=[p for _, p in pairs],
@@ -233,7 +238,7 @@ class WandbTracker:
                 }
             )
             artifact = wandb.Artifact(
-                f"mnist-cnn-{self.run.id}", type="model", metadata=_plain(summary)
+                f"mnist-cnn-{self.run.id}", type="model", metadata=_plain(summary.to_dict())
             )
             artifact.add_file(str(model_path))
             self.run.log_artifact(artifact, aliases=["latest", "final"])
@@ -336,15 +341,15 @@ class RunOutputs:
     tracker: Tracker
     console: RunConsole
 
-    def record_step(self, record: dict[str, Any]) -> None:
+    def record_step(self, record: StepRecord) -> None:
         self.files.append_step(record)
-        self.tracker.log(namespaced("train", record), step=record["global_step"])
-        self.console.show_step(record["train_loss"], record["images_per_second"])
+        self.tracker.log(namespaced("train", record.to_dict()), step=record.global_step)
+        self.console.show_step(record.train_loss, record.images_per_second)
 
-    def record_epoch(self, record: dict[str, Any]) -> None:
+    def record_epoch(self, record: EpochRecord) -> None:
         self.files.append_epoch(record)
-        self.tracker.log(namespaced("epoch", record), step=record["global_step"])
-        self.console.end_epoch(record)
+        self.tracker.log(namespaced("epoch", record.to_dict()), step=record.global_step)
+        self.console.end_epoch(record.to_dict())
 
 
 def namespaced(prefix: str, record: dict[str, Any]) -> dict[str, Any]:

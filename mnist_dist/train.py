@@ -33,13 +33,14 @@ from mnist_dist.evaluate import evaluate
 from mnist_dist.loop import EpochFigures, Loop
 from mnist_dist.model import MnistCNN
 from mnist_dist.provenance import provenance
+from mnist_dist.records import EpochRecord, Summary
 from mnist_dist.rundir import RunDir, read_config, resolve_run_dir
 from mnist_dist.stopping import StopControl
 from mnist_dist.tracking import MAX_TABLE_ROWS, RunOutputs, Tracker, make_tracker, wants_wandb
 from mnist_dist.weights import export_model
 
 
-def train(config: Config) -> dict[str, Any]:
+def train(config: Config) -> Summary:
     """Train as ``config`` says and return the summary (also written to ``summary.json``).
 
     Raises ``Stopped`` after a stop request (checkpoint saved, resumable), ``DivergedError`` on
@@ -54,7 +55,7 @@ def train(config: Config) -> dict[str, Any]:
     )
     try:
         run = build(accelerator, config, started, determinism)
-        if isinstance(run, dict):
+        if isinstance(run, Summary):
             return run  # the run directory holds a finished run: nothing to do
         with run.status():
             run.loop.fit(run.state, config.train.epochs)
@@ -107,20 +108,20 @@ class Run:
         run_dir.write_status("finished", epoch=state.epoch - 1, global_step=state.global_step)
         self.tracker.finish()
 
-    def say_done(self, summary: dict[str, Any]) -> None:
+    def say_done(self, summary: Summary) -> None:
         self.loop.outputs.console.print(
-            f"done: test accuracy {summary['test_accuracy']:.2%} ({summary['test_correct']}/"
-            f"{summary['test_total']}) after {summary['epochs_completed']} epoch(s), "
-            f"{summary['images_per_second']:,.0f} images/s, "
-            f"{summary['segment_wall_seconds']:.0f}s"
-            + (f" ({summary['run_wall_seconds']:.0f}s over the run)" if self.resumed else "")
+            f"done: test accuracy {summary.test_accuracy:.2%} ({summary.test_correct}/"
+            f"{summary.test_total}) after {summary.epochs_completed} epoch(s), "
+            f"{summary.images_per_second:,.0f} images/s, "
+            f"{summary.segment_wall_seconds:.0f}s"
+            + (f" ({summary.run_wall_seconds:.0f}s over the run)" if self.resumed else "")
             + f"; weights in {self.run_dir.model_path}"
         )
 
 
 def build(
     accelerator: Accelerator, config: Config, started: float, determinism: dict[str, Any]
-) -> Run | dict[str, Any]:
+) -> Run | Summary:
     """Everything a run needs, restored from its checkpoint if it has one; or the summary of
     the finished run its directory holds when there is nothing left to train."""
     tc, cc = config.train, config.checkpoint
@@ -179,19 +180,19 @@ def build(
     return Run(config, accelerator, run_dir, state, loop, tracker, resumed, started, engine.name)
 
 
-def already_finished(run_dir: RunDir, epochs: int, say: Callable[[str], None]) -> dict | None:
+def already_finished(run_dir: RunDir, epochs: int, say: Callable[[str], None]) -> Summary | None:
     """The summary of the finished run ``run_dir`` holds when it trained ``epochs`` or more
     (the same command again: nothing to do, nothing rewritten); else None."""
     finished = run_dir.finished_summary()
     if finished is None:
         return None
-    done = finished["epochs_completed"]
+    done = finished.epochs_completed
     if epochs > done:
         say(f"note: {run_dir.path} finished {done} epoch(s); training on to {epochs}")
         return None
     say(
         f"mnist-dist: {run_dir.path} holds a finished run: {done} epoch(s), test accuracy "
-        f"{finished['test_accuracy']:.2%}; summary in {run_dir.summary_path}; pass --epochs "
+        f"{finished.test_accuracy:.2%}; summary in {run_dir.summary_path}; pass --epochs "
         f"above {done} to train it further"
     )
     return finished
@@ -264,35 +265,57 @@ def record_start(
     return tracker
 
 
-def finish(run: Run) -> dict[str, Any]:
+def finish(run: Run) -> Summary:
     """Write the summary and the final weights, and send the final W&B pass."""
-    accelerator, state, tc = run.accelerator, run.state, run.config.train
+    accelerator, model = run.accelerator, run.loop.model
     run.loop.outputs.console.close()  # the bar goes before the final lines
-    summary = summarize(
-        state.history, accelerator, state.num_samples, tc.global_batch_size,
-        tc.per_device_batch_size(accelerator.num_processes),
-    )  # fmt: skip
-    summary["step_engine"], summary["deterministic"] = run.engine_name, tc.deterministic
-    # This command's time, and the run's: summed over every process that trained it (each up
-    # to its last checkpoint: work lost to a kill is not counted).
-    summary["segment_wall_seconds"] = time.perf_counter() - run.started
-    summary["run_wall_seconds"] = (
-        run.loop.checkpointer.earlier_wall_seconds + summary["segment_wall_seconds"]
-    )
-    summary["started_at"] = state.started_at
-    summary["run_dir"] = str(run.run_dir.path)
-    model = run.loop.model
+    summary = summarize(run)
     if accelerator.is_main_process:
         export_model(
             accelerator.unwrap_model(model),
             run.run_dir.model_path,
-            {"mnist_dist_version": metadata.version("mnist-dist"), "summary": summary},
+            {"mnist_dist_version": metadata.version("mnist-dist"), "summary": summary.to_dict()},
         )
     run.run_dir.write_summary(summary)
     if wants_wandb(run.config.tracking):  # the same on every rank: the final pass is collective
         final = evaluate(model, run.loop.test_data, accelerator, max_misclassified=MAX_TABLE_ROWS)
         run.tracker.log_final(summary, final, run.run_dir.model_path)
     return summary
+
+
+def summarize(run: Run) -> Summary:
+    """The final figures of a run, for ``summary.json``."""
+    accelerator, state, tc = run.accelerator, run.state, run.config.train
+    history = [EpochRecord.from_dict(r) for r in state.history]
+    last, best = history[-1], max(history, key=lambda r: r.test_accuracy)
+    train_seconds = sum(r.train_seconds or 0.0 for r in history)
+    # This command's time, and the run's: summed over every process that trained it (each up
+    # to its last checkpoint: work lost to a kill is not counted).
+    segment_wall_seconds = time.perf_counter() - run.started
+    return Summary(
+        test_accuracy=last.test_accuracy,
+        test_correct=last.test_correct,
+        test_total=last.test_total,
+        test_loss=last.test_loss,
+        best_test_accuracy=best.test_accuracy,
+        best_epoch=best.epoch,
+        train_loss=last.train_loss,
+        train_accuracy=last.train_accuracy,
+        world_size=accelerator.num_processes,
+        distributed_type=accelerator.distributed_type.value,
+        mixed_precision=accelerator.mixed_precision,
+        global_batch_size=tc.global_batch_size,
+        per_device_batch_size=tc.per_device_batch_size(accelerator.num_processes),
+        epochs_completed=len(history),
+        global_step=last.global_step,
+        images_per_second=state.num_samples * len(history) / train_seconds,
+        step_engine=run.engine_name,
+        deterministic=tc.deterministic,
+        segment_wall_seconds=segment_wall_seconds,
+        run_wall_seconds=run.loop.checkpointer.earlier_wall_seconds + segment_wall_seconds,
+        started_at=state.started_at,
+        run_dir=str(run.run_dir.path),
+    )
 
 
 def build_model_and_optimizer(
@@ -391,37 +414,6 @@ def follow_schedule(scheduler: MultiStepLR) -> None:
     ):
         group["initial_lr"], group["lr"] = base, lr
     scheduler.load_state_dict({**scheduler.state_dict(), "_last_lr": lrs})
-
-
-def summarize(
-    history: list[dict[str, Any]],
-    accelerator: Accelerator,
-    images_per_epoch: int,
-    global_batch_size: int,
-    per_device_batch_size: int,
-) -> dict[str, Any]:
-    """The final figures of a run, for ``summary.json``."""
-    last = history[-1]
-    best = max(history, key=lambda r: r["test_accuracy"])
-    train_images = images_per_epoch * len(history)
-    return {
-        "test_accuracy": last["test_accuracy"],
-        "test_correct": last["test_correct"],
-        "test_total": last["test_total"],
-        "test_loss": last["test_loss"],
-        "best_test_accuracy": best["test_accuracy"],
-        "best_epoch": best["epoch"],
-        "train_loss": last["train_loss"],
-        "train_accuracy": last["train_accuracy"],
-        "world_size": accelerator.num_processes,
-        "distributed_type": accelerator.distributed_type.value,
-        "mixed_precision": accelerator.mixed_precision,
-        "global_batch_size": global_batch_size,
-        "per_device_batch_size": per_device_batch_size,
-        "epochs_completed": len(history),
-        "global_step": last["global_step"],
-        "images_per_second": train_images / sum(r["train_seconds"] for r in history),
-    }
 
 
 def epoch_lr_scheduler(
