@@ -25,6 +25,7 @@ from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mnist_dist import faults
 from mnist_dist.config import changed_math_settings
 from mnist_dist.errors import UsageError, WriteError, first_line
 from mnist_dist.model import MnistCNN, ModelConfig
@@ -186,6 +187,7 @@ class Checkpointer:
         self._agree(partial, final, self._on_main(lambda: _fresh_dir(partial)))
         try:
             acc.save_state(str(partial), safe_serialization=True)
+            faults.point("checkpoint.save_state", path=partial)
             error = None
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
             error = e

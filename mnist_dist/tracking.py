@@ -31,6 +31,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from mnist_dist import faults
 from mnist_dist.config import TrackingConfig
 from mnist_dist.evaluate import EvalResult
 from mnist_dist.report import EPOCH_COLUMNS
@@ -279,6 +280,7 @@ class WandbTracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.active:
             try:
+                faults.point("wandb.log")
                 self.accelerator.log({"global_step": step, **metrics})
             except Exception as e:
                 self._stop(e)
@@ -312,6 +314,7 @@ class WandbTracker:
                     m.probabilities[m.predicted],
                     m.probabilities[m.true_label],
                 )
+            faults.point("wandb.log")
             self.accelerator.log(
                 {
                     "global_step": summary["global_step"],
@@ -347,6 +350,7 @@ class WandbTracker:
 
         def target() -> None:
             try:
+                faults.point("wandb.finish")
                 run.finish()
             except BaseException as e:
                 errors.append(e)
