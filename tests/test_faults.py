@@ -51,3 +51,5 @@ def test_every_point_is_reached_by_a_tiny_tracked_run(tiny_mnist, tmp_path):
     # 256 training images in batches of 32: 8 steps of 2 micro-batches; one epoch checkpoint.
     assert counts["train.step"] == 8 and counts["train.loss"] == 16
     assert counts["checkpoint.save_state"] == 1 and counts["wandb.finish"] == 1
+    # W&B: a step record every 2nd step, the epoch record, the final figures.
+    assert counts["wandb.log"] == 4 + 1 + 1
