@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 
+from mnist_dist import faults
 from mnist_dist.config import changed_math_settings
 from mnist_dist.errors import UsageError, WriteError, first_line, write_failure
 from mnist_dist.layout import (
@@ -177,6 +178,7 @@ class Checkpointer:
         self._agree(partial, final, self._on_main(lambda: _fresh_dir(partial)))
         try:
             acc.save_state(str(partial), safe_serialization=True)
+            faults.point("checkpoint.save_state", path=partial)
             error = None
         # torch.save reports a full disk as RuntimeError, safetensors (the model file) as
         # SafetensorError ("Error while serializing: I/O error: ...").

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from mnist_dist import faults
 from mnist_dist.data import TensorTrainData, TrainData
 
 # Steps run before a capture so that lazy initialisation (cuBLAS/cuDNN handles, the optimizer's
@@ -178,6 +179,7 @@ class CapturedStep:
             self.model, images, labels, mask, scale, self.grad_accum, backward
         )
         self.stats.values.index_copy_(0, self.position, figures.unsqueeze(0))
+        faults.point("train.step")  # runs while the graph is recorded, not at its replays
         stepped_optimizer(self.prepared_optimizer).step()
         self.position.add_(1)
 
@@ -298,6 +300,7 @@ def train_step(
     if grad_accum == 1:  # the common case, without the split and the stack
         logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        loss = faults.value("train.loss", loss)
         backward(accelerator, loss * scale)
         correct = (logits.argmax(dim=1) == labels).sum(dtype=loss.dtype)
         optimizer_step(optimizer)
@@ -312,6 +315,7 @@ def train_step(
         with nullcontext() if sync else accelerator.no_sync(model):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            loss = faults.value("train.loss", loss)
             backward(accelerator, loss * scale)
         correct = (logits.argmax(dim=1) == y).sum(dtype=loss.dtype)
         stats.append(torch.stack([loss.detach(), correct]))
@@ -332,6 +336,7 @@ def backward(accelerator: Accelerator, loss: torch.Tensor) -> None:
 
 def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
     """The step of ``stepped_optimizer``, then ``zero_grad``."""
+    faults.point("train.step")
     stepped_optimizer(optimizer).step()
     _inner(optimizer).zero_grad(set_to_none=True)
 

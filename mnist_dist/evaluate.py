@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from mnist_dist import faults
+
 
 @dataclass
 class Misclassified:
@@ -62,6 +64,7 @@ def evaluate(
     wrong: list[Misclassified] = []  # this rank's, indexed within its shard
     seen = 0
     for images, labels in batches:
+        faults.point("eval.batch")
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from accelerate import Accelerator
 
+from mnist_dist import faults
 from mnist_dist.config import TrackingConfig
 from mnist_dist.console import RunConsole
 from mnist_dist.evaluate import EvalResult
@@ -188,6 +189,7 @@ class WandbTracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.active:
             try:
+                faults.point("wandb.log")
                 self.accelerator.log({"global_step": step, **metrics})
             except Exception as e:
                 self._stop(e)
@@ -225,6 +227,7 @@ class WandbTracker:
                     m.probabilities[m.predicted],
                     m.probabilities[m.true_label],
                 )
+            faults.point("wandb.log")
             self.accelerator.log(
                 {
                     "global_step": summary.global_step,
@@ -260,6 +263,7 @@ class WandbTracker:
 
         def target() -> None:
             try:
+                faults.point("wandb.finish")
                 run.finish()
             except BaseException as e:
                 errors.append(e)

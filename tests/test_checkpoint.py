@@ -139,7 +139,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(
     data, uninterrupted, tmp_path
 ):
     out = tmp_path / "run"
-    # Killed in the 3rd save (after global step 15), between the model and optimizer files.
+    # Killed in the 3rd save (after global step 15), its files written but not its manifest.
     killed = train(data, out, "--checkpoint-every", "5", env=fault_env(KILL_IN_SAVE=3))
     assert killed.returncode == -signal.SIGKILL
     assert checkpoints(out) == [

@@ -2,112 +2,138 @@
 
 A test puts this folder on the child's PYTHONPATH (``helpers.fault_env``) and sets variables
 below; Python imports this module at start-up, in every process a launcher starts too. Without
-the variables it does nothing.
+the variables it does nothing. The product's faults go in through the named points of
+``mnist_dist.faults`` (the point is given for each): a point the product no longer calls fails
+the test that lists the points, and a name that is not a point fails here, at start-up.
 
 Training and checkpoints:
 - MNIST_DIST_FAULT_STEP_SLEEP=S      sleep S seconds in every optimizer step (time to send a
-                                     signal mid-epoch)
-- MNIST_DIST_FAULT_KILL_IN_SAVE=N    SIGKILL this process in the N-th checkpoint save, after the
-                                     model file is written and before the optimizer file
-- MNIST_DIST_FAULT_ENOSPC_IN_SAVE=N  the N-th checkpoint save fails with "No space left on device"
-- MNIST_DIST_FAULT_EVAL_SLEEP=S      sleep S seconds in every evaluation batch (a loss computed
-                                     without gradients)
+                                     signal mid-epoch); ``train.step``
+- MNIST_DIST_FAULT_KILL_IN_SAVE=N    SIGKILL this process in the N-th checkpoint save, after
+                                     Accelerate wrote its files and before the manifest
+                                     (``COMPLETE``); ``checkpoint.save_state``
+- MNIST_DIST_FAULT_ENOSPC_IN_SAVE=N  the N-th checkpoint save fails with "No space left on
+                                     device", after Accelerate wrote its files;
+                                     ``checkpoint.save_state``
+- MNIST_DIST_FAULT_EVAL_SLEEP=S      sleep S seconds in every evaluation batch; ``eval.batch``
 - MNIST_DIST_FAULT_NAN_AT_STEP=N     the training loss of the N-th training forward pass (counted
-                                     in this process) becomes NaN
+                                     in this process) becomes NaN; ``train.loss``
 W&B:
-- MNIST_DIST_FAULT_WANDB_LOG_RAISES_AFTER=N  W&B's ``Run.log`` raises ``OSError(ENOSPC)`` from its
-                                     N+1-th call on, as when the disk holding the run fills up
-- MNIST_DIST_FAULT_WANDB_FINISH_SLEEPS=S     W&B's ``Run.finish`` sleeps S seconds first, as when
-                                     an upload hangs on a dead network
-Imports:
+- MNIST_DIST_FAULT_WANDB_LOG_RAISES_AFTER=N  W&B's log call raises ``OSError(ENOSPC)`` from its
+                                     N+1-th call on, as when the disk holding the run fills up;
+                                     ``wandb.log``
+- MNIST_DIST_FAULT_WANDB_FINISH_SLEEPS=S     the W&B run's finish sleeps S seconds first, as when
+                                     an upload hangs on a dead network; ``wandb.finish``
+Every point:
+- MNIST_DIST_FAULT_COUNT_POINTS=PATH at exit, write to PATH.<pid> how often each point of
+                                     ``mnist_dist.faults.POINTS`` was reached (JSON)
+Imports (these fake the environment, not the product):
 - MNIST_DIST_FAULT_HIDE_MODULES=a,b  importing those top-level modules fails as if not installed
 - MNIST_DIST_FAULT_RECORD_WANDB_IMPORT=PATH  at exit, write to PATH.<pid> the wandb modules that
                                      were imported
 """
 
 import os
+import sys
+from collections.abc import Callable
+
+_PRODUCT_FAULTS = (
+    "STEP_SLEEP",
+    "EVAL_SLEEP",
+    "NAN_AT_STEP",
+    "KILL_IN_SAVE",
+    "ENOSPC_IN_SAVE",
+    "WANDB_LOG_RAISES_AFTER",
+    "WANDB_FINISH_SLEEPS",
+    "COUNT_POINTS",
+)
 
 
 def _env(name: str) -> str:
     return os.environ.get(f"MNIST_DIST_FAULT_{name}", "")
 
 
-def _install_training_faults() -> None:
+def _install_product_faults() -> None:
     import errno
     import signal
     import time
 
-    import torch
+    from mnist_dist import faults
 
-    sleep, nan_at = float(_env("STEP_SLEEP") or 0), int(_env("NAN_AT_STEP") or 0)
-    eval_sleep = float(_env("EVAL_SLEEP") or 0)
+    def counter() -> Callable[[], int]:
+        """A function that returns how often it was called, itself included."""
+        calls = [0]
+
+        def count() -> int:
+            calls[0] += 1
+            return calls[0]
+
+        return count
+
+    if _env("COUNT_POINTS"):
+        _count_points(faults, _env("COUNT_POINTS"))
+
+    if sleep := float(_env("STEP_SLEEP") or 0):
+        faults.inject("train.step", lambda: time.sleep(sleep))
+
+    if eval_sleep := float(_env("EVAL_SLEEP") or 0):
+        faults.inject("eval.batch", lambda: time.sleep(eval_sleep))
+
+    if nan_at := int(_env("NAN_AT_STEP") or 0):
+        forward = counter()
+        faults.inject(
+            "train.loss", lambda loss: loss * float("nan") if forward() == nan_at else loss
+        )
+
     kill_in, enospc_in = int(_env("KILL_IN_SAVE") or 0), int(_env("ENOSPC_IN_SAVE") or 0)
-
-    if sleep:
-        original_step = torch.optim.Adam.step
-
-        def slow_step(self, *args, **kwargs):
-            time.sleep(sleep)
-            return original_step(self, *args, **kwargs)
-
-        torch.optim.Adam.step = slow_step
-
-    if eval_sleep or nan_at:
-        import torch.nn.functional as F
-
-        original_ce, training_calls = F.cross_entropy, [0]
-
-        def faulty_ce(*args, **kwargs):
-            if not torch.is_grad_enabled():  # an evaluation batch
-                if eval_sleep:
-                    time.sleep(eval_sleep)
-                return original_ce(*args, **kwargs)
-            loss = original_ce(*args, **kwargs)  # a training forward pass
-            training_calls[0] += 1
-            if training_calls[0] == nan_at:
-                loss = loss * float("nan")
-            return loss
-
-        F.cross_entropy = faulty_ce
-
     if kill_in or enospc_in:
-        import accelerate.checkpointing as checkpointing
+        save = counter()
 
-        original_save, saves = checkpointing.save, [0]
+        def faulty_save(path) -> None:
+            n = save()
+            if n == kill_in:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if n == enospc_in:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-        def faulty_save(obj, f, *args, **kwargs):
-            if str(f).endswith("optimizer.bin"):  # written right after the model file
-                saves[0] += 1
-                if saves[0] == kill_in:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if saves[0] == enospc_in:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-            return original_save(obj, f, *args, **kwargs)
+        faults.inject("checkpoint.save_state", faulty_save)
 
-        checkpointing.save = faulty_save
+    if log_raises_after := _env("WANDB_LOG_RAISES_AFTER"):
+        log = counter()
+
+        def faulty_log() -> None:
+            if log() > int(log_raises_after):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        faults.inject("wandb.log", faulty_log)
+
+    if finish_sleep := float(_env("WANDB_FINISH_SLEEPS") or 0):
+        faults.inject("wandb.finish", lambda: time.sleep(finish_sleep))
 
 
-def _install_wandb_faults() -> None:
-    import errno
-    import time
+def _count_points(faults, path: str) -> None:
+    """Count every point (a fault of the variables above, installed later, replaces the count of
+    its point)."""
+    import atexit
+    import json
 
-    from wandb.sdk import wandb_run
+    counts = dict.fromkeys(faults.POINTS, 0)
 
-    original_log, original_finish, calls = wandb_run.Run.log, wandb_run.Run.finish, [0]
-    after = int(_env("WANDB_LOG_RAISES_AFTER") or 10**9)
-    sleep = float(_env("WANDB_FINISH_SLEEPS") or 0)
+    def counting(name: str):
+        def count(x=None, **context):
+            counts[name] += 1
+            return x
 
-    def log(self, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] > after:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return original_log(self, *args, **kwargs)
+        return count
 
-    def finish(self, *args, **kwargs):
-        time.sleep(sleep)
-        return original_finish(self, *args, **kwargs)
+    for name in faults.POINTS:
+        faults.inject(name, counting(name))
 
-    wandb_run.Run.log, wandb_run.Run.finish = log, finish
+    def record() -> None:
+        with open(f"{path}.{os.getpid()}", "w") as f:
+            json.dump(counts, f)
+
+    atexit.register(record)
 
 
 def _hide_modules(names: list[str]) -> None:
@@ -135,12 +161,14 @@ def _record_wandb_import(path: str) -> None:
     atexit.register(record)
 
 
-if any(
-    _env(n) for n in ("STEP_SLEEP", "EVAL_SLEEP", "NAN_AT_STEP", "KILL_IN_SAVE", "ENOSPC_IN_SAVE")
-):
-    _install_training_faults()
-if _env("WANDB_LOG_RAISES_AFTER") or _env("WANDB_FINISH_SLEEPS"):
-    _install_wandb_faults()
+if any(_env(n) for n in _PRODUCT_FAULTS):
+    try:
+        _install_product_faults()
+    except Exception as e:
+        # Python would print an error from sitecustomize and run on without the faults: a test
+        # would then pass or fail for the wrong reason. Stop the process instead.
+        sys.stderr.write(f"tests/faults/sitecustomize.py: cannot install the faults: {e!r}\n")
+        os._exit(70)
 if _env("HIDE_MODULES"):
     _hide_modules(_env("HIDE_MODULES").split(","))
 if _env("RECORD_WANDB_IMPORT"):
