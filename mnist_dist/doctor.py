@@ -207,7 +207,7 @@ class Doctor:
         return f"{path}: writable; new run"
 
     def _wandb(self) -> str:
-        from mnist_dist.tracking import wandb_mode
+        from mnist_dist.wandb_tracker import wandb_mode
 
         tracking = self.config.tracking
         if tracking.tracker != "wandb":

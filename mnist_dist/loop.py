@@ -16,13 +16,15 @@ from accelerate import Accelerator
 from torch.optim.lr_scheduler import MultiStepLR
 
 from mnist_dist.checkpoint import Checkpointer, TrainerState
+from mnist_dist.console import RunConsole
 from mnist_dist.data import Sharding
 from mnist_dist.engine import EpochStats, StepEngine, lr_value
 from mnist_dist.errors import DivergedError
 from mnist_dist.evaluate import EvalResult, evaluate
 from mnist_dist.records import EpochRecord, StepRecord
+from mnist_dist.rundir import RunDir
 from mnist_dist.stopping import StopControl
-from mnist_dist.tracking import RunOutputs
+from mnist_dist.wandb_tracker import Tracker, namespaced
 
 
 @dataclass
@@ -203,6 +205,25 @@ class EpochFigures:
         state.epoch, state.step = state.epoch + 1, 0
         state.epoch_sums, state.epoch_train_seconds = [0.0, 0.0], 0.0
         return record
+
+
+@dataclass
+class RunOutputs:
+    """Everywhere a run's records go: its files, the tracker and the console."""
+
+    files: RunDir
+    tracker: Tracker
+    console: RunConsole
+
+    def record_step(self, record: StepRecord) -> None:
+        self.files.append_step(record)
+        self.tracker.log(namespaced("train", record.to_dict()), step=record.global_step)
+        self.console.show_step(record.train_loss, record.images_per_second)
+
+    def record_epoch(self, record: EpochRecord) -> None:
+        self.files.append_epoch(record)
+        self.tracker.log(namespaced("epoch", record.to_dict()), step=record.global_step)
+        self.console.end_epoch(record.to_dict())
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -30,13 +30,13 @@ from mnist_dist.distributed import describe_processes, make_accelerator
 from mnist_dist.engine import build_engine, stepped_optimizer
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
 from mnist_dist.evaluate import evaluate
-from mnist_dist.loop import EpochFigures, Loop
+from mnist_dist.loop import EpochFigures, Loop, RunOutputs
 from mnist_dist.model import MnistCNN
 from mnist_dist.provenance import provenance
 from mnist_dist.records import EpochRecord, Summary
 from mnist_dist.rundir import RunDir, read_config, resolve_run_dir
 from mnist_dist.stopping import StopControl
-from mnist_dist.tracking import MAX_TABLE_ROWS, RunOutputs, Tracker, make_tracker, wants_wandb
+from mnist_dist.wandb_tracker import MAX_TABLE_ROWS, Tracker, make_tracker, wants_wandb
 from mnist_dist.weights import export_model
 
 

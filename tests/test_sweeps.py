@@ -16,7 +16,7 @@ from mnist_dist.config import Config
 from mnist_dist.errors import UsageError
 from mnist_dist.records import EpochRecord, StepRecord
 from mnist_dist.report import EPOCH_COLUMNS
-from mnist_dist.tracking import namespaced
+from mnist_dist.wandb_tracker import namespaced
 
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 

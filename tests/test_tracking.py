@@ -31,7 +31,7 @@ from mnist_dist.config import TrackingConfig
 from mnist_dist.console import format_epoch_line
 from mnist_dist.errors import EXIT_STOPPED
 from mnist_dist.layout import METRICS_FILE, MODEL_FILE, STEPS_FILE, WANDB_RUN_ID_FILE
-from mnist_dist.tracking import wandb_mode, wants_wandb
+from mnist_dist.wandb_tracker import wandb_mode, wants_wandb
 
 WARNING = "warning: W&B"
 

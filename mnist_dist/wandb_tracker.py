@@ -1,4 +1,4 @@
-"""The experiment tracker (W&B on the main process, silent elsewhere) and the records' fan-out."""
+"""The experiment tracker: W&B on the main process (every call to wandb is here), silent elsewhere."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import secrets
 import string
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -18,11 +17,10 @@ from accelerate import Accelerator
 
 from mnist_dist import faults
 from mnist_dist.config import TrackingConfig
-from mnist_dist.console import RunConsole
 from mnist_dist.evaluate import EvalResult
 from mnist_dist.layout import RunLayout
-from mnist_dist.records import EpochRecord, StepRecord, Summary
-from mnist_dist.rundir import RunDir, check_writable
+from mnist_dist.records import Summary
+from mnist_dist.rundir import check_writable
 
 MAX_TABLE_ROWS = 100  # misclassified test images sent to W&B at the end of a run
 
@@ -335,25 +333,6 @@ def make_tracker(
     if wants_wandb(config) and accelerator.is_main_process:
         return WandbTracker(accelerator, config, run_dir, run_config, say, run_id=run_id)
     return NoTracker()
-
-
-@dataclass
-class RunOutputs:
-    """Everywhere a run's records go: its files, the tracker and the console."""
-
-    files: RunDir
-    tracker: Tracker
-    console: RunConsole
-
-    def record_step(self, record: StepRecord) -> None:
-        self.files.append_step(record)
-        self.tracker.log(namespaced("train", record.to_dict()), step=record.global_step)
-        self.console.show_step(record.train_loss, record.images_per_second)
-
-    def record_epoch(self, record: EpochRecord) -> None:
-        self.files.append_epoch(record)
-        self.tracker.log(namespaced("epoch", record.to_dict()), step=record.global_step)
-        self.console.end_epoch(record.to_dict())
 
 
 def namespaced(prefix: str, record: dict[str, Any]) -> dict[str, Any]:
