@@ -65,7 +65,7 @@ def test_a_stop_between_two_fits_then_a_resume_gives_the_uninterrupted_weights(
     summary = train_here(*_args(data, out))  # the same command: --resume auto
     assert_bit_identical(layout.model, RunLayout(uninterrupted).model)
     assert summary.to_dict() == read_summary(out)
-    assert (summary["epochs_completed"], summary["global_step"]) == (2, 2 * STEPS_PER_EPOCH)
+    assert (summary.epochs_completed, summary.global_step) == (2, 2 * STEPS_PER_EPOCH)
     steps = [r["global_step"] for r in read_jsonl(layout.steps)]
     assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # no step twice, none missing
     assert [r["epoch"] for r in read_jsonl(layout.metrics)] == [1, 2]
