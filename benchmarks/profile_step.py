@@ -67,23 +67,23 @@ def trace_totals(trace_path: Path) -> tuple[int, float]:
 
 def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
     """Profile ``args.steps`` training steps after ``args.warmup`` untimed ones."""
-    tc = TrainConfig(
+    training = TrainConfig(
         global_batch_size=args.batch_size,
         mixed_precision=args.mixed_precision,
         channels_last=args.channels_last,
         compile=args.compile,
     )
-    dc = DataConfig(data_dir=args.data_dir, loader=args.loader)
-    if args.versus_plain and tc.mixed_precision == "fp16":
+    data_settings = DataConfig(data_dir=args.data_dir, loader=args.loader)
+    if args.versus_plain and training.mixed_precision == "fp16":
         raise SystemExit("--versus-plain: the bare loop has no fp16 grad scaler; use no or bf16")
-    accelerator = make_accelerator(tc.mixed_precision, static_graph=True)
+    accelerator = make_accelerator(training.mixed_precision, static_graph=True)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if args.versus_plain and world > 1:
         raise SystemExit("--versus-plain compares one process with a bare loop: run it alone")
-    tc.per_device_batch_size(world)
-    ensure_raw_files(accelerator, dc)
-    model, optimizer = build_model_and_optimizer(accelerator, tc, lr=OptimConfig().lr)
-    data = build_train_data(dc, tc.global_batch_size, world, rank, 0, device)
+    training.per_device_batch_size(world)
+    ensure_raw_files(accelerator, data_settings)
+    model, optimizer = build_model_and_optimizer(accelerator, training, lr=OptimConfig().lr)
+    data = build_train_data(data_settings, training.global_batch_size, world, rank, 0, device)
     batches = endless(data)
     total = args.warmup + args.steps
 
@@ -94,7 +94,7 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
     # One evaluation first, as a training run has had by its second epoch: its large batches
     # raise glibc's mmap threshold, and without that every fp32 step here took about 1,400
     # page faults (5.9-6.4 ms per step instead of 3.7) that a real run never sees.
-    evaluate(model, eval_batches(dc, world, rank, device), accelerator)
+    evaluate(model, eval_batches(data_settings, world, rank, device), accelerator)
     model.train()
     for i in range(args.warmup):
         step(i)
@@ -124,14 +124,14 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "device": str(device),
         "world_size": world,
-        "mixed_precision": tc.mixed_precision,
-        "channels_last": tc.channels_last,
-        "compile": tc.compile,
-        "loader": dc.loader,
-        "global_batch_size": tc.global_batch_size,
+        "mixed_precision": training.mixed_precision,
+        "channels_last": training.channels_last,
+        "compile": training.compile,
+        "loader": data_settings.loader,
+        "global_batch_size": training.global_batch_size,
         "steps": steps,
         "host_ms_per_step": seconds / steps * 1e3,
-        "images_per_second": steps * tc.global_batch_size / seconds,
+        "images_per_second": steps * training.global_batch_size / seconds,
         "top_level_ops_per_step": len(top_level) / steps,
         "aten_ops_per_step": len(events) / steps,
         "cuda_kernels_per_step": len(kernels) / steps if device.type == "cuda" else None,
@@ -139,7 +139,7 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
         "h2d_bytes_per_step": copied / steps if device.type == "cuda" else None,
     }
     if args.versus_plain:
-        result.update(versus_plain(args, tc, data, step, device))
+        result.update(versus_plain(args, training, data, step, device))
     accelerator.end_training()
     return {"summary": result, "table": table, "main": accelerator.is_main_process}
 
@@ -153,16 +153,16 @@ def endless(data: TrainData) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]
 
 def versus_plain(
     args: argparse.Namespace,
-    tc: TrainConfig,
+    training: TrainConfig,
     data: TrainData,
     harness_step: Callable[[int], None],
     device: torch.device,
 ) -> dict[str, Any]:
     """Per-step time of ``harness_step`` and of the bare step of row (b) (baselines.py), in
     ``args.versus_plain`` interleaved rounds of ``args.steps`` steps."""
-    model, optimizer = bare_model_and_optimizer(device, tc.channels_last)
+    model, optimizer = bare_model_and_optimizer(device, training.channels_last)
     autocast = torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=tc.mixed_precision == "bf16"
+        device.type, dtype=torch.bfloat16, enabled=training.mixed_precision == "bf16"
     )
     plain_batches = endless(data)
 

@@ -221,7 +221,7 @@ class Checkpointer:
         for old in complete_checkpoints(self.root)[: -self.keep]:
             shutil.rmtree(old)
 
-    def find(self, resume: str, warn: Callable[[str], None]) -> Checkpoint | None:
+    def find(self, resume: str, say: Callable[[str], None]) -> Checkpoint | None:
         """The checkpoint ``--resume`` names (``auto``: the newest intact one, or None;
         ``never``: None; a path: that one, or an error; a path into a run directory that
         already holds the branch started from it: the branch's newest). Same answer on every
@@ -229,7 +229,7 @@ class Checkpointer:
         found: list[str | None] = [None, None]  # path, error
         if self.accelerator.is_main_process:
             try:
-                path = self._find(resume, warn)
+                path = self._find(resume, say)
                 found[0] = None if path is None else str(path)
             except UsageError as e:
                 found[1] = str(e)
@@ -242,7 +242,7 @@ class Checkpointer:
         path = Path(found[0])
         return Checkpoint(path, TrainerState.from_json((path / STATE_FILE).read_text()))
 
-    def _find(self, resume: str, warn: Callable[[str], None]) -> Path | None:
+    def _find(self, resume: str, say: Callable[[str], None]) -> Path | None:
         choice = parse_resume(resume)
         if choice.never:
             return None
@@ -258,7 +258,7 @@ class Checkpointer:
                         f"({newer[-1].name}); resume into another --output-dir"
                     )
                 return path
-            own = self._find("auto", warn)
+            own = self._find("auto", say)
             if own is None:
                 return path  # a new branch
             branched_from = read_checkpoint(own).branched_from
@@ -273,7 +273,7 @@ class Checkpointer:
                 read_checkpoint(path)
                 return path
             except UsageError as e:
-                warn(f"warning: {e}; trying the previous checkpoint")
+                say(f"warning: {e}; trying the previous checkpoint")
         return None
 
 

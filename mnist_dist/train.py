@@ -124,45 +124,61 @@ def build(
 ) -> Run | Summary:
     """Everything a run needs, restored from its checkpoint if it has one; or the summary of
     the finished run its directory holds when there is nothing left to train."""
-    tc, cc = config.train, config.checkpoint
+    training, checkpointing = config.train, config.checkpoint
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    tc.per_device_batch_size(world)  # raises if it does not divide
+    training.per_device_batch_size(world)  # raises if it does not divide
     ensure_raw_files(accelerator, config.data)  # verified before anything is written
-    run_path = resolve_run_dir(accelerator, tc.output_dir, cc.resume)
+    run_path = resolve_run_dir(accelerator, training.output_dir, checkpointing.resume)
     run_dir = RunDir(run_path, accelerator.is_main_process)
-    train_data = build_train_data(config.data, tc.global_batch_size, world, rank, tc.seed, device)
+    train_data = build_train_data(
+        config.data, training.global_batch_size, world, rank, training.seed, device
+    )
     sharding = train_data.sharding
-    console = RunConsole(accelerator.is_main_process, tc.epochs, sharding.steps_per_epoch)
+    console = RunConsole(accelerator.is_main_process, training.epochs, sharding.steps_per_epoch)
     checkpointer = Checkpointer(
-        accelerator, run_dir.path, cc.keep_checkpoints, cc.checkpoint_every, started
+        accelerator,
+        run_dir.path,
+        checkpointing.keep_checkpoints,
+        checkpointing.checkpoint_every,
+        started,
     )
     checkpoint, branch = find_checkpoint(checkpointer, run_dir, config, console.print)
-    finished = None if branch else already_finished(run_dir, tc.epochs, console.print)
+    finished = None if branch else already_finished(run_dir, training.epochs, console.print)
     if finished is not None:
         console.close()
         return finished
 
-    set_seed(tc.seed)  # the same initial weights on every rank and world size
-    model, optimizer = build_model_and_optimizer(accelerator, tc, config.optim.lr)
+    set_seed(training.seed)  # the same initial weights on every rank and world size
+    model, optimizer = build_model_and_optimizer(accelerator, training, config.optim.lr)
     scheduler = epoch_lr_scheduler(optimizer, config.optim.lr_milestones, config.optim.lr_gamma)
     state = TrainerState(
-        seed=tc.seed,
-        global_batch_size=tc.global_batch_size,
+        seed=training.seed,
+        global_batch_size=training.global_batch_size,
         num_samples=sharding.num_samples,
         world_size=world,
         config=config.to_dict(),
     )
     if checkpoint is not None:
-        state = resume(accelerator, checkpoint, state, scheduler, console.print, tc.epochs, branch)
+        state = resume(
+            accelerator, checkpoint, state, scheduler, console.print, training.epochs, branch
+        )
         checkpointer.earlier_wall_seconds = state.run_wall_seconds
         run_dir.restore_records(state.history, state.global_step)
     # After the resume: a capture records the addresses of the restored optimizer state.
     engine, stats, reason = build_engine(
-        tc.cuda_graph, model, optimizer, accelerator, train_data, tc.grad_accum, console.print
+        training.cuda_graph,
+        model,
+        optimizer,
+        accelerator,
+        train_data,
+        training.grad_accum,
+        console.print,
     )
     launch = {**provenance(accelerator), **determinism, "step_engine": engine.name}
     tracker = record_start(accelerator, config, run_dir, state, checkpoint, launch, console.print)
-    announce(accelerator, tc, sharding.num_samples, run_dir, engine.name, reason, console.print)
+    announce(
+        accelerator, training, sharding.num_samples, run_dir, engine.name, reason, console.print
+    )
     loop = Loop(
         accelerator=accelerator,
         model=model,
@@ -174,7 +190,7 @@ def build(
         checkpointer=checkpointer,
         stop=StopControl(accelerator, run_dir.layout.stop),
         outputs=RunOutputs(run_dir, tracker, console),
-        log_every=tc.log_every,
+        log_every=training.log_every,
     )
     resumed = checkpoint is not None
     return Run(config, accelerator, run_dir, state, loop, tracker, resumed, started, engine.name)
@@ -200,7 +216,7 @@ def already_finished(run_dir: RunDir, epochs: int, say: Callable[[str], None]) -
 
 def announce(
     accelerator: Accelerator,
-    tc: TrainConfig,
+    training: TrainConfig,
     num_samples: int,
     run_dir: RunDir,
     engine: str,
@@ -212,10 +228,11 @@ def announce(
     say(
         f"mnist-dist: {describe_processes(accelerator)}, "
         f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
-        f"global batch {tc.global_batch_size} ({tc.per_device_batch_size(world)} per process), "
+        f"global batch {training.global_batch_size} "
+        f"({training.per_device_batch_size(world)} per process), "
         f"{num_samples} training images, run dir {run_dir.path}"
     )
-    deterministic = "on" if tc.deterministic else "off (--no-deterministic)"
+    deterministic = "on" if training.deterministic else "off (--no-deterministic)"
     say(f"step engine: {engine} ({reason}); deterministic algorithms {deterministic}")
 
 
@@ -285,7 +302,7 @@ def finish(run: Run) -> Summary:
 
 def summarize(run: Run) -> Summary:
     """The final figures of a run, for ``summary.json``."""
-    accelerator, state, tc = run.accelerator, run.state, run.config.train
+    accelerator, state, training = run.accelerator, run.state, run.config.train
     history = [EpochRecord.from_dict(r) for r in state.history]
     last, best = history[-1], max(history, key=lambda r: r.test_accuracy)
     train_seconds = sum(r.train_seconds or 0.0 for r in history)
@@ -304,13 +321,13 @@ def summarize(run: Run) -> Summary:
         world_size=accelerator.num_processes,
         distributed_type=accelerator.distributed_type.value,
         mixed_precision=accelerator.mixed_precision,
-        global_batch_size=tc.global_batch_size,
-        per_device_batch_size=tc.per_device_batch_size(accelerator.num_processes),
+        global_batch_size=training.global_batch_size,
+        per_device_batch_size=training.per_device_batch_size(accelerator.num_processes),
         epochs_completed=len(history),
         global_step=last.global_step,
         images_per_second=state.num_samples * len(history) / train_seconds,
         step_engine=run.engine_name,
-        deterministic=tc.deterministic,
+        deterministic=training.deterministic,
         segment_wall_seconds=segment_wall_seconds,
         run_wall_seconds=run.loop.checkpointer.earlier_wall_seconds + segment_wall_seconds,
         started_at=state.started_at,
@@ -319,17 +336,17 @@ def summarize(run: Run) -> Summary:
 
 
 def build_model_and_optimizer(
-    accelerator: Accelerator, tc: TrainConfig, lr: float
+    accelerator: Accelerator, training: TrainConfig, lr: float
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The reference CNN and Adam, on the device, with the speed options, prepared."""
     model = MnistCNN().to(accelerator.device)
-    if tc.channels_last:
+    if training.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # The fused kernel updates every parameter in one pass: one launch per step on CUDA, and on
     # this CPU 100 us per step instead of 340 us for the default per-parameter loop.
     fused = True if accelerator.device.type in ("cuda", "cpu") else None
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
-    if tc.compile:
+    if training.compile:
         model.compile()  # in place: state_dict keys (and so checkpoints) stay the same
     return accelerator.prepare(model, optimizer)
 

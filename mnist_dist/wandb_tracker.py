@@ -1,4 +1,4 @@
-"""The experiment tracker: W&B on the main process (every call to wandb is here), silent elsewhere."""
+"""The experiment tracker: W&B on the main process (every wandb call is here), silent elsewhere."""
 
 from __future__ import annotations
 
