@@ -16,6 +16,7 @@ import torch
 
 from mnist_dist.checkpoint import Checkpointer, TrainerState, complete_checkpoints
 from mnist_dist.errors import UsageError, WriteError
+from mnist_dist.layout import CHECKPOINTS_DIR, MANIFEST_FILE, STATE_FILE, RunLayout
 
 
 @pytest.fixture
@@ -46,17 +47,17 @@ def test_a_save_writes_a_folder_whose_manifest_lists_every_file_with_size_and_sh
     prepared, tmp_path
 ):
     path = Checkpointer(prepared, tmp_path, keep=3).save(at(1, 5))
-    assert path == tmp_path / "checkpoints" / "epoch-001-step-000005"
-    manifest = json.loads((path / "COMPLETE").read_text())
-    files = {p.name for p in path.iterdir()} - {"COMPLETE"}
+    assert path == RunLayout(tmp_path).checkpoints / "epoch-001-step-000005"
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    files = {p.name for p in path.iterdir()} - {MANIFEST_FILE}
     assert set(manifest) == files
-    assert {"model.safetensors", "optimizer.bin", "trainer_state.json"} <= files
+    assert {"model.safetensors", "optimizer.bin", STATE_FILE} <= files
     for name, entry in manifest.items():
         data = (path / name).read_bytes()
         assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = json.loads((path / STATE_FILE).read_text())
     assert (state["epoch"], state["step"], state["global_step"]) == (1, 5, 5)
-    assert names(tmp_path / "checkpoints") == ["epoch-001-step-000005"]  # nothing partial
+    assert names(RunLayout(tmp_path).checkpoints) == ["epoch-001-step-000005"]  # nothing partial
 
 
 def _damage_a_file(checkpoint: Path) -> None:
@@ -76,10 +77,10 @@ def test_an_incomplete_or_damaged_folder_is_never_resumed_and_partial_ones_are_p
     # What a killed or damaged write leaves behind, each at a newer position than ``good``:
     partial = root / ".partial-epoch-001-step-000010"  # killed during save_state
     shutil.copytree(good, partial)
-    (partial / "COMPLETE").unlink()
+    (partial / MANIFEST_FILE).unlink()
     unmarked = root / "epoch-001-step-000011"  # a folder without the manifest
     shutil.copytree(good, unmarked)
-    (unmarked / "COMPLETE").unlink()
+    (unmarked / MANIFEST_FILE).unlink()
     damaged = root / "epoch-001-step-000012"  # a manifest whose sha256 does not match
     shutil.copytree(good, damaged)
     _damage_a_file(damaged)
@@ -102,8 +103,11 @@ def test_an_incomplete_or_damaged_folder_is_never_resumed_and_partial_ones_are_p
 def test_keep_keeps_the_newest_complete_checkpoints(prepared, tmp_path):
     checkpointer = Checkpointer(prepared, tmp_path, keep=2)
     saved = [checkpointer.save(at(epoch, step)) for epoch, step in [(1, 3), (1, 6), (2, 0), (2, 3)]]
-    assert complete_checkpoints(tmp_path / "checkpoints") == saved[-2:]
-    assert names(tmp_path / "checkpoints") == ["epoch-002-step-000000", "epoch-002-step-000003"]
+    assert complete_checkpoints(RunLayout(tmp_path).checkpoints) == saved[-2:]
+    assert names(RunLayout(tmp_path).checkpoints) == [
+        "epoch-002-step-000000",
+        "epoch-002-step-000003",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -186,13 +190,15 @@ def test_a_failed_write_is_a_write_error_and_leaves_no_partial_folder(prepared, 
     message = str(failed.value)
     assert message.startswith(f"cannot write checkpoint {first.parent / 'epoch-001-step-000010'}:")
     assert "File too large" in message
-    assert names(tmp_path / "checkpoints") == ["epoch-001-step-000005"]  # no partial folder
+    assert names(RunLayout(tmp_path).checkpoints) == ["epoch-001-step-000005"]  # no partial folder
     assert checkpointer.newest() == first and not checkpointer.saved(at(1, 10))
     assert Checkpointer(prepared, tmp_path, keep=3).find("auto", no_warning).path == first
 
 
 def test_a_file_where_the_checkpoints_folder_must_go_is_a_write_error(prepared, tmp_path):
-    (tmp_path / "checkpoints").write_text("")  # not a folder: nothing can be written under it
+    (RunLayout(tmp_path).checkpoints).write_text(
+        ""
+    )  # not a folder: nothing can be written under it
     with pytest.raises(WriteError, match="Not a directory"):
         Checkpointer(prepared, tmp_path, keep=3).save(at(1, 5))
-    assert names(tmp_path) == ["checkpoints"] and (tmp_path / "checkpoints").is_file()
+    assert names(tmp_path) == [CHECKPOINTS_DIR] and (RunLayout(tmp_path).checkpoints).is_file()

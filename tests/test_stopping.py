@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from mnist_dist.errors import Stopped
+from mnist_dist.layout import RunLayout
 from mnist_dist.stopping import StopControl
 
 
@@ -71,7 +72,7 @@ def test_stopped_is_the_error_that_names_the_position_and_the_main_process_remov
     stop_file.write_text("")
     control = StopControl(one_process(is_main), stop_file)
     assert control.now()
-    checkpoint = tmp_path / "checkpoints" / "epoch-002-step-000004"
+    checkpoint = RunLayout(tmp_path).checkpoint(2, 4)
     error = control.stopped("epoch 2, step 4 (global step 20)", checkpoint)
     assert isinstance(error, Stopped) and error.exit_code == 75
     assert str(error) == (
