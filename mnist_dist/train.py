@@ -135,15 +135,11 @@ def build(
     )
     sharding = train_data.sharding
     console = RunConsole(accelerator.is_main_process, training.epochs, sharding.steps_per_epoch)
-    checkpointer = Checkpointer(
-        accelerator,
-        run_dir.path,
-        checkpointing.keep_checkpoints,
-        checkpointing.checkpoint_every,
-        started,
-    )
-    checkpoint, branch = find_checkpoint(checkpointer, run_dir, config, console.print)
-    finished = None if branch else already_finished(run_dir, training.epochs, console.print)
+    say = console.print
+    keep, every = checkpointing.keep_checkpoints, checkpointing.checkpoint_every
+    checkpointer = Checkpointer(accelerator, run_dir.path, keep, every, started)
+    checkpoint, branch = find_checkpoint(checkpointer, run_dir, config, say)
+    finished = None if branch else already_finished(run_dir, training.epochs, say)
     if finished is not None:
         console.close()
         return finished
@@ -159,26 +155,16 @@ def build(
         config=config.to_dict(),
     )
     if checkpoint is not None:
-        state = resume(
-            accelerator, checkpoint, state, scheduler, console.print, training.epochs, branch
-        )
+        state = resume(accelerator, checkpoint, state, scheduler, say, training.epochs, branch)
         checkpointer.earlier_wall_seconds = state.run_wall_seconds
         run_dir.restore_records(state.history, state.global_step)
     # After the resume: a capture records the addresses of the restored optimizer state.
     engine, stats, reason = build_engine(
-        training.cuda_graph,
-        model,
-        optimizer,
-        accelerator,
-        train_data,
-        training.grad_accum,
-        console.print,
+        training.cuda_graph, model, optimizer, accelerator, train_data, training.grad_accum, say
     )
     launch = {**provenance(accelerator), **determinism, "step_engine": engine.name}
-    tracker = record_start(accelerator, config, run_dir, state, checkpoint, launch, console.print)
-    announce(
-        accelerator, training, sharding.num_samples, run_dir, engine.name, reason, console.print
-    )
+    tracker = record_start(accelerator, config, run_dir, state, checkpoint, launch, say)
+    announce(accelerator, training, sharding.num_samples, run_dir, engine.name, reason, say)
     loop = Loop(
         accelerator=accelerator,
         model=model,

@@ -206,37 +206,9 @@ class WandbTracker:
                     if isinstance(v, (int, float, str))
                 }
             )
-            # W&B's chart wants one (true, predicted) pair per image; the matrix holds the counts.
-            pairs = [
-                (true, predicted)
-                for true, row in enumerate(final.confusion)
-                for predicted, count in enumerate(row)
-                for _ in range(count)
-            ]
-            table = wandb.Table(
-                columns=["index", "image", "true", "predicted", "p_predicted", "p_true"]
-            )
-            for m in final.misclassified[:MAX_TABLE_ROWS]:
-                table.add_data(
-                    m.index,
-                    wandb.Image(np.asarray(m.image, dtype=np.uint8)),
-                    m.true_label,
-                    m.predicted,
-                    m.probabilities[m.predicted],
-                    m.probabilities[m.true_label],
-                )
             faults.point("wandb.log")
             self.accelerator.log(
-                {
-                    "global_step": summary.global_step,
-                    "test/confusion_matrix": wandb.plot.confusion_matrix(
-                        y_true=[t for t, _ in pairs],
-                        preds=[p for _, p in pairs],
-                        class_names=[str(d) for d in range(len(final.confusion))],
-                        title="Test set confusion matrix",
-                    ),
-                    "test/misclassified": table,
-                }
+                {"global_step": summary.global_step, **_final_charts(wandb, final)}
             )
             artifact = wandb.Artifact(
                 f"mnist-cnn-{self.run.id}", type="model", metadata=_plain(summary.to_dict())
@@ -281,6 +253,36 @@ class WandbTracker:
             self.say(f"W&B run {run.id} recorded offline; upload it with: wandb sync {place}")
         elif report:
             self.say(f"W&B run {run.id}: {run.url}")
+
+
+def _final_charts(wandb: Any, final: EvalResult) -> dict[str, Any]:
+    """The test set's confusion matrix and a table of misclassified images, as W&B objects."""
+    # W&B's chart wants one (true, predicted) pair per image; the matrix holds the counts.
+    pairs = [
+        (true, predicted)
+        for true, row in enumerate(final.confusion)
+        for predicted, count in enumerate(row)
+        for _ in range(count)
+    ]
+    table = wandb.Table(columns=["index", "image", "true", "predicted", "p_predicted", "p_true"])
+    for m in final.misclassified[:MAX_TABLE_ROWS]:
+        table.add_data(
+            m.index,
+            wandb.Image(np.asarray(m.image, dtype=np.uint8)),
+            m.true_label,
+            m.predicted,
+            m.probabilities[m.predicted],
+            m.probabilities[m.true_label],
+        )
+    return {
+        "test/confusion_matrix": wandb.plot.confusion_matrix(
+            y_true=[t for t, _ in pairs],
+            preds=[p for _, p in pairs],
+            class_names=[str(d) for d in range(len(final.confusion))],
+            title="Test set confusion matrix",
+        ),
+        "test/misclassified": table,
+    }
 
 
 def _prepare_wandb_environ(mode: str) -> None:
