@@ -58,6 +58,7 @@ CHECKPOINTS_DIR = "checkpoints"
 # Inside a checkpoint folder:
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "COMPLETE"  # written last: every file of the checkpoint with size and sha256
+CHECKPOINT_MODEL_FILE = "model.safetensors"  # Accelerate's save_state name for the weights
 PARTIAL_PREFIX = ".partial-"  # a checkpoint folder still being written
 
 RUNS_DIR = "runs"  # where a run without --output-dir gets a folder of its own

@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mnist_dist.errors import UsageError, WriteError, first_line, write_failure
+from mnist_dist.layout import CHECKPOINT_MODEL_FILE
 from mnist_dist.model import MnistCNN, ModelConfig
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
@@ -67,8 +68,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig
     """Tensors and model config from a safetensors export, a checkpoint folder or a torch
     ``state_dict`` file. The format is read from the file's first bytes, not its name."""
     path = Path(path)
-    if path.is_dir() and (path / "model.safetensors").exists():
-        path = path / "model.safetensors"  # a checkpoint folder: its model weights
+    if path.is_dir() and (path / CHECKPOINT_MODEL_FILE).exists():
+        path = path / CHECKPOINT_MODEL_FILE  # a checkpoint folder: its model weights
     try:
         with open(path, "rb") as f:
             head = f.read(16)
