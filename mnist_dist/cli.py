@@ -52,8 +52,8 @@ class _Parser(argparse.ArgumentParser):
         it is a prefix of (what argparse would have guessed), else the nearest by spelling."""
         flags = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
         for name in (e.split("=", 1)[0] for e in extras if e.startswith("--") and len(e) > 2):
-            close = [f for f in flags if f.startswith(name)]
-            if close := close or difflib.get_close_matches(name, flags, n=1):
+            prefixed = [f for f in flags if f.startswith(name)]
+            if close := prefixed or difflib.get_close_matches(name, flags, n=1):
                 return f"; did you mean {'one of ' if len(close) > 1 else ''}{', '.join(close)}?"
         return ""
 
@@ -137,30 +137,24 @@ def add_settings(
     """Add one flag per field of ``sections`` (or per field named in ``only``); every default is
     SUPPRESS, so a flag not given overrides nothing."""
     for section, cls in sections.items():
-        group = parser.add_argument_group(f"{section} settings")
+        group = parser.add_argument_group(f"{section} settings", argument_default=argparse.SUPPRESS)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if only is None or f.name in only:
                 env = f" (env {f.metadata['env']})" if f.metadata["env"] else ""
-                group.add_argument(
-                    flag_name(f),
-                    dest=f"{section}.{f.name}",
-                    default=argparse.SUPPRESS,
-                    help=f.metadata["help"] + env + _default_note(f),
-                    **_value_kwargs(f, hints[f.name]),
-                )
+                kwargs = _value_kwargs(f, hints[f.name])
+                kwargs["help"] = f.metadata["help"] + env + _default_note(f)
+                group.add_argument(flag_name(f), dest=f"{section}.{f.name}", **kwargs)
 
 
 def _value_kwargs(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
     """How a flag takes its value: a switch, one of a set (argparse lists them), a list ("5,8"
     or "5 8"; split in ``_check_type``), a count that may be "all", or one typed value."""
     args = typing.get_args(tp)
-    if type(None) in args:  # `X | None`: only a count has a word ("all") for None
-        return (
-            {"type": _positive_or_none, "metavar": "N"}
-            if args[0] is int
-            else _value_kwargs(f, args[0])
-        )
+    if type(None) in args and args[0] is int:  # a count: "all" (or "none") means no limit
+        return {"type": _positive_or_none, "metavar": "N"}
+    if type(None) in args:  # any other `X | None`: None is no value to type on a command line
+        return _value_kwargs(f, args[0])
     if tp is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(tp) is Literal:
