@@ -199,8 +199,9 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
             if f.metadata["env"] and os.environ.get(f.metadata["env"]):
                 values[f.name] = os.environ[f.metadata["env"]]
         values.update(file.get(name, {}))
+        # Flags were stored as "section.name" (argparse's dest), in the order they were given.
         values.update(
-            {k[len(name) + 1 :]: v for k, v in vars(args).items() if k.startswith(name + ".")}
+            {k.partition(".")[2]: v for k, v in vars(args).items() if k.startswith(f"{name}.")}
         )
         built[name] = cls(**{k: _check_type(fields[k], hints[k], v) for k, v in values.items()})
     return Config(**built)
