@@ -8,9 +8,8 @@ import dataclasses
 import difflib
 import json
 import os
-import types
 import typing
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -34,19 +33,16 @@ class _Parser(argparse.ArgumentParser):
         # argparse would take `--epoch 1` as `--epochs 1` without a word; a typo in a flag must
         # be an error (with a suggestion), and a flag added later must not change what an old
         # abbreviation meant.
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> tuple[argparse.Namespace, list[str]]:
         # A sub-command's parser receives every argument after the sub-command's name, so
         # anything it does not know is unknown for good: report it here, where the help to point
         # to is the sub-command's, not the top-level parser's.
-        parsed, extras = super().parse_known_args(args, namespace)
+        parsed, extras = super().parse_known_args(*args, **kwargs)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(extras)}")
         return parsed, extras
@@ -56,13 +52,9 @@ class _Parser(argparse.ArgumentParser):
         it is a prefix of (what argparse would have guessed), else the nearest by spelling."""
         flags = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
         for name in (e.split("=", 1)[0] for e in extras if e.startswith("--") and len(e) > 2):
-            close = [f for f in flags if f.startswith(name)] or difflib.get_close_matches(
-                name, flags, n=1
-            )
-            if len(close) == 1:
-                return f"; did you mean {close[0]}?"
-            if close:
-                return f"; did you mean one of {', '.join(close)}?"
+            prefixed = [f for f in flags if f.startswith(name)]
+            if close := prefixed or difflib.get_close_matches(name, flags, n=1):
+                return f"; did you mean {'one of ' if len(close) > 1 else ''}{', '.join(close)}?"
         return ""
 
 
@@ -145,31 +137,30 @@ def add_settings(
     """Add one flag per field of ``sections`` (or per field named in ``only``); every default is
     SUPPRESS, so a flag not given overrides nothing."""
     for section, cls in sections.items():
-        group = parser.add_argument_group(f"{section} settings")
+        group = parser.add_argument_group(f"{section} settings", argument_default=argparse.SUPPRESS)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if only is None or f.name in only:
                 env = f" (env {f.metadata['env']})" if f.metadata["env"] else ""
-                group.add_argument(
-                    flag_name(f),
-                    dest=f"{section}.{f.name}",
-                    default=argparse.SUPPRESS,
-                    help=f.metadata["help"] + env + _default_note(f),
-                    **_value_kwargs(f, _base_type(hints[f.name])),
-                )
+                kwargs = _value_kwargs(f, hints[f.name])
+                kwargs["help"] = f.metadata["help"] + env + _default_note(f)
+                group.add_argument(flag_name(f), dest=f"{section}.{f.name}", **kwargs)
 
 
 def _value_kwargs(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
     """How a flag takes its value: a switch, one of a set (argparse lists them), a list ("5,8"
     or "5 8"; split in ``_check_type``), a count that may be "all", or one typed value."""
+    args = typing.get_args(tp)
+    if type(None) in args and args[0] is int:  # a count: "all" (or "none") means no limit
+        return {"type": _positive_or_none, "metavar": "N"}
+    if type(None) in args:  # any other `X | None`: None is no value to type on a command line
+        return _value_kwargs(f, args[0])
     if tp is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(tp) is Literal:
-        return {"choices": list(typing.get_args(tp))}
+        return {"choices": list(args)}
     if typing.get_origin(tp) is tuple:
-        return {"nargs": "+", "metavar": "TAG" if typing.get_args(tp)[0] is str else "EPOCH"}
-    if tp is int and f.default is None:
-        return {"type": _positive_or_none, "metavar": "N"}
+        return {"nargs": "+", "metavar": "TAG" if args[0] is str else "EPOCH"}
     return {"type": tp, "metavar": f.name.upper()}  # not the internal dest "SECTION.NAME"
 
 
@@ -177,14 +168,12 @@ def _default_note(f: dataclasses.Field) -> str:
     """The one default a flag's help shows: ``shown_default`` if the field has one, else its
     value; nothing for a ``None`` that nobody explained."""
     shown = f.metadata["shown_default"]
-    value = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-    if shown is None and value is not None and value is not dataclasses.MISSING:
-        if isinstance(value, bool):
-            shown = "on" if value else "off"
-        elif isinstance(value, tuple):
-            shown = ",".join(map(str, value)) or "none"
-        else:
-            shown = str(value)
+    if shown is None and f.default is not None:  # every field has a default (no factories)
+        shown = f.default
+        if isinstance(shown, bool):
+            shown = "on" if shown else "off"
+        elif isinstance(shown, tuple):
+            shown = ",".join(map(str, shown)) or "none"
     return "" if shown is None else f" [default: {shown}]"
 
 
@@ -195,128 +184,103 @@ def _positive_or_none(text: str) -> int | None:
 
 def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS) -> Config:
     """Resolve defaults <- environment <- config file <- flags into a validated ``Config``."""
-    layered: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    file = load_config_file(args.config) if getattr(args, "config", None) else {}
     # `accelerate launch` passes its config's mixed_precision in this variable: it counts as a
     # default, so multi_gpu_bf16.yaml means bf16 unless the file or a flag says otherwise.
     launcher_precision = os.environ.get(LAUNCHER_PRECISION_ENV, "").lower()
-    if launcher_precision in ("no", "fp16", "bf16") and "train" in layered:
-        layered["train"]["mixed_precision"] = launcher_precision
+    built = {}
     for name, cls in sections.items():
-        for f in dataclasses.fields(cls):
+        hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        if name == "train" and launcher_precision in ("no", "fp16", "bf16"):
+            values["mixed_precision"] = launcher_precision
+        for f in fields.values():
             # An empty variable counts as unset (job templates often export `NAME=`).
             if f.metadata["env"] and os.environ.get(f.metadata["env"]):
-                layered[name][f.name] = os.environ[f.metadata["env"]]
-    if getattr(args, "config", None):
-        for section, values in load_config_file(args.config).items():
-            if section in layered:
-                layered[section].update(values)
-    for key, value in vars(args).items():
-        section, _, name = key.partition(".")
-        if name and section in layered:
-            layered[section][name] = value
-    built = {}
-    for name, values in layered.items():
-        cls = sections[name]
-        hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
-        built[name] = cls(**{k: _check_type(fields[k], v, hints[k]) for k, v in values.items()})
+                values[f.name] = os.environ[f.metadata["env"]]
+        values.update(file.get(name, {}))
+        # Flags were stored as "section.name" (argparse's dest), in the order they were given.
+        values.update(
+            {k.partition(".")[2]: v for k, v in vars(args).items() if k.startswith(f"{name}.")}
+        )
+        built[name] = cls(**{k: _check_type(fields[k], hints[k], v) for k, v in values.items()})
     return Config(**built)
 
 
-def _check_type(f: dataclasses.Field, value: Any, annotation: Any) -> Any:
-    """Values from a config file arrive untyped: accept what the field's type accepts, or say so."""
-    tp = _base_type(annotation)
+def _check_type(f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    """Values from a config file or the environment arrive untyped: accept what the field's type
+    accepts, or say so."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if value is None and tp is not annotation:  # an optional field
-        return None
-    if origin is tuple:
-        expected = "a list of strings" if args[0] is str else "a list of integers"
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            value = ",".join(value)  # "5 8" from the command line, or a list of tags
-        if isinstance(value, str):
-            return tuple(_parse_list(value, args[0]))
-        if isinstance(value, list) and all(_is(v, args[0]) for v in value):
-            return tuple(value)
-    elif origin is Literal:
+    if type(None) in args:  # `X | None`: None, or what X accepts
+        return None if value is None else _check_type(f, args[0], value)
+    if origin is Literal:
         expected = "one of " + ", ".join(map(str, args))
         if value in args:
             return value
+    elif origin is tuple:
+        expected = "a list of strings" if args[0] is str else "a list of integers"
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)  # "5 8" from the command line, or a list of tags
+        if isinstance(value, str):  # tags split at commas; epochs at commas or spaces
+            text = value if args[0] is str else value.replace(" ", ",")
+            try:
+                return tuple(args[0](part.strip()) for part in text.split(",") if part.strip())
+            except ValueError:  # only epochs fail to convert: a tag is any text
+                raise UsageError(f"{flag_name(f)} expects epochs like 5,8, got {value!r}") from None
+        if isinstance(value, list) and all(type(v) is args[0] for v in value):
+            return tuple(value)
     else:
         expected = tp.__name__
-        if _is(value, tp):
-            return float(value) if tp is float else value
+        # Exact types, as YAML and JSON give them: a bool is not a number, an int is a float.
+        if type(value) is tp or (tp is float and type(value) is int):
+            return tp(value)
     raise UsageError(f"invalid value {value!r} for {flag_name(f)} (expected {expected})")
-
-
-def _is(value: Any, tp: type) -> bool:
-    """``isinstance`` as a config file means it: a bool is not a number, an int is a float."""
-    if isinstance(value, bool):
-        return tp is bool
-    return isinstance(value, (int, float) if tp is float else tp)
-
-
-def _base_type(tp: Any) -> Any:
-    """``int | None`` -> int; other annotations unchanged."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return next(a for a in typing.get_args(tp) if a is not type(None))
-    return tp
-
-
-def _parse_list(text: str, item: type) -> list[Any]:
-    """Tags split at commas; epochs at commas or spaces."""
-    if item is str:
-        return [part.strip() for part in text.split(",") if part.strip()]
-    try:
-        return [int(part) for part in text.replace(" ", ",").split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"--lr-milestones expects epochs like 5,8, got {text!r}") from None
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML or JSON config file shaped like ``Config.to_dict()``: a mapping per section."""
     p = Path(path)
-
-    def bad(problem: str) -> UsageError:
-        return UsageError(f"config file {p}{problem}")
-
     try:
         text = p.read_text(encoding="utf-8")
+        raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except OSError as e:
         raise UsageError(f"cannot read config file {p}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise bad(f" is not UTF-8 text (byte {e.start}: {e.reason})") from None
-    try:
-        raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        problem = f" is not UTF-8 text (byte {e.start}: {e.reason})"
     except json.JSONDecodeError as e:
-        raise bad(f", line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}") from None
+        problem = f", line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}"
     except yaml.YAMLError as e:
-        raise bad(_yaml_error(e, text)) from None
-    if raw is None:
-        return {}
+        problem = _yaml_error(e, text)
+    else:
+        raw = {} if raw is None else raw
+        if not (problem := _shape_error(raw)):
+            return raw
+    raise UsageError(f"config file {p}{problem}")
+
+
+def _shape_error(raw: Any) -> str:
+    """What is wrong with the shape of a parsed config file, or ""."""
     if not isinstance(raw, dict):
-        raise bad(f" must hold a mapping of sections, got {type(raw).__name__}")
+        return f" must hold a mapping of sections, got {type(raw).__name__}"
     raw.pop("provenance", None)  # a run's own config.yaml can be fed back as --config
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise bad(f": unknown section(s) {unknown}; expected {list(SECTIONS)}")
+    if unknown := sorted(set(raw) - set(SECTIONS)):
+        return f": unknown section(s) {unknown}; expected {list(SECTIONS)}"
     for section, values in raw.items():
         if not isinstance(values, dict):
-            raise bad(f": section {section!r} must be a mapping")
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(SECTIONS[section])})
-        if unknown:
-            raise bad(f": unknown key(s) {unknown} in section {section!r}")
-    return raw
+            return f": section {section!r} must be a mapping"
+        if unknown := sorted(set(values) - {f.name for f in dataclasses.fields(SECTIONS[section])}):
+            return f": unknown key(s) {unknown} in section {section!r}"
+    return ""
 
 
 def _yaml_error(error: yaml.YAMLError, text: str) -> str:
-    """Where yaml found a problem (", line L, column C", 1-based as editors count, when it knows)
-    and what, without the source excerpt it appends over several lines."""
-    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    if mark is None and isinstance(error, yaml.reader.ReaderError):  # a bad character: offset
-        line = text.count("\n", 0, error.position) + 1
-        column = error.position - text.rfind("\n", 0, error.position)
-        where = f", line {line}, column {column}"
-    problem, context = getattr(error, "problem", None), getattr(error, "context", None)
-    if problem and context:
-        problem = f"{problem} ({context})"
-    return f"{where}: not valid YAML: {problem or first_line(error)}"
+    """Where yaml found a problem (", line L, column C", 1-based as editors count) and what,
+    without the source excerpt it appends over several lines."""
+    if isinstance(error, yaml.reader.ReaderError):  # a bad character: yaml gives its offset only
+        line = text.count("\n", 0, error.position)
+        column = error.position - text.rfind("\n", 0, error.position) - 1
+        problem = first_line(error)
+    else:  # safe_load's other errors all carry the problem and where it is
+        line, column = error.problem_mark.line, error.problem_mark.column
+        problem = f"{error.problem} ({error.context})" if error.context else error.problem
+    return f", line {line + 1}, column {column + 1}: not valid YAML: {problem}"
