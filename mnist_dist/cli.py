@@ -232,7 +232,8 @@ def _check_type(f: dataclasses.Field, tp: Any, value: Any) -> Any:
     else:
         expected = tp.__name__
         # Exact types, as YAML and JSON give them: a bool is not a number, an int is a float.
-        if type(value) is tp or (tp is float and type(value) is int):
+        # An int too large for a float (1 followed by 400 zeros) is not a number here either.
+        if type(value) is tp or (tp is float and type(value) is int and abs(value) < 2**1024):
             return tp(value)
     raise UsageError(f"invalid value {value!r} for {flag_name(f)} (expected {expected})")
 
@@ -263,12 +264,13 @@ def _shape_error(raw: Any) -> str:
     if not isinstance(raw, dict):
         return f" must hold a mapping of sections, got {type(raw).__name__}"
     raw.pop("provenance", None)  # a run's own config.yaml can be fed back as --config
-    if unknown := sorted(set(raw) - set(SECTIONS)):
+    if unknown := sorted(set(raw) - set(SECTIONS), key=str):  # YAML keys may be numbers too
         return f": unknown section(s) {unknown}; expected {list(SECTIONS)}"
     for section, values in raw.items():
         if not isinstance(values, dict):
             return f": section {section!r} must be a mapping"
-        if unknown := sorted(set(values) - {f.name for f in dataclasses.fields(SECTIONS[section])}):
+        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        if unknown := sorted(set(values) - known, key=str):
             return f": unknown key(s) {unknown} in section {section!r}"
     return ""
 

@@ -72,6 +72,11 @@ def test_launcher_precision_is_a_default_that_flags_override(monkeypatch):
         ({"train": {"epochz": 3}}, "unknown key(s) ['epochz']"),
         ({"model": {}}, "unknown section(s) ['model']"),
         ({"train": {"mixed_precision": "fp8"}}, "--mixed-precision"),
+        # YAML keys may be numbers: listed, not compared with the strings
+        ({"train": {1: 2, "zeta": 1}}, "unknown key(s) [1, 'zeta']"),
+        ({1: {}, "zeta": {}}, "unknown section(s) [1, 'zeta']"),
+        # an integer no float can hold
+        ({"optim": {"lr": 10**400}}, "for --lr (expected float)"),
     ],
 )
 def test_bad_config_files_are_usage_errors(tmp_path, content, message):
