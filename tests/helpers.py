@@ -5,9 +5,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,3 +268,21 @@ def run_cli_in_terminal(*args: str, timeout: float = 300) -> tuple[int, str]:
             break
     os.close(master)
     return proc.wait(timeout=30), output.decode(errors="replace")
+
+
+@contextmanager
+def file_size_limit(max_bytes: int) -> Iterator[None]:
+    """Writes past ``max_bytes`` fail in this process with EFBIG ("File too large"), as the
+    kernel enforces RLIMIT_FSIZE; SIGXFSZ, which would end the process, is ignored meanwhile.
+
+    Every write of the process is limited, pytest's own output included: keep the block around
+    the product's writes, inside the test body (never in a fixture, whose teardown comes after
+    pytest reports the test)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)

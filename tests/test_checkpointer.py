@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import shutil
-import signal
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import file_size_limit
 
 from mnist_dist.checkpoint import Checkpointer, TrainerState, complete_checkpoints
 from mnist_dist.errors import UsageError, WriteError
@@ -166,20 +164,6 @@ def test_find_auto_never_and_a_path(prepared, tmp_path):
     other = Checkpointer(prepared, tmp_path / "other", keep=3)
     branched = other.find(str(older), no_warning)
     assert branched is not None and branched.path == older and not other.holds(branched)
-
-
-@contextmanager
-def file_size_limit(max_bytes: int):
-    """Writes past ``max_bytes`` fail in this process with EFBIG ("File too large"), as the
-    kernel enforces RLIMIT_FSIZE; SIGXFSZ, which would end the process, is ignored meanwhile."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
 
 
 def test_a_failed_write_is_a_write_error_and_leaves_no_partial_folder(prepared, tmp_path):

@@ -4,14 +4,12 @@ and ``RunDir``'s writes, in this process; the records against those a real run w
 from __future__ import annotations
 
 import json
-import resource
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_tiny_mnist, run_cli
+from helpers import file_size_limit, make_tiny_mnist, run_cli
 
 from mnist_dist.config import CheckpointConfig
 from mnist_dist.errors import UsageError, WriteError
@@ -206,26 +204,14 @@ def test_a_record_that_is_not_one_says_why(kind, raw, message):
 # --- RunDir's atomic writes ----------------------------------------------------------------
 
 
-@pytest.fixture
-def file_size_limit():
-    """Writes beyond 64 bytes in this process fail with EFBIG, as a nearly full disk fails."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killed process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
-
-
-def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, file_size_limit):
+def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path):
     run_dir = RunDir(tmp_path, enabled=True)
     run_dir.write_status("running", epoch=1)
     before = run_dir.layout.status.read_text()
-    with pytest.raises(WriteError, match=r"^cannot write .*summary\.json: File too large$"):
-        run_dir.write_summary({"message": "x" * 200})
-    run_dir.write_status("failed", message="y" * 200)  # best effort: says nothing
+    with file_size_limit(64):  # as a nearly full disk fails
+        with pytest.raises(WriteError, match=r"^cannot write .*summary\.json: File too large$"):
+            run_dir.write_summary({"message": "x" * 200})
+        run_dir.write_status("failed", message="y" * 200)  # best effort: says nothing
     assert run_dir.layout.status.read_text() == before
     assert not run_dir.layout.summary.exists()
     assert [p.name for p in tmp_path.iterdir()] == [run_dir.layout.status.name]
