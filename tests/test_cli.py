@@ -1,4 +1,8 @@
-"""The command line end to end: evaluate, predict, and one-line errors with exit code 2."""
+"""The command line end to end: evaluate, predict, and one-line errors with exit code 2.
+
+Most commands run in this process (``run_here``); a few run ``python -m mnist_dist`` in a real
+process, so that the module entry point and its exit codes are tested as a user meets them:
+train (a complete run, and a missing dataset), evaluate and predict of the reference weights."""
 
 import argparse
 import dataclasses
