@@ -2,7 +2,8 @@
 
 Most commands run in this process (``run_here``); a few run ``python -m mnist_dist`` in a real
 process, so that the module entry point and its exit codes are tested as a user meets them:
-train (a complete run, and a missing dataset), evaluate and predict of the reference weights."""
+train (a complete run, and a missing dataset), evaluate and predict of the reference weights,
+download into a wrong --data-dir."""
 
 import argparse
 import dataclasses
@@ -451,7 +452,9 @@ def test_data_dir_pointing_into_mnist_raw_names_the_right_one(
         "evaluate": ["--weights", str(reference_weights)],
         "download": [],
     }[command]
-    result = run_here(command, "--data-dir", data_dir, *extra)
+    # download's one test through a real process (test_download runs it in this one).
+    run = run_cli if command == "download" else run_here
+    result = run(command, "--data-dir", data_dir, *extra)
     assert_usage_error(
         result,
         f"itself holds the MNIST files; pass the folder that contains MNIST/raw: "
