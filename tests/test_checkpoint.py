@@ -438,7 +438,9 @@ def test_a_branch_may_change_settings_and_records_where_it_came_from(data, tmp_p
     origin = first / CHECKPOINTS_DIR / "epoch-002-step-000000"
     branch = tmp_path / "b"
     args = ("--resume", str(origin), "--lr", "0.01", "--lr-milestones", "2")
-    result = train(data, branch, *args)
+    # A child: started_at has whole seconds, and a run in this process can start within the
+    # second the first run started in; a child's start takes longer than that.
+    result = run_cli(*train_args(data, branch, *args))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line for line in result.stdout.splitlines() if line.startswith("note:")] == [
         f"note: branching from {origin}, trained with --lr 0.001 --lr-milestones 5,8; this "
