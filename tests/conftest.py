@@ -4,9 +4,11 @@ environment points elsewhere), and a tiny IDX dataset the tests write themselves
 Devices. The suite must pass on a machine with a CUDA GPU as on one without. Every process a
 test starts gets ``CUDA_VISIBLE_DEVICES=""`` (``helpers._env``), so the tests of CPU behaviour
 (device cpu, fp16 refused, gloo ranks) hold there too; tests that run code in this process put
-their tensors on the CPU explicitly. The GPU path has its own tests, marked ``gpu``
-(``pytest -m gpu``): they start mnist-dist with the GPUs visible (``helpers.gpu_env``) and are
-skipped, all with one reason, where this process sees no CUDA GPU.
+their tensors on the CPU explicitly, and a command run "in this process" (``helpers.run_here``)
+runs in a child there, since CUDA reads ``CUDA_VISIBLE_DEVICES`` only once per process. The GPU
+path has its own tests, marked ``gpu`` (``pytest -m gpu``): they start mnist-dist with the GPUs
+visible (``helpers.gpu_env``) and are skipped, all with one reason, where this process sees no
+CUDA GPU.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from helpers import (
     read_jsonl,
     read_summary,
     run_cli,
+    run_here,
     start_cli,
     wait_for_step,
 )
@@ -56,7 +57,9 @@ def train_args(data: Path, out: Path, *extra: str, epochs: int = 2) -> list[str]
 
 
 def train(data: Path, out: Path, *extra: str, launched: bool = False, env=None, epochs=2):
-    run = launch_cli if launched else run_cli
+    # The faults (the only ``env`` given) are injected at a child's start: those runs are
+    # children; the others run in this process.
+    run = launch_cli if launched else run_cli if env else run_here
     return run(*train_args(data, out, *extra, epochs=epochs), env=env)
 
 
@@ -282,7 +285,7 @@ def test_mid_epoch_checkpoint_refuses_another_batch_size(data, tmp_path):
     out = tmp_path / "run"
     assert train(data, out, "--checkpoint-every", "5", epochs=1).returncode == 0
     mid = out / CHECKPOINTS_DIR / "epoch-001-step-000015"
-    result = run_cli(
+    result = run_here(
         "train", "--data-dir", str(data), "--output-dir", str(tmp_path / "b"),
         "--batch-size", "64", "--resume", str(mid),
     )  # fmt: skip
@@ -326,14 +329,14 @@ def test_evaluate_reads_a_checkpoint_folder_and_names_a_truncated_one(data, tmp_
     out = tmp_path / "run"
     assert train(data, out, epochs=1).returncode == 0
     folder = out / CHECKPOINTS_DIR / "epoch-002-step-000000"
-    ok = run_cli("evaluate", "--weights", str(folder), "--data-dir", str(data), "--json")
+    ok = run_here("evaluate", "--weights", str(folder), "--data-dir", str(data), "--json")
     assert ok.returncode == 0, ok.stderr[-3000:]
     [report] = ok.json_lines()
     assert report["test_correct"] == read_summary(out)["test_correct"]
 
     model = folder / "model.safetensors"
     model.write_bytes(model.read_bytes()[:5000])
-    bad = run_cli("evaluate", "--weights", str(folder), "--data-dir", str(data))
+    bad = run_here("evaluate", "--weights", str(folder), "--data-dir", str(data))
     assert bad.returncode == EXIT_USAGE
     [line] = bad.error_lines()
     assert f"{model} is not a readable safetensors weights file" in line
@@ -435,7 +438,9 @@ def test_a_branch_may_change_settings_and_records_where_it_came_from(data, tmp_p
     origin = first / CHECKPOINTS_DIR / "epoch-002-step-000000"
     branch = tmp_path / "b"
     args = ("--resume", str(origin), "--lr", "0.01", "--lr-milestones", "2")
-    result = train(data, branch, *args)
+    # A child: started_at has whole seconds, and a run in this process can start within the
+    # second the first run started in; a child's start takes longer than that.
+    result = run_cli(*train_args(data, branch, *args))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line for line in result.stdout.splitlines() if line.startswith("note:")] == [
         f"note: branching from {origin}, trained with --lr 0.001 --lr-milestones 5,8; this "

@@ -1,4 +1,9 @@
-"""The command line end to end: evaluate, predict, and one-line errors with exit code 2."""
+"""The command line end to end: evaluate, predict, and one-line errors with exit code 2.
+
+Most commands run in this process (``run_here``); a few run ``python -m mnist_dist`` in a real
+process, so that the module entry point and its exit codes are tested as a user meets them:
+train (a complete run, and a missing dataset), evaluate and predict of the reference weights,
+download into a wrong --data-dir."""
 
 import argparse
 import dataclasses
@@ -9,7 +14,7 @@ import typing
 
 import pytest
 import torch
-from helpers import launch_cli, read_summary, run_cli
+from helpers import launch_cli, read_summary, run_cli, run_here
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -43,7 +48,7 @@ def test_evaluate_reference_weights_scores_9917(mnist_dir, reference_weights):
 
 
 def test_evaluate_with_the_torchvision_loader_agrees(mnist_dir, reference_weights):
-    result = run_cli(
+    result = run_here(
         "evaluate",
         "--weights",
         str(reference_weights),
@@ -181,9 +186,9 @@ TRAIN_HELP = "(see `mnist-dist train --help`)"
 )
 def test_bad_flags_exit_2_with_one_line(args, fragments, tmp_path):
     assert_usage_error(
-        run_cli(*args, "--output-dir", str(tmp_path / "o"))
+        run_here(*args, "--output-dir", str(tmp_path / "o"))
         if args[0] == "train"
-        else run_cli(*args),
+        else run_here(*args),
         *fragments,
     )
 
@@ -199,7 +204,7 @@ def test_missing_dataset_is_one_line_naming_the_download_command(tmp_path):
 def test_truncated_idx_file_is_one_line(tiny_mnist, tmp_path):
     images = tiny_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:5000])
-    result = run_cli("train", "--data-dir", str(tiny_mnist), "--output-dir", str(tmp_path / "o"))
+    result = run_here("train", "--data-dir", str(tiny_mnist), "--output-dir", str(tmp_path / "o"))
     assert_usage_error(result, "train-images-idx3-ubyte is truncated")
 
 
@@ -207,7 +212,7 @@ def test_output_dir_holding_a_run_is_never_overwritten(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / METRICS_FILE).write_text('{"epoch": 1}\n')
-    result = run_cli("train", "--data-dir", str(tiny_mnist), "--output-dir", str(out))
+    result = run_here("train", "--data-dir", str(tiny_mnist), "--output-dir", str(out))
     assert_usage_error(result, "already holds a run")
     assert (out / METRICS_FILE).read_text() == '{"epoch": 1}\n'
 
@@ -215,7 +220,7 @@ def test_output_dir_holding_a_run_is_never_overwritten(tiny_mnist, tmp_path):
 def test_unwritable_output_dir_is_one_line(tiny_mnist, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")  # a directory cannot be created under a file, not even by root
-    result = run_cli("train", "--data-dir", str(tiny_mnist), "--output-dir", str(blocker / "run"))
+    result = run_here("train", "--data-dir", str(tiny_mnist), "--output-dir", str(blocker / "run"))
     assert_usage_error(result, "cannot write to output directory")
 
 
@@ -259,20 +264,20 @@ def test_bad_weights_exit_2_with_one_line_naming_the_file(
 ):
     path, fragment = _weights_cases(tmp_path, reference_weights)[case]
     extra = ["--data-dir", str(tiny_mnist)] if command == "evaluate" else [str(tmp_path / "x.png")]
-    result = run_cli(command, "--weights", str(path), *extra)
+    result = run_here(command, "--weights", str(path), *extra)
     assert_usage_error(result, str(path), fragment)
 
 
 def test_predict_rejects_a_file_that_is_not_an_image(reference_weights, tmp_path):
     bogus = tmp_path / "notes.png"
     bogus.write_text("not an image")
-    result = run_cli("predict", "--weights", str(reference_weights), str(bogus))
+    result = run_here("predict", "--weights", str(reference_weights), str(bogus))
     assert_usage_error(result, "cannot read image", str(bogus))
 
 
 def _help(*command: str) -> str:
     """The help text of a command with its line wrapping undone."""
-    result = run_cli(*command, "--help")
+    result = run_here(*command, "--help")
     assert result.returncode == 0, result.stderr
     return " ".join(result.stdout.split())
 
@@ -363,14 +368,14 @@ def _mnist_copy_with_damaged_training_images(mnist_dir, root, damage):
 def test_evaluate_needs_only_the_test_split(damage, mnist_dir, reference_weights, tmp_path):
     data = tmp_path / "data"
     images = _mnist_copy_with_damaged_training_images(mnist_dir, data, damage)
-    result = run_cli(
+    result = run_here(
         "evaluate", "--weights", str(reference_weights), "--data-dir", str(data), "--json"
     )
     assert result.returncode == 0, result.stderr
     [report] = result.json_lines()
     assert (report["test_correct"], report["test_total"]) == (9917, 10000)
     # Training reads both splits: the same folder still fails, naming the file.
-    train = run_cli("train", "--data-dir", str(data), "--output-dir", str(tmp_path / "o"))
+    train = run_here("train", "--data-dir", str(data), "--output-dir", str(tmp_path / "o"))
     expected = f"{images} is truncated" if damage == "truncated" else f"missing {images.name}"
     assert_usage_error(train, expected)
 
@@ -383,7 +388,7 @@ def _text(path, text="hello world, these are not weights\n"):
 @pytest.mark.parametrize("name", ["notes.pth", "notes.safetensors", "notes.bin"])
 def test_a_text_file_is_named_for_what_it_holds_not_for_its_name(name, tmp_path):
     path = _text(tmp_path / name)
-    result = run_cli("predict", "--weights", str(path), str(tmp_path / "x.png"))
+    result = run_here("predict", "--weights", str(path), str(tmp_path / "x.png"))
     assert_usage_error(
         result,
         f"{path} is not a weights file: it is neither a PyTorch checkpoint (zip or pickle) nor "
@@ -394,7 +399,7 @@ def test_a_text_file_is_named_for_what_it_holds_not_for_its_name(name, tmp_path)
 def test_an_empty_weights_file_says_it_is_empty(tmp_path):
     path = tmp_path / "empty.safetensors"
     path.write_bytes(b"")
-    result = run_cli("predict", "--weights", str(path), str(tmp_path / "x.png"))
+    result = run_here("predict", "--weights", str(path), str(tmp_path / "x.png"))
     assert_usage_error(result, f"{path} is not a weights file", "(it is empty)")
 
 
@@ -406,7 +411,7 @@ def test_a_truncated_safetensors_file_says_it_is_truncated(reference_weights, tm
     for cut, words in ((5000, "its header describes"), (100, "its header alone announces")):
         path = tmp_path / f"cut-{cut}.safetensors"
         path.write_bytes(data[:cut])
-        result = run_cli("predict", "--weights", str(path), str(tmp_path / "x.png"))
+        result = run_here("predict", "--weights", str(path), str(tmp_path / "x.png"))
         assert_usage_error(
             result,
             f"{path} is not a readable safetensors weights file: it is truncated: {cut} bytes, "
@@ -431,7 +436,7 @@ def test_weights_load_whatever_their_name(written_as, suffix, reference_weights,
 def test_a_torch_state_dict_named_safetensors_evaluates(mnist_dir, reference_weights, tmp_path):
     path = tmp_path / "model.safetensors"
     shutil.copy(reference_weights, path)
-    result = run_cli("evaluate", "--weights", str(path), "--data-dir", str(mnist_dir), "--json")
+    result = run_here("evaluate", "--weights", str(path), "--data-dir", str(mnist_dir), "--json")
     assert result.returncode == 0, result.stderr
     assert result.json_lines()[0]["test_correct"] == 9917
 
@@ -447,7 +452,9 @@ def test_data_dir_pointing_into_mnist_raw_names_the_right_one(
         "evaluate": ["--weights", str(reference_weights)],
         "download": [],
     }[command]
-    result = run_cli(command, "--data-dir", data_dir, *extra)
+    # download's one test through a real process (test_download runs it in this one).
+    run = run_cli if command == "download" else run_here
+    result = run(command, "--data-dir", data_dir, *extra)
     assert_usage_error(
         result,
         f"itself holds the MNIST files; pass the folder that contains MNIST/raw: "

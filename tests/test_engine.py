@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_bit_identical, read_summary, run_cli
+from helpers import assert_bit_identical, read_summary, run_here
 
 from mnist_dist.data import Sharding, TensorTrainData
 from mnist_dist.determinism import CUBLAS_WORKSPACE_ENV, set_determinism
@@ -140,7 +140,7 @@ def test_deterministic_settings_are_applied():
 
 def _train(tmp_path, tiny_mnist, name: str, *flags: str):
     out = tmp_path / name
-    result = run_cli(
+    result = run_here(
         "train", "--data-dir", str(tiny_mnist), "--epochs", "2", "--batch-size", "48",
         "--output-dir", str(out), *flags,
     )  # fmt: skip
@@ -196,7 +196,7 @@ def test_cuda_graph_on_with_the_torchvision_loader_says_why_it_stays_eager(tmp_p
 
 
 def test_cuda_graph_rejects_an_unknown_mode(tiny_mnist):
-    result = run_cli("train", "--data-dir", str(tiny_mnist), "--cuda-graph", "maybe")
+    result = run_here("train", "--data-dir", str(tiny_mnist), "--cuda-graph", "maybe")
     assert result.returncode == 2
     assert result.error_lines() and "--cuda-graph" in result.error_lines()[0]
 

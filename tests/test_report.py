@@ -8,6 +8,7 @@ from helpers import (
     make_tiny_mnist,
     read_jsonl,
     run_cli,
+    run_here,
     start_cli,
     wait_for_step,
 )
@@ -24,7 +25,7 @@ def two_runs(tmp_path_factory):
     runs = []
     for name, lr, epochs in (("slow", "1e-4", "2"), ("fast", "3e-3", "3")):
         out = root / name
-        result = run_cli(
+        result = run_here(
             "train", "--data-dir", str(data), "--output-dir", str(out), "--epochs", epochs,
             "--batch-size", "32", "--lr", lr,
         )  # fmt: skip
@@ -35,7 +36,7 @@ def two_runs(tmp_path_factory):
 
 def test_one_run_prints_every_epoch_from_metrics_jsonl(two_runs):
     run = two_runs[1]
-    result = run_cli("report", str(run))
+    result = run_here("report", str(run))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == [
@@ -57,7 +58,7 @@ def test_one_run_prints_every_epoch_from_metrics_jsonl(two_runs):
 
 
 def test_several_runs_side_by_side(two_runs):
-    result = run_cli("report", *map(str, two_runs))
+    result = run_here("report", *map(str, two_runs))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["slow", "fast"]
@@ -72,7 +73,7 @@ def test_several_runs_side_by_side(two_runs):
 
 def test_plot_writes_a_png_of_the_curves(two_runs, tmp_path):
     png = tmp_path / "curves.png"
-    result = run_cli("report", *map(str, two_runs), "--plot", str(png))
+    result = run_here("report", *map(str, two_runs), "--plot", str(png))
     assert result.returncode == 0, result.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
@@ -97,7 +98,7 @@ def test_bad_run_directory_is_one_line(problem, tmp_path):
         (run / METRICS_FILE).write_text("")
     elif problem == "not-json":
         (run / METRICS_FILE).write_text("epoch 1\n{}\n")
-    result = run_cli("report", str(run))
+    result = run_here("report", str(run))
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
     expected = {
