@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -232,9 +233,9 @@ def _check_type(f: dataclasses.Field, tp: Any, value: Any) -> Any:
     else:
         expected = tp.__name__
         # Exact types, as YAML and JSON give them: a bool is not a number, an int is a float.
-        # An int too large for a float (1 followed by 400 zeros) is not a number here either.
-        if type(value) is tp or (tp is float and type(value) is int and abs(value) < 2**1024):
-            return tp(value)
+        if type(value) is tp or (tp is float and type(value) is int):
+            with contextlib.suppress(OverflowError):  # an int no float can hold: a bad value
+                return tp(value)
     raise UsageError(f"invalid value {value!r} for {flag_name(f)} (expected {expected})")
 
 

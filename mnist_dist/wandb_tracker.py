@@ -199,19 +199,16 @@ class WandbTracker:
         try:
             import wandb
 
+            figures = summary.to_dict()
             self.run.summary.update(
-                {
-                    f"final/{k}": v
-                    for k, v in summary.to_dict().items()
-                    if isinstance(v, (int, float, str))
-                }
+                {f"final/{k}": v for k, v in figures.items() if isinstance(v, (int, float, str))}
             )
             faults.point("wandb.log")
             self.accelerator.log(
                 {"global_step": summary.global_step, **_final_charts(wandb, final)}
             )
             artifact = wandb.Artifact(
-                f"mnist-cnn-{self.run.id}", type="model", metadata=_plain(summary.to_dict())
+                f"mnist-cnn-{self.run.id}", type="model", metadata=_plain(figures)
             )
             artifact.add_file(str(model_path))
             self.run.log_artifact(artifact, aliases=["latest", "final"])
