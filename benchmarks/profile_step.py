@@ -41,13 +41,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from baselines import bare_model_and_optimizer, bare_step, synchronize  # row (b), this folder
+from baselines import (  # rows (b) and (c), this folder
+    CapturableStep,
+    bare_model_and_optimizer,
+    bare_step,
+    captured_model_and_optimizer,
+    synchronize,
+)
 from torch.profiler import ProfilerActivity, profile
 
 from mnist_dist.config import DataConfig, OptimConfig, TrainConfig
-from mnist_dist.data import TrainData, build_train_data, ensure_raw_files, eval_batches
+from mnist_dist.data import (
+    Sharding,
+    TensorTrainData,
+    TrainData,
+    build_train_data,
+    ensure_raw_files,
+    eval_batches,
+)
 from mnist_dist.distributed import make_accelerator
-from mnist_dist.engine import train_step
+from mnist_dist.engine import CapturedStep, EpochStats, train_step
 from mnist_dist.evaluate import evaluate
 from mnist_dist.train import build_model_and_optimizer
 
@@ -187,6 +200,72 @@ def versus_plain(
         "harness_ms_per_step": statistics.median(harness_per_step) * 1e3,
         "harness_speed_vs_plain": statistics.median(ratios),
         "harness_speed_vs_plain_range": [min(ratios), max(ratios)],
+    }
+
+
+def count_ops(run: Callable[[], None]) -> tuple[int, int]:
+    """(top-level ATen ops, all ATen ops) that one call of ``run`` dispatches."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top_level = [
+        e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")
+    ]
+    return len(top_level), len(events)
+
+
+def captured_step_op_counts(batch_size: int = 64, warmup: int = 3) -> dict[str, Any]:
+    """The ops of one step of the CUDA graph mnist-dist captures, run eagerly on the CPU (what
+    the graph records, op for op), against row (c)'s captured step (``baselines.py``), both on
+    a full batch of ``batch_size``; mnist-dist's also on the short last batch. fp32, fused
+    capturable Adam, deterministic algorithms on (the defaults). No GPU needed: a replay
+    launches one kernel per ATen op that reaches the device, so fewer ops is a cheaper graph.
+    """
+    torch.use_deterministic_algorithms(True)
+    try:
+        num_samples = 3 * batch_size + batch_size // 8  # three full batches and a short one
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(num_samples, 1, 28, 28, generator=generator)
+        labels = torch.randint(0, 10, (num_samples,), generator=generator)
+        device = torch.device("cpu")
+
+        model, optimizer = captured_model_and_optimizer(device)
+        bare = CapturableStep(model, optimizer, images, labels, batch_size)
+        bare.load_epoch(torch.arange(num_samples))
+        for _ in range(warmup):
+            bare.step_index.zero_()
+            bare()
+        bare.step_index.zero_()
+        optimizer.zero_grad(set_to_none=True)  # as at its capture: the backward writes afresh
+        row_c = count_ops(bare)
+
+        accelerator = make_accelerator("no")
+        model, optimizer = build_model_and_optimizer(accelerator, TrainConfig(), lr=1e-3)
+        sharding = Sharding(num_samples, batch_size, 1, 0, seed=0)
+        data = TensorTrainData(images, labels, sharding)
+        stats = EpochStats(sharding.steps_per_epoch, device)
+        engine = CapturedStep(model, optimizer, None, data, stats, grad_accum=1)
+        for epoch in range(1, warmup + 1):  # every kind of step, ``warmup`` times
+            for _ in engine.run_epoch(epoch, 0):
+                pass
+        # The eager form of the captured step (``zero_grad``, which dispatches no op, then the
+        # step): the second one (the first also loads the epoch's order), and the last.
+        steps = engine.run_epoch(warmup + 1, 0)
+        next(steps)
+        ours_full = count_ops(lambda: next(steps))
+        next(steps)
+        ours_short = count_ops(lambda: next(steps))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    return {
+        "device": "cpu",
+        "torch": torch.__version__,
+        "row_c_top_level_ops": row_c[0],
+        "row_c_aten_ops": row_c[1],
+        "captured_top_level_ops": ours_full[0],
+        "captured_aten_ops": ours_full[1],
+        "captured_short_batch_top_level_ops": ours_short[0],
+        "captured_short_batch_aten_ops": ours_short[1],
     }
 
 

@@ -4,6 +4,7 @@
 ``CapturedStep`` records the whole step once as a CUDA graph (gather, forward, loss, backward,
 the fused optimizer, the epoch figures) and then launches it with one call per step: a small
 model on a fast GPU is otherwise bound by the host's launches (7-9 us each, ~70 per step).
+Both spell the forward pass, the loss and the accuracy once, in ``forward_backward``.
 
 Both write each step's (summed loss, correct predictions) into ``EpochStats`` on the device, so
 the loop never waits for the device between steps; the loop reads the figures, and checks them
@@ -13,7 +14,7 @@ for a non-finite loss, only where it syncs anyway (log steps, checkpoints, the e
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Protocol
 
 import numpy as np
@@ -23,6 +24,7 @@ from accelerate import Accelerator
 
 from mnist_dist import faults
 from mnist_dist.data import TensorTrainData, TrainData
+from mnist_dist.errors import MnistDistError, first_line
 
 # Steps run before a capture so that lazy initialisation (cuBLAS/cuDNN handles, the optimizer's
 # state, autograd's buffers) happens outside the graph; the CUDA graphs notes of PyTorch use 3.
@@ -35,6 +37,15 @@ class EpochStats:
 
     def __init__(self, steps_per_epoch: int, device: torch.device) -> None:
         self.values = torch.zeros(steps_per_epoch, 2, dtype=torch.float32, device=device)
+        self.rows = torch.arange(steps_per_epoch, device=device).unsqueeze(1)
+
+    def write(self, position: torch.Tensor, figures: torch.Tensor) -> None:
+        """Write ``figures`` into the row ``position`` (a one-element device tensor) names: two
+        element-wise kernels, deterministic and capturable. An indexed write would not be:
+        under deterministic algorithms ``index_copy_`` on CUDA becomes ``index_put_`` with a
+        sort (about ten more kernels), and on some torch versions a host sync that fails the
+        capture (fixed upstream by pytorch/pytorch#125952)."""
+        torch.where(self.rows == position, figures, self.values, out=self.values)
 
     def sums(self, start: int, stop: int) -> torch.Tensor:
         """(summed loss, correct) over steps ``start`` to ``stop`` (exclusive), in float64."""
@@ -58,12 +69,23 @@ class StepEngine(Protocol):
 
 
 def lr_value(lr: float | torch.Tensor) -> float:
-    """An LR as a Python float. A captured step keeps it in a float32 tensor on the device
-    (reading it is a host sync): that float32 is given as its shortest decimal, so 1e-3 reads
-    0.001 and not 0.0010000000474974513."""
+    """An LR as a Python float. A captured step keeps it in a tensor on the device (reading it
+    is a host sync). A float32 one is given as its shortest decimal, so 1e-3 reads 0.001 and
+    not 0.0010000000474974513."""
     if isinstance(lr, torch.Tensor):
-        return float(np.format_float_positional(np.float32(lr.item()), unique=True))
+        if lr.dtype == torch.float32:
+            return float(np.format_float_positional(np.float32(lr.item()), unique=True))
+        return float(lr.item())
     return lr
+
+
+def lr_tensor(lr: float, device: torch.device) -> torch.Tensor:
+    """The LR of a capturable optimizer: a tensor on ``device`` that MultiStepLR fills in place.
+    On CUDA float32, as the fused kernels read a tensor LR as float (the value a float LR
+    becomes there too); elsewhere float64, since the CPU's fused kernel reads it as a double
+    (so the step equals the one with a float LR bit for bit)."""
+    dtype = torch.float32 if device.type == "cuda" else torch.float64
+    return torch.tensor(lr, dtype=dtype, device=device)
 
 
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -110,14 +132,20 @@ class EagerStep:
             yield step
 
 
-class CapturedStep:
-    """The whole optimizer step as one CUDA graph, replayed once per step (one process).
+class CudaUnusableError(MnistDistError):
+    """A failed CUDA graph capture left the CUDA context unusable (a device-side assert, an
+    illegal address): no eager fallback can run in this process."""
 
-    The graph reads fixed buffers: the epoch's permutation padded to whole batches, a 0/1 mask
-    that hides the padding of the short last batch, each step's loss scale, and a step counter
-    on the device that picks the row of each. The optimizer is Adam with ``capturable=True``
-    and its LR in a device tensor, which MultiStepLR fills in place, so the schedule needs no
-    new capture. Without a graph (before ``capture``) the same step runs eagerly.
+
+class CapturedStep:
+    """The whole optimizer step as a CUDA graph, replayed once per step (one process).
+
+    The graph reads fixed buffers: the epoch's permutation padded to whole batches and a step
+    counter on the device that picks its row. Every batch of an epoch is full but the last one
+    may be short: it has a graph of its own, for its size, so no step pays for masking padded
+    images. The optimizer is Adam with ``capturable=True`` and its LR in a device tensor, which
+    MultiStepLR fills in place, so the schedule needs no new capture. Without graphs (before
+    ``capture``) the same steps run eagerly.
     """
 
     name = "cuda-graph"
@@ -138,20 +166,27 @@ class CapturedStep:
         self.prepared_optimizer, self.optimizer = optimizer, _inner(optimizer)
         self.data, self.stats, self.grad_accum = data, stats, grad_accum
         device = data.images.device
-        steps, batch = sharding.steps_per_epoch, sharding.global_batch_size
+        steps = sharding.steps_per_epoch
+        batch = sharding.global_batch_size
         self.order = torch.zeros(steps, batch, dtype=torch.int64, device=device)
-        real = torch.arange(steps * batch).view(steps, batch) < sharding.num_samples
-        self.mask = real.float().to(device)
-        # The gradient is that of the mean loss over the real images of the batch.
-        self.scale = (1.0 / real.sum(dim=1).double()).float().to(device)
         self.position = torch.zeros(1, dtype=torch.int64, device=device)
+        # Training forward passes of this process, counted on the device for a fault handler
+        # at ``train.loss`` (a replay runs no Python); counted only while one is installed.
+        self.forwards = torch.zeros(1, dtype=torch.int64, device=device)
+        # The step of each batch size: (size, the first step of the epoch with that size).
+        last = sharding.global_batch_size_at(steps - 1)
+        self.shapes = {sharding.global_batch_size_at(0): 0}
+        self.shapes.setdefault(last, steps - 1)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.eager_settings = [(g["lr"], g["capturable"]) for g in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
-            # float32: the fused CUDA kernels read a tensor LR as float.
             lr = lr_value(group["lr"])  # a float, or a tensor restored from a checkpoint
-            group["lr"] = torch.tensor(lr, dtype=torch.float32, device=device)
-            group["capturable"] = True
-        self.graph: torch.cuda.CUDAGraph | None = None
+            group["lr"], group["capturable"] = lr_tensor(lr, device), True
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The full batches' graph, once captured."""
+        return self.graphs.get(self.data.sharding.global_batch_size_at(0))
 
     def run_epoch(self, epoch: int, start_step: int) -> Iterator[int]:
         sharding = self.data.sharding
@@ -160,62 +195,129 @@ class CapturedStep:
         self.order.copy_(padded.view_as(self.order))
         self.position.fill_(start_step)
         for step in range(start_step, sharding.steps_per_epoch):
-            if self.graph is not None:
-                self.graph.replay()  # its backward writes the gradients afresh
+            size = sharding.global_batch_size_at(step)
+            graph = self.graphs.get(size)
+            if graph is not None:
+                graph.replay()  # its backward writes the gradients afresh
             else:
                 self.optimizer.zero_grad(set_to_none=True)
-                self.step()
+                self.step(size)
             yield step
 
-    def step(self) -> None:
-        """One optimizer step on the batch at ``position``; advances ``position``."""
+    def step(self, size: int) -> None:
+        """One optimizer step on the first ``size`` images of the batch at ``position`` (all of
+        them but in the short last batch); advances ``position``."""
         indices = self.order.index_select(0, self.position).view(-1)
-        mask = self.mask.index_select(0, self.position).view(-1)
+        if size < len(indices):
+            indices = indices[:size]
         images = self.data.images.index_select(0, indices)
         labels = self.data.labels.index_select(0, indices)
-        scale = self.scale.index_select(0, self.position).view(())
-        backward = (lambda t: self.scaler.scale(t).backward()) if self.scaler else None
-        figures = masked_forward_backward(
-            self.model, images, labels, mask, scale, self.grad_accum, backward
-        )
-        self.stats.values.index_copy_(0, self.position, figures.unsqueeze(0))
-        faults.point("train.step")  # runs while the graph is recorded, not at its replays
+        backward = (lambda t: self.scaler.scale(t).backward()) if self.scaler else _backward
+        figures = forward_backward(
+            self.model, images, labels, self.grad_accum, 1.0 / size, backward,
+            loss_fault=self.loss_fault,
+        )  # fmt: skip
+        self.stats.write(self.position, figures)
+        faults.point("train.step")  # runs while a graph is recorded, not at its replays
         stepped_optimizer(self.prepared_optimizer).step()
         self.position.add_(1)
 
+    def loss_fault(self, loss: torch.Tensor) -> torch.Tensor:
+        """The ``train.loss`` fault point of the captured step. Its handler also gets
+        ``forwards``, this process's training forward passes so far (1 in the first), as a
+        device tensor: a graph records what the handler did once, so a handler that changes
+        one forward pass's loss does it with tensor ops, e.g. ``torch.where(forwards == n, ...)``,
+        which every replay then evaluates anew. Adds nothing to the graph without a handler."""
+        if not faults.installed("train.loss"):
+            return loss
+        self.forwards.add_(1)
+        return faults.value("train.loss", loss, forwards=self.forwards)
+
     def capture(self) -> None:
-        """Record ``step`` as a CUDA graph. The warm-up steps this needs leave no trace: the
+        """Record a graph per batch size. The warm-up steps this needs leave no trace: the
         weights, the optimizer's and the scaler's state are put back as they were. Raises
-        whatever the capture raised (then the step stays eager and untouched)."""
+        whatever the capture raised; then the step stays eager, on the default stream, as it
+        was, unless the failure left CUDA unusable: then ``CudaUnusableError``."""
         saved = _TrainingState(self.model, self.optimizer, self.scaler)
-        captured = False
+        cuda = self.data.images.device.type == "cuda"
+        graphs: dict[int, torch.cuda.CUDAGraph] = {}
         try:
-            cuda = self.data.images.device.type == "cuda"
             side = torch.cuda.Stream() if cuda else None
             if side is not None:  # warm up off the default stream, as capture requires
                 side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side) if side is not None else nullcontext():
-                for _ in range(WARMUP_STEPS):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.step()
-            if side is not None:
-                torch.cuda.current_stream().wait_stream(side)
-            # Gradients allocated inside the capture live in the graph's memory pool, and
-            # each replay writes them afresh.
-            self.optimizer.zero_grad(set_to_none=True)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.step()
-            self.graph, captured = graph, True
-        finally:
-            saved.restore()
-            self.position.zero_()
-            if not captured:  # leave the optimizer as the eager step expects it
+            try:
+                with torch.cuda.stream(side) if side is not None else nullcontext():
+                    for size, step in self.shapes.items():
+                        for _ in range(WARMUP_STEPS):
+                            self.position.fill_(step)
+                            self.optimizer.zero_grad(set_to_none=True)
+                            self.step(size)
+            finally:
+                if side is not None:
+                    torch.cuda.current_stream().wait_stream(side)
+            for size, step in self.shapes.items():
+                self.position.fill_(step)
+                # Gradients allocated inside the capture live in the graph's memory pool, and
+                # each replay writes them afresh.
                 self.optimizer.zero_grad(set_to_none=True)
-                for group, (lr, capturable) in zip(
-                    self.optimizer.param_groups, self.eager_settings, strict=True
-                ):
-                    group["lr"], group["capturable"] = lr, capturable
+                graphs[size] = record_graph(lambda size=size: self.step(size))
+        except Exception as e:
+            if cuda and not cuda_usable():
+                raise CudaUnusableError(
+                    f"the CUDA graph capture failed ({type(e).__name__}: {first_line(e)}) and "
+                    "left the GPU unusable; rerun with --cuda-graph off"
+                ) from e
+            self._restore(saved, eager=True)
+            raise
+        self._restore(saved, eager=False)
+        self.graphs = graphs
+
+    def _restore(self, saved: _TrainingState, eager: bool) -> None:
+        saved.restore()
+        self.position.zero_()
+        self.forwards.zero_()
+        if eager:  # leave the optimizer as the eager step expects it
+            self.optimizer.zero_grad(set_to_none=True)
+            for group, (lr, capturable) in zip(
+                self.optimizer.param_groups, self.eager_settings, strict=True
+            ):
+                group["lr"], group["capturable"] = lr, capturable
+
+
+def record_graph(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """``step`` recorded as a CUDA graph, on a side stream (capture needs one).
+
+    ``torch.cuda.graph``'s exit ends the capture before it leaves the stream context: after an
+    op failed inside, ``capture_end`` raises "operation failed due to a previous error during
+    capture", which replaces the real cause, and the stream context is never left, so
+    everything after runs on the side stream. Here the stream context is always left, and the
+    error raised is the op's."""
+    torch.cuda.synchronize()  # as torch.cuda.graph does: free what can be freed first
+    torch.cuda.empty_cache()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        graph.capture_begin()
+        try:
+            step()
+        except BaseException:
+            # End the stream's capture. After a failed op this raises too; the op's error,
+            # raised below, is the cause.
+            with suppress(Exception):
+                graph.capture_end()
+            raise
+        graph.capture_end()
+    return graph
+
+
+def cuda_usable() -> bool:
+    """Whether CUDA still runs work in this process (a device-side assert poisons the context
+    for good: every later call fails)."""
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").add_(1).item()
+    except Exception:
+        return False
+    return True
 
 
 class _TrainingState:
@@ -250,32 +352,52 @@ class _TrainingState:
             self.scaler.load_state_dict(self.scaler_state)  # fills its tensors in place
 
 
-def masked_forward_backward(
+def forward_loss(
     model: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    mask: torch.Tensor,
-    scale: torch.Tensor,
+    loss_fault: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward pass of a training batch: its summed cross-entropy (float32, through the
+    ``train.loss`` fault point, or ``loss_fault``) and its correct predictions (float32)."""
+    logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+    loss = loss_fault(loss) if loss_fault is not None else faults.value("train.loss", loss)
+    correct = (logits.argmax(dim=1) == labels).sum(dtype=loss.dtype)
+    return loss, correct
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
     grad_accum: int,
-    backward: Callable[[torch.Tensor], None] | None = None,
+    scale: float,
+    backward: Callable[[torch.Tensor], None],
+    no_sync: Callable[[], AbstractContextManager[object]] | None = None,
+    out: torch.Tensor | None = None,
+    loss_fault: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Forward and backward of a fixed-shape batch whose padding has ``mask`` 0, in
-    ``grad_accum`` micro-batches. The gradient is that of ``scale`` times the summed
-    cross-entropy of the real images, exactly: padded images add 0 to the loss and to every
-    gradient. Returns (summed loss, correct predictions) of the real images, float32."""
+    """Forward and backward of a batch in ``grad_accum`` micro-batches, the one definition of
+    both step engines: the gradient is that of ``scale`` times the summed cross-entropy
+    (``backward`` runs on that product). ``no_sync``: the context for every micro-batch but
+    the last (DDP's, so that gradients are all-reduced once). Returns (summed loss, correct
+    predictions), float32 (written into ``out`` if given)."""
+    if grad_accum == 1:  # the common case, without the split and the sum
+        loss, correct = forward_loss(model, images, labels, loss_fault)
+        backward(loss * scale)
+        return torch.stack([loss.detach(), correct], out=out)
     figures = []
-    for x, y, m in zip(
-        images.tensor_split(grad_accum),
-        labels.tensor_split(grad_accum),
-        mask.tensor_split(grad_accum),
-        strict=True,
-    ):
-        logits = model(x)
-        loss = (F.cross_entropy(logits.float(), y, reduction="none") * m).sum()
-        (backward or torch.Tensor.backward)(loss * scale)
-        correct = ((logits.argmax(dim=1) == y) * m).sum()
+    micro_batches = list(
+        zip(images.tensor_split(grad_accum), labels.tensor_split(grad_accum), strict=True)
+    )
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with nullcontext() if last or no_sync is None else no_sync():
+            loss, correct = forward_loss(model, x, y, loss_fault)
+            backward(loss * scale)
         figures.append(torch.stack([loss.detach(), correct]))
-    return figures[0] if len(figures) == 1 else torch.stack(figures).sum(dim=0)
+    return torch.sum(torch.stack(figures), dim=0, out=out)
 
 
 def train_step(
@@ -296,31 +418,16 @@ def train_step(
     (summed loss, correct predictions) on the device, in float32 (written into ``out`` if
     given). On a GPU every op is a kernel launch: the step adds as few as it can.
     """
-    scale = accelerator.num_processes / global_batch_size
-    if grad_accum == 1:  # the common case, without the split and the stack
-        logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        loss = faults.value("train.loss", loss)
-        backward(accelerator, loss * scale)
-        correct = (logits.argmax(dim=1) == labels).sum(dtype=loss.dtype)
-        optimizer_step(optimizer)
-        return torch.stack([loss.detach(), correct], out=out)
-    stats = []
-    micro_batches = list(
-        zip(images.tensor_split(grad_accum), labels.tensor_split(grad_accum), strict=True)
-    )
-    for i, (x, y) in enumerate(micro_batches):
-        # Gradients are all-reduced only on the last micro-batch.
-        sync = i == len(micro_batches) - 1
-        with nullcontext() if sync else accelerator.no_sync(model):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            loss = faults.value("train.loss", loss)
-            backward(accelerator, loss * scale)
-        correct = (logits.argmax(dim=1) == y).sum(dtype=loss.dtype)
-        stats.append(torch.stack([loss.detach(), correct]))
+    figures = forward_backward(
+        model, images, labels, grad_accum, accelerator.num_processes / global_batch_size,
+        lambda loss: backward(accelerator, loss), lambda: accelerator.no_sync(model), out,
+    )  # fmt: skip
     optimizer_step(optimizer)
-    return torch.sum(torch.stack(stats), dim=0, out=out)
+    return figures
+
+
+def _backward(loss: torch.Tensor) -> None:
+    loss.backward()
 
 
 def backward(accelerator: Accelerator, loss: torch.Tensor) -> None:
@@ -352,7 +459,7 @@ def build_engine(
 ) -> tuple[StepEngine, EpochStats, str]:
     """The step engine ``--cuda-graph MODE`` asks for, its ``EpochStats`` and why it was
     chosen. ``auto`` captures where it can; a capture that fails leaves one warning and eager
-    steps, and the run goes on."""
+    steps, and the run goes on (unless it left CUDA unusable: ``CudaUnusableError``)."""
     stats = EpochStats(data.sharding.steps_per_epoch, accelerator.device)
 
     def eager(reason: str) -> tuple[StepEngine, EpochStats, str]:
@@ -376,6 +483,8 @@ def build_engine(
     engine = CapturedStep(model, optimizer, scaler, data, stats, grad_accum)
     try:
         engine.capture()
+    except CudaUnusableError:
+        raise
     except Exception as e:  # whatever the capture raised, the run goes on eagerly
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         say(
@@ -383,4 +492,4 @@ def build_engine(
             "training with eager steps"
         )
         return eager("the capture failed")
-    return engine, stats, "the whole optimizer step replays as one CUDA graph"
+    return engine, stats, "the whole optimizer step replays as one CUDA graph per batch size"

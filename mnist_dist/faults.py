@@ -13,7 +13,10 @@ The points:
 - ``train.step``: before each optimizer step (the eager step; the captured step only while
   its graph is recorded, since a replay runs no Python).
 - ``train.loss``: a value, the summed training loss of each training forward pass (one per
-  micro-batch of the eager step), before its backward.
+  micro-batch), before its backward. The captured step calls it only while its graph is
+  recorded, with ``forwards=``: a device tensor holding the number of training forward passes
+  of this process so far, this one included, which the graph advances at every replay; a
+  handler there changes the loss with tensor ops on it (the graph records them).
 - ``eval.batch``: before the forward pass of each evaluation batch.
 - ``checkpoint.save_state``: in ``Checkpointer.save``, after Accelerate's ``save_state`` wrote
   the checkpoint's files into the partial folder (``path=``) and before the trainer state and
@@ -56,6 +59,11 @@ def inject(name: str, handler: Callable[..., Any]) -> None:
 def clear() -> None:
     """Remove every installed handler."""
     _handlers.clear()
+
+
+def installed(name: str) -> bool:
+    """Whether a handler is installed at the point ``name``."""
+    return name in _handlers
 
 
 def point(name: str, **context: Any) -> None:

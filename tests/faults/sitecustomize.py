@@ -17,7 +17,8 @@ Training and checkpoints:
                                      ``checkpoint.save_state``
 - MNIST_DIST_FAULT_EVAL_SLEEP=S      sleep S seconds in every evaluation batch; ``eval.batch``
 - MNIST_DIST_FAULT_NAN_AT_STEP=N     the training loss of the N-th training forward pass (counted
-                                     in this process) becomes NaN; ``train.loss``
+                                     in this process) becomes NaN, in eager and captured steps
+                                     alike (there counted on the device); ``train.loss``
 W&B:
 - MNIST_DIST_FAULT_WANDB_LOG_RAISES_AFTER=N  W&B's log call raises ``OSError(ENOSPC)`` from its
                                      N+1-th call on, as when the disk holding the run fills up;
@@ -81,9 +82,15 @@ def _install_product_faults() -> None:
 
     if nan_at := int(_env("NAN_AT_STEP") or 0):
         forward = counter()
-        faults.inject(
-            "train.loss", lambda loss: loss * float("nan") if forward() == nan_at else loss
-        )
+
+        def nan_loss(loss, forwards=None):
+            if forwards is not None:  # the captured step: counted on the device, per replay
+                import torch
+
+                return torch.where(forwards == nan_at, loss * float("nan"), loss).view(())
+            return loss * float("nan") if forward() == nan_at else loss
+
+        faults.inject("train.loss", nan_loss)
 
     kill_in, enospc_in = int(_env("KILL_IN_SAVE") or 0), int(_env("ENOSPC_IN_SAVE") or 0)
     if kill_in or enospc_in:
