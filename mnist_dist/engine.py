@@ -226,8 +226,8 @@ class CapturedStep:
         """The ``train.loss`` fault point of the captured step. Its handler also gets
         ``forwards``, this process's training forward passes so far (1 in the first), as a
         device tensor: a graph records what the handler did once, so a handler that changes
-        one forward pass's loss does it with tensor ops, e.g. ``torch.where(forwards == n, ...)``,
-        which every replay then evaluates anew. Adds nothing to the graph without a handler."""
+        one forward pass's loss does it with tensor ops that every replay evaluates anew, e.g.
+        ``loss + torch.where(forwards == n, nan, 0.0)``. Adds nothing to a graph without one."""
         if not faults.installed("train.loss"):
             return loss
         self.forwards.add_(1)
@@ -262,7 +262,7 @@ class CapturedStep:
                 self.optimizer.zero_grad(set_to_none=True)
                 graphs[size] = record_graph(lambda size=size: self.step(size))
         except Exception as e:
-            if cuda and not cuda_usable():
+            if not cuda_usable(self.data.images.device):
                 raise CudaUnusableError(
                     f"the CUDA graph capture failed ({type(e).__name__}: {first_line(e)}) and "
                     "left the GPU unusable; rerun with --cuda-graph off"
@@ -309,9 +309,11 @@ def record_graph(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def cuda_usable() -> bool:
-    """Whether CUDA still runs work in this process (a device-side assert poisons the context
+def cuda_usable(device: torch.device) -> bool:
+    """Whether ``device`` still runs work (on CUDA, a device-side assert poisons the context
     for good: every later call fails)."""
+    if device.type != "cuda":
+        return True
     try:
         torch.cuda.synchronize()
         torch.zeros(1, device="cuda").add_(1).item()

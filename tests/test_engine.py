@@ -3,12 +3,14 @@ its fallback after a failed capture, and the deterministic settings."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import torch
 from helpers import assert_bit_identical, read_summary, run_here
 
+from mnist_dist import faults
 from mnist_dist.data import Sharding, TensorTrainData
 from mnist_dist.determinism import CUBLAS_WORKSPACE_ENV, set_determinism
 from mnist_dist.engine import CapturedStep, EagerStep, EpochStats
@@ -215,3 +217,160 @@ def test_the_captured_steps_grad_scaler_path_skips_a_non_finite_step_on_the_devi
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert torch.isfinite(stats.values[1:, 0]).all()
     assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("num_samples", [40, 96, 200])  # epochs of 1, 2 and 4 steps
+def test_cuda_graph_on_fails_only_for_want_of_cuda_in_epochs_of_any_length(
+    num_samples, tmp_path, tiny_mnist
+):
+    """The warm-up steps of every batch size run on the CPU (epochs shorter than the warm-up
+    included); the capture then fails only because there is no CUDA, and the eager steps that
+    follow train exactly as ``--cuda-graph off``."""
+    flags = ("--max-train-samples", str(num_samples), "--batch-size", "64")
+    forced, result = _train(tmp_path, tiny_mnist, "on", "--cuda-graph", "on", *flags)
+    [warning] = [x for x in (result.stdout + result.stderr).splitlines() if "warning" in x]
+    assert warning.startswith("warning: CUDA graph capture failed (")
+    cause = warning.split("(", 1)[1]
+    assert "IndexError" not in cause and "out of range" not in cause, warning
+    assert "NVIDIA" in cause or "CUDA" in cause, warning  # no driver, or a build without CUDA
+    off, _ = _train(tmp_path, tiny_mnist, "off", "--cuda-graph", "off", *flags)
+    assert_bit_identical(forced / MODEL_FILE, off / MODEL_FILE)
+
+
+class FakeCuda:
+    """The CUDA calls a capture makes, on the CPU: a current stream that ``torch.cuda.stream``
+    contexts set, and graphs whose capture fails as CUDA's does after an op failed inside it
+    (``capture_end`` then raises an error of its own)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.current, self.capturing, self.calls = "default", False, []
+        fake = self
+
+        class Graph:
+            def capture_begin(self, *args, **kwargs) -> None:
+                fake.calls.append(("capture_begin", fake.current))
+                fake.capturing, fake.failed = True, False
+
+            def capture_end(self) -> None:
+                fake.calls.append(("capture_end", fake.current))
+                fake.capturing = False
+                if fake.failed:
+                    raise RuntimeError("operation failed due to a previous error during capture")
+
+        @contextlib.contextmanager
+        def stream(s):
+            before, fake.current = fake.current, s
+            try:
+                yield
+            finally:
+                fake.current = before
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: "side")
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def failing_op(self) -> None:
+        """A ``train.step`` handler: an op that CUDA refuses while a capture is on."""
+        self.calls.append(("train.step", self.current))
+        if self.capturing:
+            self.failed = True
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    fake = FakeCuda(monkeypatch)
+    faults.inject("train.step", fake.failing_op)
+    yield fake
+    faults.clear()
+
+
+def _build(accelerator, data: TensorTrainData, mode: str = "on"):
+    from mnist_dist.engine import build_engine
+
+    torch.manual_seed(0)
+    model = MnistCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    said: list[str] = []
+    engine, _, _ = build_engine(mode, model, optimizer, accelerator, data, 1, said.append)
+    return model, engine, said
+
+
+def test_a_capture_failing_inside_the_graph_leaves_eager_steps_on_the_default_stream(
+    fake_cuda, cpu_accelerator
+):
+    images, labels = _batch(200, seed=3)
+    data = TensorTrainData(images, labels, Sharding(200, 64, 1, 0, seed=0))
+    model, engine, said = _build(cpu_accelerator, data)
+    # One warning, with the op's error, not capture_end's.
+    assert said == [
+        "warning: CUDA graph capture failed (RuntimeError: CUDA error: operation not permitted "
+        "when stream is capturing); training with eager steps"
+    ]
+    assert engine.name == "eager"
+    assert ("capture_end", "side") in fake_cuda.calls  # the capture was ended, on its stream
+    assert fake_cuda.current == "default" and not fake_cuda.capturing
+    del fake_cuda.calls[:]
+    for epoch in (1, 2):
+        for _ in engine.run_epoch(epoch, 0):
+            pass
+    assert fake_cuda.calls == [("train.step", "default")] * 8  # every step on the default one
+    faults.clear()
+    off_model, off_engine, _ = _build(cpu_accelerator, data, mode="off")
+    for epoch in (1, 2):
+        for _ in off_engine.run_epoch(epoch, 0):
+            pass
+    for p, q in zip(model.parameters(), off_model.parameters(), strict=True):
+        assert p.equal(q)  # the warm-up and the failed capture left no trace
+
+
+def test_a_capture_that_leaves_cuda_unusable_stops_with_one_line(
+    fake_cuda, cpu_accelerator, monkeypatch
+):
+    """A device-side assert poisons the CUDA context: nothing can run after it, the eager
+    fallback included, so the run stops with one line that names the cause."""
+    from mnist_dist import engine as engine_module
+    from mnist_dist.errors import MnistDistError
+
+    monkeypatch.setattr(engine_module, "cuda_usable", lambda device: False)
+    images, labels = _batch(96, seed=3)
+    data = TensorTrainData(images, labels, Sharding(96, 64, 1, 0, seed=0))
+    with pytest.raises(MnistDistError) as raised:
+        _build(cpu_accelerator, data)
+    assert str(raised.value) == (
+        "the CUDA graph capture failed (RuntimeError: CUDA error: operation not permitted when "
+        "stream is capturing) and left the GPU unusable; rerun with --cuda-graph off"
+    )
+
+
+def test_the_captured_steps_loss_fault_counts_forward_passes_on_the_device(cpu_accelerator):
+    """The ``train.loss`` point of the captured step gets the device counter of forward passes,
+    so that a handler made of tensor ops hits the same forward pass at every replay. Run
+    without a graph here: the counter and the handler's ops are what a graph records."""
+    images, labels = _batch(200, seed=3)
+    data = TensorTrainData(images, labels, Sharding(200, 64, 1, 0, seed=0))
+    torch.manual_seed(0)
+    model = MnistCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    stats = EpochStats(4, torch.device("cpu"))
+    engine = CapturedStep(model, optimizer, None, data, stats, grad_accum=2)
+    seen = []
+
+    def nan_at_fifth(loss, forwards):
+        seen.append(forwards)
+        # Added, not selected: torch.where's backward would turn loss * nan into NaN gradients
+        # in every forward pass.
+        return loss + torch.where(forwards == 5, float("nan"), 0.0).view(())
+
+    faults.inject("train.loss", nan_at_fifth)
+    try:
+        for _ in engine.run_epoch(1, 0):
+            pass
+    finally:
+        faults.clear()
+    assert all(f is engine.forwards for f in seen) and int(engine.forwards) == 8
+    # Forward pass 5 is the first micro-batch of step 3, the first non-finite one.
+    assert torch.isfinite(stats.values[:2, 0]).all() and torch.isnan(stats.values[2, 0])
+    assert stats.first_non_finite(0, 4).tolist() == [1, 2]

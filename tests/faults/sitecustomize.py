@@ -87,7 +87,8 @@ def _install_product_faults() -> None:
             if forwards is not None:  # the captured step: counted on the device, per replay
                 import torch
 
-                return torch.where(forwards == nan_at, loss * float("nan"), loss).view(())
+                # Added: a selected loss * nan would put NaN in every pass's gradient.
+                return loss + torch.where(forwards == nan_at, float("nan"), 0.0).view(())
             return loss * float("nan") if forward() == nan_at else loss
 
         faults.inject("train.loss", nan_loss)
