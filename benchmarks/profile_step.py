@@ -12,6 +12,10 @@ profiles ``--steps`` steps of ``train_step`` with ``torch.profiler`` and prints:
   is no separate device memory, so none),
 * the ops that take the most host time.
 
+``--captured-ops`` instead counts the ATen ops of one step of the CUDA graph that the default
+engine captures, run eagerly on the CPU (a graph records exactly those ops; no GPU needed),
+against row (c)'s captured step: top level and all, and which ops make the difference.
+
 With ``--versus-plain R`` it then times, in R interleaved rounds of ``--steps`` steps each, this
 step against row (b) of ``throughput.py`` (in ``baselines.py``): a bare PyTorch step (the same
 options, input and kernels, its own model and fused Adam, no Accelerate). Taking turns in one
@@ -23,6 +27,7 @@ Run from the repository root, e.g.::
     python benchmarks/profile_step.py --data-dir ../shared/data --steps 200
     python benchmarks/profile_step.py --steps 200 --mixed-precision bf16 --no-channels-last
     python benchmarks/profile_step.py --steps 100 --versus-plain 10
+    python benchmarks/profile_step.py --captured-ops
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml benchmarks/profile_step.py
 """
 
@@ -203,15 +208,22 @@ def versus_plain(
     }
 
 
-def count_ops(run: Callable[[], None]) -> tuple[int, int]:
-    """(top-level ATen ops, all ATen ops) that one call of ``run`` dispatches."""
+def count_ops(run: Callable[[], None]) -> tuple[list[str], int]:
+    """The top-level ATen ops that one call of ``run`` dispatches, by name, and the number of
+    all ATen ops (nested ones included)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
     top_level = [
-        e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")
+        e.name for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")
     ]
-    return len(top_level), len(events)
+    return top_level, len(events)
+
+
+def difference(ops: list[str], other: list[str]) -> dict[str, int]:
+    """How many more of each op ``ops`` has than ``other`` (negative: fewer)."""
+    counts = {name: ops.count(name) - other.count(name) for name in sorted({*ops, *other})}
+    return {name: n for name, n in counts.items() if n}
 
 
 def captured_step_op_counts(batch_size: int = 64, warmup: int = 3) -> dict[str, Any]:
@@ -260,12 +272,13 @@ def captured_step_op_counts(batch_size: int = 64, warmup: int = 3) -> dict[str, 
     return {
         "device": "cpu",
         "torch": torch.__version__,
-        "row_c_top_level_ops": row_c[0],
+        "row_c_top_level_ops": len(row_c[0]),
         "row_c_aten_ops": row_c[1],
-        "captured_top_level_ops": ours_full[0],
+        "captured_top_level_ops": len(ours_full[0]),
         "captured_aten_ops": ours_full[1],
-        "captured_short_batch_top_level_ops": ours_short[0],
+        "captured_short_batch_top_level_ops": len(ours_short[0]),
         "captured_short_batch_aten_ops": ours_short[1],
+        "captured_minus_row_c": difference(ours_full[0], row_c[0]),
     }
 
 
@@ -291,12 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ROUNDS",
         help="then time this step against a bare PyTorch step, in ROUNDS interleaved rounds",
     )
+    parser.add_argument(
+        "--captured-ops",
+        action="store_true",
+        help="only count the ops of one captured step, run eagerly on the CPU, against row (c)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.captured_ops:
+        counts = captured_step_op_counts(args.batch_size)
+        for key, value in counts.items():
+            print(json.dumps(counts) if args.json else f"{key:36s} {value}", end="\n")
+            if args.json:
+                break
+        return 0
     out = profile_steps(args)
     if not out["main"]:
         return 0

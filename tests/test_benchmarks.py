@@ -126,6 +126,54 @@ def test_profile_step_counts_ops_per_step(tmp_path):
     assert low <= summary["harness_speed_vs_plain"] <= high
 
 
+def test_profile_step_counts_the_captured_steps_ops_against_row_c():
+    proc = run_script("benchmarks/profile_step.py", "--captured-ops", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 10 < counts["row_c_top_level_ops"] <= counts["row_c_aten_ops"]
+    # What the captured step adds to row (c) is the epoch figures (loss and accuracy, written
+    # at the step's row): a few ops, never an indexed write or a sort.
+    extra = counts["captured_minus_row_c"]
+    assert counts["captured_top_level_ops"] <= counts["row_c_top_level_ops"] + 6, extra
+    assert counts["captured_short_batch_top_level_ops"] <= counts["row_c_top_level_ops"] + 6
+    assert not {"aten::index_copy_", "aten::index_put_", "aten::sort", "aten::mul"} & set(extra)
+
+
+def test_gpu_check_judges_checkpointing_and_resume_against_the_uninterrupted_run():
+    gpu_check = load_benchmark("gpu_check")
+    figures = {
+        "flags": [], "epochs": 2, "train_images": 16000, "step_engine": "cuda-graph",
+        "step_engines": ["cuda-graph"], "deterministic": True, "resumed_engine": "cuda-graph",
+        "resumed_from": "epoch-002-step-000050", "images_per_second": 1.0,
+        "rerun_identical": True, "rerun_max_abs_difference": 0.0,
+        "checkpointing_identical": False, "checkpointing_max_abs_difference": 3e-8,
+        "resume_identical": True, "resume_max_abs_difference": 0.0,
+    }  # fmt: skip
+    nondet = {**figures, "step_engines": ["cuda-graph", "eager"], "deterministic": False}
+
+    def verdicts(smoke: bool) -> dict[str, str]:
+        items = [
+            {"id": "determinism:on", "status": "ok", "reason": None, "figures": figures},
+            {"id": "determinism:off", "status": "ok", "reason": None, "figures": nondet},
+        ]
+        report = {"smoke": smoke, "parts": {"determinism": {"status": "ok", "reason": None,
+                                                            "items": items}}}  # fmt: skip
+        lines = gpu_check.determinism_lines(gpu_check.Findings(report))
+        return {line.what: line.verdict for line in lines}
+
+    got = verdicts(smoke=False)
+    assert got == {
+        "deterministic: rerun": "met",
+        "deterministic: checkpointing mid-epoch": "NOT MET",
+        "deterministic: resume from epoch-002-step-000050": "met",
+        # Without determinism no identity is promised, but every run must capture.
+        "--no-deterministic: rerun": "NOT MET",
+        "--no-deterministic: checkpointing mid-epoch": "NOT MET",
+        "--no-deterministic: resume from epoch-002-step-000050": "NOT MET",
+    }
+    assert set(verdicts(smoke=True).values()) == {"not measured (smoke run)"}
+
+
 def test_row_c_step_pads_the_short_last_batch_to_the_mean_over_its_images():
     # Row (c)'s step, run eagerly on the CPU: a graph replays exactly these ops. 96 images are a
     # full batch of 64 and a short one of 32, padded to 64 with image 0 at weight 0; each
