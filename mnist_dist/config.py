@@ -12,6 +12,8 @@ A variable that is set but empty counts as unset.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,15 +29,24 @@ def _opt(
     flag: str | None = None,
     env: str | None = None,
     shown_default: str | None = None,
+    aliases: tuple[str, ...] = (),
     **kwargs: Any,
 ) -> Any:
     """A dataclass field with CLI metadata: ``help`` text, an optional explicit flag name, an
-    optional environment variable that overrides the default, and ``shown_default``: what the
+    optional environment variable that overrides the default, ``shown_default``: what the
     help says the default is when the value itself would not tell (``None`` meaning "decided at
-    run time"). The help text itself never states the default; the flag's help adds it once."""
+    run time"), and ``aliases``: other names people give the setting, too far from its own for
+    a spelling match, that an unknown flag or key is pointed from (``learning_rate`` -> ``lr``).
+    The help text itself never states the default; the flag's help adds it once."""
     default = kwargs.pop("default", dataclasses.MISSING)
     factory = kwargs.pop("default_factory", dataclasses.MISSING)
-    metadata = {"help": help, "flag": flag, "env": env, "shown_default": shown_default}
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "env": env,
+        "shown_default": shown_default,
+        "aliases": aliases,
+    }
     return field(default=default, default_factory=factory, metadata=metadata)
 
 
@@ -77,7 +88,11 @@ class DataConfig:
 class OptimConfig:
     """Adam with a MultiStepLR schedule stepped once per epoch."""
 
-    lr: float = _opt("Adam learning rate for epochs before the first milestone", default=1e-3)
+    lr: float = _opt(
+        "Adam learning rate for epochs before the first milestone",
+        aliases=("learning_rate",),
+        default=1e-3,
+    )
     lr_milestones: tuple[int, ...] = _opt(
         "epochs after which the LR is multiplied by --lr-gamma (e.g. 5,8)", default=(5, 8)
     )
@@ -278,6 +293,26 @@ def _require(ok: bool, message: str) -> None:
 def flag_name(f: dataclasses.Field) -> str:
     """A setting's command-line flag: ``--`` and its name with dashes, unless it has its own."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def closest(name: str, names: Collection[str], aliases: dict[str, str] | None = None) -> list[str]:
+    """The known names an unknown ``name`` most likely meant: the one it is an alias of
+    (``aliases``: alias -> name), else those it is a prefix of, else the nearest by spelling."""
+    aliases = aliases or {}
+    if name in aliases:
+        return [aliases[name]]
+    if prefixed := [n for n in names if n.startswith(name)]:
+        return prefixed
+    match = difflib.get_close_matches(name, [*names, *aliases], n=1)
+    return [aliases.get(m, m) for m in match]
+
+
+def did_you_mean(name: str, names: Collection[str], aliases: dict[str, str] | None = None) -> str:
+    """``"; did you mean X?"`` (or "one of X, Y") for ``closest``'s answer, or ""."""
+    close = closest(name, names, aliases)
+    return (
+        f"; did you mean {'one of ' if len(close) > 1 else ''}{', '.join(close)}?" if close else ""
+    )
 
 
 # Settings a run may change when it continues in its own run directory: they decide where files

@@ -181,6 +181,9 @@ TRAIN_HELP = "(see `mnist-dist train --help`)"
         (["train", "--tracker", "mlflow"], ["--tracker", "invalid choice"]),
         (["train", "--wandb-finish-timeout", "0"], ["--wandb-finish-timeout must be > 0"]),
         (["frobnicate"], ["invalid choice"]),
+        (["trian"], ["invalid choice: 'trian'", "; did you mean train?"]),
+        (["train", "--learning-rate", "0.1"], ["; did you mean --lr?", TRAIN_HELP]),
+        (["train", "--mixed-precision", "bf61"], ["; did you mean bf16?", TRAIN_HELP]),
         (["evaluate"], ["--weights"]),
     ],
 )
