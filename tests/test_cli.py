@@ -234,7 +234,11 @@ def _weights_cases(tmp_path, reference_weights):
     cases["random.safetensors"] = (random_bytes, "is not a weights file: it is neither")
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(reference_weights.read_bytes()[:5000])
-    cases["truncated.pth"] = (truncated, "not a readable torch state_dict")
+    cases["truncated.pth"] = (
+        truncated,
+        "is a zip archive but not a readable torch state_dict: it is truncated or damaged "
+        "(5,000 bytes, without the end-of-archive record that a complete file ends with)",
+    )
     wrong_shape = tmp_path / "wrong_shape.pth"
     state = torch.load(reference_weights, map_location="cpu", weights_only=True)
     state["fc_layer1.0.weight"] = torch.zeros(64, 300)
