@@ -232,6 +232,12 @@ def find_checkpoint(
     checkpoint = checkpointer.find(resume, say)
     branch = checkpoint is not None and not checkpointer.holds(checkpoint)
     if (checkpoint is None or branch) and run_dir.holds_records():
+        if resume == "never":  # it looked at no checkpoint: whether any is intact is unknown
+            raise UsageError(
+                f"{run_dir.path} already holds a run; --resume never starts a new one, which "
+                "needs a directory of its own: choose another --output-dir (or --resume auto "
+                "to continue this run)"
+            )
         raise UsageError(
             f"{run_dir.path} already holds a run and no intact checkpoint to resume "
             f"(--resume {resume}); choose another --output-dir"
