@@ -73,6 +73,10 @@ class _Parser(argparse.ArgumentParser):
         return ""
 
 
+_PRECEDENCE = (
+    "Settings: defaults (the reference recipe) < environment (the variables named in a "
+    "flag's help) < --config file < flags."
+)
 _WEIGHTS_HELP = "model.safetensors from a run, or a torch state_dict (.pth) of the reference"
 # The one section `evaluate` and `download` use (``build_config(args, DATA_SECTION).data``).
 DATA_SECTION: dict[str, type] = {"data": DataConfig}
@@ -93,17 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mnist-dist",
         description="Train, evaluate and use the reference MNIST CNN on CPU, GPU, DDP or SLURM.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser(
         "train",
         help="train the reference recipe (plain python or under `accelerate launch`)",
-        description="Train. Settings: defaults (the reference recipe) < --config file < flags.",
+        description=f"Train the reference CNN. {_PRECEDENCE}",
     )
     _add_run_settings(train)
     doctor = commands.add_parser(
         "doctor",
         help="pre-flight checks for a launch (SLURM layout, processes, port, data, output, W&B)",
-        description="Check a launch before it starts: takes the same settings as `train`.",
+        description="Check a launch before it starts: takes the same settings as `train`. "
+        + _PRECEDENCE,
     )
     doctor.add_argument(
         "--write-env",
@@ -112,18 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_settings(doctor)
     evaluate = commands.add_parser(
-        "evaluate", help="test accuracy of saved weights (also under `accelerate launch`)"
+        "evaluate",
+        help="test accuracy of saved weights (also under `accelerate launch`)",
+        description="Evaluate a weights file on the MNIST test set (10,000 images unless "
+        "--max-eval-samples): accuracy, correct count and loss. Reads only the test split; "
+        "under `accelerate launch` the test set is sharded and counted once.",
     )
     evaluate.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     add_settings(evaluate, DATA_SECTION, only=EVALUATE_SETTINGS)
-    predict = commands.add_parser("predict", help="digit and probability for PNG/JPEG images")
+    predict = commands.add_parser(
+        "predict",
+        help="digit and probability for PNG/JPEG images",
+        description="Name the digit in each image, with its probability. Images are "
+        "preprocessed as in training (grayscale, 28x28); MNIST digits are light on dark, so "
+        "an image whose background is light (a dark digit on paper) is inverted first, and "
+        "the output says so.",
+    )
     predict.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
     predict.add_argument("--json", action="store_true", help="print one JSON object per image")
     report = commands.add_parser(
         "report",
         help="per-epoch table of runs from their metrics.jsonl (no W&B needed), optional PNG",
+        description="Show runs from their run directories alone (no W&B): the per-epoch "
+        "table of one run, or of several side by side, and each run's result; --plot also "
+        "draws the curves into a PNG.",
     )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     report.add_argument(
@@ -131,15 +151,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PNG",
         help="also draw loss, accuracy and LR curves into this PNG (needs the plot extra)",
     )
-    download = commands.add_parser("download", help="fetch MNIST with torchvision")
+    download = commands.add_parser(
+        "download",
+        help="fetch MNIST with torchvision",
+        description="Download MNIST into --data-dir/MNIST/raw from torchvision's mirrors and "
+        "verify the files' checksums. `train` never downloads unless given --download.",
+    )
     add_settings(download, DATA_SECTION, only={"data_dir"})
     return parser
+
+
+def _version() -> str:
+    """``mnist-dist X (torch Y, accelerate Z, Python W)``, from the installed packages."""
+    import platform
+    from importlib import metadata
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (
+        f"mnist-dist {version('mnist-dist')} (torch {version('torch')}, accelerate "
+        f"{version('accelerate')}, Python {platform.python_version()})"
+    )
 
 
 def _add_run_settings(parser: argparse.ArgumentParser) -> None:
     """``--config FILE`` and a flag per setting of every section."""
     parser.add_argument(
-        "--config", metavar="FILE", help="YAML or JSON file with data/optim/train/tracking"
+        "--config",
+        metavar="FILE",
+        help=f"YAML or JSON file with a mapping per section ({', '.join(SECTIONS)}) of "
+        "settings by name, e.g. `optim: {lr: 1e-3}`; a run's own config.yaml works",
     )
     add_settings(parser)
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import typing
+from importlib import metadata
 
 import pytest
 import torch
@@ -331,6 +332,30 @@ def test_help_shows_one_default_per_flag_and_the_choices_of_every_literal_settin
             help_text = action.help or ""
             assert help_text.count("[default:") <= 1, (name, action.dest)
             assert "(default" not in help_text and "None" not in help_text, (name, action.dest)
+
+
+@pytest.mark.parametrize(
+    "command", ["train", "doctor", "evaluate", "predict", "report", "download"]
+)
+def test_every_command_has_a_description(command):
+    result = run_here(command, "--help")
+    assert result.returncode == 0, result.stderr
+    usage, description = result.stdout.split("\n\n")[:2]
+    assert usage.startswith(f"usage: mnist-dist {command}")
+    assert not description.startswith(("positional arguments:", "options:")), description
+
+
+def test_help_gives_the_whole_precedence_every_config_section_and_the_version():
+    text = _help("train")
+    precedence = "defaults (the reference recipe) < environment (the variables named in a flag's"
+    assert precedence in text and "help) < --config file < flags." in text
+    assert (
+        f"--config FILE YAML or JSON file with a mapping per section ({', '.join(SECTIONS)})"
+        in text
+    )
+    version = run_here("--version")
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith(f"mnist-dist {metadata.version('mnist-dist')} (torch ")
 
 
 def test_evaluate_help_lists_only_the_settings_evaluate_uses():
