@@ -82,6 +82,34 @@ def test_predict_names_the_digits_of_real_test_images(mnist_dir, reference_weigh
     assert text.stdout.startswith(f"{paths[0]}: {truth[0]} (p=")
 
 
+def test_predict_inverts_a_dark_digit_on_a_light_background_and_says_so(
+    mnist_dir, reference_weights, tmp_path
+):
+    # A digit written on paper: the real test digits with their polarity reversed, and one
+    # left as MNIST has it.
+    test = load_split(mnist_dir, train=False)
+    paths, truth = [], []
+    for i in range(8):
+        path = tmp_path / f"on-paper{i}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(255 - test.data[i].numpy()).save(path, quality=100)
+        paths.append(str(path))
+        truth.append(int(test.targets[i]))
+    as_mnist = tmp_path / "as-mnist.png"
+    Image.fromarray(test.data[8].numpy()).save(as_mnist)
+    result = run_here("predict", "--weights", str(reference_weights), *paths, str(as_mnist))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [int(line.split(": ")[1].split(" ")[0]) for line in lines] == [
+        *truth,
+        int(test.targets[8]),
+    ]
+    note = ", read as a dark digit on a light background (inverted)"
+    assert all(line.endswith(note) for line in lines[:-1])
+    assert note not in lines[-1]
+    as_json = run_here("predict", "--weights", str(reference_weights), paths[0], "--json")
+    assert as_json.json_lines()[0]["inverted"] is True
+
+
 def test_train_on_tiny_data_writes_a_complete_run_directory(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     result = run_cli(
