@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from mnist_dist.cli import DATA_SECTION, build_config, build_parser
-from mnist_dist.errors import MnistDistError, UsageError, leave_for_launcher
+from mnist_dist.errors import EXIT_INTERRUPTED, MnistDistError, UsageError, leave_for_launcher
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         _report("mnist-dist: interrupted")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

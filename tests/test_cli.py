@@ -9,20 +9,33 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
+import signal
 import typing
 from importlib import metadata
 
 import pytest
 import torch
-from helpers import launch_cli, read_summary, run_cli, run_here
+from helpers import (
+    ROOT,
+    fault_env,
+    file_size_limit,
+    launch_cli,
+    read_summary,
+    run_cli,
+    run_here,
+    start_cli,
+    wait_for_step,
+)
 from PIL import Image
 from safetensors.torch import save_file
 
+from mnist_dist import errors
 from mnist_dist.cli import build_parser
 from mnist_dist.config import SECTIONS
 from mnist_dist.data import load_split
-from mnist_dist.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE
+from mnist_dist.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATUS_FILE, STOP_FILE
 from mnist_dist.weights import load_model
 
 
@@ -522,3 +535,84 @@ def test_data_dir_pointing_into_mnist_raw_names_the_right_one(
     )
     assert "mnist-dist download" not in result.stderr
     assert not (tiny_mnist / given / "MNIST").exists()  # nothing was downloaded into it
+
+
+def readme_exit_codes() -> dict[int, str]:
+    """The README's exit-code table: code -> meaning."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Errors and exit codes\n", 1)[1].split("\n## ", 1)[0]
+    return {
+        int(code): meaning for code, meaning in re.findall(r"^\| (\d+) \| (.+) \|$", section, re.M)
+    }
+
+
+def test_the_readme_exit_code_table_lists_every_code_the_command_line_uses():
+    used = {value for name, value in vars(errors).items() if name.startswith("EXIT_")}
+    assert set(readme_exit_codes()) == {0, *used}
+
+
+def _tiny_train(tiny_mnist, out, *extra):
+    return run_here(
+        "train", "--data-dir", str(tiny_mnist), "--output-dir", str(out), "--epochs", "2",
+        "--batch-size", "32", *extra,
+    )  # fmt: skip
+
+
+def _run_exit_case(case, tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    if case == "finished":
+        return _tiny_train(tiny_mnist, out)
+    if case == "flag":
+        return _tiny_train(tiny_mnist, out, "--epochs", "0")
+    if case == "output directory":
+        blocker = tmp_path / "a-file"  # no directory can be made under a file, even by root
+        blocker.write_text("")
+        return _tiny_train(tiny_mnist, blocker / "run")
+    if case == "diverged":
+        return _tiny_train(tiny_mnist, out, "--lr", "1e30")
+    if case == "write failed":
+        with file_size_limit(256):  # as a full disk fails the run's first record
+            return _tiny_train(tiny_mnist, out)
+    if case == "STOP":
+        out.mkdir()
+        (out / STOP_FILE).write_text("")
+        return _tiny_train(tiny_mnist, out)
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case, code, meaning",
+    [
+        ("finished", 0, "finished"),
+        ("flag", 2, "a flag or config value"),
+        ("output directory", 2, "an output directory that cannot be created or written"),
+        ("diverged", 3, "training diverged"),
+        ("write failed", 4, "a write failed during the run: disk full"),
+        ("STOP", 75, "the `STOP` file"),
+    ],
+)
+def test_each_exit_code_is_what_the_readme_table_says(case, code, meaning, tiny_mnist, tmp_path):
+    assert meaning in readme_exit_codes()[code]
+    result = _run_exit_case(case, tiny_mnist, tmp_path)
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_under_accelerate_launch_exits_130_without_a_traceback(tiny_mnist, tmp_path):
+    assert "what `accelerate launch` exits with after a Ctrl-C" in readme_exit_codes()[130]
+    out = tmp_path / "run"
+    started = start_cli(
+        "train", "--data-dir", str(tiny_mnist), "--output-dir", str(out), "--epochs", "3",
+        "--batch-size", "32", "--log-every", "1",
+        launched=True, env=fault_env(STEP_SLEEP=0.05), workdir=tmp_path / "logs",
+    )  # fmt: skip
+    wait_for_step(out, 4, started)
+    started.proc.send_signal(signal.SIGINT)  # what a Ctrl-C in its terminal sends it
+    result = started.wait(timeout=120)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("mnist-dist: stopped:")]
+    assert "signal SIGINT" in line
+    status = json.loads((out / STATUS_FILE).read_text())
+    assert (status["state"], status["exit_code"]) == ("stopped", 75)
