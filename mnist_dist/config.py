@@ -146,6 +146,12 @@ class TrainConfig:
         default=True,
     )
     log_every: int = _opt("optimizer steps between step records in steps.jsonl", default=50)
+    progress_every: float = _opt(
+        "seconds between progress lines inside an epoch when the output is not a terminal "
+        "(logs, pipes); also one at each quarter of an epoch once a sixth of that has passed; "
+        "0: epoch lines only",
+        default=30.0,
+    )
     output_dir: str | None = _opt(
         "run directory; a run in it is resumed, never overwritten",
         shown_default="runs/<timestamp>",
@@ -159,6 +165,10 @@ class TrainConfig:
         )
         _require(self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}")
         _require(self.log_every > 0, f"--log-every must be > 0, got {self.log_every}")
+        _require(
+            self.progress_every >= 0,
+            f"--progress-every must be >= 0 seconds, got {self.progress_every}",
+        )
         if self.cuda_graph not in ("auto", "on", "off"):
             raise UsageError(f"--cuda-graph must be auto, on or off, got {self.cuda_graph!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -328,6 +338,7 @@ RESUMABLE_SETTINGS: frozenset[tuple[str, str]] = frozenset(
         ("data", "download"),
         ("train", "epochs"),
         ("train", "log_every"),
+        ("train", "progress_every"),
         ("train", "output_dir"),
         ("checkpoint", "checkpoint_every"),
         ("checkpoint", "keep_checkpoints"),
