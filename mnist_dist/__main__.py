@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from mnist_dist.cli import DATA_SECTION, build_config, build_parser
-from mnist_dist.errors import MnistDistError, UsageError, leave_for_launcher
+from mnist_dist.errors import EXIT_INTERRUPTED, MnistDistError, UsageError, leave_for_launcher
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -73,27 +73,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from mnist_dist.data import reference_transform
+    from mnist_dist.data import as_light_on_dark, reference_transform
     from mnist_dist.weights import load_model
 
     model = load_model(args.weights).eval()
     transform = reference_transform()
-    images = []
+    images, inverted = [], []
     for path in args.images:
         try:
             with Image.open(path) as image:
-                images.append(transform(image.convert("RGB")))
+                light_on_dark, was_inverted = as_light_on_dark(image)
         except (OSError, UnidentifiedImageError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else "not a PNG/JPEG image"
             raise UsageError(f"cannot read image {path}: {reason}") from None
+        images.append(transform(light_on_dark))
+        inverted.append(was_inverted)
     with torch.no_grad():
         probabilities = model(torch.stack(images)).softmax(dim=1)
-    for path, p in zip(args.images, probabilities, strict=True):
+    for path, p, was_inverted in zip(args.images, probabilities, inverted, strict=True):
         digit = int(p.argmax())
         if args.json:
-            print(json.dumps({"image": path, "digit": digit, "probability": float(p[digit])}))
+            print(
+                json.dumps(
+                    {
+                        "image": path,
+                        "digit": digit,
+                        "probability": float(p[digit]),
+                        "inverted": was_inverted,
+                    }
+                )
+            )
         else:
-            print(f"{path}: {digit} (p={float(p[digit]):.4f})")
+            note = ", read as a dark digit on a light background (inverted)" if was_inverted else ""
+            print(f"{path}: {digit} (p={float(p[digit]):.4f}){note}")
     return 0
 
 
@@ -142,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         _report("mnist-dist: interrupted")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

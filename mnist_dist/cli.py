@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import difflib
 import json
 import os
+import re
 import typing
 from collections.abc import Collection
 from pathlib import Path
@@ -21,9 +21,13 @@ from mnist_dist.config import (
     SECTIONS,
     Config,
     DataConfig,
+    closest,
+    did_you_mean,
     flag_name,
 )
 from mnist_dist.errors import UsageError, first_line
+
+_BOOL_TAG, _FLOAT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +39,17 @@ class _Parser(argparse.ArgumentParser):
         # be an error (with a suggestion), and a flag added later must not change what an old
         # abbreviation meant.
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+        self.flag_aliases: dict[str, str] = {}  # e.g. "--learning-rate": "--lr" (add_settings)
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        # argparse's own check, with a suggestion: `trian` -> train, `bf61` -> bf16.
+        if action.choices is not None and value not in action.choices:
+            choices = [str(c) for c in action.choices]
+            raise argparse.ArgumentError(
+                action,
+                f"invalid choice: {value!r} (choose from {', '.join(choices)})"
+                + did_you_mean(str(value), choices),
+            )
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -53,12 +68,15 @@ class _Parser(argparse.ArgumentParser):
         it is a prefix of (what argparse would have guessed), else the nearest by spelling."""
         flags = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
         for name in (e.split("=", 1)[0] for e in extras if e.startswith("--") and len(e) > 2):
-            prefixed = [f for f in flags if f.startswith(name)]
-            if close := prefixed or difflib.get_close_matches(name, flags, n=1):
-                return f"; did you mean {'one of ' if len(close) > 1 else ''}{', '.join(close)}?"
+            if hint := did_you_mean(name, flags, self.flag_aliases):
+                return hint
         return ""
 
 
+_PRECEDENCE = (
+    "Settings: defaults (the reference recipe) < environment (the variables named in a "
+    "flag's help) < --config file < flags."
+)
 _WEIGHTS_HELP = "model.safetensors from a run, or a torch state_dict (.pth) of the reference"
 # The one section `evaluate` and `download` use (``build_config(args, DATA_SECTION).data``).
 DATA_SECTION: dict[str, type] = {"data": DataConfig}
@@ -79,17 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mnist-dist",
         description="Train, evaluate and use the reference MNIST CNN on CPU, GPU, DDP or SLURM.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser(
         "train",
         help="train the reference recipe (plain python or under `accelerate launch`)",
-        description="Train. Settings: defaults (the reference recipe) < --config file < flags.",
+        description=f"Train the reference CNN. {_PRECEDENCE}",
     )
     _add_run_settings(train)
     doctor = commands.add_parser(
         "doctor",
         help="pre-flight checks for a launch (SLURM layout, processes, port, data, output, W&B)",
-        description="Check a launch before it starts: takes the same settings as `train`.",
+        description="Check a launch before it starts: takes the same settings as `train`. "
+        + _PRECEDENCE,
     )
     doctor.add_argument(
         "--write-env",
@@ -98,18 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_settings(doctor)
     evaluate = commands.add_parser(
-        "evaluate", help="test accuracy of saved weights (also under `accelerate launch`)"
+        "evaluate",
+        help="test accuracy of saved weights (also under `accelerate launch`)",
+        description="Evaluate a weights file on the MNIST test set (10,000 images unless "
+        "--max-eval-samples): accuracy, correct count and loss. Reads only the test split; "
+        "under `accelerate launch` the test set is sharded and counted once.",
     )
     evaluate.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     add_settings(evaluate, DATA_SECTION, only=EVALUATE_SETTINGS)
-    predict = commands.add_parser("predict", help="digit and probability for PNG/JPEG images")
+    predict = commands.add_parser(
+        "predict",
+        help="digit and probability for PNG/JPEG images",
+        description="Name the digit in each image, with its probability. Images are "
+        "preprocessed as in training (grayscale, 28x28); MNIST digits are light on dark, so "
+        "an image whose background is light (a dark digit on paper) is inverted first, and "
+        "the output says so.",
+    )
     predict.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
     predict.add_argument("--json", action="store_true", help="print one JSON object per image")
     report = commands.add_parser(
         "report",
         help="per-epoch table of runs from their metrics.jsonl (no W&B needed), optional PNG",
+        description="Show runs from their run directories alone (no W&B): the per-epoch "
+        "table of one run, or of several side by side, and each run's result; --plot also "
+        "draws the curves into a PNG.",
     )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     report.add_argument(
@@ -117,15 +151,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PNG",
         help="also draw loss, accuracy and LR curves into this PNG (needs the plot extra)",
     )
-    download = commands.add_parser("download", help="fetch MNIST with torchvision")
+    download = commands.add_parser(
+        "download",
+        help="fetch MNIST with torchvision",
+        description="Download MNIST into --data-dir/MNIST/raw from torchvision's mirrors and "
+        "verify the files' checksums. `train` never downloads unless given --download.",
+    )
     add_settings(download, DATA_SECTION, only={"data_dir"})
     return parser
+
+
+def _version() -> str:
+    """``mnist-dist X (torch Y, accelerate Z, Python W)``, from the installed packages."""
+    import platform
+    from importlib import metadata
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (
+        f"mnist-dist {version('mnist-dist')} (torch {version('torch')}, accelerate "
+        f"{version('accelerate')}, Python {platform.python_version()})"
+    )
 
 
 def _add_run_settings(parser: argparse.ArgumentParser) -> None:
     """``--config FILE`` and a flag per setting of every section."""
     parser.add_argument(
-        "--config", metavar="FILE", help="YAML or JSON file with data/optim/train/tracking"
+        "--config",
+        metavar="FILE",
+        help=f"YAML or JSON file with a mapping per section ({', '.join(SECTIONS)}) of "
+        "settings by name, e.g. `optim: {lr: 1e-3}`; a run's own config.yaml works",
     )
     add_settings(parser)
 
@@ -146,6 +205,9 @@ def add_settings(
                 kwargs = _value_kwargs(f, hints[f.name])
                 kwargs["help"] = f.metadata["help"] + env + _default_note(f)
                 group.add_argument(flag_name(f), dest=f"{section}.{f.name}", **kwargs)
+                if isinstance(parser, _Parser):
+                    for alias in f.metadata["aliases"]:
+                        parser.flag_aliases["--" + alias.replace("_", "-")] = flag_name(f)
 
 
 def _value_kwargs(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
@@ -184,36 +246,63 @@ def _positive_or_none(text: str) -> int | None:
 
 
 def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS) -> Config:
-    """Resolve defaults <- environment <- config file <- flags into a validated ``Config``."""
-    file = load_config_file(args.config) if getattr(args, "config", None) else {}
+    """Resolve defaults <- environment <- config file <- flags into a validated ``Config``.
+
+    A value from the config file that is wrong is reported by file and key
+    (``config file run.yaml: invalid value 'two' for train.epochs``), one from a flag by flag."""
+    path = getattr(args, "config", None)
+    file = load_config_file(path) if path else {}
     # `accelerate launch` passes its config's mixed_precision in this variable: it counts as a
     # default, so multi_gpu_bf16.yaml means bf16 unless the file or a flag says otherwise.
     launcher_precision = os.environ.get(LAUNCHER_PRECISION_ENV, "").lower()
     built = {}
     for name, cls in sections.items():
         hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
-        values = {}
+        raw = {}
         if name == "train" and launcher_precision in ("no", "fp16", "bf16"):
-            values["mixed_precision"] = launcher_precision
+            raw["mixed_precision"] = launcher_precision
         for f in fields.values():
             # An empty variable counts as unset (job templates often export `NAME=`).
             if f.metadata["env"] and os.environ.get(f.metadata["env"]):
-                values[f.name] = os.environ[f.metadata["env"]]
-        values.update(file.get(name, {}))
+                raw[f.name] = os.environ[f.metadata["env"]]
         # Flags were stored as "section.name" (argparse's dest), in the order they were given.
-        values.update(
-            {k.partition(".")[2]: v for k, v in vars(args).items() if k.startswith(f"{name}.")}
-        )
-        built[name] = cls(**{k: _check_type(fields[k], hints[k], v) for k, v in values.items()})
+        flags = {k.partition(".")[2]: v for k, v in vars(args).items() if k.startswith(f"{name}.")}
+        values = {k: _check_type(fields[k], hints[k], v) for k, v in raw.items()}
+        # The file's values that no flag overrides are checked before the flags are added, so
+        # that what is wrong with one is said in the file's terms.
+        from_file = {k: v for k, v in file.get(name, {}).items() if k not in flags}
+        if from_file:
+            try:
+                for k, v in from_file.items():
+                    values[k] = _check_type(fields[k], hints[k], v, f"{name}.{k}")
+                cls(**values)
+            except UsageError as e:
+                in_file_terms = _in_file_terms(str(e), name, from_file)
+                raise UsageError(f"config file {path}: {in_file_terms}") from None
+        values.update({k: _check_type(fields[k], hints[k], v) for k, v in flags.items()})
+        built[name] = cls(**values)
     return Config(**built)
 
 
-def _check_type(f: dataclasses.Field, tp: Any, value: Any) -> Any:
+def _in_file_terms(message: str, section: str, keys: Collection[str]) -> str:
+    """A validation message, with the flags of settings the file gave named by their keys."""
+    for f in dataclasses.fields(SECTIONS[section]):
+        if f.name in keys:
+            pattern = re.escape(flag_name(f)) + r"(?![\w-])"  # --lr, not --lr-gamma
+            message = re.sub(pattern, f"{section}.{f.name}", message)
+    return message
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _check_type(f: dataclasses.Field, tp: Any, value: Any, named: str | None = None) -> Any:
     """Values from a config file or the environment arrive untyped: accept what the field's type
-    accepts, or say so."""
+    accepts, or say so, naming the setting ``named`` (its flag unless given)."""
+    named = named or flag_name(f)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if type(None) in args:  # `X | None`: None, or what X accepts
-        return None if value is None else _check_type(f, args[0], value)
+        return None if value is None else _check_type(f, args[0], value, named)
     if origin is Literal:
         expected = "one of " + ", ".join(map(str, args))
         if value in args:
@@ -227,16 +316,47 @@ def _check_type(f: dataclasses.Field, tp: Any, value: Any) -> Any:
             try:
                 return tuple(args[0](part.strip()) for part in text.split(",") if part.strip())
             except ValueError:  # only epochs fail to convert: a tag is any text
-                raise UsageError(f"{flag_name(f)} expects epochs like 5,8, got {value!r}") from None
+                raise UsageError(f"{named} expects epochs like 5,8, got {value!r}") from None
         if isinstance(value, list) and all(type(v) is args[0] for v in value):
             return tuple(value)
+    elif tp is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.lower()]  # a switch written `download: yes` (see ConfigLoader)
     else:
         expected = tp.__name__
         # Exact types, as YAML and JSON give them: a bool is not a number, an int is a float.
         if type(value) is tp or (tp is float and type(value) is int):
             with contextlib.suppress(OverflowError):  # an int no float can hold: a bad value
                 return tp(value)
-    raise UsageError(f"invalid value {value!r} for {flag_name(f)} (expected {expected})")
+    raise UsageError(f"invalid value {value!r} for {named} (expected {expected})")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with the plain scalars of YAML 1.2 where YAML 1.1 surprises: PyYAML
+    follows YAML 1.1 (yaml/pyyaml#173), which reads ``1e-3`` (no dot) as a string and ``no``,
+    ``yes``, ``on``, ``off`` as booleans. Here ``1e-3`` is a float and only ``true``/``false``
+    are booleans, so ``lr: 1e-3`` and ``mixed_precision: no`` mean what they say. What
+    ``yaml.safe_dump`` writes (a run's own ``config.yaml``) reads back the same."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+ConfigLoader.add_implicit_resolver(  # YAML 1.1's floats, and an exponent without a dot
+    _FLOAT_TAG,
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -244,7 +364,7 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
-        raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        raw = json.loads(text) if p.suffix == ".json" else yaml.load(text, Loader=ConfigLoader)
     except OSError as e:
         raise UsageError(f"cannot read config file {p}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
@@ -266,14 +386,35 @@ def _shape_error(raw: Any) -> str:
         return f" must hold a mapping of sections, got {type(raw).__name__}"
     raw.pop("provenance", None)  # a run's own config.yaml can be fed back as --config
     if unknown := sorted(set(raw) - set(SECTIONS), key=str):  # YAML keys may be numbers too
-        return f": unknown section(s) {unknown}; expected {list(SECTIONS)}"
+        close = {u: closest(u, SECTIONS) for u in unknown if _named(u)}
+        hints = [f"{u}: did you mean {' or '.join(c)}?" for u, c in close.items() if c]
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        return f": unknown section(s) {unknown}; expected {list(SECTIONS)}{hint}"
     for section, values in raw.items():
         if not isinstance(values, dict):
             return f": section {section!r} must be a mapping"
-        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
-        if unknown := sorted(set(values) - known, key=str):
-            return f": unknown key(s) {unknown} in section {section!r}"
+        fields = dataclasses.fields(SECTIONS[section])
+        known = [f.name for f in fields]
+        if unknown := sorted(set(values) - set(known), key=str):
+            aliases = {a: f.name for f in fields for a in f.metadata["aliases"]}
+            hints = [_key_hint(u, section, known, aliases) for u in unknown if _named(u)]
+            hint = f" ({'; '.join(h for h in hints if h)})" if any(hints) else ""
+            return f": unknown key(s) {unknown} in section {section!r}{hint}"
     return ""
+
+
+def _named(key: Any) -> bool:
+    """A key a suggestion can be made for (YAML keys may be numbers, or close to nothing)."""
+    return isinstance(key, str) and bool(key)
+
+
+def _key_hint(key: str, section: str, known: list[str], aliases: dict[str, str]) -> str:
+    """Where an unknown key of ``section`` belongs: another section, or a close known key."""
+    for other, cls in SECTIONS.items():
+        if other != section and key in {f.name for f in dataclasses.fields(cls)}:
+            return f"{key} belongs in section {other!r}"
+    close = closest(key.replace("-", "_"), known, aliases)
+    return f"{key}: did you mean {' or '.join(close)}?" if close else ""
 
 
 def _yaml_error(error: yaml.YAMLError, text: str) -> str:

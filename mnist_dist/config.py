@@ -12,6 +12,8 @@ A variable that is set but empty counts as unset.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,15 +29,24 @@ def _opt(
     flag: str | None = None,
     env: str | None = None,
     shown_default: str | None = None,
+    aliases: tuple[str, ...] = (),
     **kwargs: Any,
 ) -> Any:
     """A dataclass field with CLI metadata: ``help`` text, an optional explicit flag name, an
-    optional environment variable that overrides the default, and ``shown_default``: what the
+    optional environment variable that overrides the default, ``shown_default``: what the
     help says the default is when the value itself would not tell (``None`` meaning "decided at
-    run time"). The help text itself never states the default; the flag's help adds it once."""
+    run time"), and ``aliases``: other names people give the setting, too far from its own for
+    a spelling match, that an unknown flag or key is pointed from (``learning_rate`` -> ``lr``).
+    The help text itself never states the default; the flag's help adds it once."""
     default = kwargs.pop("default", dataclasses.MISSING)
     factory = kwargs.pop("default_factory", dataclasses.MISSING)
-    metadata = {"help": help, "flag": flag, "env": env, "shown_default": shown_default}
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "env": env,
+        "shown_default": shown_default,
+        "aliases": aliases,
+    }
     return field(default=default, default_factory=factory, metadata=metadata)
 
 
@@ -77,7 +88,11 @@ class DataConfig:
 class OptimConfig:
     """Adam with a MultiStepLR schedule stepped once per epoch."""
 
-    lr: float = _opt("Adam learning rate for epochs before the first milestone", default=1e-3)
+    lr: float = _opt(
+        "Adam learning rate for epochs before the first milestone",
+        aliases=("learning_rate",),
+        default=1e-3,
+    )
     lr_milestones: tuple[int, ...] = _opt(
         "epochs after which the LR is multiplied by --lr-gamma (e.g. 5,8)", default=(5, 8)
     )
@@ -131,6 +146,12 @@ class TrainConfig:
         default=True,
     )
     log_every: int = _opt("optimizer steps between step records in steps.jsonl", default=50)
+    progress_every: float = _opt(
+        "seconds between progress lines inside an epoch when the output is not a terminal "
+        "(logs, pipes); also one at each quarter of an epoch once a sixth of that has passed; "
+        "0: epoch lines only",
+        default=30.0,
+    )
     output_dir: str | None = _opt(
         "run directory; a run in it is resumed, never overwritten",
         shown_default="runs/<timestamp>",
@@ -144,6 +165,10 @@ class TrainConfig:
         )
         _require(self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}")
         _require(self.log_every > 0, f"--log-every must be > 0, got {self.log_every}")
+        _require(
+            self.progress_every >= 0,
+            f"--progress-every must be >= 0 seconds, got {self.progress_every}",
+        )
         if self.cuda_graph not in ("auto", "on", "off"):
             raise UsageError(f"--cuda-graph must be auto, on or off, got {self.cuda_graph!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -280,6 +305,26 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+def closest(name: str, names: Collection[str], aliases: dict[str, str] | None = None) -> list[str]:
+    """The known names an unknown ``name`` most likely meant: the one it is an alias of
+    (``aliases``: alias -> name), else those it is a prefix of, else the nearest by spelling."""
+    aliases = aliases or {}
+    if name in aliases:
+        return [aliases[name]]
+    if prefixed := [n for n in names if n.startswith(name)]:
+        return prefixed
+    match = difflib.get_close_matches(name, [*names, *aliases], n=1)
+    return [aliases.get(m, m) for m in match]
+
+
+def did_you_mean(name: str, names: Collection[str], aliases: dict[str, str] | None = None) -> str:
+    """``"; did you mean X?"`` (or "one of X, Y") for ``closest``'s answer, or ""."""
+    close = closest(name, names, aliases)
+    return (
+        f"; did you mean {'one of ' if len(close) > 1 else ''}{', '.join(close)}?" if close else ""
+    )
+
+
 # Settings a run may change when it continues in its own run directory: they decide where files
 # go, what is logged and how often, and how data is read, not what is trained. Every setting not
 # listed counts as math (seed, batch, accumulation, optimizer, precision, layout, compile,
@@ -293,6 +338,7 @@ RESUMABLE_SETTINGS: frozenset[tuple[str, str]] = frozenset(
         ("data", "download"),
         ("train", "epochs"),
         ("train", "log_every"),
+        ("train", "progress_every"),
         ("train", "output_dir"),
         ("checkpoint", "checkpoint_every"),
         ("checkpoint", "keep_checkpoints"),

@@ -1,8 +1,18 @@
-"""The console on the main process: a rich progress bar and epoch table, or plain epoch lines."""
+"""The console on the main process: a rich progress bar and epoch table, or plain lines.
+
+In a log (output that is not a terminal: SLURM, ``| tee``, CI) a progress line is printed inside
+an epoch every ``progress_every`` seconds (30 by default), and when the epoch passes 25%, 50% or
+75% if at least a sixth of that time (5 s) has passed since the console's last line. A log thus
+gets at most one line per 5 s and, while training moves, at least one per 30 s; an epoch shorter
+than 5 s gets only its epoch line. Time-based, as long-running tools pace their logs (tqdm's
+``mininterval``, a fixed logging interval in trainers), so the rate does not depend on how fast
+the machine is.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from rich.console import Console, Group
@@ -19,6 +29,9 @@ from rich.table import Table
 
 from mnist_dist.report import EPOCH_COLUMNS
 
+MILESTONES = 4  # progress lines at each quarter of an epoch (25%, 50%, 75%)
+MILESTONE_GAP = 1 / 6  # ... when this share of progress_every has passed since the last line
+
 
 def format_epoch_line(record: dict[str, Any], epochs: int) -> str:
     """One plain line per epoch, for logs that are not terminals (SLURM, CI)."""
@@ -32,34 +45,58 @@ def format_epoch_line(record: dict[str, Any], epochs: int) -> str:
     )
 
 
+def clock(seconds: float) -> str:
+    """``H:MM:SS``, as the bar shows times."""
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class RunConsole:
     """Progress and per-epoch results on the main process; silent elsewhere.
 
-    On a terminal: a rich progress bar (steps, loss, images/s, ETA) under a growing epoch
-    table. Otherwise (log files, pipes): one plain line per epoch and no redrawn bars.
+    On a terminal: a status line until training starts, then a rich progress bar for the epoch
+    (steps, loss, images/s, the epoch's ETA) and one for the whole run (its ETA), under a
+    growing epoch table. Otherwise (log files, pipes): one plain line per epoch and, inside an
+    epoch, progress lines at the rate the module's docstring gives; no redrawn bars.
     """
 
-    def __init__(self, enabled: bool, epochs: int, steps_per_epoch: int) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        epochs: int,
+        steps_per_epoch: int,
+        progress_every: float = 30.0,
+        global_batch_size: int = 0,
+    ) -> None:
         self.enabled, self.epochs, self.steps_per_epoch = enabled, epochs, steps_per_epoch
+        self.progress_every, self.global_batch_size = progress_every, global_batch_size
         self.console = Console(file=sys.stdout)
         self.interactive = enabled and self.console.is_terminal
         self._live: Live | None = None
+        # Where training is, for the plain progress lines.
+        self._epoch, self._step, self._loss = 0, 0, ""
+        self._epoch_clock: tuple[float, int] = (0.0, 0)  # (time, steps taken) at its start
+        self._run_clock: tuple[float, int] | None = None  # the same for this process's run
+        self._last_line = time.monotonic()
         if self.interactive:
             self.table = Table(title="mnist-dist", title_justify="left")
             for title, _, _ in EPOCH_COLUMNS:
                 self.table.add_column(title, justify="right")
             self.progress = Progress(
-                TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+                TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("{task.fields[ips]} img/s"),
+                TextColumn("{task.fields[details]}"),
                 TimeElapsedColumn(),
+                TextColumn("ETA"),
                 TimeRemainingColumn(),
                 console=self.console,
             )
             self._task = self.progress.add_task(
-                "train", total=steps_per_epoch, epoch=0, epochs=epochs, loss="-", ips="-"
+                "starting…", total=steps_per_epoch, details="", start=False
+            )
+            self._run_task = self.progress.add_task(
+                "whole run", total=epochs * steps_per_epoch, details="", start=False
             )
             self._live = Live(Group(self.table, self.progress), console=self.console)
             self._live.start()
@@ -67,19 +104,71 @@ class RunConsole:
     def print(self, text: str) -> None:
         if self.enabled:
             self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            self._last_line = time.monotonic()
+
+    def status(self, text: str) -> None:
+        """Say what the run is doing before its first step (on a terminal: in the bar)."""
+        if self._live is not None:
+            self.progress.update(self._task, description=f"{text}…")
+            self._live.refresh()  # now: each of these steps may take less than a redraw
 
     def start_epoch(self, epoch: int, completed: int = 0) -> None:
+        now = time.monotonic()
+        self._epoch, self._step = epoch, completed
+        self._epoch_clock = (now, completed)
+        done = (epoch - 1) * self.steps_per_epoch + completed
+        if self._run_clock is None:  # the first epoch this process trains
+            self._run_clock = (now, done)
         if self.interactive:
             self.progress.reset(self._task, total=self.steps_per_epoch, completed=completed)
-            self.progress.update(self._task, epoch=epoch, loss="-", ips="-")
+            self.progress.update(self._task, description=f"epoch {epoch}/{self.epochs}", details="")
+            if not self.progress.tasks[self._run_task].started:
+                self.progress.update(self._run_task, completed=done)
+                self.progress.start_task(self._run_task)
 
     def advance(self, steps: int = 1) -> None:
+        if not self.enabled:
+            return
+        before, self._step = self._step, self._step + steps
         if self.interactive:
             self.progress.advance(self._task, steps)
+            self.progress.advance(self._run_task, steps)
+        elif self.progress_every > 0 and self._step < self.steps_per_epoch:
+            self._maybe_print_progress(before)
 
     def show_step(self, loss: float, images_per_second: float) -> None:
+        self._loss = f"  loss {loss:.4f}"
         if self.interactive:
-            self.progress.update(self._task, loss=f"{loss:.4f}", ips=f"{images_per_second:,.0f}")
+            details = f"loss {loss:.4f}  {images_per_second:,.0f} img/s"
+            self.progress.update(self._task, details=details)
+
+    def _maybe_print_progress(self, before: int) -> None:
+        now = time.monotonic()
+        since = now - self._last_line
+        quarter = MILESTONES * self._step // self.steps_per_epoch
+        passed_milestone = quarter > MILESTONES * before // self.steps_per_epoch
+        if since >= self.progress_every or (
+            passed_milestone and since >= self.progress_every * MILESTONE_GAP
+        ):
+            print(self.progress_line(now), flush=True)
+            self._last_line = now
+
+    def progress_line(self, now: float) -> str:
+        """Where training is inside the epoch, the newest step record's loss, how fast the
+        epoch goes, and the time left in it and in the run."""
+        total, step = self.steps_per_epoch, self._step
+        line = f"epoch {self._epoch}/{self.epochs}  step {step}/{total} ({step / total:.0%})"
+        line += self._loss
+        epoch_rate = _rate(self._epoch_clock, now, step)
+        done = (self._epoch - 1) * total + step
+        run_rate = _rate(self._run_clock or self._epoch_clock, now, done)  # evaluations included
+        if epoch_rate and run_rate:
+            left = self.epochs * total - done
+            line += (
+                f"  {epoch_rate * self.global_batch_size:,.0f} images/s"
+                f"  ETA epoch {clock((total - step) / epoch_rate)}, run {clock(left / run_rate)}"
+            )
+        return line
 
     def end_epoch(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -88,9 +177,17 @@ class RunConsole:
             self.table.add_row(*(fmt.format(record[key]) for _, key, fmt in EPOCH_COLUMNS))
         else:
             print(format_epoch_line(record, self.epochs), flush=True)
+            self._last_line = time.monotonic()
 
     def close(self) -> None:
         if self._live is not None:
             self.progress.update(self._task, visible=False)
+            self.progress.update(self._run_task, visible=False)
             self._live.stop()
             self._live = None
+
+
+def _rate(start: tuple[float, int], now: float, steps: int) -> float | None:
+    """Steps per second since ``start`` (a time and the steps taken by then), or None."""
+    seconds, taken = now - start[0], steps - start[1]
+    return taken / seconds if taken > 0 and seconds > 0 else None

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Sampler, Subset
 from torchvision import datasets, transforms
 
@@ -77,6 +78,27 @@ def reference_transform() -> transforms.Compose:
             transforms.ToTensor(),
         ]
     )
+
+
+def as_light_on_dark(image: Image.Image) -> tuple[Image.Image, bool]:
+    """``image`` in grayscale with MNIST's polarity, light strokes on a dark background, and
+    whether it had to be inverted for that. The border is taken for the background (a digit is
+    drawn or cropped inside its image): a border brighter on average than mid-grey is a light
+    background, such as a photo or scan of a digit written on paper."""
+    gray = image.convert("L")
+    pixels = np.asarray(gray, dtype=np.float32)
+    frame = max(1, min(pixels.shape) // 10)  # the outer tenth of the shorter side
+    border = np.concatenate(
+        [
+            pixels[:frame].ravel(),
+            pixels[-frame:].ravel(),
+            pixels[frame:-frame, :frame].ravel(),
+            pixels[frame:-frame, -frame:].ravel(),
+        ]
+    )
+    if border.mean() > 127.5:
+        return ImageOps.invert(gray), True
+    return gray, False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """The exceptions the command line turns into one line on stderr, and the exit codes it uses.
 
-Exit codes (also in the README): 0 finished; 2 bad input (flags, config, data, weights,
-checkpoints, a launch that formed the wrong world size); 3 training diverged (non-finite loss);
-4 a write failed (disk full, unwritable directory); 75 stopped cleanly by a signal or stop file,
-resumable with ``--resume auto`` (75 is EX_TEMPFAIL: "try again later").
+Exit codes (also in the README, whose table the tests check): 0 finished; 2 bad input (flags,
+config, data, weights, checkpoints, a launch that formed the wrong world size, an output
+directory that cannot be written when the run starts); 3 training diverged (non-finite loss);
+4 a write failed during the run (disk full, a folder that became unwritable); 75 stopped cleanly
+by a signal or stop file, resumable with ``--resume auto`` (75 is EX_TEMPFAIL: "try again
+later"); 130 interrupted by a second Ctrl-C, without a checkpoint (128 + SIGINT, as shells say).
 """
 
 import json
@@ -16,6 +18,7 @@ EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_WRITE_FAILED = 4
 EXIT_STOPPED = 75
+EXIT_INTERRUPTED = 130
 
 
 class MnistDistError(Exception):

@@ -59,13 +59,13 @@ def load_run(run_dir: str | Path) -> RunRecords:
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     epochs = load_epochs(run_dir)
-    if epochs:
-        return RunRecords(epochs)
-    status = _read_json(layout.status)
     steps = []
     for raw in _read_jsonl(layout.steps):
         with contextlib.suppress(RecordError):  # a line this version cannot show
             steps.append(StepRecord.from_dict(raw))
+    if epochs:
+        return RunRecords(epochs, steps=steps)
+    status = _read_json(layout.status)
     if status or steps or layout.config.exists():
         return RunRecords([], status, steps)
     if layout.metrics.exists():
@@ -222,32 +222,10 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_report(runs: dict[str, list[EpochRecord]], png: str | Path) -> None:
-    """Loss, accuracy and learning rate per epoch of every run, into one PNG."""
+def plot_report(runs: dict[str, RunRecords], png: str | Path) -> None:
+    """The training curves of every run (``draw_curves``), into one PNG."""
     plt = _pyplot()
-    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4.5))
-    for i, (label, records) in enumerate(runs.items()):
-        color = f"C{i % 10}"
-        epochs = [r.epoch for r in records]
-        for ax, key, style, name in (
-            (loss_ax, "train_loss", "-", "train"),
-            (loss_ax, "test_loss", "--", "test"),
-            (acc_ax, "train_accuracy", "-", "train"),
-            (acc_ax, "test_accuracy", "--", "test"),
-            (lr_ax, "lr", "-", None),
-        ):
-            ax.plot(
-                epochs, [getattr(r, key) for r in records], style, color=color, marker=".",
-                label=f"{label} {name}" if name else label,
-            )  # fmt: skip
-    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy"), (lr_ax, "learning rate")):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    lr_ax.set_yscale("log")
-    fig.tight_layout()
+    fig = draw_curves(runs)
     try:
         fig.savefig(png, dpi=100)
     except OSError as e:
@@ -256,11 +234,84 @@ def plot_report(runs: dict[str, list[EpochRecord]], png: str | Path) -> None:
         plt.close(fig)
 
 
+def draw_curves(runs: dict[str, RunRecords]) -> Any:
+    """A matplotlib figure of the runs' curves: the loss on a log scale, the training loss of
+    every step record (``steps.jsonl``) under the epoch figures; the accuracy on an axis
+    zoomed to where it moves; the learning rate. The x axis counts epochs, steps placed at
+    their fraction of an epoch."""
+    plt = _pyplot()
+    from matplotlib.ticker import PercentFormatter
+
+    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(16, 4.8))
+    accuracies = []
+    for i, (label, run) in enumerate(runs.items()):
+        color, records = f"C{i % 10}", run.epochs
+        epochs = [r.epoch for r in records]
+        steps_per_epoch = _steps_per_epoch(records)
+        if run.steps and steps_per_epoch:
+            x = [s.global_step / steps_per_epoch for s in run.steps]
+            loss_ax.plot(
+                x, [s.train_loss for s in run.steps], "-", color=color, alpha=0.35,
+                linewidth=0.8, label=f"{label} train (every step record)",
+            )  # fmt: skip
+            lr_ax.plot(x, [s.lr for s in run.steps], "-", color=color, alpha=0.35, linewidth=0.8)
+        for ax, key, style, name in (
+            (loss_ax, "train_loss", "-o", "train (epoch mean)"),
+            (loss_ax, "test_loss", "--s", "test"),
+            (acc_ax, "train_accuracy", "-o", "train"),
+            (acc_ax, "test_accuracy", "--s", "test"),
+        ):
+            values = [getattr(r, key) for r in records]
+            if ax is acc_ax:
+                accuracies.append(values)
+                name += f" (last {values[-1]:.2%})" if values else ""
+            ax.plot(epochs, values, style, color=color, markersize=4, label=f"{label} {name}")
+        lr_ax.plot(epochs, [r.lr for r in records], "o", color=color, markersize=4, label=label)
+    for ax, title in (
+        (loss_ax, "loss (log scale)"),
+        (acc_ax, "accuracy"),
+        (lr_ax, "learning rate"),
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+    loss_ax.set_yscale("log")
+    lr_ax.set_yscale("log")
+    acc_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    if limits := _moving_range(accuracies):
+        acc_ax.set_ylim(*limits)
+        acc_ax.set_title(f"accuracy (zoomed to {limits[0]:.1%}–{limits[1]:.1%})")
+    fig.tight_layout()
+    return fig
+
+
+def _steps_per_epoch(records: Sequence[EpochRecord]) -> float | None:
+    """Optimizer steps per epoch, from the newest record that says (None for old runs)."""
+    for r in reversed(records):
+        if r.global_step:
+            return r.global_step / r.epoch
+    return None
+
+
+def _moving_range(series: list[list[float]]) -> tuple[float, float] | None:
+    """The accuracy range where the curves move: from the lowest value after each run's first
+    epoch (the first one starts far below and would flatten the rest), with a margin; a first
+    epoch below it leaves the axis at the bottom. None when there is nothing to zoom to."""
+    later = [v for values in series for v in (values[1:] if len(values) > 1 else values)]
+    if not later:
+        return None
+    low, high = min(later), max(later)
+    margin = max((high - low) * 0.15, 0.0005)
+    return max(0.0, low - margin), min(1.0, high + margin)
+
+
 def report(run_dirs: Sequence[str | Path], png: str | Path | None = None) -> str:
     """The text report of ``run_dirs``; with ``png``, the curves are also written there."""
     if png is not None:
         _pyplot()  # before reading anything
     runs = dict(zip(_labels(run_dirs), (load_run(d) for d in run_dirs), strict=True))
     if png is not None:
-        plot_report({label: run.epochs for label, run in runs.items()}, png)
+        plot_report(runs, png)
     return format_report(runs)

@@ -134,8 +134,15 @@ def build(
         config.data, training.global_batch_size, world, rank, training.seed, device
     )
     sharding = train_data.sharding
-    console = RunConsole(accelerator.is_main_process, training.epochs, sharding.steps_per_epoch)
+    console = RunConsole(
+        accelerator.is_main_process,
+        training.epochs,
+        sharding.steps_per_epoch,
+        training.progress_every,
+        training.global_batch_size,
+    )
     say = console.print
+    console.status("looking for a checkpoint")
     keep, every = checkpointing.keep_checkpoints, checkpointing.checkpoint_every
     checkpointer = Checkpointer(accelerator, run_dir.path, keep, every, started)
     checkpoint, branch = find_checkpoint(checkpointer, run_dir, config, say)
@@ -144,6 +151,7 @@ def build(
         console.close()
         return finished
 
+    console.status("building the model" + (" and loading the checkpoint" if checkpoint else ""))
     set_seed(training.seed)  # the same initial weights on every rank and world size
     model, optimizer = build_model_and_optimizer(accelerator, training, config.optim.lr)
     scheduler = epoch_lr_scheduler(optimizer, config.optim.lr_milestones, config.optim.lr_gamma)
@@ -163,8 +171,12 @@ def build(
         training.cuda_graph, model, optimizer, accelerator, train_data, training.grad_accum, say
     )
     launch = {**provenance(accelerator), **determinism, "step_engine": engine.name}
+    console.status(
+        "starting the tracker" if wants_wandb(config.tracking) else "writing config.yaml"
+    )
     tracker = record_start(accelerator, config, run_dir, state, checkpoint, launch, say)
     announce(accelerator, training, sharding.num_samples, run_dir, engine.name, reason, say)
+    console.status("loading the test set")
     loop = Loop(
         accelerator=accelerator,
         model=model,
@@ -232,6 +244,12 @@ def find_checkpoint(
     checkpoint = checkpointer.find(resume, say)
     branch = checkpoint is not None and not checkpointer.holds(checkpoint)
     if (checkpoint is None or branch) and run_dir.holds_records():
+        if resume == "never":  # it looked at no checkpoint: whether any is intact is unknown
+            raise UsageError(
+                f"{run_dir.path} already holds a run; --resume never starts a new one, which "
+                "needs a directory of its own: choose another --output-dir (or --resume auto "
+                "to continue this run)"
+            )
         raise UsageError(
             f"{run_dir.path} already holds a run and no intact checkpoint to resume "
             f"(--resume {resume}); choose another --output-dir"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,7 @@ def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
         with open(path, "rb") as f:
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged or foreign files
-        reason = first_line(e)
+        reason = (kind == "zip archive" and _zip_damage(path)) or first_line(e)
         if "Weights only load failed" in reason:
             reason = "it holds pickled objects other than tensors (refusing to unpickle them)"
         raise UsageError(
@@ -163,6 +164,23 @@ def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UsageError(f"{path} is not a state_dict (a mapping of parameter names to tensors)")
     return _strip_wrappers(obj)
+
+
+def _zip_damage(path: Path) -> str | None:
+    """Say how a zip archive is cut short or damaged (torch's own words for it can be
+    "[Errno 22] Invalid argument"); None when the archive itself is whole."""
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):  # no end-of-archive record: the end is missing
+        return (
+            f"it is truncated or damaged ({size:,} bytes, without the end-of-archive record "
+            "that a complete file ends with)"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # every member against its CRC
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"it is damaged: {first_line(e)}"
+    return f"it is damaged: {bad} fails its checksum" if bad else None
 
 
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -410,6 +410,32 @@ def run_cli_in_terminal(*args: str, timeout: float = 300) -> tuple[int, str]:
     return proc.wait(timeout=30), output.decode(errors="replace")
 
 
+def run_cli_piped(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> tuple[int, list[tuple[float, str]]]:
+    """``python -m mnist_dist ARGS`` with its output (stdout and stderr) read from a pipe, as
+    ``| tee`` or a SLURM log gets it: the exit code and each line with the ``time.monotonic()``
+    at which it arrived."""
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_dist", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(env),
+        cwd=ROOT,
+    )
+    lines = []
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append((time.monotonic(), line.rstrip("\n")))
+        return proc.wait(timeout=timeout), lines
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def file_size_limit(max_bytes: int) -> Iterator[None]:
     """Writes past ``max_bytes`` fail in this process with EFBIG ("File too large"), as the

@@ -277,7 +277,10 @@ def test_resume_never_refuses_a_directory_holding_a_run(data, tmp_path):
     before = (out / METRICS_FILE).read_text()
     result = train(data, out, "--resume", "never")
     assert result.returncode == EXIT_USAGE
-    assert "already holds a run" in result.error_lines()[0]
+    [line] = result.error_lines()
+    # Its checkpoints are intact: the line says why it refuses, not that there are none.
+    assert f"{out} already holds a run; --resume never starts a new one" in line
+    assert "no intact checkpoint" not in line
     assert (out / METRICS_FILE).read_text() == before
 
 

@@ -9,19 +9,33 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
+import signal
 import typing
+from importlib import metadata
 
 import pytest
 import torch
-from helpers import launch_cli, read_summary, run_cli, run_here
+from helpers import (
+    ROOT,
+    fault_env,
+    file_size_limit,
+    launch_cli,
+    read_summary,
+    run_cli,
+    run_here,
+    start_cli,
+    wait_for_step,
+)
 from PIL import Image
 from safetensors.torch import save_file
 
+from mnist_dist import errors
 from mnist_dist.cli import build_parser
 from mnist_dist.config import SECTIONS
 from mnist_dist.data import load_split
-from mnist_dist.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE
+from mnist_dist.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATUS_FILE, STOP_FILE
 from mnist_dist.weights import load_model
 
 
@@ -79,6 +93,34 @@ def test_predict_names_the_digits_of_real_test_images(mnist_dir, reference_weigh
     assert all(0.5 < p["probability"] <= 1.0 for p in predictions)
     text = run_cli("predict", "--weights", str(reference_weights), paths[0])
     assert text.stdout.startswith(f"{paths[0]}: {truth[0]} (p=")
+
+
+def test_predict_inverts_a_dark_digit_on_a_light_background_and_says_so(
+    mnist_dir, reference_weights, tmp_path
+):
+    # A digit written on paper: the real test digits with their polarity reversed, and one
+    # left as MNIST has it.
+    test = load_split(mnist_dir, train=False)
+    paths, truth = [], []
+    for i in range(8):
+        path = tmp_path / f"on-paper{i}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(255 - test.data[i].numpy()).save(path, quality=100)
+        paths.append(str(path))
+        truth.append(int(test.targets[i]))
+    as_mnist = tmp_path / "as-mnist.png"
+    Image.fromarray(test.data[8].numpy()).save(as_mnist)
+    result = run_here("predict", "--weights", str(reference_weights), *paths, str(as_mnist))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [int(line.split(": ")[1].split(" ")[0]) for line in lines] == [
+        *truth,
+        int(test.targets[8]),
+    ]
+    note = ", read as a dark digit on a light background (inverted)"
+    assert all(line.endswith(note) for line in lines[:-1])
+    assert note not in lines[-1]
+    as_json = run_here("predict", "--weights", str(reference_weights), paths[0], "--json")
+    assert as_json.json_lines()[0]["inverted"] is True
 
 
 def test_train_on_tiny_data_writes_a_complete_run_directory(tiny_mnist, tmp_path):
@@ -181,6 +223,9 @@ TRAIN_HELP = "(see `mnist-dist train --help`)"
         (["train", "--tracker", "mlflow"], ["--tracker", "invalid choice"]),
         (["train", "--wandb-finish-timeout", "0"], ["--wandb-finish-timeout must be > 0"]),
         (["frobnicate"], ["invalid choice"]),
+        (["trian"], ["invalid choice: 'trian'", "; did you mean train?"]),
+        (["train", "--learning-rate", "0.1"], ["; did you mean --lr?", TRAIN_HELP]),
+        (["train", "--mixed-precision", "bf61"], ["; did you mean bf16?", TRAIN_HELP]),
         (["evaluate"], ["--weights"]),
     ],
 )
@@ -231,7 +276,11 @@ def _weights_cases(tmp_path, reference_weights):
     cases["random.safetensors"] = (random_bytes, "is not a weights file: it is neither")
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(reference_weights.read_bytes()[:5000])
-    cases["truncated.pth"] = (truncated, "not a readable torch state_dict")
+    cases["truncated.pth"] = (
+        truncated,
+        "is a zip archive but not a readable torch state_dict: it is truncated or damaged "
+        "(5,000 bytes, without the end-of-archive record that a complete file ends with)",
+    )
     wrong_shape = tmp_path / "wrong_shape.pth"
     state = torch.load(reference_weights, map_location="cpu", weights_only=True)
     state["fc_layer1.0.weight"] = torch.zeros(64, 300)
@@ -324,6 +373,30 @@ def test_help_shows_one_default_per_flag_and_the_choices_of_every_literal_settin
             help_text = action.help or ""
             assert help_text.count("[default:") <= 1, (name, action.dest)
             assert "(default" not in help_text and "None" not in help_text, (name, action.dest)
+
+
+@pytest.mark.parametrize(
+    "command", ["train", "doctor", "evaluate", "predict", "report", "download"]
+)
+def test_every_command_has_a_description(command):
+    result = run_here(command, "--help")
+    assert result.returncode == 0, result.stderr
+    usage, description = result.stdout.split("\n\n")[:2]
+    assert usage.startswith(f"usage: mnist-dist {command}")
+    assert not description.startswith(("positional arguments:", "options:")), description
+
+
+def test_help_gives_the_whole_precedence_every_config_section_and_the_version():
+    text = _help("train")
+    precedence = "defaults (the reference recipe) < environment (the variables named in a flag's"
+    assert precedence in text and "help) < --config file < flags." in text
+    assert (
+        f"--config FILE YAML or JSON file with a mapping per section ({', '.join(SECTIONS)})"
+        in text
+    )
+    version = run_here("--version")
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith(f"mnist-dist {metadata.version('mnist-dist')} (torch ")
 
 
 def test_evaluate_help_lists_only_the_settings_evaluate_uses():
@@ -462,3 +535,84 @@ def test_data_dir_pointing_into_mnist_raw_names_the_right_one(
     )
     assert "mnist-dist download" not in result.stderr
     assert not (tiny_mnist / given / "MNIST").exists()  # nothing was downloaded into it
+
+
+def readme_exit_codes() -> dict[int, str]:
+    """The README's exit-code table: code -> meaning."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Errors and exit codes\n", 1)[1].split("\n## ", 1)[0]
+    return {
+        int(code): meaning for code, meaning in re.findall(r"^\| (\d+) \| (.+) \|$", section, re.M)
+    }
+
+
+def test_the_readme_exit_code_table_lists_every_code_the_command_line_uses():
+    used = {value for name, value in vars(errors).items() if name.startswith("EXIT_")}
+    assert set(readme_exit_codes()) == {0, *used}
+
+
+def _tiny_train(tiny_mnist, out, *extra):
+    return run_here(
+        "train", "--data-dir", str(tiny_mnist), "--output-dir", str(out), "--epochs", "2",
+        "--batch-size", "32", *extra,
+    )  # fmt: skip
+
+
+def _run_exit_case(case, tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    if case == "finished":
+        return _tiny_train(tiny_mnist, out)
+    if case == "flag":
+        return _tiny_train(tiny_mnist, out, "--epochs", "0")
+    if case == "output directory":
+        blocker = tmp_path / "a-file"  # no directory can be made under a file, even by root
+        blocker.write_text("")
+        return _tiny_train(tiny_mnist, blocker / "run")
+    if case == "diverged":
+        return _tiny_train(tiny_mnist, out, "--lr", "1e30")
+    if case == "write failed":
+        with file_size_limit(256):  # as a full disk fails the run's first record
+            return _tiny_train(tiny_mnist, out)
+    if case == "STOP":
+        out.mkdir()
+        (out / STOP_FILE).write_text("")
+        return _tiny_train(tiny_mnist, out)
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case, code, meaning",
+    [
+        ("finished", 0, "finished"),
+        ("flag", 2, "a flag or config value"),
+        ("output directory", 2, "an output directory that cannot be created or written"),
+        ("diverged", 3, "training diverged"),
+        ("write failed", 4, "a write failed during the run: disk full"),
+        ("STOP", 75, "the `STOP` file"),
+    ],
+)
+def test_each_exit_code_is_what_the_readme_table_says(case, code, meaning, tiny_mnist, tmp_path):
+    assert meaning in readme_exit_codes()[code]
+    result = _run_exit_case(case, tiny_mnist, tmp_path)
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_under_accelerate_launch_exits_130_without_a_traceback(tiny_mnist, tmp_path):
+    assert "what `accelerate launch` exits with after a Ctrl-C" in readme_exit_codes()[130]
+    out = tmp_path / "run"
+    started = start_cli(
+        "train", "--data-dir", str(tiny_mnist), "--output-dir", str(out), "--epochs", "3",
+        "--batch-size", "32", "--log-every", "1",
+        launched=True, env=fault_env(STEP_SLEEP=0.05), workdir=tmp_path / "logs",
+    )  # fmt: skip
+    wait_for_step(out, 4, started)
+    started.proc.send_signal(signal.SIGINT)  # what a Ctrl-C in its terminal sends it
+    result = started.wait(timeout=120)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("mnist-dist: stopped:")]
+    assert "signal SIGINT" in line
+    status = json.loads((out / STATUS_FILE).read_text())
+    assert (status["state"], status["exit_code"]) == ("stopped", 75)

@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
-from helpers import ACCELERATE_CONFIGS
+from helpers import ACCELERATE_CONFIGS, run_here
 
 from mnist_dist.cli import build_config, build_parser
 from mnist_dist.config import (
@@ -14,6 +14,7 @@ from mnist_dist.config import (
     changed_math_settings,
 )
 from mnist_dist.errors import UsageError
+from mnist_dist.layout import CONFIG_FILE
 
 
 def parse(*argv: str) -> Config:
@@ -67,16 +68,16 @@ def test_launcher_precision_is_a_default_that_flags_override(monkeypatch):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ({"train": {"epochs": "ten"}}, "invalid value 'ten' for --epochs"),
-        ({"train": {"global_batch_size": 6.4}}, "invalid value 6.4 for --batch-size"),
+        ({"train": {"epochs": "ten"}}, "invalid value 'ten' for train.epochs"),
+        ({"train": {"global_batch_size": 6.4}}, "invalid value 6.4 for train.global_batch_size"),
         ({"train": {"epochz": 3}}, "unknown key(s) ['epochz']"),
         ({"model": {}}, "unknown section(s) ['model']"),
-        ({"train": {"mixed_precision": "fp8"}}, "--mixed-precision"),
+        ({"train": {"mixed_precision": "fp8"}}, "for train.mixed_precision"),
         # YAML keys may be numbers: listed, not compared with the strings
         ({"train": {1: 2, "zeta": 1}}, "unknown key(s) [1, 'zeta']"),
         ({1: {}, "zeta": {}}, "unknown section(s) [1, 'zeta']"),
         # an integer no float can hold
-        ({"optim": {"lr": 10**400}}, "for --lr (expected float)"),
+        ({"optim": {"lr": 10**400}}, "for optim.lr (expected float)"),
     ],
 )
 def test_bad_config_files_are_usage_errors(tmp_path, content, message):
@@ -234,3 +235,64 @@ def test_settings_that_change_the_math_are_all_but_the_resumable_ones():
     ]
     del run["train"]["seed"]  # a run recorded before the setting existed: not compared
     assert ("--seed 0", "--seed 3") not in changed_math_settings(run, this)
+
+
+def test_a_config_file_reads_as_people_write_it_and_the_runs_config_yaml_round_trips(
+    tiny_mnist, tmp_path
+):
+    # YAML 1.1 (PyYAML's) reads `1e-3` as a string and `no`/`off` as false; here they mean
+    # what they say, through the real command and into the run's own config.yaml.
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "optim:\n  lr: 1e-3\n  lr_gamma: 1E-2\n  lr_milestones: [1]\n"
+        "train:\n  epochs: 1\n  mixed_precision: no\n  channels_last: off\n"
+        "tracking:\n  wandb_tags: [on, yes, 'no']\n"
+    )
+    out = tmp_path / "run"
+    result = run_here(
+        "train", "--config", str(cfg), "--data-dir", str(tiny_mnist), "--output-dir", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    saved = yaml.safe_load((out / CONFIG_FILE).read_text())
+    assert (saved["optim"]["lr"], saved["optim"]["lr_gamma"]) == (0.001, 0.01)
+    assert (saved["train"]["mixed_precision"], saved["train"]["channels_last"]) == ("no", False)
+    assert saved["tracking"]["wandb_tags"] == ["on", "yes", "no"]
+    # The run's config.yaml, fed back, gives the same settings (an LR of 1e-7 included).
+    again = parse("--config", str(out / CONFIG_FILE))
+    assert again.to_dict() == {k: v for k, v in saved.items() if k != "provenance"}
+    tiny_lr = tmp_path / "tiny-lr.yaml"
+    tiny_lr.write_text(yaml.safe_dump({**again.to_dict(), "optim": {"lr": 1e-7}}))
+    assert parse("--config", str(tiny_lr)).optim.lr == 1e-7
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  epochs: two\n", "invalid value 'two' for train.epochs (expected int)"),
+        ("train:\n  epochs: 0\n", "train.epochs must be > 0, got 0"),
+        ("optim:\n  lr_gamma: -1\n", "optim.lr_gamma must be > 0"),
+        (
+            "train:\n  batch_size: 32\n  epcohs: 2\n  lr: 0.1\n",
+            "unknown key(s) ['batch_size', 'epcohs', 'lr'] in section 'train' (batch_size: did "
+            "you mean global_batch_size?; epcohs: did you mean epochs?; lr belongs in section "
+            "'optim')",
+        ),
+        ("optim:\n  learning_rate: 0.1\n", "(learning_rate: did you mean lr?)"),
+        ("training:\n  epochs: 2\n", "(training: did you mean train?)"),
+    ],
+)
+def test_config_file_errors_name_the_file_and_its_key(tmp_path, text, message):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    result = run_here("train", "--config", str(cfg), "--output-dir", str(tmp_path / "o"))
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"mnist-dist: error: config file {cfg}")
+    assert message in line
+    assert "--" not in line  # no flag the user never passed
+
+
+def test_a_flag_still_overrides_a_bad_value_in_the_file(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  epochs: 0\n")
+    assert parse("--config", str(cfg), "--epochs", "2").train.epochs == 2

@@ -15,6 +15,7 @@ from helpers import (
 
 from mnist_dist.errors import EXIT_STOPPED
 from mnist_dist.layout import METRICS_FILE, STEPS_FILE
+from mnist_dist.report import draw_curves, load_run
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def two_runs(tmp_path_factory):
         out = root / name
         result = run_here(
             "train", "--data-dir", str(data), "--output-dir", str(out), "--epochs", epochs,
-            "--batch-size", "32", "--lr", lr,
+            "--batch-size", "32", "--lr", lr, "--log-every", "2",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append(out)
@@ -76,6 +77,31 @@ def test_plot_writes_a_png_of_the_curves(two_runs, tmp_path):
     result = run_here("report", *map(str, two_runs), "--plot", str(png))
     assert result.returncode == 0, result.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_the_curves_show_step_losses_on_a_log_scale_and_zoom_the_accuracy(two_runs):
+    import matplotlib.pyplot as plt
+
+    runs = {run.name: load_run(run) for run in two_runs}
+    fig = draw_curves(runs)
+    try:
+        loss_ax, acc_ax, _ = fig.axes
+        assert loss_ax.get_yscale() == "log"
+        # Every step record is drawn, at its fraction of an epoch.
+        steps = read_jsonl(two_runs[1] / STEPS_FILE)
+        (step_line,) = [
+            line for line in loss_ax.lines if line.get_label() == "fast train (every step record)"
+        ]
+        assert len(step_line.get_xdata()) == len(steps) > 0
+        assert step_line.get_xdata()[-1] == pytest.approx(3.0)  # the last step ends epoch 3
+        # The accuracy axis spans the epochs after the first, not 0 to 100%.
+        later = [r.test_accuracy for run in runs.values() for r in run.epochs[1:]]
+        later += [r.train_accuracy for run in runs.values() for r in run.epochs[1:]]
+        low, high = acc_ax.get_ylim()
+        assert low <= min(later) and max(later) <= high
+        assert high - low < 1.5 * (max(later) - min(later)) + 0.002
+    finally:
+        plt.close(fig)
 
 
 def test_plot_without_matplotlib_is_one_line(two_runs, tmp_path):
