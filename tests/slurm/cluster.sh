@@ -10,6 +10,7 @@
 #                                      process in its namespace is killed (slurmd, jobs)
 #   tests/slurm/cluster.sh start-node DIR I   node I comes back: link up, slurmd started
 #   tests/slurm/cluster.sh exec DIR I CMD...  run CMD on node I (in its namespaces)
+#   tests/slurm/cluster.sh pids DIR I         the processes running on node I
 #
 # N = 1 (the default): one node, this host itself, on 127.0.0.1.
 # N > 1: each node is a network namespace with its own host name (a UTS namespace), node1 ...
@@ -25,7 +26,7 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 start DIR [--nodes N] | stop DIR | kill-node DIR I | start-node DIR I | exec DIR I CMD..." >&2
+    echo "usage: $0 start DIR [--nodes N] | stop DIR | kill-node DIR I | start-node DIR I | exec DIR I CMD... | pids DIR I" >&2
     exit 2
 }
 [[ $# -ge 2 ]] || usage
@@ -243,6 +244,7 @@ case $action in
     stop) [[ $# -eq 0 ]] || usage; stop ;;
     kill-node) [[ $# -eq 1 ]] || usage; kill_node "$1" ;;
     start-node) [[ $# -eq 1 ]] || usage; start_node "$1" ;;
+    pids) [[ $# -eq 1 ]] || usage; node_arg "$1"; ip netns pids "$(node_ns "$1")" ;;
     exec)
         [[ $# -ge 2 ]] || usage
         node_arg "$1"
