@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from helpers import (
+    assert_bit_identical,
+    fault_env,
     free_port,
     read_jsonl,
     read_summary,
@@ -27,10 +31,13 @@ from test_slurm import (
     job_env,
     launch_words,
     logs,
+    release_requeued,
     sbatch,
+    wait_for_state,
+    wait_for_steps,
 )
 
-from mnist_dist.layout import STEPS_FILE
+from mnist_dist.layout import MODEL_FILE, STEPS_FILE
 
 TWO_NODES = ("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2")
 # Seconds a rank waits in a collective for a silent peer in these tests (the batch script's
@@ -170,3 +177,167 @@ def test_two_processes_per_node_form_one_group_of_four(cluster2, mnist_dir, tmp_
     assert "num_nodes: 2" in config
     for rank, node in enumerate(("node1", "node1", "node2", "node2")):
         assert f"rank {rank} on {node}" in config
+
+
+def wait_gone(pids: list[int], timeout: float) -> float:
+    """Seconds until every process of ``pids`` has exited."""
+    started = time.monotonic()
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        assert time.monotonic() - started < timeout, f"still running after {timeout}s: {pids}"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def requeue_and_finish(env: dict[str, str], job: str) -> tuple[dict[str, str], float]:
+    """Release the requeued job; its end state and the seconds from its requeue to its end."""
+    release_requeued(env, job)
+    requeued = time.monotonic()
+    info = finish(env, job)
+    return info, time.monotonic() - requeued
+
+
+def assert_resumed_to_the_reference(out: str, run_dir: Path, reference_dir: Path) -> int:
+    """The second attempt resumed from a complete checkpoint and finished bit-identical to the
+    uninterrupted run; the global step it resumed from."""
+    resumed = re.search(r"resumed from \S+: epoch \d+, step \d+ \(global step (\d+)\)", out)
+    assert resumed, out
+    steps = [r["global_step"] for r in read_jsonl(run_dir / STEPS_FILE)]
+    assert steps[-1] == 64 and sorted(set(steps)) == list(range(1, 65))
+    assert read_summary(run_dir)["world_size"] == 2
+    assert_bit_identical(run_dir / MODEL_FILE, reference_dir / MODEL_FILE)
+    return int(resumed[1])
+
+
+@multinode
+def test_when_one_nodes_training_dies_the_others_exit_and_the_requeued_job_finishes_bit_identical(
+    cluster2, reference, mnist_dir, tmp_path
+):
+    run_dir = tmp_path / "run"
+    env = job_env(cluster2.env, tmp_path, **fault_env(STEP_SLEEP=0.2))
+    job = sbatch(env, tmp_path, *resumable_args(mnist_dir, run_dir), "--tracker", "none",
+                 options=TWO_NODES)  # fmt: skip
+    wait_for_steps(run_dir, env, job, 12)  # mid-epoch, after the checkpoint of step 8
+    survivors, victims = cluster2.trainers(1), cluster2.trainers(2)
+    assert len(survivors) == len(victims) == 1
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    # The survivor's next all-reduce fails at once: the dead peer's connections were reset.
+    survivor_exit = wait_gone(survivors, timeout=60)
+    info, requeue_to_finish = requeue_and_finish(env, job)
+    out, err = logs(tmp_path, job)
+    print(f"survivor exit {survivor_exit:.1f}s, requeue to finish {requeue_to_finish:.1f}s")
+    assert info["JobState"] == "COMPLETED", out + err
+    assert info["Restarts"] == "1"
+    assert "a rank lost its peers (a process or node of the job died" in out
+    assert f"requeueing job {job} (requeue 1 of at most 20)" in out
+    assert 8 <= assert_resumed_to_the_reference(out, run_dir, reference[0]) < 32
+
+
+@multinode
+def test_when_a_whole_node_dies_the_others_exit_within_the_timeout_and_the_job_finishes(
+    cluster2, reference, mnist_dir, tmp_path
+):
+    run_dir = tmp_path / "run"
+    env = job_env(cluster2.env, tmp_path, MNIST_DIST_COLLECTIVE_TIMEOUT=str(TIMEOUT),
+                  **fault_env(STEP_SLEEP=0.2))  # fmt: skip
+    job = sbatch(env, tmp_path, *resumable_args(mnist_dir, run_dir), "--tracker", "none",
+                 options=TWO_NODES)  # fmt: skip
+    wait_for_steps(run_dir, env, job, 12)
+    survivors = cluster2.trainers(1)
+    assert len(survivors) == 1
+    # Its link goes down first (no connection is closed in an orderly way), then its slurmd and
+    # every process on it are killed: the survivor hears nothing until its collective times out.
+    cluster2.run("kill-node", "2")
+    killed = time.monotonic()
+    survivor_exit = wait_gone(survivors, timeout=TIMEOUT + 60)
+    assert survivor_exit >= TIMEOUT - 1
+    # SLURM requeues the job (the batch script, or slurmctld on the node's failure); it waits
+    # for two nodes: the dead one comes back.
+    wait_for_state(cluster2.env, job, {"PENDING"}, timeout=300)
+    down = time.monotonic() - killed
+    cluster2.run("start-node", "2")
+    info, requeue_to_finish = requeue_and_finish(env, job)
+    out, err = logs(tmp_path, job)
+    print(
+        f"survivor exit {survivor_exit:.1f}s (collective timeout {TIMEOUT}s), "
+        f"requeued {down:.1f}s after the node died, requeue to finish {requeue_to_finish:.1f}s"
+    )
+    assert info["JobState"] == "COMPLETED", out + err
+    assert info["Restarts"] == "1"
+    assert 8 <= assert_resumed_to_the_reference(out, run_dir, reference[0]) < 32
+
+
+@multinode
+def test_preemption_stops_every_rank_at_one_step_and_the_requeued_job_finishes_bit_identical(
+    cluster2, reference, mnist_dir, tmp_path
+):
+    run_dir = tmp_path / "run"
+    env = job_env(cluster2.env, tmp_path, **fault_env(STEP_SLEEP=0.2))
+    job = sbatch(env, tmp_path, *resumable_args(mnist_dir, run_dir), "--tracker", "none",
+                 options=TWO_NODES)  # fmt: skip
+    wait_for_steps(run_dir, env, job, 12)
+    # What SLURM does before the time limit (--signal=B:USR1@120): USR1 to the batch shell on
+    # the first node; the stop reaches node2's rank through the run directory's STOP file.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
+    info, _ = requeue_and_finish(env, job)
+    out, err = logs(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", out + err
+    assert info["Restarts"] == "1"
+    assert f"requeueing job {job} (requeue 1 of at most 20)" in out
+    # Both ranks stopped at the step of the stop's own checkpoint: no step ran twice.
+    resumed = assert_resumed_to_the_reference(out, run_dir, reference[0])
+    assert 12 <= resumed < 64
+    assert [r["global_step"] for r in read_jsonl(run_dir / STEPS_FILE)] == list(range(1, 65))
+
+
+@multinode
+def test_missing_data_on_one_node_fails_the_job_at_once_naming_that_node(
+    cluster2, tiny_mnist, tmp_path
+):
+    # node2's view of the data folder is empty (a bind mount in its mount namespace only).
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    raw = tiny_mnist / "MNIST" / "raw"
+    cluster2.run("exec", "2", "mount", "--bind", str(empty), str(raw))
+    try:
+        env = job_env(cluster2.env, tmp_path)
+        run_dir = tmp_path / "run"
+        started = time.monotonic()
+        job = sbatch(env, tmp_path, "--data-dir", str(tiny_mnist), "--output-dir", str(run_dir),
+                     "--epochs", "1", options=TWO_NODES)  # fmt: skip
+        info = finish(env, job, timeout=180)
+        took = time.monotonic() - started
+    finally:
+        cluster2.run("exec", "2", "umount", str(raw))
+    out, err = logs(tmp_path, job)
+    assert info["JobState"] == "FAILED", out + err
+    assert took < 120
+    failed = [line for line in err.splitlines() if "pre-flight check failed on node" in line]
+    assert failed == ["1: mnist-dist[slurm]: error: pre-flight check failed on node node2 (above)"]
+    assert "0: mnist-dist[slurm]: error" not in err
+    assert "accelerate launch" not in out
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+@multinode
+def test_two_jobs_on_the_same_two_nodes_meet_on_different_ports(cluster2, tiny_mnist, tmp_path):
+    env = job_env(cluster2.env, tmp_path, **fault_env(STEP_SLEEP=0.05))
+    one_cpu = ("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1")
+    jobs = [
+        sbatch(env, tmp_path, "--data-dir", str(tiny_mnist), "--output-dir",
+               str(tmp_path / f"run{i}"), "--epochs", "1", "--tracker", "none", options=one_cpu)
+        for i in (1, 2)
+    ]  # fmt: skip
+    # Both run at once, each on both nodes.
+    for job in jobs:
+        wait_for_state(env, job, {"RUNNING"}, timeout=120)
+    infos = [finish(env, job) for job in jobs]
+    ports = []
+    for i, (job, info) in enumerate(zip(jobs, infos, strict=True), 1):
+        out, err = logs(tmp_path, job)
+        assert info["JobState"] == "COMPLETED", out + err
+        assert info["NodeList"] == "node[1-2]"
+        assert read_summary(tmp_path / f"run{i}")["world_size"] == 2
+        ports.append({flag(words, "--main_process_port") for words in node_launches(out).values()})
+    assert len(ports[0]) == len(ports[1]) == 1 and ports[0] != ports[1]
+    assert max(i["StartTime"] for i in infos) < min(i["EndTime"] for i in infos)

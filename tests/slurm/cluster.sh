@@ -54,12 +54,12 @@ stop() {
     for pidfile in "$dir"/slurmd*.pid "$dir/slurmctld.pid"; do
         [[ -e $pidfile ]] || continue
         for _ in $(seq 50); do
-            if [[ ! -s $pidfile ]] || ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+            if [[ ! -s $pidfile ]] || ! kill -0 "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null; then
                 break
             fi
             sleep 0.1
         done
-        if [[ -s $pidfile ]]; then kill -9 "$(cat "$pidfile")" 2>/dev/null || true; fi
+        if [[ -s $pidfile ]]; then kill -9 "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true; fi
         rm -f "$pidfile"
     done
     # Whatever still runs in a node (job steps, training processes) goes with it.
@@ -124,7 +124,8 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 MinJobAge=600
-SlurmdTimeout=60
+# A node that stops answering is DOWN (and its jobs requeued) after 30 s (SLURM's default: 300).
+SlurmdTimeout=30
 CONF
     if ((nodes == 1)); then
         echo "NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN" >>"$dir/slurm.conf"
