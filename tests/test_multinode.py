@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    ROOT,
     assert_bit_identical,
     fault_env,
     free_port,
@@ -249,13 +250,14 @@ def test_when_a_whole_node_dies_the_others_exit_within_the_timeout_and_the_job_f
     # every process on it are killed: the survivor hears nothing until its collective times out.
     cluster2.run("kill-node", "2")
     killed = time.monotonic()
-    survivor_exit = wait_gone(survivors, timeout=TIMEOUT + 60)
-    assert survivor_exit >= TIMEOUT - 1
-    # SLURM requeues the job (the batch script, or slurmctld on the node's failure); it waits
-    # for two nodes: the dead one comes back.
-    wait_for_state(cluster2.env, job, {"PENDING"}, timeout=300)
-    down = time.monotonic() - killed
-    cluster2.run("start-node", "2")
+    try:
+        survivor_exit = wait_gone(survivors, timeout=TIMEOUT + 60)
+        assert survivor_exit >= TIMEOUT - 1
+        # SLURM requeues the job (slurmctld, on the node's failure); it waits for two nodes.
+        wait_for_state(cluster2.env, job, {"PENDING"}, timeout=300)
+        down = time.monotonic() - killed
+    finally:
+        cluster2.run("start-node", "2")  # the dead node comes back (the other tests need it)
     info, requeue_to_finish = requeue_and_finish(env, job)
     out, err = logs(tmp_path, job)
     print(
@@ -341,3 +343,36 @@ def test_two_jobs_on_the_same_two_nodes_meet_on_different_ports(cluster2, tiny_m
         ports.append({flag(words, "--main_process_port") for words in node_launches(out).values()})
     assert len(ports[0]) == len(ports[1]) == 1 and ports[0] != ports[1]
     assert max(i["StartTime"] for i in infos) < min(i["EndTime"] for i in infos)
+
+
+@multinode
+def test_accelerate_launch_on_each_host_without_slurm(cluster2, tiny_mnist, tmp_path):
+    # The README's form for machines without SLURM: the same command on every host, each with
+    # its own --machine_rank, all naming the first host; no SLURM variable anywhere.
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    launchers = []
+    for rank in (0, 1):
+        command = [
+            "accelerate", "launch", "--config_file", "accelerate_configs/multi_node.yaml",
+            "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+            "--main_process_ip", "node1", "--main_process_port", "29500",
+            "-m", "mnist_dist", "train", "--data-dir", str(tiny_mnist),
+            "--output-dir", str(run_dir), "--epochs", "1", "--tracker", "none",
+        ]  # fmt: skip
+        launchers.append(
+            subprocess.Popen(
+                ["bash", str(CLUSTER), "exec", str(cluster2.folder), str(rank + 1), *command],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
+        )
+    outputs = [p.communicate(timeout=300)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], "\n".join(outputs)
+    assert read_summary(run_dir)["world_size"] == 2
+    config = (run_dir / "config.yaml").read_text()
+    assert "num_nodes: 2" in config
+    assert "rank 0 on node1" in config and "rank 1 on node2" in config

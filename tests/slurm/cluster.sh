@@ -252,7 +252,7 @@ case $action in
         i=$1
         shift
         # slurmd's own namespaces: network, host name and mounts (its /etc/hosts).
-        exec nsenter --target "$(cat "$dir/slurmd-node$i.pid")" --net --uts --mount "$@"
+        exec nsenter --target "$(cat "$dir/slurmd-node$i.pid")" --net --uts --mount --wd="$PWD" "$@"
         ;;
     *) usage ;;
 esac
