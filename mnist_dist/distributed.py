@@ -6,9 +6,10 @@ import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs
+from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from mnist_dist.errors import UsageError
+from mnist_dist.launch import collective_timeout
 
 
 def has_accelerator() -> bool:
@@ -67,8 +68,11 @@ def make_accelerator(
     # CUDA graphs notes of PyTorch); each weight is cast once per forward here, so it saves
     # nothing anyway.
     autocast = AutocastKwargs(cache_enabled=False)
+    handlers: list = [ddp, autocast]
+    if (timeout := collective_timeout()) is not None:
+        handlers.append(InitProcessGroupKwargs(timeout=timeout))
     accelerator = Accelerator(
-        kwargs_handlers=[ddp, autocast],
+        kwargs_handlers=handlers,
         # Without cpu=True, `accelerate launch --multi_gpu` on a machine without GPUs starts N
         # lone rank-0 processes (DistributedType.NO) that train independently (pitfalls.md).
         cpu=not has_accelerator(),
@@ -80,6 +84,18 @@ def make_accelerator(
     )
     check_world_size(accelerator)
     return accelerator
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` says that another rank of the process group vanished (its process or
+    its node died, the network between them failed), rather than a fault of this rank's own.
+    Gloo reports a lost or silent peer as a plain RuntimeError from its TCP transport
+    ("Connection reset by peer", "Timed out waiting ... for recv operation"); PyTorch's own
+    c10d errors are ``torch.distributed.DistError``."""
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(error, dist_error):
+        return True
+    return isinstance(error, RuntimeError) and "gloo/transport/" in str(error)
 
 
 def _check_launcher_env() -> None:

@@ -24,6 +24,7 @@ from mnist_dist.launch import (
     MAIN_PORT_ENV,
     PROCS_PER_NODE_ENV,
     LaunchPlan,
+    collective_timeout,
     main_addr,
     main_port,
     node_cpus,
@@ -162,8 +163,11 @@ class Doctor:
         except OSError as e:
             raise UsageError(f"main address {plan.main_addr} does not resolve: {e}") from None
         where = f"{plan.main_addr}:{plan.main_port}"
+        timeout = collective_timeout()  # a bad value fails here, before anything starts
+        if timeout is not None:
+            where += f" (collectives time out after {timeout.total_seconds():g}s)"
         if plan.node_rank != 0:
-            return f"{where} (checked on node 0)"
+            return f"{where}, checked on node 0"
         if not port_is_free(plan.main_port):
             raise UsageError(
                 f"port {plan.main_port} is in use on this node; set {MAIN_PORT_ENV} to a free port"

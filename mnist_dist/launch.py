@@ -8,6 +8,7 @@ import shlex
 import socket
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from mnist_dist.errors import UsageError, first_line
@@ -15,6 +16,7 @@ from mnist_dist.errors import UsageError, first_line
 PROCS_PER_NODE_ENV = "MNIST_DIST_PROCS_PER_NODE"
 MAIN_ADDR_ENV = "MNIST_DIST_MAIN_ADDR"
 MAIN_PORT_ENV = "MNIST_DIST_MAIN_PORT"
+COLLECTIVE_TIMEOUT_ENV = "MNIST_DIST_COLLECTIVE_TIMEOUT"
 DEFAULT_PORT = 29500
 # Lightning's rule: two jobs that share a node get different ports.
 SLURM_PORT_BASE = 15000
@@ -89,6 +91,19 @@ def main_addr() -> str:
     """``MNIST_DIST_MAIN_ADDR``, else the first host of the SLURM job, else this machine."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST")
     return os.environ.get(MAIN_ADDR_ENV) or (first_host(nodelist) if nodelist else "127.0.0.1")
+
+
+def collective_timeout() -> timedelta | None:
+    """``MNIST_DIST_COLLECTIVE_TIMEOUT`` (seconds): how long a rank waits in a collective (and at
+    the rendezvous) for the others before it fails. A rank whose peer vanished without closing
+    its connections (a node that died, a cut network) waits this long; a peer that exits
+    closes them and is noticed at once. None: PyTorch's default (30 minutes for gloo)."""
+    value = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "").strip()
+    if not value:
+        return None
+    if not re.fullmatch(r"[0-9]+(\.[0-9]*)?", value) or float(value) <= 0:
+        raise UsageError(f"{COLLECTIVE_TIMEOUT_ENV} must be a number of seconds > 0, got {value!r}")
+    return timedelta(seconds=float(value))
 
 
 def slurm_gpus_on_node() -> int | None:

@@ -19,8 +19,9 @@ A run directory (``--output-dir``, else ``runs/<YYYYmmdd-HHMMSS>``) holds::
     model.safetensors  final weights, the model config in the header; main process, when the
                        run finishes (atomic: written beside it, then renamed)
     status.json        ``{"state": ...}``: running, finished, stopped (resumable), diverged or
-                       failed, with details; main process, at each change of state (atomic,
-                       best effort); read by slurm/train.sbatch
+                       failed, with details (``"lost_peer": true`` when a failure came from
+                       another rank that vanished); main process, at each change of state
+                       (atomic, best effort); read by slurm/train.sbatch
     STOP               written by a user or slurm/train.sbatch to ask the ranks to checkpoint
                        and stop; the run deletes it when it stops
     wandb-run-id.txt   the W&B run id, so that a requeued job continues its W&B run

@@ -26,7 +26,7 @@ from mnist_dist.config import Config, TrainConfig
 from mnist_dist.console import RunConsole
 from mnist_dist.data import build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.determinism import set_determinism
-from mnist_dist.distributed import describe_processes, make_accelerator
+from mnist_dist.distributed import describe_processes, lost_peer, make_accelerator
 from mnist_dist.engine import build_engine, stepped_optimizer
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
 from mnist_dist.evaluate import evaluate
@@ -100,7 +100,9 @@ class Run:
                 self.accelerator.wait_for_everyone()
             raise
         except BaseException as e:  # a second Ctrl-C, or a bug: say so to whoever watches
-            run_dir.write_status("failed", message=f"{type(e).__name__}: {e}")
+            # lost_peer: another rank vanished (its node died); a retry may well succeed.
+            details = {"lost_peer": True} if lost_peer(e) else {}
+            run_dir.write_status("failed", message=f"{type(e).__name__}: {e}", **details)
             raise
         finally:
             self.loop.stop.close()
