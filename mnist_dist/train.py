@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from mnist_dist.checkpoint import (
     TrainerState,
     restore_checkpoint,
 )
+from mnist_dist.claim import ClaimLost, Holder
 from mnist_dist.config import Config, TrainConfig
 from mnist_dist.console import RunConsole
 from mnist_dist.data import build_train_data, ensure_raw_files, eval_batches
@@ -30,11 +32,13 @@ from mnist_dist.distributed import describe_processes, make_accelerator
 from mnist_dist.engine import build_engine, stepped_optimizer
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
 from mnist_dist.evaluate import evaluate
+from mnist_dist.launch import continue_command
+from mnist_dist.layout import needs_resume_auto
 from mnist_dist.loop import EpochFigures, Loop, RunOutputs
 from mnist_dist.model import MnistCNN
 from mnist_dist.provenance import provenance
 from mnist_dist.records import EpochRecord, Summary
-from mnist_dist.rundir import RunDir, read_config, resolve_run_dir
+from mnist_dist.rundir import RunDir, claimed, read_config, resolve_run_dir
 from mnist_dist.stopping import StopControl
 from mnist_dist.wandb_tracker import MAX_TABLE_ROWS, Tracker, make_tracker, wants_wandb
 from mnist_dist.weights import export_model
@@ -54,16 +58,32 @@ def train(config: Config) -> Summary:
         config.train.mixed_precision, log_with=log_with, static_graph=config.train.grad_accum == 1
     )
     try:
-        run = build(accelerator, config, started, determinism)
-        if isinstance(run, Summary):
-            return run  # the run directory holds a finished run: nothing to do
-        with run.status():
-            run.loop.fit(run.state, config.train.epochs)
-            summary = finish(run)
-        run.say_done(summary)
-        return summary
+        run_path = preflight(accelerator, config)
+        say = print if accelerator.is_main_process else _silent
+        with claimed(accelerator, run_path, say) as holder:  # one training per run directory
+            run = build(accelerator, config, run_path, holder, started, determinism)
+            if isinstance(run, Summary):
+                return run  # the run directory holds a finished run: nothing to do
+            with run.status():
+                run.loop.fit(run.state, config.train.epochs)
+                summary = finish(run)
+            run.say_done(summary)
+            return summary
     finally:
         accelerator.end_training()  # destroys the process group on every rank
+
+
+def _silent(line: str) -> None:
+    pass
+
+
+def preflight(accelerator: Accelerator, config: Config) -> Path:
+    """What is checked before the run directory is touched: the global batch divides over
+    the processes, the data is there and intact. Returns the run directory."""
+    training = config.train
+    training.per_device_batch_size(accelerator.num_processes)  # raises if it does not divide
+    ensure_raw_files(accelerator, config.data)  # verified before anything is written
+    return resolve_run_dir(accelerator, training.output_dir, config.checkpoint.resume)
 
 
 @dataclass
@@ -82,15 +102,20 @@ class Run:
 
     @contextmanager
     def status(self) -> Iterator[None]:
-        """Owns the run's ``status.json``: running inside the block; then finished, stopped
-        (resumable), diverged or failed. Ends the tracker and, on every rank, leaves together
-        after a stop or divergence."""
+        """Owns the run's ``status.json``: running inside the block (with heartbeats from the
+        loop); then finished, stopped (resumable), diverged or failed, and the messages of the
+        last three end with the command that continues the run. Ends the tracker and, on every
+        rank, leaves together after a stop or divergence."""
         state, run_dir = self.state, self.run_dir
-        run_dir.write_status("running", epoch=state.epoch, step=state.step)
+        newest = self.loop.checkpointer.newest()
+        run_dir.beat(state.epoch, state.step, state.global_step, newest, force=True)
         try:
             yield
+        except ClaimLost:
+            raise  # the directory is another training's now: not a word more into it
         except (Stopped, DivergedError, WriteError) as e:
             name = {Stopped: "stopped", DivergedError: "diverged"}.get(type(e), "failed")
+            e.args = (f"{e}; to continue: {run_dir.command}",)
             run_dir.write_status(name, message=str(e), exit_code=e.exit_code)
             self.tracker.finish()
             if isinstance(e, (Stopped, DivergedError)):
@@ -120,16 +145,20 @@ class Run:
 
 
 def build(
-    accelerator: Accelerator, config: Config, started: float, determinism: dict[str, Any]
+    accelerator: Accelerator,
+    config: Config,
+    run_path: Path,
+    holder: Holder | None,
+    started: float,
+    determinism: dict[str, Any],
 ) -> Run | Summary:
     """Everything a run needs, restored from its checkpoint if it has one; or the summary of
-    the finished run its directory holds when there is nothing left to train."""
+    the finished run its directory holds when there is nothing left to train. ``holder`` is
+    the main process's claim on ``run_path``."""
     training, checkpointing = config.train, config.checkpoint
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    training.per_device_batch_size(world)  # raises if it does not divide
-    ensure_raw_files(accelerator, config.data)  # verified before anything is written
-    run_path = resolve_run_dir(accelerator, training.output_dir, checkpointing.resume)
-    run_dir = RunDir(run_path, accelerator.is_main_process)
+    command = continue_command(run_path, needs_resume_auto(checkpointing.resume, run_path))
+    run_dir = RunDir(run_path, accelerator.is_main_process, holder, command)
     train_data = build_train_data(
         config.data, training.global_batch_size, world, rank, training.seed, device
     )
