@@ -44,6 +44,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from mnist_dist.errors import MnistDistError, UsageError
 from mnist_dist.layout import RunLayout
@@ -133,6 +134,24 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def dead_because(run_dir: Path, status: dict[str, Any]) -> str | None:
+    """Why a run whose ``status.json`` says running is not running any more, or None while
+    it shows signs of life: the claim it ran under is gone, its process on this host is
+    gone, or it has been silent for ``STALE_SECONDS``."""
+    try:
+        holder = read_holder(run_dir)
+    except UsageError:
+        holder = None
+    if holder is None or holder.token != status.get("claim"):
+        return "no training holds the directory"
+    if holder.host == socket.gethostname() and not pid_alive(holder.pid):
+        return f"its process, pid {holder.pid} on {holder.host}, is gone"
+    silent = seconds_since(last_sign_of_life(run_dir, holder))
+    if silent > STALE_SECONDS:
+        return f"no heartbeat for {silent / 60:.0f} min"
+    return None
 
 
 def judge(run_dir: Path, holder: Holder, me: Holder) -> str | None:

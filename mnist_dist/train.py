@@ -21,6 +21,8 @@ from mnist_dist.checkpoint import (
     Checkpoint,
     Checkpointer,
     TrainerState,
+    check_continuation,
+    check_epochs,
     restore_checkpoint,
 )
 from mnist_dist.claim import ClaimLost, Holder
@@ -260,13 +262,7 @@ def find_checkpoint(
     resume = config.checkpoint.resume
     checkpoint = checkpointer.find(resume, say)
     branch = checkpoint is not None and not checkpointer.holds(checkpoint)
-    if (checkpoint is None or branch) and run_dir.holds_records():
-        raise UsageError(
-            f"{run_dir.path} already holds a run and no intact checkpoint to resume "
-            f"(--resume {resume}); choose another --output-dir"
-        )
-    if checkpoint is not None:
-        checkpoint.check_settings(config.to_dict(), run_dir.path, branch, say)
+    check_continuation(run_dir.path, checkpoint, branch, config.to_dict(), resume, say)
     return checkpoint, branch
 
 
@@ -416,12 +412,7 @@ def check_resumable(checkpoint: Checkpoint, fresh: TrainerState, epochs: int) ->
     """Refuse a checkpoint past the end of ``epochs``, and a mid-epoch one whose next batch
     this run would not draw the same (another seed, global batch or training set)."""
     state = checkpoint.state
-    trained = state.epoch - 1 if state.step == 0 else state.epoch  # whole or partial epochs
-    if epochs < trained:
-        raise UsageError(
-            f"checkpoint {checkpoint.path} has trained past --epochs {epochs} (it resumes at "
-            f"epoch {state.epoch}, step {state.step}): pass --epochs {trained} or more"
-        )
+    check_epochs(checkpoint, epochs)
     if state.step == 0:
         return
     for name, flag in (
