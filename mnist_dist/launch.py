@@ -188,7 +188,10 @@ def _invocation() -> tuple[list[str], list[str]]:
     """(the words that start mnist-dist, as the user typed them; the sub-command and its
     arguments)."""
     args = sys.argv[1:]
-    if os.environ.get("SLURM_JOB_ID") and args[:1] == ["train"]:
+    # slurm/train.sbatch exports the plan doctor wrote (MNIST_DIST_RUN_DIR among it) to the
+    # ranks: a job of that script continues by a resubmission, not by a node's own command.
+    in_sbatch_job = os.environ.get("SLURM_JOB_ID") and os.environ.get("MNIST_DIST_RUN_DIR")
+    if in_sbatch_job and args[:1] == ["train"]:
         return ["sbatch", "slurm/train.sbatch"], args[1:]
     if os.environ.get("LOCAL_RANK") is not None:  # a rank of accelerate launch / torchrun
         parent = _cmdline(os.getppid())

@@ -295,3 +295,35 @@ def test_a_run_whose_claim_was_taken_over_stops_at_its_next_heartbeat(tmp_path):
     with pytest.raises(ClaimLost, match="was taken over by another training \\(host node-b"):
         run_dir.beat(1, 9, 9, None, force=True)
     assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "argv, resume_auto, env, expected",
+    [
+        (["train", "--output-dir=old", "--lr", "0.01"], False, {},
+         ["train", "--output-dir", "runs/r", "--lr", "0.01"]),
+        (["train", "--resume", "never", "--data-dir", "my data"], True, {},
+         ["train", "--resume", "auto", "--data-dir", "my data", "--output-dir", "runs/r"]),
+        (["train", "--output-dir", "runs/slurm-7", "--resume", "auto", "--epochs", "3"], False,
+         {"SLURM_JOB_ID": "7", "MNIST_DIST_RUN_DIR": "runs/slurm-7"},
+         ["sbatch", "slurm/train.sbatch", "--output-dir", "runs/r", "--resume", "auto",
+          "--epochs", "3"]),
+    ],
+    ids=["output-dir replaced", "resume never", "in a job of train.sbatch"],
+)  # fmt: skip
+def test_the_continue_command_is_the_command_run_with_the_runs_directory(
+    argv, resume_auto, env, expected, monkeypatch
+):
+    from mnist_dist import launch
+
+    monkeypatch.setattr(sys, "argv", [str(Path(launch.__file__).parent / "__main__.py"), *argv])
+    for name in ("SLURM_JOB_ID", "MNIST_DIST_RUN_DIR", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # This process was not started as mnist-dist: its own argv does not end with ``argv``.
+    command = shlex.split(launch.continue_command(Path("runs/r"), resume_auto))
+    if not env:
+        assert command[:3] == [sys.executable, "-m", "mnist_dist"]
+        command = command[3:]
+    assert command == expected
