@@ -100,7 +100,9 @@ class Loop:
 
     def beat(self, state: TrainerState, force: bool = False) -> None:
         """The run's heartbeat in ``status.json`` (``RunDir.beat``): a clock read per step,
-        a write at most every minute, and one after every checkpoint (``force``)."""
+        a write at most every minute, and one after every checkpoint (``force``). It beats
+        from the loop, not from a thread of its own: a run stuck in a collective or a hung
+        device stops beating, so a silent run is one that makes no progress."""
         where = (state.epoch, state.step, state.global_step, self.checkpointer.last_saved)
         self.outputs.files.beat(*where, force=force)
 

@@ -75,8 +75,9 @@ class RunRecords:
         lines = []
         if "heartbeat" in status:
             seen = claim.seconds_since(str(status["heartbeat"]))
+            ago = f" ({seen:.0f} s ago)" if state == "running" else ""  # a live run's age
             lines.append(
-                f"  last heartbeat {status['heartbeat']} ({seen:.0f} s ago) at epoch "
+                f"  last heartbeat {status['heartbeat']}{ago} at epoch "
                 f"{status.get('epoch', '?')}, step {status.get('step', '?')}; newest "
                 f"checkpoint {status.get('checkpoint') or 'none'}"
             )
