@@ -22,6 +22,7 @@ from helpers import (
     _env,
     assert_bit_identical,
     fault_env,
+    launch_cli,
     launch_command,
     make_tiny_mnist,
     read_jsonl,
@@ -327,3 +328,18 @@ def test_the_continue_command_is_the_command_run_with_the_runs_directory(
         assert command[:3] == [sys.executable, "-m", "mnist_dist"]
         command = command[3:]
     assert command == expected
+
+
+@pytest.mark.multiprocess
+def test_every_rank_of_a_launch_refuses_a_held_directory(data, tmp_path):
+    out = tmp_path / "run"
+    write_claim(out, "node-c", "999", seconds_ago=5)
+    before = tree(out)
+    result = launch_cli(*args(data, "--output-dir", str(out)), timeout=300)
+    assert result.returncode != 0
+    refusal = f"mnist-dist: error: {out} is in use by another training (host node-c"
+    assert [line[: len(refusal)] for line in result.error_lines()] == [refusal]  # once a node
+    # The launcher's summary has each rank's own line: both ranks refused, none hung.
+    ranks = [line for line in result.stderr.splitlines() if f"traceback : {refusal}" in line]
+    assert len(ranks) == 2, result.stderr[-3000:]
+    assert tree(out) == before
