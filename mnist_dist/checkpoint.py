@@ -26,6 +26,7 @@ from mnist_dist.layout import (
     MANIFEST_FILE,
     PARTIAL_PREFIX,
     STATE_FILE,
+    RunLayout,
     checkpoint_name,
     parse_checkpoint_name,
     parse_resume,
@@ -229,7 +230,7 @@ class Checkpointer:
         found: list[str | None] = [None, None]  # path, error
         if self.accelerator.is_main_process:
             try:
-                path = self._find(resume, say)
+                path = locate(self.root, resume, say)
                 found[0] = None if path is None else str(path)
             except UsageError as e:
                 found[1] = str(e)
@@ -242,39 +243,79 @@ class Checkpointer:
         path = Path(found[0])
         return Checkpoint(path, TrainerState.from_json((path / STATE_FILE).read_text()))
 
-    def _find(self, resume: str, say: Callable[[str], None]) -> Path | None:
-        choice = parse_resume(resume)
-        if choice.never:
-            return None
-        if choice.path is not None:
-            path = choice.path
-            read_checkpoint(path)  # raises with the reason
-            if path.resolve().parent == self.root.resolve():
-                newer = complete_checkpoints(self.root)
-                newer = newer[[p.name for p in newer].index(path.name) + 1 :]
-                if newer:
-                    raise UsageError(
-                        f"{self.root} holds checkpoints newer than {path.name} "
-                        f"({newer[-1].name}); resume into another --output-dir"
-                    )
-                return path
-            own = self._find("auto", say)
-            if own is None:
-                return path  # a new branch
-            branched_from = read_checkpoint(own).branched_from
-            if branched_from and Path(branched_from).resolve() == path.resolve():
-                return own  # the branch's own newest: the same command continues it
-            raise UsageError(
-                f"{self.root.parent} already holds a run; continue it with --resume auto, "
-                f"or branch from {path} into a new --output-dir"
-            )
-        for path in reversed(complete_checkpoints(self.root)):
-            try:
-                read_checkpoint(path)
-                return path
-            except UsageError as e:
-                say(f"warning: {e}; trying the previous checkpoint")
+
+def locate(root: Path, resume: str, say: Callable[[str], None]) -> Path | None:
+    """The checkpoint ``--resume`` names for the checkpoints folder ``root`` (see
+    ``Checkpointer.find``), read on this process only."""
+    choice = parse_resume(resume)
+    if choice.never:
         return None
+    if choice.path is not None:
+        path = choice.path
+        read_checkpoint(path)  # raises with the reason
+        if path.resolve().parent == root.resolve():
+            newer = complete_checkpoints(root)
+            newer = newer[[p.name for p in newer].index(path.name) + 1 :]
+            if newer:
+                raise UsageError(
+                    f"{root} holds checkpoints newer than {path.name} "
+                    f"({newer[-1].name}); resume into another --output-dir"
+                )
+            return path
+        own = locate(root, "auto", say)
+        if own is None:
+            return path  # a new branch
+        branched_from = read_checkpoint(own).branched_from
+        if branched_from and Path(branched_from).resolve() == path.resolve():
+            return own  # the branch's own newest: the same command continues it
+        raise UsageError(
+            f"{root.parent} already holds a run; continue it with --resume auto, "
+            f"or branch from {path} into a new --output-dir"
+        )
+    for path in reversed(complete_checkpoints(root)):
+        try:
+            read_checkpoint(path)
+            return path
+        except UsageError as e:
+            say(f"warning: {e}; trying the previous checkpoint")
+    return None
+
+
+def check_continuation(
+    run_dir: Path,
+    checkpoint: Checkpoint | None,
+    branch: bool,
+    settings: dict[str, Any],
+    resume: str,
+    say: Callable[[str], None],
+) -> None:
+    """Refuse what ``train`` refuses before anything is written (``doctor`` asks the same):
+    a run directory that holds records but no checkpoint to continue them from, and a
+    continuation with ``settings`` that change the run's math."""
+    if (checkpoint is None or branch) and RunLayout(run_dir).metrics.exists():
+        if resume == "never":  # it looked at no checkpoint: whether any is intact is unknown
+            raise UsageError(
+                f"{run_dir} already holds a run; --resume never starts a new one, which "
+                "needs a directory of its own: choose another --output-dir (or --resume auto "
+                "to continue this run)"
+            )
+        raise UsageError(
+            f"{run_dir} already holds a run and no intact checkpoint to resume "
+            f"(--resume {resume}); choose another --output-dir"
+        )
+    if checkpoint is not None:
+        checkpoint.check_settings(settings, run_dir, branch, say)
+
+
+def check_epochs(checkpoint: Checkpoint, epochs: int) -> None:
+    """Refuse a checkpoint that has trained past ``epochs``."""
+    state = checkpoint.state
+    trained = state.epoch - 1 if state.step == 0 else state.epoch  # whole or partial epochs
+    if epochs < trained:
+        raise UsageError(
+            f"checkpoint {checkpoint.path} has trained past --epochs {epochs} (it resumes at "
+            f"epoch {state.epoch}, step {state.step}): pass --epochs {trained} or more"
+        )
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

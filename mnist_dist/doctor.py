@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from mnist_dist import claim
+from mnist_dist.claim import Holder
 from mnist_dist.config import Config
 from mnist_dist.errors import UsageError, first_line
 from mnist_dist.launch import (
@@ -33,7 +35,7 @@ from mnist_dist.launch import (
     visible_gpus,
     write_env,
 )
-from mnist_dist.layout import RUNS_DIR, RunLayout, parse_resume
+from mnist_dist.layout import RUNS_DIR, RunLayout
 
 WANDB_PROBE_SECONDS = 3.0
 
@@ -194,7 +196,6 @@ class Doctor:
         return f"{folder}: MNIST verified"
 
     def _output(self) -> str:
-        from mnist_dist.checkpoint import complete_checkpoints
         from mnist_dist.rundir import check_output_dir
 
         output_dir = self.config.train.output_dir
@@ -205,10 +206,9 @@ class Doctor:
             )
         path = self.plan.run_dir = Path(output_dir)
         check_output_dir(path)
-        found = complete_checkpoints(RunLayout(path).checkpoints)
-        if found and parse_resume(self.config.checkpoint.resume).auto:
-            return f"{path}: writable; resumes from {found[-1].name}"
-        return f"{path}: writable; new run"
+        taking_over = claim.check(path, Holder.this_process())  # a held directory: refused
+        plan = what_train_does(path, self.config)
+        return f"{path}: writable; {plan}" + (f" ({taking_over})" if taking_over else "")
 
     def _wandb(self) -> str:
         from mnist_dist.wandb_tracker import wandb_mode
@@ -232,6 +232,35 @@ class Doctor:
         if mode == "disabled":
             return "disabled"
         return f"online ({'as asked' if chosen else 'credentials found'})"
+
+
+def what_train_does(path: Path, config: Config) -> str:
+    """What ``train`` would do in the run directory ``path``, in words, through the checks
+    ``train`` itself makes there (raising the same ``UsageError`` it would refuse with)."""
+    from mnist_dist.checkpoint import (
+        Checkpoint,
+        check_continuation,
+        check_epochs,
+        locate,
+        read_checkpoint,
+    )
+    from mnist_dist.rundir import RunDir
+
+    notes: list[str] = []
+    resume, root = config.checkpoint.resume, RunLayout(path).checkpoints
+    found = locate(root, resume, notes.append)
+    checkpoint = None if found is None else Checkpoint(found, read_checkpoint(found))
+    branch = found is not None and found.resolve().parent != root.resolve()
+    check_continuation(path, checkpoint, branch, config.to_dict(), resume, notes.append)
+    finished = None if branch else RunDir(path, False).finished_summary()
+    epochs = config.train.epochs
+    if finished is not None and epochs <= finished.epochs_completed:
+        return f"holds a finished run ({finished.epochs_completed} epoch(s)): nothing to train"
+    if checkpoint is None:
+        return "new run" + "".join(f"; {note}" for note in notes)
+    check_epochs(checkpoint, epochs)
+    verb = "branches from" if branch else "resumes from"
+    return f"{verb} {found if branch else found.name}" + "".join(f"; {n}" for n in notes)
 
 
 def format_checks(checks: list[Check]) -> str:

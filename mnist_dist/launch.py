@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -177,3 +179,80 @@ def write_env(plan: LaunchPlan, path: str | os.PathLike[str]) -> None:
         Path(path).write_text("".join(lines))
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def continue_command(run_dir: Path, resume_auto: bool) -> str:
+    """The command that continues this run, shell-quoted: the one the user ran with
+    ``--output-dir run_dir`` in place of any given (and ``--resume auto`` when the run was
+    started with ``--resume never`` or one of its own checkpoints, which would be refused
+    now). Under ``accelerate launch`` it is the launcher's command; inside a SLURM job, the
+    resubmission of ``slurm/train.sbatch`` with the run's arguments.
+
+    The run directory keeps the form the run knows it by (relative when given so): the other
+    arguments (``--data-dir ./data``) are relative to the same folder, so the command is run
+    from where the first one was.
+    """
+    prefix, args = _invocation()
+    args = _with_option(args, "--output-dir", str(run_dir))
+    if resume_auto:
+        args = _with_option(args, "--resume", "auto")
+    return shlex.join([*prefix, *args])
+
+
+def _invocation() -> tuple[list[str], list[str]]:
+    """(the words that start mnist-dist, as the user typed them; the sub-command and its
+    arguments)."""
+    args = sys.argv[1:]
+    # slurm/train.sbatch exports the plan doctor wrote (MNIST_DIST_RUN_DIR among it) to the
+    # ranks: a job of that script continues by a resubmission, not by a node's own command.
+    in_sbatch_job = os.environ.get("SLURM_JOB_ID") and os.environ.get("MNIST_DIST_RUN_DIR")
+    if in_sbatch_job and args[:1] == ["train"]:
+        return ["sbatch", "slurm/train.sbatch"], args[1:]
+    if os.environ.get("LOCAL_RANK") is not None:  # a rank of accelerate launch / torchrun
+        parent = _cmdline(os.getppid())
+        if args and parent[-len(args) :] == args:
+            return _as_typed(parent[: -len(args)]), args
+    own = _cmdline(os.getpid())
+    if args and own[-len(args) :] == args:
+        return _as_typed(own[: -len(args)]), args
+    main = sys.argv[0]
+    if Path(main).name == "__main__.py":
+        return [sys.executable, "-m", "mnist_dist"], args
+    return _as_typed([sys.executable, main]), args
+
+
+def _cmdline(pid: int) -> list[str]:
+    """A process's argv as it was started (Linux); empty where it cannot be read."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return raw.decode(errors="replace").split("\0")[:-1]
+
+
+def _as_typed(prefix: list[str]) -> list[str]:
+    """A script started through its ``#!`` line shows as ``python /path/to/script``: the
+    script's name alone when it is the one on PATH (``mnist-dist``, ``accelerate``)."""
+    if len(prefix) >= 2 and Path(prefix[0]).name.startswith("python"):
+        script = prefix[1]
+        if not script.startswith("-") and Path(script).is_file():
+            found = shutil.which(Path(script).name)
+            same = found is not None and Path(found).resolve() == Path(script).resolve()
+            return [Path(script).name if same else script, *prefix[2:]]
+    return prefix
+
+
+def _with_option(args: list[str], flag: str, value: str) -> list[str]:
+    """``args`` with ``flag value`` in place of every ``flag X`` / ``flag=X``, or at the end."""
+    out, given, i = [], False, 0
+    while i < len(args):
+        word = args[i]
+        if word == flag or word.startswith(flag + "="):
+            if not given:
+                out += [flag, value]
+            given = True
+            i += 1 if "=" in word else 2
+            continue
+        out.append(word)
+        i += 1
+    return out if given else [*out, flag, value]

@@ -19,9 +19,16 @@ A run directory (``--output-dir``, else ``runs/<YYYYmmdd-HHMMSS>``) holds::
     model.safetensors  final weights, the model config in the header; main process, when the
                        run finishes (atomic: written beside it, then renamed)
     status.json        ``{"state": ...}``: running, finished, stopped (resumable), diverged or
-                       failed, with details (``"lost_peer": true`` when a failure came from
-                       another rank that vanished); main process, at each change of state
+                       failed, with details: epoch and step reached, the newest checkpoint, a
+                       ``heartbeat`` time, the claim's token, the command that continues the
+                       run (``"lost_peer": true`` when a failure came from another rank that
+                       vanished); main process, at each change of state and, while running, at
+                       every heartbeat (checkpoints, epoch ends, every minute of training)
                        (atomic, best effort); read by slurm/train.sbatch
+    claim.json         who holds the directory while a training runs in it: host, pid, SLURM
+                       job and restart count, since when (``claim.py`` has the rules); main
+                       process, created whole (``link()``) before anything else is written,
+                       deleted when the run ends; never rewritten
     STOP               written by a user or slurm/train.sbatch to ask the ranks to checkpoint
                        and stop; the run deletes it when it stops
     wandb-run-id.txt   the W&B run id, so that a requeued job continues its W&B run
@@ -52,6 +59,7 @@ STEPS_FILE = "steps.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.safetensors"
 STATUS_FILE = "status.json"
+CLAIM_FILE = "claim.json"
 STOP_FILE = "STOP"
 WANDB_RUN_ID_FILE = "wandb-run-id.txt"
 WANDB_DIR = "wandb"  # W&B's own name for the folder it creates under its ``dir``
@@ -98,6 +106,10 @@ class RunLayout:
     @property
     def status(self) -> Path:
         return self.root / STATUS_FILE
+
+    @property
+    def claim(self) -> Path:
+        return self.root / CLAIM_FILE
 
     @property
     def stop(self) -> Path:
@@ -176,3 +188,14 @@ def parse_resume(value: str) -> Resume:
     if not value:
         raise UsageError(f"--resume must be {RESUME_CHOICES}")
     return Resume("path", Path(value))
+
+
+def needs_resume_auto(resume: str, run_dir: Path) -> bool:
+    """Whether the command that continues a run in ``run_dir`` must say ``--resume auto``
+    instead of the ``resume`` it started with: ``never`` (a fresh start would be refused
+    once the run holds records), or one of the run's own checkpoints (the run has newer ones
+    by then). A checkpoint of another run (a branch) continues as given."""
+    choice = parse_resume(resume)
+    if choice.path is None:
+        return choice.never
+    return run_dir_of(choice.path).resolve() == run_dir.resolve()

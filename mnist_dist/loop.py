@@ -69,6 +69,7 @@ class Loop:
             state.step += 1
             state.global_step += 1
             self.outputs.console.advance()
+            self.beat(state)
             if state.global_step % self.log_every == 0:
                 self.check_finite(state)
                 lr = current_lr(self.optimizer)
@@ -95,6 +96,15 @@ class Loop:
             "_last_lr": [lr_value(lr) for lr in self.scheduler.get_last_lr()],
         }
         self.checkpointer.save(state)
+        self.beat(state, force=True)
+
+    def beat(self, state: TrainerState, force: bool = False) -> None:
+        """The run's heartbeat in ``status.json`` (``RunDir.beat``): a clock read per step,
+        a write at most every minute, and one after every checkpoint (``force``). It beats
+        from the loop, not from a thread of its own: a run stuck in a collective or a hung
+        device stops beating, so a silent run is one that makes no progress."""
+        where = (state.epoch, state.step, state.global_step, self.checkpointer.last_saved)
+        self.outputs.files.beat(*where, force=force)
 
     def check_finite(self, state: TrainerState) -> None:
         """Raise ``DivergedError`` on every rank if any rank saw a non-finite loss this epoch."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mnist_dist import claim
 from mnist_dist.errors import UsageError
 from mnist_dist.layout import METRICS_FILE, STATUS_FILE, STEPS_FILE, RunLayout
 from mnist_dist.records import EpochRecord, RecordError, StepRecord
@@ -51,6 +52,40 @@ class RunRecords:
     epochs: list[EpochRecord]
     status: dict[str, Any] = field(default_factory=dict)  # status.json
     steps: list[StepRecord] = field(default_factory=list)  # steps.jsonl
+    path: Path | None = None  # the run directory
+
+    def state(self) -> str:
+        """The run's state; "running" only while the run shows signs of life."""
+        state = self.status.get("state")
+        if state is None:
+            return "state unknown (no status.json)"
+        dead = (
+            self.path is not None
+            and state == "running"
+            and claim.dead_because(self.path, self.status)
+        )
+        return f"not running ({dead})" if dead else str(state)
+
+    def state_lines(self) -> list[str]:
+        """What the status adds to the state: when the run was last seen, where, the message
+        it ended with, and the command that continues it."""
+        status, state = self.status, self.state()
+        if not status or state == "finished":
+            return []
+        lines = []
+        if "heartbeat" in status:
+            seen = claim.seconds_since(str(status["heartbeat"]))
+            ago = f" ({seen:.0f} s ago)" if state == "running" else ""  # a live run's age
+            lines.append(
+                f"  last heartbeat {status['heartbeat']}{ago} at epoch "
+                f"{status.get('epoch', '?')}, step {status.get('step', '?')}; newest "
+                f"checkpoint {status.get('checkpoint') or 'none'}"
+            )
+        if status.get("message"):
+            lines.append("  " + str(status["message"]).split("; to continue: ")[0])
+        if state != "running" and status.get("continue"):
+            lines.append(f"  to continue: {status['continue']}")
+        return lines
 
 
 def load_run(run_dir: str | Path) -> RunRecords:
@@ -63,11 +98,11 @@ def load_run(run_dir: str | Path) -> RunRecords:
     for raw in _read_jsonl(layout.steps):
         with contextlib.suppress(RecordError):  # a line this version cannot show
             steps.append(StepRecord.from_dict(raw))
-    if epochs:
-        return RunRecords(epochs, steps=steps)
     status = _read_json(layout.status)
+    if epochs:
+        return RunRecords(epochs, status, steps, run_dir)
     if status or steps or layout.config.exists():
-        return RunRecords([], status, steps)
+        return RunRecords([], status, steps, run_dir)
     if layout.metrics.exists():
         raise UsageError(f"{run_dir} has no finished epoch yet ({METRICS_FILE} is empty)")
     raise UsageError(
@@ -186,6 +221,8 @@ def format_report(runs: dict[str, RunRecords]) -> str:
             f"{label}: test accuracy {last.test_accuracy:.2%} ({correct}/{total}) after epoch "
             f"{last.epoch}; best {best.test_accuracy:.2%} at epoch {best.epoch}"
         )
+        if run.status and run.state() != "finished":
+            results.append("\n".join([f"{label}: {run.state()}", *run.state_lines()]))
     return "\n\n".join(part for part in (table, "\n".join(results)) if part)
 
 
@@ -196,10 +233,9 @@ def _or_unknown(value: int | None) -> str:
 def _first_epoch_result(label: str, run: RunRecords) -> str:
     """What is known of a run that has not finished an epoch: its state, where it is, its
     newest step record, and the message it ended with."""
-    state = run.status.get("state", "state unknown (no status.json)")
     last = run.steps[-1] if run.steps else None
     epoch = last.epoch if last else run.status.get("epoch", 1)
-    text = f"{label}: {state} in epoch {epoch}, no epoch finished yet; "
+    text = f"{label}: {run.state()} in epoch {epoch}, no epoch finished yet; "
     if last:
         text += (
             f"at global step {last.global_step}: train loss {last.train_loss:.4f}, "
@@ -207,8 +243,7 @@ def _first_epoch_result(label: str, run: RunRecords) -> str:
         )
     else:
         text += "no step recorded yet"
-    message = run.status.get("message")
-    return text + (f"\n  {message}" if message else "")
+    return "\n".join([text, *run.state_lines()])
 
 
 def _pyplot() -> Any:

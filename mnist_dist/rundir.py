@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import socket
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from mnist_dist import claim
+from mnist_dist.claim import HEARTBEAT_SECONDS, ClaimLost, Holder
 from mnist_dist.errors import UsageError, WriteError
 from mnist_dist.layout import (
     CONFIG_FILE,
@@ -75,14 +79,66 @@ def check_output_dir(path: Path) -> None:
         raise UsageError(f"cannot write to output directory {path}: {e.strerror or e}") from None
 
 
+@contextlib.contextmanager
+def claimed(
+    accelerator: Accelerator, path: Path, say: Callable[[str], None]
+) -> Iterator[Holder | None]:
+    """Hold the run directory ``path`` for this training (``claim.py``) while the block runs;
+    yields the claim on the main process (None on the others). Another training's claim is
+    refused on every rank, before anything is written; a claim left behind is taken over with
+    one warning line. Afterwards the claim is released, and folders this start created are
+    removed again if nothing was written in them (a refused start leaves nothing behind)."""
+    me = Holder.this_process() if accelerator.is_main_process else None
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    outcome: list[str | None] = [None, None]  # refusal, warning
+    if me is not None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            outcome[1] = claim.acquire(path, me)
+        except UsageError as e:
+            outcome[0] = str(e)
+        except OSError as e:
+            outcome[0] = f"cannot write to output directory {path}: {e.strerror or e}"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)  # the decision reaches every rank
+    try:
+        if outcome[0] is not None:
+            raise UsageError(outcome[0])
+        if outcome[1] is not None:
+            say(outcome[1])
+        yield me
+    finally:
+        if me is not None:
+            claim.release(path, me)
+            _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 class RunDir:
     """Writes a run's records, in the files ``layout`` names; a no-op on every rank but the
     main process. The writers take the typed records of ``records`` or the same records as
-    plain dicts (written as given)."""
+    plain dicts (written as given).
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    ``holder`` is the run's claim on the directory and ``command`` the command that continues
+    the run: every ``status.json`` carries both, with a heartbeat time and the position the
+    run reached (``beat``)."""
+
+    def __init__(
+        self, path: Path, enabled: bool, holder: Holder | None = None, command: str | None = None
+    ) -> None:
         self.path, self.enabled = path, enabled
         self.layout = RunLayout(path)
+        self.holder, self.command = holder, command
+        self.position: dict[str, Any] = {}  # epoch, step, global_step, checkpoint
+        self._next_beat = 0.0  # time.monotonic() of the next heartbeat the loop owes
         if enabled:
             check_output_dir(path)
 
@@ -128,11 +184,48 @@ class RunDir:
 
     def write_status(self, state: str, **details: Any) -> None:
         """``status.json``: running, finished, stopped (resumable), diverged or failed, for
-        schedulers and scripts that cannot read exit codes through a launcher."""
+        schedulers and scripts that cannot read exit codes through a launcher; with the
+        position reached, a heartbeat time, the run's claim and the command that continues
+        it."""
         # Best effort: a full disk must not hide the error that ended the run.
         if self.enabled:
+            # A finished run's position is its epoch count (details), not the next epoch.
+            reached = {
+                k: v for k, v in self.position.items() if state != "finished" or k == "checkpoint"
+            }
+            status = {"state": state, **reached, **details, "heartbeat": claim.utc_now()}
+            if self.holder is not None:
+                status["claim"] = self.holder.token
+            if self.command is not None and state != "finished":
+                status["continue"] = self.command
             with contextlib.suppress(WriteError):
-                self._write_atomic(STATUS_FILE, json.dumps({"state": state, **details}) + "\n")
+                self._write_atomic(STATUS_FILE, json.dumps(status) + "\n")
+
+    def beat(
+        self,
+        epoch: int,
+        step: int,
+        global_step: int,
+        checkpoint: Path | None,
+        force: bool = False,
+    ) -> None:
+        """The heartbeat: ``status.json`` says running, where, and when last seen, at most
+        every ``HEARTBEAT_SECONDS`` (``force``: now). Costs a clock read between beats. Raises
+        ``ClaimLost`` when another training took the directory over meanwhile."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now < self._next_beat:
+            return
+        self._next_beat = now + HEARTBEAT_SECONDS
+        if self.holder is not None and (taker := claim.lost_to(self.path, self.holder)):
+            raise ClaimLost(
+                f"{self.path} was taken over by another training ({taker}) while this one "
+                "showed no sign of life; stopping without writing anything more there"
+            )
+        where = {"epoch": epoch, "step": step, "global_step": global_step}
+        self.position = {**where, "checkpoint": None if checkpoint is None else str(checkpoint)}
+        self.write_status("running")
 
     def write_config(self, config: dict[str, Any], provenance: dict[str, Any]) -> None:
         if self.enabled:

@@ -93,14 +93,11 @@ class StopControl:
 
     def stopped(self, position: str, checkpoint: Path | None) -> Stopped:
         """The error that ends the run after an agreed stop at ``position``, with
-        ``checkpoint`` saved there. Removes the stop file, or the resumed run would stop at
-        once."""
+        ``checkpoint`` saved there (the run adds the command that continues it). Removes the
+        stop file, or the resumed run would stop at once."""
         if self._is_main:
             self.stop_file.unlink(missing_ok=True)
-        return Stopped(
-            f"{self.describe()}: stopped at {position}; checkpoint {checkpoint}; run the same "
-            "command again (--resume auto) to continue"
-        )
+        return Stopped(f"{self.describe()}: stopped at {position}; checkpoint {checkpoint}")
 
     def describe(self) -> str:
         """Why the run stops, as this rank knows it."""

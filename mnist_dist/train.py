@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,8 +21,11 @@ from mnist_dist.checkpoint import (
     Checkpoint,
     Checkpointer,
     TrainerState,
+    check_continuation,
+    check_epochs,
     restore_checkpoint,
 )
+from mnist_dist.claim import ClaimLost, Holder
 from mnist_dist.config import Config, TrainConfig
 from mnist_dist.console import RunConsole
 from mnist_dist.data import build_train_data, ensure_raw_files, eval_batches
@@ -30,11 +34,13 @@ from mnist_dist.distributed import describe_processes, lost_peer, make_accelerat
 from mnist_dist.engine import build_engine, stepped_optimizer
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
 from mnist_dist.evaluate import evaluate
+from mnist_dist.launch import continue_command
+from mnist_dist.layout import needs_resume_auto
 from mnist_dist.loop import EpochFigures, Loop, RunOutputs
 from mnist_dist.model import MnistCNN
 from mnist_dist.provenance import provenance
 from mnist_dist.records import EpochRecord, Summary
-from mnist_dist.rundir import RunDir, read_config, resolve_run_dir
+from mnist_dist.rundir import RunDir, claimed, read_config, resolve_run_dir
 from mnist_dist.stopping import StopControl
 from mnist_dist.wandb_tracker import MAX_TABLE_ROWS, Tracker, make_tracker, wants_wandb
 from mnist_dist.weights import export_model
@@ -54,16 +60,32 @@ def train(config: Config) -> Summary:
         config.train.mixed_precision, log_with=log_with, static_graph=config.train.grad_accum == 1
     )
     try:
-        run = build(accelerator, config, started, determinism)
-        if isinstance(run, Summary):
-            return run  # the run directory holds a finished run: nothing to do
-        with run.status():
-            run.loop.fit(run.state, config.train.epochs)
-            summary = finish(run)
-        run.say_done(summary)
-        return summary
+        run_path = preflight(accelerator, config)
+        say = print if accelerator.is_main_process else _silent
+        with claimed(accelerator, run_path, say) as holder:  # one training per run directory
+            run = build(accelerator, config, run_path, holder, started, determinism)
+            if isinstance(run, Summary):
+                return run  # the run directory holds a finished run: nothing to do
+            with run.status():
+                run.loop.fit(run.state, config.train.epochs)
+                summary = finish(run)
+            run.say_done(summary)
+            return summary
     finally:
         accelerator.end_training()  # destroys the process group on every rank
+
+
+def _silent(line: str) -> None:
+    pass
+
+
+def preflight(accelerator: Accelerator, config: Config) -> Path:
+    """What is checked before the run directory is touched: the global batch divides over
+    the processes, the data is there and intact. Returns the run directory."""
+    training = config.train
+    training.per_device_batch_size(accelerator.num_processes)  # raises if it does not divide
+    ensure_raw_files(accelerator, config.data)  # verified before anything is written
+    return resolve_run_dir(accelerator, training.output_dir, config.checkpoint.resume)
 
 
 @dataclass
@@ -82,15 +104,20 @@ class Run:
 
     @contextmanager
     def status(self) -> Iterator[None]:
-        """Owns the run's ``status.json``: running inside the block; then finished, stopped
-        (resumable), diverged or failed. Ends the tracker and, on every rank, leaves together
-        after a stop or divergence."""
+        """Owns the run's ``status.json``: running inside the block (with heartbeats from the
+        loop); then finished, stopped (resumable), diverged or failed, and the messages of the
+        last three end with the command that continues the run. Ends the tracker and, on every
+        rank, leaves together after a stop or divergence."""
         state, run_dir = self.state, self.run_dir
-        run_dir.write_status("running", epoch=state.epoch, step=state.step)
+        newest = self.loop.checkpointer.newest()
+        run_dir.beat(state.epoch, state.step, state.global_step, newest, force=True)
         try:
             yield
+        except ClaimLost:
+            raise  # the directory is another training's now: not a word more into it
         except (Stopped, DivergedError, WriteError) as e:
             name = {Stopped: "stopped", DivergedError: "diverged"}.get(type(e), "failed")
+            e.args = (f"{e}; to continue: {run_dir.command}",)
             run_dir.write_status(name, message=str(e), exit_code=e.exit_code)
             self.tracker.finish()
             if isinstance(e, (Stopped, DivergedError)):
@@ -122,16 +149,20 @@ class Run:
 
 
 def build(
-    accelerator: Accelerator, config: Config, started: float, determinism: dict[str, Any]
+    accelerator: Accelerator,
+    config: Config,
+    run_path: Path,
+    holder: Holder | None,
+    started: float,
+    determinism: dict[str, Any],
 ) -> Run | Summary:
     """Everything a run needs, restored from its checkpoint if it has one; or the summary of
-    the finished run its directory holds when there is nothing left to train."""
+    the finished run its directory holds when there is nothing left to train. ``holder`` is
+    the main process's claim on ``run_path``."""
     training, checkpointing = config.train, config.checkpoint
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    training.per_device_batch_size(world)  # raises if it does not divide
-    ensure_raw_files(accelerator, config.data)  # verified before anything is written
-    run_path = resolve_run_dir(accelerator, training.output_dir, checkpointing.resume)
-    run_dir = RunDir(run_path, accelerator.is_main_process)
+    command = continue_command(run_path, needs_resume_auto(checkpointing.resume, run_path))
+    run_dir = RunDir(run_path, accelerator.is_main_process, holder, command)
     train_data = build_train_data(
         config.data, training.global_batch_size, world, rank, training.seed, device
     )
@@ -245,19 +276,7 @@ def find_checkpoint(
     resume = config.checkpoint.resume
     checkpoint = checkpointer.find(resume, say)
     branch = checkpoint is not None and not checkpointer.holds(checkpoint)
-    if (checkpoint is None or branch) and run_dir.holds_records():
-        if resume == "never":  # it looked at no checkpoint: whether any is intact is unknown
-            raise UsageError(
-                f"{run_dir.path} already holds a run; --resume never starts a new one, which "
-                "needs a directory of its own: choose another --output-dir (or --resume auto "
-                "to continue this run)"
-            )
-        raise UsageError(
-            f"{run_dir.path} already holds a run and no intact checkpoint to resume "
-            f"(--resume {resume}); choose another --output-dir"
-        )
-    if checkpoint is not None:
-        checkpoint.check_settings(config.to_dict(), run_dir.path, branch, say)
+    check_continuation(run_dir.path, checkpoint, branch, config.to_dict(), resume, say)
     return checkpoint, branch
 
 
@@ -407,12 +426,7 @@ def check_resumable(checkpoint: Checkpoint, fresh: TrainerState, epochs: int) ->
     """Refuse a checkpoint past the end of ``epochs``, and a mid-epoch one whose next batch
     this run would not draw the same (another seed, global batch or training set)."""
     state = checkpoint.state
-    trained = state.epoch - 1 if state.step == 0 else state.epoch  # whole or partial epochs
-    if epochs < trained:
-        raise UsageError(
-            f"checkpoint {checkpoint.path} has trained past --epochs {epochs} (it resumes at "
-            f"epoch {state.epoch}, step {state.step}): pass --epochs {trained} or more"
-        )
+    check_epochs(checkpoint, epochs)
     if state.step == 0:
         return
     for name, flag in (

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import read_plan, run_cli, run_here
+from helpers import free_port, read_plan, run_cli, run_here
 
 from mnist_dist.errors import EXIT_USAGE
 
@@ -129,3 +129,28 @@ def test_wandb_falls_back_offline_when_the_server_is_unreachable(tiny_mnist, tmp
     assert f"offline: credentials found but 127.0.0.1:{closed} is unreachable" in result.stdout
     assert f"wandb sync {tmp_path / 'run' / 'wandb'}/offline-run-*" in result.stdout
     assert read_plan(tmp_path / "plan.env")["WANDB_MODE"] == "offline"
+
+
+def test_doctor_refuses_what_train_refuses_and_says_what_train_will_do(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    port = {"MNIST_DIST_MAIN_PORT": str(free_port())}
+    flags = ("--batch-size", "32", "--max-train-samples", "128")
+    trained = run_here("train", "--data-dir", str(tiny_mnist), "--output-dir", str(out), *flags,
+                       "--epochs", "1")  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+
+    # Another training set changes the math: train refuses, and doctor with the same line.
+    other = ("--batch-size", "32", "--max-train-samples", "64", "--epochs", "2")
+    refused = run_here("train", "--data-dir", str(tiny_mnist), "--output-dir", str(out), *other)
+    [line] = refused.stderr.splitlines()
+    assert refused.returncode == EXIT_USAGE and "was trained with --max-train-samples 128" in line
+    checked = doctor(tiny_mnist, out, *other, env=port)
+    assert checked.returncode == EXIT_USAGE
+    assert f"output: {line.removeprefix('mnist-dist: error: ')}" in checked.stderr
+
+    finished = doctor(tiny_mnist, out, *flags, "--epochs", "1", env=port)
+    assert (
+        f"{out}: writable; holds a finished run (1 epoch(s)): nothing to train" in finished.stdout
+    )
+    more = doctor(tiny_mnist, out, *flags, "--epochs", "2", env=port)
+    assert f"{out}: writable; resumes from epoch-002-step-000000" in more.stdout

@@ -39,6 +39,7 @@ def test_the_run_directory_names_are_the_ones_runs_have_always_written(tmp_path)
         "summary": "summary.json",
         "model": "model.safetensors",
         "status": "status.json",
+        "claim": "claim.json",
         "stop": "STOP",
         "wandb_run_id": "wandb-run-id.txt",
         "wandb": "wandb",

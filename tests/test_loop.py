@@ -41,7 +41,7 @@ def test_a_stop_between_two_fits_then_a_resume_gives_the_uninterrupted_weights(
     config = build_config(build_parser().parse_args(["train", *_args(data, out)]))
     accelerator = make_accelerator("no")
     try:
-        run = build(accelerator, config, time.perf_counter(), set_determinism(True))
+        run = build(accelerator, config, out, None, time.perf_counter(), set_determinism(True))
         # The stop file checked at every step boundary (not every 0.5 s): the stop lands at
         # the first boundary after the request, whatever this machine's speed.
         run.loop.stop = StopControl(accelerator, layout.stop, poll_seconds=0)

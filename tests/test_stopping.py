@@ -77,8 +77,8 @@ def test_stopped_is_the_error_that_names_the_position_and_the_main_process_remov
     assert isinstance(error, Stopped) and error.exit_code == 75
     assert str(error) == (
         f"stop file {stop_file}: stopped at epoch 2, step 4 (global step 20); checkpoint "
-        f"{checkpoint}; run the same command again (--resume auto) to continue"
-    )
+        f"{checkpoint}"
+    )  # the run adds the command that continues it (tests/test_claim.py)
     # The resumed run must not stop at once; only the main process removes the file.
     assert stop_file.exists() != is_main
 
