@@ -125,6 +125,7 @@ class RunConsole:
             if not self.progress.tasks[self._run_task].started:
                 self.progress.update(self._run_task, completed=done)
                 self.progress.start_task(self._run_task)
+            self._live.refresh()  # every epoch's bar is drawn, however short the epoch
 
     def advance(self, steps: int = 1) -> None:
         if not self.enabled:
