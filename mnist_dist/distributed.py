@@ -27,8 +27,8 @@ def precision_supported(mixed_precision: str, cuda_gpus: int) -> bool:
     on a CUDA GPU, bf16 on the CPU or on a GPU that supports it. The one rule that training
     and ``mnist-dist doctor`` both apply."""
     if mixed_precision == "fp16":
-        # Autocast to fp16 is silently ignored on CPU (pitfalls.md), so a run would report fp16
-        # while training in fp32.
+        # Autocast to fp16 is silently ignored on CPU (native AMP needs a non-CPU device), so
+        # a run would report fp16 while training in fp32.
         return cuda_gpus > 0
     if mixed_precision == "bf16" and cuda_gpus > 0 and torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
@@ -74,7 +74,7 @@ def make_accelerator(
     accelerator = Accelerator(
         kwargs_handlers=handlers,
         # Without cpu=True, `accelerate launch --multi_gpu` on a machine without GPUs starts N
-        # lone rank-0 processes (DistributedType.NO) that train independently (pitfalls.md).
+        # lone rank-0 processes (DistributedType.NO) that train independently.
         cpu=not has_accelerator(),
         mixed_precision=mixed_precision,
         log_with=log_with,
@@ -101,7 +101,7 @@ def lost_peer(error: BaseException) -> bool:
 def _check_launcher_env() -> None:
     # `accelerate launch --cpu --num_processes N` (and MULTI_CPU configs) start ONE process
     # without WORLD_SIZE, expecting mpirun; its only trace is MASTER_ADDR, which the launcher
-    # sets only when asked for more than one process (pitfalls.md).
+    # sets only when asked for more than one process (seen with accelerate 1.15).
     env = os.environ
     launched = "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env
     mpi = any(k in env for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))

@@ -77,7 +77,8 @@ def test_batch_not_divisible_by_world_size_fails_once_with_the_reason(tiny_mnist
 
 @pytest.mark.multiprocess
 def test_a_launch_that_forms_one_process_instead_of_two_is_refused(tiny_mnist, tmp_path):
-    # `accelerate launch --cpu --num_processes 2` silently starts ONE process (pitfalls.md).
+    # `accelerate launch --cpu --num_processes 2` silently starts ONE process (its multi-CPU
+    # path expects mpirun).
     result = launch_train(
         tiny_mnist,
         tmp_path / "o",
