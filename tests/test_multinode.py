@@ -185,6 +185,19 @@ def test_two_processes_per_node_form_one_group_of_four(cluster2, mnist_dir, tmp_
         assert f"rank {rank} on {node}" in config
 
 
+def start_mid_epoch(
+    cluster2, mnist_dir: Path, tmp_path: Path, **env: str
+) -> tuple[Path, dict[str, str], str]:
+    """A resumable two-node job (0.2 s a step, extra ``env``) once it is mid-epoch, past the
+    checkpoint of step 8: its run directory, its environment and its job id."""
+    run_dir = tmp_path / "run"
+    job_vars = job_env(cluster2.env, tmp_path, **env, **fault_env(STEP_SLEEP=0.2))
+    job = sbatch(job_vars, tmp_path, *resumable_args(mnist_dir, run_dir), "--tracker", "none",
+                 options=TWO_NODES)  # fmt: skip
+    wait_for_steps(run_dir, job_vars, job, 12)
+    return run_dir, job_vars, job
+
+
 def wait_gone(pids: list[int], timeout: float) -> float:
     """Seconds until every process of ``pids`` has exited."""
     started = time.monotonic()
@@ -218,11 +231,7 @@ def assert_resumed_to_the_reference(out: str, run_dir: Path, reference_dir: Path
 def test_when_one_nodes_training_dies_the_others_exit_and_the_requeued_job_finishes_bit_identical(
     cluster2, reference, mnist_dir, tmp_path
 ):
-    run_dir = tmp_path / "run"
-    env = job_env(cluster2.env, tmp_path, **fault_env(STEP_SLEEP=0.2))
-    job = sbatch(env, tmp_path, *resumable_args(mnist_dir, run_dir), "--tracker", "none",
-                 options=TWO_NODES)  # fmt: skip
-    wait_for_steps(run_dir, env, job, 12)  # mid-epoch, after the checkpoint of step 8
+    run_dir, env, job = start_mid_epoch(cluster2, mnist_dir, tmp_path)
     survivors, victims = cluster2.trainers(1), cluster2.trainers(2)
     assert len(survivors) == len(victims) == 1
     for pid in victims:
@@ -243,12 +252,9 @@ def test_when_one_nodes_training_dies_the_others_exit_and_the_requeued_job_finis
 def test_when_a_whole_node_dies_the_others_exit_within_the_timeout_and_the_job_finishes(
     cluster2, reference, mnist_dir, tmp_path
 ):
-    run_dir = tmp_path / "run"
-    env = job_env(cluster2.env, tmp_path, MNIST_DIST_COLLECTIVE_TIMEOUT=str(TIMEOUT),
-                  **fault_env(STEP_SLEEP=0.2))  # fmt: skip
-    job = sbatch(env, tmp_path, *resumable_args(mnist_dir, run_dir), "--tracker", "none",
-                 options=TWO_NODES)  # fmt: skip
-    wait_for_steps(run_dir, env, job, 12)
+    run_dir, env, job = start_mid_epoch(
+        cluster2, mnist_dir, tmp_path, MNIST_DIST_COLLECTIVE_TIMEOUT=str(TIMEOUT)
+    )
     survivors = cluster2.trainers(1)
     assert len(survivors) == 1
     # Its link goes down first (no connection is closed in an orderly way), then its slurmd and
@@ -278,11 +284,7 @@ def test_when_a_whole_node_dies_the_others_exit_within_the_timeout_and_the_job_f
 def test_preemption_stops_every_rank_at_one_step_and_the_requeued_job_finishes_bit_identical(
     cluster2, reference, mnist_dir, tmp_path
 ):
-    run_dir = tmp_path / "run"
-    env = job_env(cluster2.env, tmp_path, **fault_env(STEP_SLEEP=0.2))
-    job = sbatch(env, tmp_path, *resumable_args(mnist_dir, run_dir), "--tracker", "none",
-                 options=TWO_NODES)  # fmt: skip
-    wait_for_steps(run_dir, env, job, 12)
+    run_dir, env, job = start_mid_epoch(cluster2, mnist_dir, tmp_path)
     # What SLURM does before the time limit (--signal=B:USR1@120): USR1 to the batch shell on
     # the first node; the stop reaches node2's rank through the run directory's STOP file.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
