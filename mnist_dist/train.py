@@ -65,12 +65,18 @@ def train(config: Config) -> Summary:
         with claimed(accelerator, run_path, say) as holder:  # one training per run directory
             run = build(accelerator, config, run_path, holder, started, determinism)
             if isinstance(run, Summary):
-                return run  # the run directory holds a finished run: nothing to do
-            with run.status():
-                run.loop.fit(run.state, config.train.epochs)
-                summary = finish(run)
-            run.say_done(summary)
-            return summary
+                summary = run  # the run directory holds a finished run: nothing to do
+            else:
+                with run.status():
+                    run.loop.fit(run.state, config.train.epochs)
+                    summary = finish(run)
+                run.say_done(summary)
+        # Leave together, with every gloo worker thread idle: in torch 2.6 a gloo group's
+        # destructor holds the GIL while it joins worker threads that may still need the GIL
+        # to free the last collective's tensors, and the process hung after "done" in about
+        # one two-rank CPU run in seven (pytorch/pytorch#56297).
+        accelerator.wait_for_everyone()
+        return summary
     finally:
         accelerator.end_training()  # destroys the process group on every rank
 
