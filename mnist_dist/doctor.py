@@ -66,7 +66,8 @@ class Doctor:
         self.config = config
         self.in_slurm = bool(os.environ.get("SLURM_JOB_ID"))
         self.gpus = visible_gpus()
-        self.plan = LaunchPlan.for_this_node()
+        nodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1
+        self.plan = LaunchPlan(int(nodes), int(os.environ.get("SLURM_NODEID") or 0))
         self.checks: list[Check] = []
 
     def run(self) -> list[Check]:
