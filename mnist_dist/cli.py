@@ -89,6 +89,40 @@ EVALUATE_SETTINGS = {
     "eval_batch_size",
     "download",
 }
+# Each sub-command's (help, description).
+_COMMANDS = {
+    "train": (
+        "train the reference recipe (plain python or under `accelerate launch`)",
+        f"Train the reference CNN. {_PRECEDENCE}",
+    ),
+    "doctor": (
+        "pre-flight checks for a launch (SLURM layout, processes, port, data, output, W&B)",
+        f"Check a launch before it starts: takes the same settings as `train`. {_PRECEDENCE}",
+    ),
+    "evaluate": (
+        "test accuracy of saved weights (also under `accelerate launch`)",
+        "Evaluate a weights file on the MNIST test set (10,000 images unless "
+        "--max-eval-samples): accuracy, correct count and loss. Reads only the test split; "
+        "under `accelerate launch` the test set is sharded and counted once.",
+    ),
+    "predict": (
+        "digit and probability for PNG/JPEG images",
+        "Name the digit in each image, with its probability. Images are preprocessed as in "
+        "training (grayscale, 28x28); MNIST digits are light on dark, so an image whose "
+        "background is light (a dark digit on paper) is inverted first, and the output says so.",
+    ),
+    "report": (
+        "per-epoch table of runs from their metrics.jsonl (no W&B needed), optional PNG",
+        "Show runs from their run directories alone (no W&B): the per-epoch table of one run, "
+        "or of several side by side, and each run's result; --plot also draws the curves into "
+        "a PNG.",
+    ),
+    "download": (
+        "fetch MNIST with torchvision",
+        "Download MNIST into --data-dir/MNIST/raw from torchvision's mirrors and verify the "
+        "files' checksums. `train` never downloads unless given --download.",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,65 +133,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = commands.add_parser(
-        "train",
-        help="train the reference recipe (plain python or under `accelerate launch`)",
-        description=f"Train the reference CNN. {_PRECEDENCE}",
-    )
-    _add_run_settings(train)
-    doctor = commands.add_parser(
-        "doctor",
-        help="pre-flight checks for a launch (SLURM layout, processes, port, data, output, W&B)",
-        description="Check a launch before it starts: takes the same settings as `train`. "
-        + _PRECEDENCE,
-    )
-    doctor.add_argument(
+    sub = {
+        name: commands.add_parser(name, help=short, description=long)
+        for name, (short, long) in _COMMANDS.items()
+    }
+    _add_run_settings(sub["train"])
+    sub["doctor"].add_argument(
         "--write-env",
         metavar="FILE",
         help="also write the launch plan as shell `export` lines (used by slurm/train.sbatch)",
     )
-    _add_run_settings(doctor)
-    evaluate = commands.add_parser(
-        "evaluate",
-        help="test accuracy of saved weights (also under `accelerate launch`)",
-        description="Evaluate a weights file on the MNIST test set (10,000 images unless "
-        "--max-eval-samples): accuracy, correct count and loss. Reads only the test split; "
-        "under `accelerate launch` the test set is sharded and counted once.",
+    _add_run_settings(sub["doctor"])
+    for name in ("evaluate", "predict"):
+        sub[name].add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
+    sub["evaluate"].add_argument("--json", action="store_true", help="print the result as JSON")
+    add_settings(sub["evaluate"], DATA_SECTION, only=EVALUATE_SETTINGS)
+    sub["predict"].add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    sub["predict"].add_argument(
+        "--json", action="store_true", help="print one JSON object per image"
     )
-    evaluate.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
-    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_settings(evaluate, DATA_SECTION, only=EVALUATE_SETTINGS)
-    predict = commands.add_parser(
-        "predict",
-        help="digit and probability for PNG/JPEG images",
-        description="Name the digit in each image, with its probability. Images are "
-        "preprocessed as in training (grayscale, 28x28); MNIST digits are light on dark, so "
-        "an image whose background is light (a dark digit on paper) is inverted first, and "
-        "the output says so.",
-    )
-    predict.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
-    predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
-    predict.add_argument("--json", action="store_true", help="print one JSON object per image")
-    report = commands.add_parser(
-        "report",
-        help="per-epoch table of runs from their metrics.jsonl (no W&B needed), optional PNG",
-        description="Show runs from their run directories alone (no W&B): the per-epoch "
-        "table of one run, or of several side by side, and each run's result; --plot also "
-        "draws the curves into a PNG.",
-    )
-    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
-    report.add_argument(
+    sub["report"].add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    sub["report"].add_argument(
         "--plot",
         metavar="PNG",
         help="also draw loss, accuracy and LR curves into this PNG (needs the plot extra)",
     )
-    download = commands.add_parser(
-        "download",
-        help="fetch MNIST with torchvision",
-        description="Download MNIST into --data-dir/MNIST/raw from torchvision's mirrors and "
-        "verify the files' checksums. `train` never downloads unless given --download.",
-    )
-    add_settings(download, DATA_SECTION, only={"data_dir"})
+    add_settings(sub["download"], DATA_SECTION, only={"data_dir"})
     return parser
 
 

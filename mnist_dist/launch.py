@@ -168,26 +168,19 @@ def _invocation() -> tuple[list[str], list[str]]:
     in_sbatch_job = os.environ.get("SLURM_JOB_ID") and os.environ.get("MNIST_DIST_RUN_DIR")
     if in_sbatch_job and args[:1] == ["train"]:
         return ["sbatch", "slurm/train.sbatch"], args[1:]
+    pids = [os.getpid()]
     if os.environ.get("LOCAL_RANK") is not None:  # a rank of accelerate launch / torchrun
-        parent = _cmdline(os.getppid())
-        if args and parent[-len(args) :] == args:
-            return _as_typed(parent[: -len(args)]), args
-    own = _cmdline(os.getpid())
-    if args and own[-len(args) :] == args:
-        return _as_typed(own[: -len(args)]), args
-    main = sys.argv[0]
-    if Path(main).name == "__main__.py":
+        pids.insert(0, os.getppid())
+    for pid in pids:  # the process's argv as it was started (Linux)
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if args and argv.split("\0")[-len(args) - 1 : -1] == args:
+            return _as_typed(argv.split("\0")[: -len(args) - 1]), args
+    if Path(sys.argv[0]).name == "__main__.py":
         return [sys.executable, "-m", "mnist_dist"], args
-    return _as_typed([sys.executable, main]), args
-
-
-def _cmdline(pid: int) -> list[str]:
-    """A process's argv as it was started (Linux); empty where it cannot be read."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return raw.decode(errors="replace").split("\0")[:-1]
+    return _as_typed([sys.executable, sys.argv[0]]), args
 
 
 def _as_typed(prefix: list[str]) -> list[str]:
