@@ -3,10 +3,8 @@
 This module exists for the tests. The product calls ``point(NAME, ...)`` or
 ``value(NAME, x)`` at the places listed in ``POINTS``; a test installs a handler on a point
 with ``inject`` (in its own process, or in a child through ``tests/faults/sitecustomize.py``)
-to make that place sleep, raise, kill the process or change a value. Nothing is active unless
-a handler is installed: then ``point`` returns at once and ``value`` returns its argument after
-one test of an empty dict: 1e6 calls took 0.08 s here (80 ns a call, against about 2.9 ms of
-host time for an eager step on a GPU).
+to make that place sleep, raise, kill the process or change a value. Without a handler
+installed a point costs one test of an empty dict (tens of nanoseconds).
 
 The points:
 
