@@ -35,9 +35,8 @@ class _Parser(argparse.ArgumentParser):
     help, exit with exit code 2, and a flag is never taken for a longer one it is a prefix of."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # argparse would take `--epoch 1` as `--epochs 1` without a word; a typo in a flag must
-        # be an error (with a suggestion), and a flag added later must not change what an old
-        # abbreviation meant.
+        # argparse would take `--epoch 1` as `--epochs 1`: a typo must be an error (with a
+        # suggestion), and a flag added later must not change what an old abbreviation meant.
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
         self.flag_aliases: dict[str, str] = {}  # e.g. "--learning-rate": "--lr" (add_settings)
 
@@ -55,9 +54,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
     def parse_known_args(self, *args: Any, **kwargs: Any) -> tuple[argparse.Namespace, list[str]]:
-        # A sub-command's parser receives every argument after the sub-command's name, so
-        # anything it does not know is unknown for good: report it here, where the help to point
-        # to is the sub-command's, not the top-level parser's.
+        # A sub-command's parser gets every argument after its name: what it does not know is
+        # unknown for good, and the help to point to is the sub-command's.
         parsed, extras = super().parse_known_args(*args, **kwargs)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(extras)}")
@@ -247,10 +245,8 @@ def _positive_or_none(text: str) -> int | None:
 
 
 def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS) -> Config:
-    """Resolve defaults <- environment <- config file <- flags into a validated ``Config``.
-
-    A value from the config file that is wrong is reported by file and key
-    (``config file run.yaml: invalid value 'two' for train.epochs``), one from a flag by flag."""
+    """Resolve defaults <- environment <- config file <- flags into a validated ``Config``; a
+    wrong value is named by file and key (``config file run.yaml: ... train.epochs``) or flag."""
     path = getattr(args, "config", None)
     file = load_config_file(path) if path else {}
     # `accelerate launch` passes its config's mixed_precision in this variable: it counts as a
@@ -387,7 +383,7 @@ def _shape_error(raw: Any) -> str:
         return f" must hold a mapping of sections, got {type(raw).__name__}"
     raw.pop("provenance", None)  # a run's own config.yaml can be fed back as --config
     if unknown := sorted(set(raw) - set(SECTIONS), key=str):  # YAML keys may be numbers too
-        close = {u: closest(u, SECTIONS) for u in unknown if _named(u)}
+        close = {u: closest(u, SECTIONS) for u in unknown if isinstance(u, str) and u}
         hints = [f"{u}: did you mean {' or '.join(c)}?" for u, c in close.items() if c]
         hint = f" ({'; '.join(hints)})" if hints else ""
         return f": unknown section(s) {unknown}; expected {list(SECTIONS)}{hint}"
@@ -398,15 +394,12 @@ def _shape_error(raw: Any) -> str:
         known = [f.name for f in fields]
         if unknown := sorted(set(values) - set(known), key=str):
             aliases = {a: f.name for f in fields for a in f.metadata["aliases"]}
-            hints = [_key_hint(u, section, known, aliases) for u in unknown if _named(u)]
+            hints = [
+                _key_hint(u, section, known, aliases) for u in unknown if isinstance(u, str) and u
+            ]
             hint = f" ({'; '.join(h for h in hints if h)})" if any(hints) else ""
             return f": unknown key(s) {unknown} in section {section!r}{hint}"
     return ""
-
-
-def _named(key: Any) -> bool:
-    """A key a suggestion can be made for (YAML keys may be numbers, or close to nothing)."""
-    return isinstance(key, str) and bool(key)
 
 
 def _key_hint(key: str, section: str, known: list[str], aliases: dict[str, str]) -> str:

@@ -38,25 +38,18 @@ class _SplitFiles:
     images: str
     labels: str
     full_count: int
-    images_md5: str  # published md5 of the uncompressed file, checked when it claims the full split
-    labels_md5: str
 
 
 SPLITS = {
-    "train": _SplitFiles(
-        "train-images-idx3-ubyte",
-        "train-labels-idx1-ubyte",
-        60_000,
-        "6bbc9ace898e44ae57da46a324031adb",
-        "a25bea736e30d166cdddb491f175f624",
-    ),
-    "test": _SplitFiles(
-        "t10k-images-idx3-ubyte",
-        "t10k-labels-idx1-ubyte",
-        10_000,
-        "2646ac647ad5339dbf082846283269ea",
-        "27ae3e4e09519cfbb04c329615203637",
-    ),
+    "train": _SplitFiles("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60_000),
+    "test": _SplitFiles("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
+}
+# The published md5 of each uncompressed file, checked when it claims the full split.
+_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
 EXPECTED_FILES = [name for s in SPLITS.values() for name in (s.images, s.labels)]
 ALL_SPLITS = ("train", "test")  # what training reads; evaluation reads only "test"
@@ -127,18 +120,15 @@ def prepare_raw_files(
 def ensure_raw_files(
     accelerator: Accelerator, config: DataConfig, splits: tuple[str, ...] = ALL_SPLITS
 ) -> None:
-    """``prepare_raw_files`` on the main process first (only it may download), then on the
-    other ranks, which find the files in place and verify them. Missing or damaged files raise
-    the same one-line error on every rank: each rank first leaves its turn, so that none is
-    left waiting at the barrier for a rank that has failed."""
+    """``prepare_raw_files`` on the main process first, then on the other ranks, which find the
+    files in place and verify them. Missing or damaged files raise the same one-line error on
+    every rank: each rank first leaves its turn, so that none waits at the barrier for a rank
+    that has failed."""
     failure: UsageError | None = None
     with accelerator.main_process_first():
         try:
-            prepare_raw_files(
-                config.data_dir,
-                download=config.download and accelerator.is_main_process,
-                splits=splits,
-            )
+            download = config.download and accelerator.is_main_process  # only it may download
+            prepare_raw_files(config.data_dir, download, splits)
         except UsageError as e:
             failure = e
     if failure is not None:
@@ -216,8 +206,8 @@ def verify_raw_files(data_dir: str | Path, splits: tuple[str, ...] = ALL_SPLITS)
                 "(labels must be 0-9)"
             )
         if n_images == split.full_count:
-            for name, md5 in ((split.images, split.images_md5), (split.labels, split.labels_md5)):
-                actual = _md5(folder / name)
+            for name in (split.images, split.labels):
+                actual, md5 = _md5(folder / name), _MD5[name]
                 if actual != md5:
                     raise UsageError(
                         f"{folder / name} is corrupt: md5 {actual} differs from the published "

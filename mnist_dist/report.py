@@ -200,14 +200,13 @@ def format_report(runs: dict[str, RunRecords]) -> str:
 def _first_epoch_result(label: str, run: RunRecords) -> str:
     last = run.steps[-1] if run.steps else None
     epoch = last.epoch if last else run.status.get("epoch", 1)
-    text = f"{label}: {run.state()} in epoch {epoch}, no epoch finished yet; "
+    where = "no step recorded yet"
     if last:
-        text += (
+        where = (
             f"at global step {last.global_step}: train loss {last.train_loss:.4f}, "
             f"{last.images_per_second:,.0f} images/s"
         )
-    else:
-        text += "no step recorded yet"
+    text = f"{label}: {run.state()} in epoch {epoch}, no epoch finished yet; {where}"
     return "\n".join([text, *run.state_lines()])
 
 
@@ -253,11 +252,8 @@ def draw_curves(runs: dict[str, RunRecords]) -> Any:
                 name += f" (last {values[-1]:.2%})" if values else ""
             ax.plot(epochs, values, style, color=color, markersize=4, label=f"{label} {name}")
         lr_ax.plot(epochs, [r.lr for r in records], "o", color=color, markersize=4, label=label)
-    for ax, title in (
-        (loss_ax, "loss (log scale)"),
-        (acc_ax, "accuracy"),
-        (lr_ax, "learning rate"),
-    ):
+    titles = ("loss (log scale)", "accuracy", "learning rate")
+    for ax, title in zip((loss_ax, acc_ax, lr_ax), titles, strict=True):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
