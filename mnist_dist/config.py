@@ -1,12 +1,9 @@
 """Typed settings: defaults are the reference recipe; a YAML/JSON file and CLI flags override them.
 
-Every field carries a ``help`` string (with its unit) that becomes the flag's help text, so the
-dataclasses below are the one schema for defaults, config files and the command line (``cli``
-turns them into flags and reads the file). Each section validates itself on construction.
-Precedence: flags > ``--config`` file > environment > defaults. Environment: ``MNIST_DIST_DATA_DIR``
-(data directory), ``ACCELERATE_MIXED_PRECISION`` (set by ``accelerate launch`` from its config) and
-W&B's own ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_NAME``, ``WANDB_RUN_GROUP``, ``WANDB_TAGS``.
-A variable that is set but empty counts as unset.
+Each field's metadata (help with its unit, flag, environment variable) makes the dataclasses the
+one schema for defaults, config files and the command line (``cli`` reads them); each section
+validates itself. Precedence: flags > ``--config`` file > environment > defaults; a variable set
+but empty counts as unset.
 """
 
 from __future__ import annotations

@@ -39,14 +39,10 @@ def load_model(path: str | Path) -> MnistCNN:
     state, config = _read_weights(Path(path))
     model = MnistCNN(config)
     expected = model.state_dict()
-    problems = [
-        f"{word} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-        for word, keys in (
-            ("missing", sorted(set(expected) - set(state))),
-            ("unexpected", sorted(set(state) - set(expected))),
-        )
-        if keys
-    ]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    problems = [f"missing {_preview(missing)}"] if missing else []
+    problems += [f"unexpected {_preview(unexpected)}"] if unexpected else []
     problems += [
         f"{key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
         for key, tensor in state.items()
@@ -56,6 +52,10 @@ def load_model(path: str | Path) -> MnistCNN:
         raise UsageError(f"{path} does not hold MNIST CNN weights: {'; '.join(problems)}")
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _preview(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
