@@ -1,8 +1,5 @@
 """``mnist-dist`` / ``python -m mnist_dist``: train, doctor, evaluate, predict, report, download.
-
-Bad input of any kind (flags, config files, datasets, weights, images, a launch that formed the
-wrong world size) ends with one line on stderr and exit code 2.
-"""
+Bad input of any kind ends with one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -45,25 +42,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             data, accelerator.num_processes, accelerator.process_index, accelerator.device
         )
         result = evaluate(accelerator.prepare(model), batches, accelerator)
+        world_size = accelerator.num_processes
+        summary = {"test_accuracy": result.accuracy, "test_correct": result.correct}
+        summary.update(test_total=result.total, test_loss=result.loss, world_size=world_size)
         if accelerator.is_main_process:
-            if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "test_accuracy": result.accuracy,
-                            "test_correct": result.correct,
-                            "test_total": result.total,
-                            "test_loss": result.loss,
-                            "world_size": accelerator.num_processes,
-                        }
-                    )
-                )
-            else:
-                print(
-                    f"{args.weights}: test accuracy {result.accuracy:.2%} "
-                    f"({result.correct}/{result.total}), loss {result.loss:.4f}, "
-                    f"{accelerator.num_processes} process(es)"
-                )
+            print(
+                json.dumps(summary)
+                if args.json
+                else f"{args.weights}: test accuracy {result.accuracy:.2%} "
+                f"({result.correct}/{result.total}), loss {result.loss:.4f}, "
+                f"{world_size} process(es)"
+            )
     finally:
         accelerator.end_training()
     return 0
@@ -93,16 +82,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path, p, was_inverted in zip(args.images, probabilities, inverted, strict=True):
         digit = int(p.argmax())
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "image": path,
-                        "digit": digit,
-                        "probability": float(p[digit]),
-                        "inverted": was_inverted,
-                    }
-                )
-            )
+            prediction = {"image": path, "digit": digit, "probability": float(p[digit])}
+            print(json.dumps({**prediction, "inverted": was_inverted}))
         else:
             note = ", read as a dark digit on a light background (inverted)" if was_inverted else ""
             print(f"{path}: {digit} (p={float(p[digit]):.4f}){note}")

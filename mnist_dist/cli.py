@@ -35,9 +35,8 @@ class _Parser(argparse.ArgumentParser):
     help, exit with exit code 2, and a flag is never taken for a longer one it is a prefix of."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # argparse would take `--epoch 1` as `--epochs 1` without a word; a typo in a flag must
-        # be an error (with a suggestion), and a flag added later must not change what an old
-        # abbreviation meant.
+        # argparse would take `--epoch 1` as `--epochs 1`: a typo must be an error (with a
+        # suggestion), and a flag added later must not change what an old abbreviation meant.
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
         self.flag_aliases: dict[str, str] = {}  # e.g. "--learning-rate": "--lr" (add_settings)
 
@@ -55,9 +54,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
     def parse_known_args(self, *args: Any, **kwargs: Any) -> tuple[argparse.Namespace, list[str]]:
-        # A sub-command's parser receives every argument after the sub-command's name, so
-        # anything it does not know is unknown for good: report it here, where the help to point
-        # to is the sub-command's, not the top-level parser's.
+        # A sub-command's parser gets every argument after its name: what it does not know is
+        # unknown for good, and the help to point to is the sub-command's.
         parsed, extras = super().parse_known_args(*args, **kwargs)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(extras)}")
@@ -89,6 +87,40 @@ EVALUATE_SETTINGS = {
     "eval_batch_size",
     "download",
 }
+# Each sub-command's (help, description).
+_COMMANDS = {
+    "train": (
+        "train the reference recipe (plain python or under `accelerate launch`)",
+        f"Train the reference CNN. {_PRECEDENCE}",
+    ),
+    "doctor": (
+        "pre-flight checks for a launch (SLURM layout, processes, port, data, output, W&B)",
+        f"Check a launch before it starts: takes the same settings as `train`. {_PRECEDENCE}",
+    ),
+    "evaluate": (
+        "test accuracy of saved weights (also under `accelerate launch`)",
+        "Evaluate a weights file on the MNIST test set (10,000 images unless "
+        "--max-eval-samples): accuracy, correct count and loss. Reads only the test split; "
+        "under `accelerate launch` the test set is sharded and counted once.",
+    ),
+    "predict": (
+        "digit and probability for PNG/JPEG images",
+        "Name the digit in each image, with its probability. Images are preprocessed as in "
+        "training (grayscale, 28x28); MNIST digits are light on dark, so an image whose "
+        "background is light (a dark digit on paper) is inverted first, and the output says so.",
+    ),
+    "report": (
+        "per-epoch table of runs from their metrics.jsonl (no W&B needed), optional PNG",
+        "Show runs from their run directories alone (no W&B): the per-epoch table of one run, "
+        "or of several side by side, and each run's result; --plot also draws the curves into "
+        "a PNG.",
+    ),
+    "download": (
+        "fetch MNIST with torchvision",
+        "Download MNIST into --data-dir/MNIST/raw from torchvision's mirrors and verify the "
+        "files' checksums. `train` never downloads unless given --download.",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,65 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = commands.add_parser(
-        "train",
-        help="train the reference recipe (plain python or under `accelerate launch`)",
-        description=f"Train the reference CNN. {_PRECEDENCE}",
-    )
-    _add_run_settings(train)
-    doctor = commands.add_parser(
-        "doctor",
-        help="pre-flight checks for a launch (SLURM layout, processes, port, data, output, W&B)",
-        description="Check a launch before it starts: takes the same settings as `train`. "
-        + _PRECEDENCE,
-    )
-    doctor.add_argument(
+    sub = {
+        name: commands.add_parser(name, help=short, description=long)
+        for name, (short, long) in _COMMANDS.items()
+    }
+    _add_run_settings(sub["train"])
+    sub["doctor"].add_argument(
         "--write-env",
         metavar="FILE",
         help="also write the launch plan as shell `export` lines (used by slurm/train.sbatch)",
     )
-    _add_run_settings(doctor)
-    evaluate = commands.add_parser(
-        "evaluate",
-        help="test accuracy of saved weights (also under `accelerate launch`)",
-        description="Evaluate a weights file on the MNIST test set (10,000 images unless "
-        "--max-eval-samples): accuracy, correct count and loss. Reads only the test split; "
-        "under `accelerate launch` the test set is sharded and counted once.",
+    _add_run_settings(sub["doctor"])
+    for name in ("evaluate", "predict"):
+        sub[name].add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
+    sub["evaluate"].add_argument("--json", action="store_true", help="print the result as JSON")
+    add_settings(sub["evaluate"], DATA_SECTION, only=EVALUATE_SETTINGS)
+    sub["predict"].add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    sub["predict"].add_argument(
+        "--json", action="store_true", help="print one JSON object per image"
     )
-    evaluate.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
-    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_settings(evaluate, DATA_SECTION, only=EVALUATE_SETTINGS)
-    predict = commands.add_parser(
-        "predict",
-        help="digit and probability for PNG/JPEG images",
-        description="Name the digit in each image, with its probability. Images are "
-        "preprocessed as in training (grayscale, 28x28); MNIST digits are light on dark, so "
-        "an image whose background is light (a dark digit on paper) is inverted first, and "
-        "the output says so.",
-    )
-    predict.add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
-    predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
-    predict.add_argument("--json", action="store_true", help="print one JSON object per image")
-    report = commands.add_parser(
-        "report",
-        help="per-epoch table of runs from their metrics.jsonl (no W&B needed), optional PNG",
-        description="Show runs from their run directories alone (no W&B): the per-epoch "
-        "table of one run, or of several side by side, and each run's result; --plot also "
-        "draws the curves into a PNG.",
-    )
-    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
-    report.add_argument(
+    sub["report"].add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    sub["report"].add_argument(
         "--plot",
         metavar="PNG",
         help="also draw loss, accuracy and LR curves into this PNG (needs the plot extra)",
     )
-    download = commands.add_parser(
-        "download",
-        help="fetch MNIST with torchvision",
-        description="Download MNIST into --data-dir/MNIST/raw from torchvision's mirrors and "
-        "verify the files' checksums. `train` never downloads unless given --download.",
-    )
-    add_settings(download, DATA_SECTION, only={"data_dir"})
+    add_settings(sub["download"], DATA_SECTION, only={"data_dir"})
     return parser
 
 
@@ -246,10 +245,8 @@ def _positive_or_none(text: str) -> int | None:
 
 
 def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS) -> Config:
-    """Resolve defaults <- environment <- config file <- flags into a validated ``Config``.
-
-    A value from the config file that is wrong is reported by file and key
-    (``config file run.yaml: invalid value 'two' for train.epochs``), one from a flag by flag."""
+    """Resolve defaults <- environment <- config file <- flags into a validated ``Config``; a
+    wrong value is named by file and key (``config file run.yaml: ... train.epochs``) or flag."""
     path = getattr(args, "config", None)
     file = load_config_file(path) if path else {}
     # `accelerate launch` passes its config's mixed_precision in this variable: it counts as a
@@ -386,7 +383,7 @@ def _shape_error(raw: Any) -> str:
         return f" must hold a mapping of sections, got {type(raw).__name__}"
     raw.pop("provenance", None)  # a run's own config.yaml can be fed back as --config
     if unknown := sorted(set(raw) - set(SECTIONS), key=str):  # YAML keys may be numbers too
-        close = {u: closest(u, SECTIONS) for u in unknown if _named(u)}
+        close = {u: closest(u, SECTIONS) for u in unknown if isinstance(u, str) and u}
         hints = [f"{u}: did you mean {' or '.join(c)}?" for u, c in close.items() if c]
         hint = f" ({'; '.join(hints)})" if hints else ""
         return f": unknown section(s) {unknown}; expected {list(SECTIONS)}{hint}"
@@ -397,15 +394,12 @@ def _shape_error(raw: Any) -> str:
         known = [f.name for f in fields]
         if unknown := sorted(set(values) - set(known), key=str):
             aliases = {a: f.name for f in fields for a in f.metadata["aliases"]}
-            hints = [_key_hint(u, section, known, aliases) for u in unknown if _named(u)]
+            hints = [
+                _key_hint(u, section, known, aliases) for u in unknown if isinstance(u, str) and u
+            ]
             hint = f" ({'; '.join(h for h in hints if h)})" if any(hints) else ""
             return f": unknown key(s) {unknown} in section {section!r}{hint}"
     return ""
-
-
-def _named(key: Any) -> bool:
-    """A key a suggestion can be made for (YAML keys may be numbers, or close to nothing)."""
-    return isinstance(key, str) and bool(key)
 
 
 def _key_hint(key: str, section: str, known: list[str], aliases: dict[str, str]) -> str:

@@ -29,8 +29,6 @@ from mnist_dist.config import DataConfig
 from mnist_dist.errors import UsageError
 
 IMAGE_SIZE = 28
-TRAIN_SIZE = 60_000
-TEST_SIZE = 10_000
 _IMAGE_MAGIC = 2051  # IDX: unsigned bytes, 3 dimensions
 _LABEL_MAGIC = 2049  # IDX: unsigned bytes, 1 dimension
 
@@ -40,25 +38,18 @@ class _SplitFiles:
     images: str
     labels: str
     full_count: int
-    images_md5: str  # published md5 of the uncompressed file, checked when it claims the full split
-    labels_md5: str
 
 
 SPLITS = {
-    "train": _SplitFiles(
-        "train-images-idx3-ubyte",
-        "train-labels-idx1-ubyte",
-        TRAIN_SIZE,
-        "6bbc9ace898e44ae57da46a324031adb",
-        "a25bea736e30d166cdddb491f175f624",
-    ),
-    "test": _SplitFiles(
-        "t10k-images-idx3-ubyte",
-        "t10k-labels-idx1-ubyte",
-        TEST_SIZE,
-        "2646ac647ad5339dbf082846283269ea",
-        "27ae3e4e09519cfbb04c329615203637",
-    ),
+    "train": _SplitFiles("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60_000),
+    "test": _SplitFiles("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
+}
+# The published md5 of each uncompressed file, checked when it claims the full split.
+_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
 EXPECTED_FILES = [name for s in SPLITS.values() for name in (s.images, s.labels)]
 ALL_SPLITS = ("train", "test")  # what training reads; evaluation reads only "test"
@@ -86,23 +77,12 @@ def as_light_on_dark(image: Image.Image) -> tuple[Image.Image, bool]:
     drawn or cropped inside its image): a border brighter on average than mid-grey is a light
     background, such as a photo or scan of a digit written on paper."""
     gray = image.convert("L")
-    pixels = np.asarray(gray, dtype=np.float32)
+    pixels = np.asarray(gray, dtype=np.float64)
     frame = max(1, min(pixels.shape) // 10)  # the outer tenth of the shorter side
-    border = np.concatenate(
-        [
-            pixels[:frame].ravel(),
-            pixels[-frame:].ravel(),
-            pixels[frame:-frame, :frame].ravel(),
-            pixels[frame:-frame, -frame:].ravel(),
-        ]
-    )
-    if border.mean() > 127.5:
+    inner = pixels[frame:-frame, frame:-frame]
+    if (pixels.sum() - inner.sum()) / (pixels.size - inner.size) > 127.5:
         return ImageOps.invert(gray), True
     return gray, False
-
-
-# ---------------------------------------------------------------------------------------------
-# Files on disk
 
 
 def download_mnist(data_dir: str | Path, splits: tuple[str, ...] = ALL_SPLITS) -> None:
@@ -125,10 +105,7 @@ def prepare_raw_files(
     data_dir: str | Path, download: bool, splits: tuple[str, ...] = ALL_SPLITS
 ) -> None:
     """Make the raw files of ``splits`` usable: unpack ``.gz`` copies, download if allowed,
-    verify. Files of other splits are neither needed nor checked.
-
-    Call on the main process first (``accelerator.main_process_first()``).
-    """
+    verify. Files of other splits are neither needed nor checked."""
     folder = raw_dir(data_dir)
     for name in _split_files(splits):
         target, archive = folder / name, folder / f"{name}.gz"
@@ -143,18 +120,15 @@ def prepare_raw_files(
 def ensure_raw_files(
     accelerator: Accelerator, config: DataConfig, splits: tuple[str, ...] = ALL_SPLITS
 ) -> None:
-    """``prepare_raw_files`` on the main process first (only it may download), then on the
-    other ranks, which find the files in place and verify them. Missing or damaged files raise
-    the same one-line error on every rank: each rank first leaves its turn, so that none is
-    left waiting at the barrier for a rank that has failed."""
+    """``prepare_raw_files`` on the main process first, then on the other ranks, which find the
+    files in place and verify them. Missing or damaged files raise the same one-line error on
+    every rank: each rank first leaves its turn, so that none waits at the barrier for a rank
+    that has failed."""
     failure: UsageError | None = None
     with accelerator.main_process_first():
         try:
-            prepare_raw_files(
-                config.data_dir,
-                download=config.download and accelerator.is_main_process,
-                splits=splits,
-            )
+            download = config.download and accelerator.is_main_process  # only it may download
+            prepare_raw_files(config.data_dir, download, splits)
         except UsageError as e:
             failure = e
     if failure is not None:
@@ -204,11 +178,8 @@ def _gunzip(archive: Path, target: Path) -> None:
 
 def verify_raw_files(data_dir: str | Path, splits: tuple[str, ...] = ALL_SPLITS) -> None:
     """Check that the IDX files of ``splits`` are there, and each one's header, size, shape and
-    labels; md5 too for the full splits.
-
-    torchvision only checks that the files exist: a flipped byte would load silently and a
-    truncated file would fail with a reshape error deep inside its reader.
-    """
+    labels; md5 too for the full splits. (torchvision only checks that they exist: a flipped
+    byte would load silently, a truncated file fail with a reshape error deep in its reader.)"""
     folder = raw_dir(data_dir)
     missing = [name for name in _split_files(splits) if not (folder / name).exists()]
     if missing:
@@ -235,8 +206,8 @@ def verify_raw_files(data_dir: str | Path, splits: tuple[str, ...] = ALL_SPLITS)
                 "(labels must be 0-9)"
             )
         if n_images == split.full_count:
-            for name, md5 in ((split.images, split.images_md5), (split.labels, split.labels_md5)):
-                actual = _md5(folder / name)
+            for name in (split.images, split.labels):
+                actual, md5 = _md5(folder / name), _MD5[name]
                 if actual != md5:
                     raise UsageError(
                         f"{folder / name} is corrupt: md5 {actual} differs from the published "
@@ -282,11 +253,8 @@ def _md5(path: Path) -> str:
 
 
 class _SplitReader(datasets.MNIST):
-    """torchvision's MNIST reader, needing only the two files of the split it reads.
-
-    torchvision's own existence check wants all four files even to read one split, so a copy
-    with only the test files (all that ``evaluate`` needs) would be "not found".
-    """
+    """torchvision's MNIST reader, needing only the two files of the split it reads (its own
+    check wants all four, so a copy with only the test files would be "not found")."""
 
     @property
     def raw_folder(self) -> str:  # torchvision derives it from the class name
@@ -311,18 +279,12 @@ def load_split(
 def split_tensors(
     dataset: datasets.MNIST, limit: int | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference preprocessing applied to a whole split at once, resident on ``device``.
-
-    Grayscale and Resize(28x28) are identities on 28x28 single-channel MNIST and ToTensor is
-    ``uint8 / 255``, so this equals ``reference_transform()`` image for image (a test checks).
-    """
+    """The reference preprocessing applied to a whole split at once, resident on ``device``:
+    Grayscale and Resize(28x28) are identities on MNIST and ToTensor is ``uint8 / 255``, so this
+    equals ``reference_transform()`` image for image (a test checks)."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     images = dataset.data[:n].to(device).unsqueeze(1).float().div_(255)
     return images, dataset.targets[:n].to(device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sharding: which images each rank sees at each step
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -436,8 +398,7 @@ def build_train_data(
     seed: int,
     device: torch.device,
 ) -> TrainData:
-    """This rank's training input: the first ``--max-train-samples`` images, sharded as
-    described above."""
+    """This rank's training input: the first ``--max-train-samples`` images, sharded."""
     dataset, n = _read_split(config, train=True)
     sharding = Sharding(n, global_batch_size, world_size, rank, seed)
     if config.loader == "tensor":

@@ -11,11 +11,9 @@ CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
 
 
 def set_determinism(enabled: bool) -> dict[str, object]:
-    """Make every kernel deterministic (or let cuDNN pick the fastest, when not ``enabled``) and
-    return the settings for the run's provenance.
-
-    Call it before the first CUDA call: cuBLAS reads its workspace setting once, when it starts.
-    """
+    """Make every kernel deterministic (or let cuDNN pick the fastest) and return the settings
+    for the run's provenance. Call it before the first CUDA call: cuBLAS reads its workspace
+    setting once, when it starts."""
     if enabled:
         # cuBLAS reduces in a fixed order only with a fixed workspace; the documented setting
         # (https://docs.nvidia.com/cuda/cublas/#results-reproducibility). A user's own value wins.
@@ -27,7 +25,4 @@ def set_determinism(enabled: bool) -> dict[str, object]:
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled  # benchmarking picks kernels by timing them
-    return {
-        "deterministic": enabled,
-        CUBLAS_WORKSPACE_ENV: os.environ.get(CUBLAS_WORKSPACE_ENV),
-    }
+    return {"deterministic": enabled, CUBLAS_WORKSPACE_ENV: os.environ.get(CUBLAS_WORKSPACE_ENV)}

@@ -1,12 +1,8 @@
 """``mnist-dist doctor``: the pre-flight checks of a launch, which fill in its launch plan.
 
-A multi-node job that is wrong in any way usually does not fail: it hangs at the rendezvous
-until a timeout, or trains on the wrong number of processes. The checks here run in seconds,
-before any process group exists: the SLURM task layout, the process count against the GPUs or
-CPUs the node got, the batch size against the world size, the rendezvous address and port,
-the data, the output directory and the W&B mode. ``slurm/train.sbatch`` runs them on every
-job and launches from the plan they print (``--write-env``).
-"""
+A multi-node job that is wrong usually does not fail: it hangs at the rendezvous, or trains on
+the wrong number of processes. These checks run in seconds, before any process group exists;
+``slurm/train.sbatch`` runs them on every job and launches from the plan they write."""
 
 from __future__ import annotations
 
@@ -47,17 +43,6 @@ class Check:
     detail: str
 
 
-def _wandb_host_reachable() -> tuple[str, bool]:
-    url = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
-    host = url.hostname or "api.wandb.ai"
-    port = url.port or (80 if url.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=WANDB_PROBE_SECONDS).close()
-    except OSError:
-        return f"{host}:{port}", False
-    return f"{host}:{port}", True
-
-
 class Doctor:
     """Runs every check, collecting results instead of stopping at the first failure, so one
     run shows everything that is wrong."""
@@ -66,14 +51,19 @@ class Doctor:
         self.config = config
         self.in_slurm = bool(os.environ.get("SLURM_JOB_ID"))
         self.gpus = visible_gpus()
-        self.plan = LaunchPlan.for_this_node()
+        nodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1
+        self.plan = LaunchPlan(int(nodes), int(os.environ.get("SLURM_NODEID") or 0))
         self.checks: list[Check] = []
 
     def run(self) -> list[Check]:
         """Every check, in order; each that passes has filled in its part of ``self.plan``."""
-        checks: list[tuple[str, Callable[[], str]]] = [("launcher", self._launcher)]
+        launcher = "`accelerate` is not on PATH: activate the environment mnist-dist is in"
+        checks: list[tuple[str, Callable[[], str]]] = [
+            ("launcher", lambda: _on_path("accelerate", launcher))
+        ]
         if self.in_slurm:
-            checks += [("srun", self._srun), ("tasks", self._tasks)]
+            srun = "`srun` is not on PATH inside the job"
+            checks += [("srun", lambda: _on_path("srun", srun)), ("tasks", self._tasks)]
         checks += [
             ("processes", self._processes),
             ("precision", self._precision),
@@ -89,20 +79,6 @@ class Doctor:
             except UsageError as e:
                 self.checks.append(Check(name, False, str(e)))
         return self.checks
-
-    def _launcher(self) -> str:
-        path = shutil.which("accelerate")
-        if path is None:
-            raise UsageError(
-                "`accelerate` is not on PATH: activate the environment mnist-dist is in"
-            )
-        return path
-
-    def _srun(self) -> str:
-        path = shutil.which("srun")
-        if path is None:
-            raise UsageError("`srun` is not on PATH inside the job")
-        return path
 
     def _tasks(self) -> str:
         nodes = self.plan.nodes
@@ -220,8 +196,13 @@ class Doctor:
         chosen = tracking.wandb_mode or os.environ.get("WANDB_MODE")
         sync = f"afterwards: wandb sync {RunLayout(self.plan.run_dir).wandb}/offline-run-*"
         if mode == "online" and not chosen:
-            where, reachable = _wandb_host_reachable()
-            if not reachable:
+            url = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+            host = url.hostname or "api.wandb.ai"
+            port = url.port or (80 if url.scheme == "http" else 443)
+            where = f"{host}:{port}"
+            try:
+                socket.create_connection((host, port), timeout=WANDB_PROBE_SECONDS).close()
+            except OSError:
                 mode = "offline"
                 self.plan.wandb_mode = mode
                 return f"offline: credentials found but {where} is unreachable from here; {sync}"
@@ -263,11 +244,10 @@ def what_train_does(path: Path, config: Config) -> str:
     return f"{verb} {found if branch else found.name}" + "".join(f"; {n}" for n in notes)
 
 
-def format_checks(checks: list[Check]) -> str:
-    width = max(len(c.name) for c in checks)
-    return "\n".join(
-        f"  {'ok' if c.ok else 'FAIL':4}  {c.name:{width}}  {c.detail}" for c in checks
-    )
+def _on_path(program: str, missing: str) -> str:
+    if (path := shutil.which(program)) is None:
+        raise UsageError(missing)
+    return path
 
 
 def doctor(config: Config, env_file: str | None = None) -> LaunchPlan:
@@ -276,7 +256,9 @@ def doctor(config: Config, env_file: str | None = None) -> LaunchPlan:
     checks = checkup.run()
     job = os.environ.get("SLURM_JOB_ID")
     print(f"mnist-dist doctor: {'SLURM job ' + job if job else 'this machine'}", flush=True)
-    print(format_checks(checks), flush=True)
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        print(f"  {'ok' if c.ok else 'FAIL':4}  {c.name:{width}}  {c.detail}", flush=True)
     failed = [c for c in checks if not c.ok]
     if failed:
         raise UsageError(

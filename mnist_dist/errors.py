@@ -1,12 +1,5 @@
-"""The exceptions the command line turns into one line on stderr, and the exit codes it uses.
-
-Exit codes (also in the README, whose table the tests check): 0 finished; 2 bad input (flags,
-config, data, weights, checkpoints, a launch that formed the wrong world size, an output
-directory that cannot be written when the run starts); 3 training diverged (non-finite loss);
-4 a write failed during the run (disk full, a folder that became unwritable); 75 stopped cleanly
-by a signal or stop file, resumable with ``--resume auto`` (75 is EX_TEMPFAIL: "try again
-later"); 130 interrupted by a second Ctrl-C, without a checkpoint (128 + SIGINT, as shells say).
-"""
+"""The exceptions the command line turns into one line on stderr, and its exit codes (the
+README's table, which the tests check, says what each means)."""
 
 import json
 import os
@@ -17,8 +10,8 @@ from pathlib import Path
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_WRITE_FAILED = 4
-EXIT_STOPPED = 75
-EXIT_INTERRUPTED = 130
+EXIT_STOPPED = 75  # EX_TEMPFAIL, "try again later": resumable with --resume auto
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells say
 
 
 class MnistDistError(Exception):
@@ -78,15 +71,10 @@ def write_failure(error: Exception, folder: Path) -> str:
 def leave_for_launcher(line: str) -> None:
     """Hand the line that ends this process to the launcher that started it, if any.
 
-    ``accelerate launch`` (torchrun's elastic agent) ends a failed run with its own traceback and
-    a failure summary with a block per failed rank, the root cause's block last; without help
-    each block says only "To enable traceback see: https://pytorch.org/docs/stable/elastic/
-    errors.html". The agent gives every rank a file to write its error into
-    (``TORCHELASTIC_ERROR_FILE``) and prints what it finds there, a JSON object
-    ``{"message": str, "timestamp": int}``, in the rank's block instead: the summary then ends
-    with the line. (torch's own ``record`` decorator would put the Python traceback there.) The
-    launcher's exit status is unchanged: 1 for any failed rank.
-    """
+    ``accelerate launch`` (torchrun's elastic agent) ends a failed run with a summary block per
+    failed rank that otherwise says only "To enable traceback see: ...". It prints instead what
+    the rank wrote into ``TORCHELASTIC_ERROR_FILE``, a JSON ``{"message": str, "timestamp":
+    int}``: the summary then ends with the line. The launcher still exits 1."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:  # not under the elastic agent, or it keeps no logs ("" then)
         return

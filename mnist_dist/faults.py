@@ -1,12 +1,10 @@
 """Named fault points: the places where the tests inject failures into a run.
 
 This module exists for the tests. The product calls ``point(NAME, ...)`` or
-``value(NAME, x)`` at the places listed in ``POINTS``; a test installs a handler on a point
+``value(NAME, x)`` at the places listed below (``POINTS``); a test installs a handler on a point
 with ``inject`` (in its own process, or in a child through ``tests/faults/sitecustomize.py``)
-to make that place sleep, raise, kill the process or change a value. Nothing is active unless
-a handler is installed: then ``point`` returns at once and ``value`` returns its argument after
-one test of an empty dict: 1e6 calls took 0.08 s here (80 ns a call, against about 2.9 ms of
-host time for an eager step on a GPU).
+to make that place sleep, raise, kill the process or change a value. Without a handler
+installed a point costs one test of an empty dict (tens of nanoseconds).
 
 The points:
 
@@ -35,14 +33,14 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-POINTS: dict[str, str] = {
-    "train.step": "before each optimizer step",
-    "train.loss": "value: the summed loss of each training forward pass, before its backward",
-    "eval.batch": "before the forward pass of each evaluation batch",
-    "checkpoint.save_state": "checkpoint files written (path=partial folder), manifest not yet",
-    "wandb.log": "before each W&B log call; an exception is a W&B failure",
-    "wandb.finish": "before the W&B run's finish, in its finishing thread",
-}
+POINTS = (
+    "train.step",
+    "train.loss",
+    "eval.batch",
+    "checkpoint.save_state",
+    "wandb.log",
+    "wandb.finish",
+)
 
 _handlers: dict[str, Callable[..., Any]] = {}
 

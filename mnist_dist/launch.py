@@ -27,7 +27,7 @@ SLURM_PORT_BASE = 15000
 @dataclass
 class LaunchPlan:
     """What one job launches: ``nodes`` x ``procs_per_node`` processes meeting at
-    ``main_addr:main_port``, writing to ``run_dir``."""
+    ``main_addr:main_port``, writing to ``run_dir``; ``doctor``'s checks fill it in."""
 
     nodes: int = 1
     node_rank: int = 0
@@ -37,30 +37,9 @@ class LaunchPlan:
     run_dir: Path = Path("runs")
     wandb_mode: str | None = None  # None: tracking off
 
-    @classmethod
-    def for_this_node(cls) -> LaunchPlan:
-        """The nodes of the job and this node's rank, as SLURM says (one node outside SLURM)."""
-        return cls(
-            nodes=int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1),
-            node_rank=int(os.environ.get("SLURM_NODEID") or 0),
-        )
-
     @property
     def num_processes(self) -> int:
         return self.nodes * self.procs_per_node
-
-    def env(self) -> dict[str, str]:
-        """The plan as environment variables for ``slurm/launch-node.sh``."""
-        env = {
-            "MNIST_DIST_RUN_DIR": str(self.run_dir),
-            PROCS_PER_NODE_ENV: str(self.procs_per_node),
-            "MNIST_DIST_NUM_PROCESSES": str(self.num_processes),
-            MAIN_ADDR_ENV: self.main_addr,
-            MAIN_PORT_ENV: str(self.main_port),
-        }
-        if self.wandb_mode:
-            env["WANDB_MODE"] = self.wandb_mode
-        return env
 
 
 def _positive_int(name: str, value: str) -> int:
@@ -77,16 +56,12 @@ def procs_per_node(gpus: int) -> int:
 
 def main_port() -> int:
     """``MNIST_DIST_MAIN_PORT``, else one derived from the SLURM job id, else ``DEFAULT_PORT``."""
-    port = os.environ.get(MAIN_PORT_ENV)
-    job_id = os.environ.get("SLURM_JOB_ID", "")
-    if port:
-        value = _positive_int(MAIN_PORT_ENV, port)
-        if value > 65535:
+    if port := os.environ.get(MAIN_PORT_ENV):
+        if _positive_int(MAIN_PORT_ENV, port) > 65535:
             raise UsageError(f"{MAIN_PORT_ENV} must be a port (1-65535), got {port}")
-        return value
-    if job_id.isdigit():
-        return SLURM_PORT_BASE + int(job_id) % 10000
-    return DEFAULT_PORT
+        return int(port)
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    return SLURM_PORT_BASE + int(job_id) % 10000 if job_id.isdigit() else DEFAULT_PORT
 
 
 def main_addr() -> str:
@@ -108,25 +83,13 @@ def collective_timeout() -> timedelta | None:
     return timedelta(seconds=float(value))
 
 
-def slurm_gpus_on_node() -> int | None:
-    """GPUs the scheduler gave this node, if it says: ``SLURM_GPUS_ON_NODE``, else
-    ``SLURM_GPUS_PER_NODE`` (``2`` or ``a100:2``)."""
-    on_node = os.environ.get("SLURM_GPUS_ON_NODE")
-    if on_node and on_node.isdigit():
-        return int(on_node)
-    per_node = os.environ.get("SLURM_GPUS_PER_NODE")
-    if per_node:
-        count = per_node.rsplit(":", 1)[-1]
+def visible_gpus() -> int:
+    """GPUs this node can use: the scheduler's figure (``SLURM_GPUS_ON_NODE``, else
+    ``SLURM_GPUS_PER_NODE``: ``2`` or ``a100:2``), else what CUDA sees."""
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        count = os.environ.get(name, "").rsplit(":", 1)[-1]
         if count.isdigit():
             return int(count)
-    return None
-
-
-def visible_gpus() -> int:
-    """GPUs this node can use: the scheduler's figure, else what CUDA sees."""
-    from_slurm = slurm_gpus_on_node()
-    if from_slurm is not None:
-        return from_slurm
     import torch
 
     return torch.cuda.device_count()
@@ -145,20 +108,16 @@ def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list (``node[03-05,07]`` -> ``node03``), expanded by
     ``scontrol`` itself."""
     try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout.split()
+        command = ["scontrol", "show", "hostnames", nodelist]
+        out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30)
+        hosts = out.stdout.split()
     except (OSError, subprocess.SubprocessError) as e:
         raise UsageError(
             f"cannot expand SLURM_JOB_NODELIST {nodelist!r}: {first_line(e)}"
         ) from None
-    if not out:
+    if not hosts:
         raise UsageError(f"SLURM_JOB_NODELIST {nodelist!r} names no host")
-    return out[0]
+    return hosts[0]
 
 
 def port_is_free(port: int) -> bool:
@@ -173,25 +132,27 @@ def port_is_free(port: int) -> bool:
 
 
 def write_env(plan: LaunchPlan, path: str | os.PathLike[str]) -> None:
-    """The plan as ``export NAME=value`` lines a shell can source."""
-    lines = [f"export {k}={shlex.quote(v)}\n" for k, v in plan.env().items()]
+    """The plan as ``export NAME=value`` lines for ``slurm/launch-node.sh`` to source."""
+    env = {
+        "MNIST_DIST_RUN_DIR": str(plan.run_dir),
+        PROCS_PER_NODE_ENV: str(plan.procs_per_node),
+        "MNIST_DIST_NUM_PROCESSES": str(plan.num_processes),
+        MAIN_ADDR_ENV: plan.main_addr,
+        MAIN_PORT_ENV: str(plan.main_port),
+    }
+    if plan.wandb_mode:
+        env["WANDB_MODE"] = plan.wandb_mode
     try:
-        Path(path).write_text("".join(lines))
+        Path(path).write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def continue_command(run_dir: Path, resume_auto: bool) -> str:
-    """The command that continues this run, shell-quoted: the one the user ran with
-    ``--output-dir run_dir`` in place of any given (and ``--resume auto`` when the run was
-    started with ``--resume never`` or one of its own checkpoints, which would be refused
-    now). Under ``accelerate launch`` it is the launcher's command; inside a SLURM job, the
-    resubmission of ``slurm/train.sbatch`` with the run's arguments.
-
-    The run directory keeps the form the run knows it by (relative when given so): the other
-    arguments (``--data-dir ./data``) are relative to the same folder, so the command is run
-    from where the first one was.
-    """
+    """The command that continues this run, shell-quoted: the one the user ran (the launcher's
+    under ``accelerate launch``; the resubmission of ``slurm/train.sbatch`` in its jobs) with
+    ``--output-dir run_dir`` in place of any given, and ``--resume auto`` where asked. The run
+    directory keeps the form the user gave (relative or not), like ``--data-dir ./data``."""
     prefix, args = _invocation()
     args = _with_option(args, "--output-dir", str(run_dir))
     if resume_auto:
@@ -200,34 +161,26 @@ def continue_command(run_dir: Path, resume_auto: bool) -> str:
 
 
 def _invocation() -> tuple[list[str], list[str]]:
-    """(the words that start mnist-dist, as the user typed them; the sub-command and its
-    arguments)."""
+    """(the words that started mnist-dist, as typed; the sub-command and its arguments)."""
     args = sys.argv[1:]
     # slurm/train.sbatch exports the plan doctor wrote (MNIST_DIST_RUN_DIR among it) to the
     # ranks: a job of that script continues by a resubmission, not by a node's own command.
     in_sbatch_job = os.environ.get("SLURM_JOB_ID") and os.environ.get("MNIST_DIST_RUN_DIR")
     if in_sbatch_job and args[:1] == ["train"]:
         return ["sbatch", "slurm/train.sbatch"], args[1:]
+    pids = [os.getpid()]
     if os.environ.get("LOCAL_RANK") is not None:  # a rank of accelerate launch / torchrun
-        parent = _cmdline(os.getppid())
-        if args and parent[-len(args) :] == args:
-            return _as_typed(parent[: -len(args)]), args
-    own = _cmdline(os.getpid())
-    if args and own[-len(args) :] == args:
-        return _as_typed(own[: -len(args)]), args
-    main = sys.argv[0]
-    if Path(main).name == "__main__.py":
+        pids.insert(0, os.getppid())
+    for pid in pids:  # the process's argv as it was started (Linux)
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if args and argv.split("\0")[-len(args) - 1 : -1] == args:
+            return _as_typed(argv.split("\0")[: -len(args) - 1]), args
+    if Path(sys.argv[0]).name == "__main__.py":
         return [sys.executable, "-m", "mnist_dist"], args
-    return _as_typed([sys.executable, main]), args
-
-
-def _cmdline(pid: int) -> list[str]:
-    """A process's argv as it was started (Linux); empty where it cannot be read."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return raw.decode(errors="replace").split("\0")[:-1]
+    return _as_typed([sys.executable, sys.argv[0]]), args
 
 
 def _as_typed(prefix: list[str]) -> list[str]:

@@ -30,10 +30,8 @@ class ModelConfig:
 
 
 class MnistCNN(nn.Module):
-    """conv5-relu-pool, conv3-relu-pool, conv1-relu, fc-relu, fc.
-
-    Module names match the reference implementation, so its ``state_dict`` loads strictly.
-    """
+    """conv5-relu-pool, conv3-relu-pool, conv1-relu, fc-relu, fc; module names match the
+    reference implementation, so its ``state_dict`` loads strictly."""
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
@@ -59,8 +57,7 @@ class MnistCNN(nn.Module):
         conv2, relu2 = self.conv_layer2
         x = relu1(self.maxpool1(conv1(x)))
         x = relu2(self.maxpool2(conv2(x)))
-        x = self.conv_layer3(x)
-        x = torch.flatten(x, 1)
+        x = torch.flatten(self.conv_layer3(x), 1)
         return self.fc_layer2(self.fc_layer1(x))
 
 

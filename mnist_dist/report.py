@@ -1,19 +1,14 @@
-"""``mnist-dist report``: look at runs without W&B.
-
-Reads the run directory's ``metrics.jsonl`` (one record per epoch), so it works on a laptop that
-never saw the training job, for a finished run or one still going; for a run that has not
-finished an epoch yet, its ``status.json`` and ``steps.jsonl``. With the ``plot`` extra
-(matplotlib) it also draws the loss, accuracy and learning-rate curves into a PNG.
-"""
+"""``mnist-dist report``: look at runs without W&B, from their run directories' records
+(``metrics.jsonl``; ``status.json`` and ``steps.jsonl`` before the first epoch ends), and with
+matplotlib draw their curves into a PNG."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mnist_dist import claim
 from mnist_dist.errors import UsageError
@@ -31,9 +26,11 @@ EPOCH_COLUMNS = (
     ("seconds", "epoch_seconds", "{:.1f}"),
     ("images/s", "images_per_second", "{:,.0f}"),
 )
-# Side by side, each run shows these (the epoch is the shared first column).
-SIDE_BY_SIDE_KEYS = ("lr", "train_loss", "test_loss", "test_accuracy")
-# A run that has not finished an epoch shows its newest step records, with these columns.
+# Side by side, each run shows these after the shared epoch column.
+SIDE_BY_SIDE = tuple(
+    c for c in EPOCH_COLUMNS if c[0] in ("lr", "train loss", "test loss", "test acc")
+)
+# A run that has not finished an epoch shows its newest step records.
 STEP_COLUMNS = (
     ("global step", "global_step", "{}"),
     ("epoch", "epoch", "{}"),
@@ -42,28 +39,24 @@ STEP_COLUMNS = (
     ("images/s", "images_per_second", "{:,.0f}"),
 )
 STEP_ROWS = 10
+_R = TypeVar("_R", EpochRecord, StepRecord)
 
 
 @dataclass
 class RunRecords:
-    """What a run directory tells: its epoch records; for a run without any yet (stopped or
-    still in its first epoch), its status and step records."""
+    """What a run directory tells: its epoch records, status and step records."""
 
+    path: Path
     epochs: list[EpochRecord]
-    status: dict[str, Any] = field(default_factory=dict)  # status.json
-    steps: list[StepRecord] = field(default_factory=list)  # steps.jsonl
-    path: Path | None = None  # the run directory
+    status: dict[str, Any]  # status.json
+    steps: list[StepRecord]  # steps.jsonl
 
     def state(self) -> str:
         """The run's state; "running" only while the run shows signs of life."""
         state = self.status.get("state")
         if state is None:
             return "state unknown (no status.json)"
-        dead = (
-            self.path is not None
-            and state == "running"
-            and claim.dead_because(self.path, self.status)
-        )
+        dead = state == "running" and claim.dead_because(self.path, self.status)
         return f"not running ({dead})" if dead else str(state)
 
     def state_lines(self) -> list[str]:
@@ -93,16 +86,15 @@ def load_run(run_dir: str | Path) -> RunRecords:
     files, or unreadable ones."""
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
-    epochs = load_epochs(run_dir)
-    steps = []
-    for raw in _read_jsonl(layout.steps):
-        with contextlib.suppress(RecordError):  # a line this version cannot show
-            steps.append(StepRecord.from_dict(raw))
-    status = _read_json(layout.status)
-    if epochs:
-        return RunRecords(epochs, status, steps, run_dir)
-    if status or steps or layout.config.exists():
-        return RunRecords([], status, steps, run_dir)
+    epochs = _read_jsonl(layout.metrics, EpochRecord, strict=True)
+    steps = _read_jsonl(layout.steps, StepRecord, strict=False)
+    try:
+        status = json.loads(layout.status.read_text())
+    except (OSError, ValueError):  # absent, or caught mid-write
+        status = {}
+    status = status if isinstance(status, dict) else {}
+    if epochs or status or steps or layout.config.exists():
+        return RunRecords(run_dir, epochs, status, steps)
     if layout.metrics.exists():
         raise UsageError(f"{run_dir} has no finished epoch yet ({METRICS_FILE} is empty)")
     raise UsageError(
@@ -110,55 +102,32 @@ def load_run(run_dir: str | Path) -> RunRecords:
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):  # absent, or caught mid-write
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSONL file a run may be appending to (a partial last line is left out)."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def load_epochs(run_dir: str | Path) -> list[EpochRecord]:
-    """The per-epoch records of a run directory, in order; none when it has no
-    ``metrics.jsonl``. Raises ``UsageError`` when the file cannot be read or holds a bad line."""
-    path = RunLayout(Path(run_dir)).metrics
+def _read_jsonl(path: Path, kind: type[_R], strict: bool) -> list[_R]:
+    """The records of a JSONL file a run may be appending to: a partial last line is left out.
+    ``strict``: any other bad line is a ``UsageError``; otherwise it is skipped."""
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
         return []
     except OSError as e:
+        if not strict:
+            return []
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):  # a job killed mid-write leaves a partial last line
-                break
-            raise UsageError(f"{path}, line {number}: not a JSON record") from None
+            raw = json.loads(line)
+        except ValueError:
+            if strict and number < len(lines):
+                raise UsageError(f"{path}, line {number}: not a JSON record") from None
+            continue
         try:
-            records.append(EpochRecord.from_dict(record))
+            records.append(kind.from_dict(raw))
         except RecordError as e:
-            raise UsageError(f"{path}, line {number}: {e}") from None
+            if strict:
+                raise UsageError(f"{path}, line {number}: {e}") from None
     return records
 
 
@@ -183,66 +152,61 @@ def _render(headers: list[str], rows: list[list[str]], groups: list[tuple[str, i
     return "\n".join(lines)
 
 
-def format_report(runs: dict[str, RunRecords]) -> str:
-    """The per-epoch table of one run, or of several side by side, and each run's result."""
-    formats = {key: fmt for _, key, fmt in EPOCH_COLUMNS}
-    titles = {key: title for title, key, _ in EPOCH_COLUMNS}
+def _cells(
+    record: EpochRecord | StepRecord | None, columns: Sequence[tuple[str, ...]]
+) -> list[str]:
+    return [fmt.format(getattr(record, key)) if record else "-" for _, key, fmt in columns]
+
+
+def _table(runs: dict[str, RunRecords]) -> str:
+    """The per-epoch table of one run (its newest steps before an epoch ends), or of several
+    side by side under a line naming each run."""
     if len(runs) == 1:
         (run,) = runs.values()
         columns = EPOCH_COLUMNS if run.epochs else STEP_COLUMNS
-        records = run.epochs or run.steps[-STEP_ROWS:]
         headers = [title for title, _, _ in columns]
-        rows = [[fmt.format(getattr(r, key)) for _, key, fmt in columns] for r in records]
-        table = _render(headers, rows, []) if rows else ""
+        rows = [_cells(r, columns) for r in run.epochs or run.steps[-STEP_ROWS:]]
+        groups = []
     else:
-        epochs = sorted({r.epoch for run in runs.values() for r in run.epochs})
-        by_epoch = {label: {r.epoch: r for r in run.epochs} for label, run in runs.items()}
-        headers = ["epoch"] + [titles[k] for _ in runs for k in SIDE_BY_SIDE_KEYS]
-        rows = []
-        for epoch in epochs:
-            row = [str(epoch)]
-            for label in runs:
-                record = by_epoch[label].get(epoch)
-                row += [
-                    formats[k].format(getattr(record, k)) if record else "-"
-                    for k in SIDE_BY_SIDE_KEYS
-                ]
-            rows.append(row)
-        groups = [("", 1)] + [(label, len(SIDE_BY_SIDE_KEYS)) for label in runs]
-        table = _render(headers, rows, groups) if rows else ""
+        by_epoch = [{r.epoch: r for r in run.epochs} for run in runs.values()]
+        headers = ["epoch"] + [title for _ in runs for title, _, _ in SIDE_BY_SIDE]
+        rows = [
+            [str(epoch)]
+            + [c for records in by_epoch for c in _cells(records.get(epoch), SIDE_BY_SIDE)]
+            for epoch in sorted({epoch for records in by_epoch for epoch in records})
+        ]
+        groups = [("", 1)] + [(label, len(SIDE_BY_SIDE)) for label in runs]
+    return _render(headers, rows, groups) if rows else ""
+
+
+def format_report(runs: dict[str, RunRecords]) -> str:
+    """The table of the runs, and each run's result."""
     results = []
     for label, run in runs.items():
         if not run.epochs:
             results.append(_first_epoch_result(label, run))
             continue
         last, best = run.epochs[-1], max(run.epochs, key=lambda r: r.test_accuracy)
-        correct, total = (_or_unknown(n) for n in (last.test_correct, last.test_total))
         results.append(
-            f"{label}: test accuracy {last.test_accuracy:.2%} ({correct}/{total}) after epoch "
+            f"{label}: test accuracy {last.test_accuracy:.2%} "
+            f"({last.test_correct}/{last.test_total}) after epoch "
             f"{last.epoch}; best {best.test_accuracy:.2%} at epoch {best.epoch}"
         )
         if run.status and run.state() != "finished":
             results.append("\n".join([f"{label}: {run.state()}", *run.state_lines()]))
-    return "\n\n".join(part for part in (table, "\n".join(results)) if part)
-
-
-def _or_unknown(value: int | None) -> str:
-    return "?" if value is None else str(value)  # a run from before the field was written
+    return "\n\n".join(part for part in (_table(runs), "\n".join(results)) if part)
 
 
 def _first_epoch_result(label: str, run: RunRecords) -> str:
-    """What is known of a run that has not finished an epoch: its state, where it is, its
-    newest step record, and the message it ended with."""
     last = run.steps[-1] if run.steps else None
     epoch = last.epoch if last else run.status.get("epoch", 1)
-    text = f"{label}: {run.state()} in epoch {epoch}, no epoch finished yet; "
+    where = "no step recorded yet"
     if last:
-        text += (
+        where = (
             f"at global step {last.global_step}: train loss {last.train_loss:.4f}, "
             f"{last.images_per_second:,.0f} images/s"
         )
-    else:
-        text += "no step recorded yet"
+    text = f"{label}: {run.state()} in epoch {epoch}, no epoch finished yet; {where}"
     return "\n".join([text, *run.state_lines()])
 
 
@@ -257,23 +221,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_report(runs: dict[str, RunRecords], png: str | Path) -> None:
-    """The training curves of every run (``draw_curves``), into one PNG."""
-    plt = _pyplot()
-    fig = draw_curves(runs)
-    try:
-        fig.savefig(png, dpi=100)
-    except OSError as e:
-        raise UsageError(f"cannot write {png}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
-
-
 def draw_curves(runs: dict[str, RunRecords]) -> Any:
-    """A matplotlib figure of the runs' curves: the loss on a log scale, the training loss of
-    every step record (``steps.jsonl``) under the epoch figures; the accuracy on an axis
-    zoomed to where it moves; the learning rate. The x axis counts epochs, steps placed at
-    their fraction of an epoch."""
+    """A matplotlib figure of the runs' curves: the loss on a log scale (every step record's
+    under the epoch figures), the accuracy zoomed to where it moves, the learning rate."""
     plt = _pyplot()
     from matplotlib.ticker import PercentFormatter
 
@@ -282,8 +232,8 @@ def draw_curves(runs: dict[str, RunRecords]) -> Any:
     for i, (label, run) in enumerate(runs.items()):
         color, records = f"C{i % 10}", run.epochs
         epochs = [r.epoch for r in records]
-        steps_per_epoch = _steps_per_epoch(records)
-        if run.steps and steps_per_epoch:
+        if run.steps and records:  # steps placed at their fraction of an epoch
+            steps_per_epoch = records[-1].global_step / records[-1].epoch
             x = [s.global_step / steps_per_epoch for s in run.steps]
             loss_ax.plot(
                 x, [s.train_loss for s in run.steps], "-", color=color, alpha=0.35,
@@ -302,11 +252,8 @@ def draw_curves(runs: dict[str, RunRecords]) -> Any:
                 name += f" (last {values[-1]:.2%})" if values else ""
             ax.plot(epochs, values, style, color=color, markersize=4, label=f"{label} {name}")
         lr_ax.plot(epochs, [r.lr for r in records], "o", color=color, markersize=4, label=label)
-    for ax, title in (
-        (loss_ax, "loss (log scale)"),
-        (acc_ax, "accuracy"),
-        (lr_ax, "learning rate"),
-    ):
+    titles = ("loss (log scale)", "accuracy", "learning rate")
+    for ax, title in zip((loss_ax, acc_ax, lr_ax), titles, strict=True):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -320,14 +267,6 @@ def draw_curves(runs: dict[str, RunRecords]) -> Any:
         acc_ax.set_title(f"accuracy (zoomed to {limits[0]:.1%}–{limits[1]:.1%})")
     fig.tight_layout()
     return fig
-
-
-def _steps_per_epoch(records: Sequence[EpochRecord]) -> float | None:
-    """Optimizer steps per epoch, from the newest record that says (None for old runs)."""
-    for r in reversed(records):
-        if r.global_step:
-            return r.global_step / r.epoch
-    return None
 
 
 def _moving_range(series: list[list[float]]) -> tuple[float, float] | None:
@@ -348,5 +287,11 @@ def report(run_dirs: Sequence[str | Path], png: str | Path | None = None) -> str
         _pyplot()  # before reading anything
     runs = dict(zip(_labels(run_dirs), (load_run(d) for d in run_dirs), strict=True))
     if png is not None:
-        plot_report(runs, png)
+        fig = draw_curves(runs)
+        try:
+            fig.savefig(png, dpi=100)
+        except OSError as e:
+            raise UsageError(f"cannot write {png}: {e.strerror or e}") from None
+        finally:
+            _pyplot().close(fig)
     return format_report(runs)
