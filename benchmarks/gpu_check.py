@@ -112,9 +112,17 @@ class PartRecorder:
         """An item, failed if there is a ``reason``."""
         status = "ok" if reason is None else "failed"
         self.items.append({"id": item_id, "status": status, "reason": reason, "figures": figures})
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps({"items": self.items}, indent=2))
-        partial.replace(self.path)  # the parent never reads half a file
+        write_json(self.path, {"items": self.items})
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.replace(path)  # a reader never sees half a file
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def one_line(text: str) -> str:
@@ -138,6 +146,14 @@ def run_command(command: list[str], env: dict[str, str] | None = None) -> tuple[
 
 def mnist_dist(*args: str) -> list[str]:
     return [sys.executable, "-m", "mnist_dist", *args]
+
+
+def json_of(rec: PartRecorder, item_id: str, command: list[str]) -> dict[str, Any] | None:
+    """The JSON that ``command`` prints last; None, with the item failed, if it fails."""
+    code, out, err = run_command(command)
+    if code != 0:
+        return rec.record(item_id, one_line(err or out))
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def part_env(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
@@ -182,13 +198,9 @@ def part_evaluate(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> N
 
     if not args.reference_weights:
         return rec.record("evaluate", "no --reference-weights given")
-    weights = ["--weights", args.reference_weights]
-    code, out, err = run_command(
-        mnist_dist("evaluate", *weights, "--data-dir", args.data_dir, "--json")
-    )
-    if code != 0:
-        return rec.record("evaluate", one_line(err or out))
-    report = json.loads(out.strip().splitlines()[-1])
+    command = ["evaluate", "--weights", args.reference_weights, "--data-dir", args.data_dir]
+    if (report := json_of(rec, "evaluate", mnist_dist(*command, "--json"))) is None:
+        return None
     # mnist-dist takes a GPU whenever one is visible, and it saw what this process sees.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     keys = ("test_correct", "test_total", "test_accuracy")
@@ -350,10 +362,8 @@ def part_profile(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> No
     ]  # fmt: skip
     if s.profile_versus_plain:
         command += ["--versus-plain", str(s.profile_versus_plain)]
-    code, out, err = run_command(command)
-    if code != 0:
-        return rec.record("profile", one_line(err or out))
-    rec.ok("profile", **json.loads(out.strip().splitlines()[-1]))
+    if (summary := json_of(rec, "profile", command)) is not None:
+        rec.ok("profile", **summary)
 
 
 def part_pytest(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
@@ -365,25 +375,27 @@ def part_pytest(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> Non
     code, out, err = run_command([*command, f"--junitxml={junit}", "tests"], env=env)
     if not junit.exists():
         return rec.record("pytest", one_line(err or out))
-    root = ET.parse(junit).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root)
-    counts = {k: sum(int(x.get(k, 0)) for x in suites) for k in ("tests", "failures", "errors")}
-    cases = [case for suite in suites for case in suite.iter("testcase")]
-    failed = [c.get("name") for c in cases if c.find("failure") is not None]
-    failed += [c.get("name") for c in cases if c.find("error") is not None]
-    skipped = [c.find("skipped") for c in cases if c.find("skipped") is not None]
-    figures = {
-        "exit_code": code,
-        "passed": counts["tests"] - counts["failures"] - counts["errors"] - len(skipped),
-        "failed": counts["failures"],
-        "errors": counts["errors"],
-        "skipped": len(skipped),
-        "skip_reasons": sorted({str(x.get("message")) for x in skipped}),
-        "failed_tests": failed,
-    }
+    cases = list(ET.parse(junit).getroot().iter("testcase"))
+    failures, errors, skipped = (
+        [c.find(tag) for c in cases if c.find(tag) is not None]
+        for tag in ("failure", "error", "skipped")
+    )
+    failed = [
+        c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None
+    ]
     # Exit 5: no test was selected, which the counts show.
     reason = None if code in (0, 5) else f"{len(failed)} failed or in error: {', '.join(failed)}"
-    rec.record("pytest", reason, **figures)
+    rec.record(
+        "pytest",
+        reason,
+        exit_code=code,
+        passed=len(cases) - len(failures) - len(errors) - len(skipped),
+        failed=len(failures),
+        errors=len(errors),
+        skipped=len(skipped),
+        skip_reasons=sorted({str(x.get("message")) for x in skipped}),
+        failed_tests=failed,
+    )
 
 
 # The parent: run the parts, keep the JSON current, judge the targets, print the table.
@@ -744,43 +756,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Measure mnist-dist on one CUDA GPU: one table, one JSON file."
     )
-    parser.add_argument(
+    add, env = parser.add_argument, os.environ.get
+    add(
         "--data-dir",
-        default=os.environ.get("MNIST_DIST_DATA_DIR") or "./data",
+        default=env("MNIST_DIST_DATA_DIR") or "./data",
         help="folder holding MNIST/raw/*-ubyte (default: env MNIST_DIST_DATA_DIR or ./data)",
     )
-    parser.add_argument(
+    add(
         "--reference-weights",
-        default=os.environ.get("MNIST_DIST_REFERENCE_WEIGHTS"),
+        default=env("MNIST_DIST_REFERENCE_WEIGHTS"),
         metavar="PTH",
         help="the reference's seed_model.pth (default: env MNIST_DIST_REFERENCE_WEIGHTS)",
     )
-    parser.add_argument(
-        "--out", default="gpu_check.json", help="JSON results (default: gpu_check.json)"
-    )
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="every part on the CPU with tiny settings: checks the check, judges nothing",
-    )
-    parser.add_argument(
-        "--parts",
-        type=parse_parts,
-        default=list(PARTS),
-        help=f"comma list from {','.join(PARTS)} (default: all)",
-    )
-    parser.add_argument(
+    add("--out", default="gpu_check.json", help="JSON results (default: gpu_check.json)")
+    add("--smoke", action="store_true", help="every part on the CPU, tiny: judges nothing")
+    add("--parts", type=parse_parts, default=list(PARTS), help=f"some of {','.join(PARTS)}")
+    add(
         "--max-minutes",
         type=float,
         default=9.0,
         help="the whole check's time limit: a part still running then is cut short, later "
         "ones are not started (default: 9)",
     )
-    parser.add_argument("--table-from", metavar="JSON", help="print an earlier --out's table")
+    add("--table-from", metavar="JSON", help="print an earlier --out's table")
     # Internal: run one part in this process.
-    parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
-    parser.add_argument("--part-json", help=argparse.SUPPRESS)
-    parser.add_argument("--logs", type=Path, help=argparse.SUPPRESS)
+    add("--part", choices=list(PARTS), help=argparse.SUPPRESS)
+    add("--part-json", help=argparse.SUPPRESS)
+    add("--logs", type=Path, help=argparse.SUPPRESS)
     return parser
 
 
@@ -803,32 +805,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out).resolve()
     args.logs = out.with_name(out.stem + "-logs")
     args.logs.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": [sys.executable, *sys.argv],
-        "smoke": args.smoke,
-        "settings": {
-            **asdict(settings),
-            "data_dir": args.data_dir,
-            "reference_weights": args.reference_weights,
-        },
-        "parts": {},
-    }
+    settings = {**asdict(settings), "data_dir": args.data_dir}
+    settings["reference_weights"] = args.reference_weights
+    report: dict[str, Any] = {"started_at": now(), "command": [sys.executable, *sys.argv]}
+    report |= {"smoke": args.smoke, "settings": settings, "parts": {}}
 
     def save() -> None:
         try:
             report["table"] = [asdict(line) for line in table_lines(report)]
         except Exception as e:  # a bug in the table must not cost the figures
             report["table"] = [asdict(Line("table", f"cannot be drawn: {e!r}"))]
-        partial = out.with_suffix(".partial")
-        partial.write_text(json.dumps(report, indent=2) + "\n")
-        partial.replace(out)
+        write_json(out, report)
 
     save()
     try:
         run_parts(args, report, save)
     finally:
-        report["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        report["finished_at"] = now()
         save()
     print(format_table([Line(**line) for line in report["table"]]))
     print(f"\nresults in {out}, each part's output in {args.logs}/")
