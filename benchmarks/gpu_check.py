@@ -247,40 +247,30 @@ def part_determinism(args: argparse.Namespace, s: Settings, rec: PartRecorder) -
         "--epochs", str(s.repro_epochs), "--max-train-samples", str(s.repro_max_train_samples),
     ]  # fmt: skip
     checkpointed = ["--checkpoint-every", str(s.repro_checkpoint_every), "--keep-checkpoints", "20"]
+    # Each against the uninterrupted first run: a checkpoint that perturbed training would pass
+    # on to its resumed run, which then equals the checkpointed one anyway.
+    compared = {"rerun": "rerun", "checkpointing": "checkpointed", "resume": "resumed"}
     for mode, flags in (("on", []), ("off", ["--no-deterministic"])):
-        item_id = f"determinism:{mode}"
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-            runs = {
-                name: Path(tmp) / name for name in ("first", "rerun", "checkpointed", "resumed")
-            }
+            run = {name: Path(tmp) / name for name in ("first", *compared.values())}
+            summaries = {}
             try:
-                summaries = {
-                    name: train_run([*base, *flags, *extra], runs[name])
-                    for name, extra in (
-                        ("first", []),
-                        ("rerun", []),
-                        ("checkpointed", checkpointed),
-                    )
-                }
-                mid_epoch = mid_epoch_checkpoint(runs["checkpointed"])
-                resume = [*checkpointed, "--resume", str(mid_epoch)]
-                summaries["resumed"] = train_run([*base, *flags, *resume], runs["resumed"])
+                for name in run:
+                    extra = [] if name in ("first", "rerun") else checkpointed
+                    if name == "resumed":
+                        mid_epoch = mid_epoch_checkpoint(run["checkpointed"])
+                        extra = [*extra, "--resume", str(mid_epoch)]
+                    summaries[name] = train_run([*base, *flags, *extra], run[name])
             except RuntimeError as e:
-                rec.record(item_id, str(e))
+                rec.record(f"determinism:{mode}", str(e))
                 continue
-            # Each against the uninterrupted run: a checkpoint that perturbed training would
-            # pass on to its resumed run, which then equals the checkpointed one anyway.
-            compared = {}
-            for key, run in (
-                ("rerun", "rerun"),
-                ("checkpointing", "checkpointed"),
-                ("resume", "resumed"),
-            ):
-                identical, largest = compare_weights(runs["first"], runs[run])
-                compared |= {f"{key}_identical": identical, f"{key}_max_abs_difference": largest}
+            figures: dict[str, Any] = {"resumed_from": mid_epoch.name}
+            for key, name in compared.items():
+                identical, largest = compare_weights(run["first"], run[name])
+                figures |= {f"{key}_identical": identical, f"{key}_max_abs_difference": largest}
         first = summaries["first"]
         rec.ok(
-            item_id,
+            f"determinism:{mode}",
             flags=flags,
             epochs=s.repro_epochs,
             train_images=s.repro_max_train_samples,
@@ -289,9 +279,8 @@ def part_determinism(args: argparse.Namespace, s: Settings, rec: PartRecorder) -
                 {str(summary.get("step_engine")) for summary in summaries.values()}
             ),
             deterministic=first.get("deterministic"),
-            resumed_from=mid_epoch.name,
             images_per_second=first["images_per_second"],
-            **compared,
+            **figures,
         )
 
 
@@ -351,8 +340,6 @@ def part_throughput(args: argparse.Namespace, s: Settings, rec: PartRecorder) ->
             why = saved.get("unavailable", {}).get(row) or saved.get("failed", {}).get(row)
             why = why or f"throughput.py ended (exit {code}) before this row"
             rec.record(f"throughput:{row}", why, name=throughput.ROW_NAMES[row])
-    gpu = saved.get("machine", {}).get("cuda")
-    rec.ok("throughput:settings", epochs=s.throughput_epochs, gpu=gpu)
 
 
 def part_profile(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
