@@ -1,18 +1,14 @@
-"""The baselines that ``throughput.py`` compares mnist-dist with: three plain PyTorch training
-loops, each training and testing the recipe in the calling process.
+"""The plain PyTorch baselines that ``throughput.py`` sets beside mnist-dist, each training and
+testing the recipe in the calling process:
 
-* (a) ``run_plain``: the reference recipe as its author wrote it: ``torchvision.datasets.MNIST``
-  with the reference transform, ``DataLoader(batch_size=64, shuffle=True)``, ``MnistCNN``, Adam
-  (lr 1e-3), ``CrossEntropyLoss``, MultiStepLR(milestones=[5, 8], gamma=0.01) stepped per
-  epoch, test accuracy after every epoch (batch 1000). Its settings stay written out here, as a
-  user would write them, rather than read from mnist-dist (a test pins them to its defaults).
-* (b) ``run_plain_tensor``: mnist-dist's default recipe and speed options (device-resident
-  tensors, channels-last, fused Adam, mnist-dist's shuffle, deterministic kernels, no host sync
-  per step) as a bare loop with none of its machinery.
-* (c) ``run_captured``: (b) with the whole step (gather from the device-resident data by a
-  static index buffer, forward, loss, backward, fused Adam with ``capturable=True`` and the LR
-  in a device tensor) captured in one CUDA graph and replayed per step; the short last batch is
-  padded to the full batch and masked by per-sample weights. It needs a CUDA GPU.
+* (a) ``plain``: the reference recipe as its author wrote it (torchvision's MNIST, the reference
+  transform, ``DataLoader(batch_size=64, shuffle=True)``, Adam, MultiStepLR per epoch, a test
+  after every epoch). Its settings are written out here as a user would, not read from
+  mnist-dist (a test pins them to its defaults).
+* (b) ``plain-tensor``: mnist-dist's default recipe and speed options (device-resident tensors,
+  channels-last, fused Adam, its shuffle, deterministic kernels, no host sync per step) as a
+  bare loop with none of its machinery.
+* (c) ``captured``: (b) with the whole step captured in one CUDA graph and replayed; CUDA only.
 
 (b) and (c) take their settings, data and shuffle from mnist-dist itself, so that they cannot
 drift from what they are compared with.
@@ -126,27 +122,21 @@ def run_plain(
     data_dir: str, epochs: int, max_train_samples: int | None, num_workers: int
 ) -> RunResult:
     """Train and test the reference recipe in this process."""
-    started = time.perf_counter()
-    recipe = REFERENCE
+    started, recipe, transform = time.perf_counter(), REFERENCE, reference_transform()
     seed_everything(recipe.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    transform = reference_transform()
-    train_set: Dataset = datasets.MNIST(
-        root=data_dir, train=True, download=False, transform=transform
-    )
+    train_set: Dataset = datasets.MNIST(data_dir, train=True, download=False, transform=transform)
     if max_train_samples is not None:
         train_set = Subset(train_set, range(min(max_train_samples, len(train_set))))
-    test_set = datasets.MNIST(root=data_dir, train=False, download=False, transform=transform)
+    test_set = datasets.MNIST(data_dir, train=False, download=False, transform=transform)
     train_loader = DataLoader(
         train_set, batch_size=recipe.batch_size, shuffle=True, num_workers=num_workers
     )
     test_loader = DataLoader(test_set, batch_size=recipe.eval_batch_size, num_workers=num_workers)
-
     model = MnistCNN().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     scheduler = MultiStepLR(optimizer, milestones=recipe.lr_milestones, gamma=recipe.lr_gamma)
     criterion = nn.CrossEntropyLoss()
-
     timings: list[EpochTiming] = []
     correct = total = 0
     for epoch in range(1, epochs + 1):
@@ -199,16 +189,6 @@ def bare_step(
     optimizer.zero_grad(set_to_none=True)
 
 
-def device_splits(
-    data_dir: str, max_train_samples: int | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first ``max_train_samples`` training images and labels, then the whole test split,
-    preprocessed as mnist-dist's tensor loader does and resident on ``device``."""
-    train = split_tensors(load_split(data_dir, train=True), max_train_samples, device)
-    test = split_tensors(load_split(data_dir, train=False), None, device)
-    return *train, *test
-
-
 def epoch_order(num_samples: int, epoch: int) -> torch.Tensor:
     """The epoch's order of training images: mnist-dist's shuffle seed, so rows (b), (c) and
     mnist-dist see the same batches."""
@@ -226,43 +206,6 @@ def bare_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -
     )
     model.train()
     return int(hits)
-
-
-def run_plain_tensor(
-    data_dir: str, epochs: int, max_train_samples: int | None, deterministic: bool
-) -> RunResult:
-    """(b): the recipe as a plain loop over device-resident tensors, with mnist-dist's default
-    speed options and none of its machinery."""
-    started = time.perf_counter()
-    set_determinism(deterministic)
-    seed_everything(TRAIN.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images, labels, test_images, test_labels = device_splits(data_dir, max_train_samples, device)
-    model, optimizer = bare_model_and_optimizer(device)
-    scheduler = MultiStepLR(optimizer, milestones=OPTIM.lr_milestones, gamma=OPTIM.lr_gamma)
-    n = len(labels)
-    timings: list[EpochTiming] = []
-    correct = 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        synchronize(device)
-        epoch_start = time.perf_counter()
-        order = epoch_order(n, epoch).to(device)
-        for idx in order.split(TRAIN.global_batch_size):
-            bare_step(model, optimizer, images[idx], labels[idx])
-        synchronize(device)
-        timings.append(EpochTiming(epoch, n, time.perf_counter() - epoch_start))
-        scheduler.step()
-        correct = bare_correct(model, test_images, test_labels)
-    return finished(
-        "plain-tensor",
-        started,
-        timings,
-        correct,
-        len(test_labels),
-        device=str(device),
-        deterministic=deterministic,
-    )
 
 
 class CapturableStep:
@@ -367,18 +310,24 @@ def capture(step: CapturableStep, warmup_steps: int = 3) -> torch.cuda.CUDAGraph
     return graph
 
 
-def run_captured(
-    data_dir: str, epochs: int, max_train_samples: int | None, deterministic: bool
+def run_device_tensors(
+    row: str, data_dir: str, epochs: int, max_train_samples: int | None, deterministic: bool
 ) -> RunResult:
-    """(c): row (b)'s recipe with its whole step captured in one CUDA graph, replayed per step."""
+    """(b): the recipe as a bare loop over device-resident tensors; or (c), ``row`` "captured":
+    the same with its whole step captured in one CUDA graph and replayed."""
     started = time.perf_counter()
     set_determinism(deterministic)
     seed_everything(TRAIN.seed)
-    device = torch.device("cuda")
-    images, labels, test_images, test_labels = device_splits(data_dir, max_train_samples, device)
-    model, optimizer = captured_model_and_optimizer(device)
+    captured = row == "captured"
+    device = torch.device("cuda" if captured or torch.cuda.is_available() else "cpu")
+    # Preprocessed as mnist-dist's tensor loader does, resident on the device.
+    images, labels = split_tensors(load_split(data_dir, train=True), max_train_samples, device)
+    test_images, test_labels = split_tensors(load_split(data_dir, train=False), None, device)
+    build = captured_model_and_optimizer if captured else bare_model_and_optimizer
+    model, optimizer = build(device)
     scheduler = MultiStepLR(optimizer, milestones=OPTIM.lr_milestones, gamma=OPTIM.lr_gamma)
-    step = CapturableStep(model, optimizer, images, labels, TRAIN.global_batch_size)
+    if captured:
+        step = CapturableStep(model, optimizer, images, labels, TRAIN.global_batch_size)
     graph: torch.cuda.CUDAGraph | None = None
     capture_seconds = 0.0
     timings: list[EpochTiming] = []
@@ -386,27 +335,25 @@ def run_captured(
     for epoch in range(1, epochs + 1):
         synchronize(device)
         epoch_start = time.perf_counter()
-        step.load_epoch(epoch_order(step.num_samples, epoch))
-        if graph is None:  # in epoch 1's clock, as a compile would be
-            graph = capture(step)
-            synchronize(device)
-            capture_seconds = time.perf_counter() - epoch_start
-        for _ in range(step.steps_per_epoch):
-            graph.replay()
+        order = epoch_order(len(labels), epoch)
+        if not captured:
+            for idx in order.to(device).split(TRAIN.global_batch_size):
+                bare_step(model, optimizer, images[idx], labels[idx])
+        else:
+            step.load_epoch(order)
+            if graph is None:  # in epoch 1's clock, as a compile would be
+                graph = capture(step)
+                synchronize(device)
+                capture_seconds = time.perf_counter() - epoch_start
+            for _ in range(step.steps_per_epoch):
+                graph.replay()
         synchronize(device)
-        timings.append(EpochTiming(epoch, step.num_samples, time.perf_counter() - epoch_start))
+        timings.append(EpochTiming(epoch, len(labels), time.perf_counter() - epoch_start))
         scheduler.step()
         correct = bare_correct(model, test_images, test_labels)
-    return finished(
-        "captured",
-        started,
-        timings,
-        correct,
-        len(test_labels),
-        device=str(device),
-        deterministic=deterministic,
-        capture_seconds=capture_seconds,
-    )
+    extra = {"capture_seconds": capture_seconds} if captured else {}
+    figures = {"device": str(device), "deterministic": deterministic, **extra}
+    return finished(row, started, timings, correct, len(test_labels), **figures)
 
 
 def run_baseline(
@@ -421,6 +368,4 @@ def run_baseline(
     ``deterministic`` the kernels of (b) and (c)."""
     if row == "plain":
         return run_plain(data_dir, epochs, max_train_samples, plain_workers)
-    if row == "captured":
-        return run_captured(data_dir, epochs, max_train_samples, deterministic)
-    return run_plain_tensor(data_dir, epochs, max_train_samples, deterministic)
+    return run_device_tensors(row, data_dir, epochs, max_train_samples, deterministic)

@@ -1,31 +1,20 @@
-"""The GPU check: every GPU figure mnist-dist promises, measured in one command (meant to take
-about 5 minutes on one H100/H200), printed as one table and written as JSON.
+"""The GPU check: every GPU figure mnist-dist promises, measured in one command (about 5 minutes
+on one H100/H200), printed as one table of figures, targets and verdicts, and written as JSON.
 
-Parts, in this order, each in a process of its own with its own time-out:
+Its parts, each in a process of its own with its own time-out: ``env`` (GPU, driver, versions,
+commit); ``evaluate`` (the reference weights must score 9917/10000 on CUDA); ``recipe`` (the full
+recipe with the captured step in fp32, bf16 and fp16, and ``--cuda-graph off`` fp32 beside it);
+``determinism`` (a rerun, a run that checkpoints mid-epoch and one resumed from that checkpoint,
+each compared bit for bit with the first run; then all again with ``--no-deterministic``);
+``throughput`` (``throughput.py``'s plain PyTorch rows (a), (b), (c) beside mnist-dist's, with
+the ratios); ``profile`` (``profile_step.py``); ``pytest`` (``pytest -m gpu``).
 
-* ``env``: GPU, driver, CUDA, cuDNN, torch, torchvision, accelerate, Python, the commit;
-* ``evaluate``: ``mnist-dist evaluate`` of the reference weights (must be 9917/10000);
-* ``recipe``: the full recipe with the default step engine in fp32, bf16 and fp16, and
-  ``--cuda-graph off`` fp32 for comparison (training images/s, training and process seconds,
-  test accuracy, the engine from ``summary.json``);
-* ``determinism``: two identical short runs, a third that checkpoints mid-epoch and a fourth
-  resumed from that checkpoint, each of the others compared bit for bit with the first,
-  uninterrupted one; then the same with ``--no-deterministic``;
-* ``throughput``: ``throughput.py``'s rows (a), (b), (c), mnist-dist's default, ``--cuda-graph
-  off`` and ``--no-deterministic``, in one invocation, with the ratios;
-* ``profile``: ``profile_step.py``'s summary of mnist-dist's (eager) training step;
-* ``pytest``: ``pytest -m gpu`` and its counts.
-
-A part that fails or runs out of time is recorded with a one-line reason and the check goes on.
-Each figure with a target from the project's goals is marked met or NOT MET; a target whose
-figure was not measured is marked so, never met. The JSON (``--out``) is rewritten every few
-seconds while parts run, so a check cut short keeps everything done so far
-(``--table-from`` prints its table again). Each part's full output goes to ``<out>-logs/``.
-
-It needs torch, torchvision, accelerate, rich and safetensors (pytest for the last part); W&B
-is never used. ``--smoke`` runs every part on the CPU with tiny settings (no GPU is used even
-where one exists): the figures then mean nothing and no target is judged, but every code path
-runs. Run from the repository root::
+A part that fails or runs out of time is recorded with a one-line reason and the check goes on;
+a target whose figure is missing is "not measured", never met. The JSON (``--out``) is rewritten
+while parts run, so a check cut short keeps what it measured (``--table-from`` prints its table
+again); each part's full output goes to ``<out>-logs/``. ``--smoke`` runs every part on the CPU
+with tiny settings: its figures mean nothing and no target is judged, but every code path runs.
+Run from the repository root::
 
     python benchmarks/gpu_check.py --data-dir ../shared/data \\
         --reference-weights ../shared/reference/seed_model.pth --out gpu_check.json
@@ -35,6 +24,7 @@ runs. Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -48,6 +38,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 POLL_SECONDS = 2.0  # how often the JSON is rewritten while a part runs
 KILL_GRACE_SECONDS = 15  # after SIGTERM, before SIGKILL (a run checkpoints on SIGTERM)
-RECIPE_EPOCHS = TrainConfig().epochs  # the full recipe's length: mnist-dist's default
+RECIPE_EPOCHS = TrainConfig().epochs
 MNIST_TRAIN_IMAGES = 60_000  # the whole training split (mnist_dist.data would import torch here)
 
 
@@ -66,7 +57,7 @@ MNIST_TRAIN_IMAGES = 60_000  # the whole training split (mnist_dist.data would i
 class Settings:
     """How much each part trains: the real check's, or the smoke run's tiny ones."""
 
-    recipe_epochs: int  # the full recipe is RECIPE_EPOCHS
+    recipe_epochs: int
     recipe_max_train_samples: int | None  # None: all 60,000
     repro_epochs: int  # the determinism runs
     repro_max_train_samples: int
@@ -101,9 +92,9 @@ RECIPE_RUNS = {  # item id -> throughput.py row
 THROUGHPUT_ROWS = [
     "plain", "plain-tensor", "captured", "tensor", "eager", "nondeterministic", "compile",
 ]  # fmt: skip
+VERSIONED = ("torch", "torchvision", "accelerate", "rich", "safetensors", "wandb", "pytest")
 
 
-# ---------------------------------------------------------------------------------------------
 # The parts. Each runs in a child process (``--part NAME``) and records items as it goes.
 
 
@@ -115,21 +106,28 @@ class PartRecorder:
         self.path, self.items = path, []
 
     def ok(self, item_id: str, **figures: Any) -> None:
-        self._add({"id": item_id, "status": "ok", "reason": None, "figures": figures})
+        self.record(item_id, None, **figures)
 
-    def failed(self, item_id: str, reason: str, **figures: Any) -> None:
-        self._add({"id": item_id, "status": "failed", "reason": reason, "figures": figures})
+    def record(self, item_id: str, reason: str | None, **figures: Any) -> None:
+        """An item, failed if there is a ``reason``."""
+        status = "ok" if reason is None else "failed"
+        self.items.append({"id": item_id, "status": status, "reason": reason, "figures": figures})
+        write_json(self.path, {"items": self.items})
 
-    def _add(self, item: dict[str, Any]) -> None:
-        self.items.append(item)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps({"items": self.items}, indent=2))
-        partial.replace(self.path)  # the parent never reads half a file
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.replace(path)  # a reader never sees half a file
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def one_line(text: str) -> str:
-    """The line that says why a command failed: the last that mnist-dist, a script or Python
-    printed as an error (``mnist-dist: error: ...``, ``ValueError: ...``), else the last line."""
+    """Why a command failed: the last error line that mnist-dist, a script or Python printed
+    (``mnist-dist: error: ...``, ``ValueError: ...``), else the last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for pattern in (r"^mnist-dist: error:", r"^[\w.]*(Error|Exception)\b.*:", r"error:"):
         hits = [line for line in lines if re.search(pattern, line)]
@@ -139,11 +137,8 @@ def one_line(text: str) -> str:
 
 
 def run_command(command: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run ``command`` from the repository root; its exit code, stdout and stderr. Its output
-    also goes to this part's log."""
-    proc = subprocess.run(
-        command, cwd=REPO_ROOT, capture_output=True, text=True, env=env, check=False
-    )
+    """Run ``command`` from the repository root, its output also to this part's log."""
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
     print(f"$ {' '.join(command)}  -> exit {proc.returncode}", flush=True)
     print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n", flush=True)
     return proc.returncode, proc.stdout, proc.stderr
@@ -151,6 +146,14 @@ def run_command(command: list[str], env: dict[str, str] | None = None) -> tuple[
 
 def mnist_dist(*args: str) -> list[str]:
     return [sys.executable, "-m", "mnist_dist", *args]
+
+
+def json_of(rec: PartRecorder, item_id: str, command: list[str]) -> dict[str, Any] | None:
+    """The JSON that ``command`` prints last; None, with the item failed, if it fails."""
+    code, out, err = run_command(command)
+    if code != 0:
+        return rec.record(item_id, one_line(err or out))
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def part_env(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
@@ -169,44 +172,24 @@ def part_env(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
         python=platform.python_version(),
         cpu_count=os.cpu_count(),
         git_commit=git_commit(),
-        **{name.replace("-", "_"): version(name) for name in VERSIONED},
+        **{name: version(name) for name in VERSIONED},
     )
 
 
-VERSIONED = ("torch", "torchvision", "accelerate", "rich", "safetensors", "wandb", "pytest")
-
-
 def version(package: str) -> str | None:
-    """The installed version of a package whose module has its name; None if it cannot be
-    imported."""
-    import importlib.util
-    from importlib import metadata
-
+    """The installed version of an importable package, else None."""
     try:
-        if importlib.util.find_spec(package) is None:
-            return None
-        return metadata.version(package)
+        return metadata.version(package) if importlib.util.find_spec(package) else None
     except (ImportError, ValueError, metadata.PackageNotFoundError):
         return None
 
 
 def nvidia_driver() -> str | None:
-    """The NVIDIA driver's version, from nvidia-smi or the kernel module."""
+    query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        return out.stdout.strip().splitlines()[0]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True)
+        return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
-        pass
-    try:  # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.124.06  ..."
-        words = Path("/proc/driver/nvidia/version").read_text().split()
-        return next(w for w in words if w[:1].isdigit() and "." in w)
-    except (OSError, StopIteration):
         return None
 
 
@@ -214,26 +197,14 @@ def part_evaluate(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> N
     import torch
 
     if not args.reference_weights:
-        rec.failed("evaluate", "no --reference-weights given")
-        return
-    code, out, err = run_command(
-        mnist_dist(
-            "evaluate", "--weights", args.reference_weights, "--data-dir", args.data_dir, "--json"
-        )
-    )
-    if code != 0:
-        rec.failed("evaluate", one_line(err or out))
-        return
-    report = json.loads(out.strip().splitlines()[-1])
+        return rec.record("evaluate", "no --reference-weights given")
+    command = ["evaluate", "--weights", args.reference_weights, "--data-dir", args.data_dir]
+    if (report := json_of(rec, "evaluate", mnist_dist(*command, "--json"))) is None:
+        return None
     # mnist-dist takes a GPU whenever one is visible, and it saw what this process sees.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rec.ok(
-        "evaluate",
-        device=device,
-        test_correct=report["test_correct"],
-        test_total=report["test_total"],
-        test_accuracy=report["test_accuracy"],
-    )
+    keys = ("test_correct", "test_total", "test_accuracy")
+    rec.ok("evaluate", device=device, **{k: report[k] for k in keys})
 
 
 def throughput_args(args: argparse.Namespace, epochs: int, limit: int | None) -> list[str]:
@@ -247,29 +218,26 @@ def part_recipe(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> Non
     targs = throughput.build_parser().parse_args(
         throughput_args(args, s.recipe_epochs, s.recipe_max_train_samples)
     )
-    targs.data_dir = str(Path(targs.data_dir).resolve())
     for item_id, row in RECIPE_RUNS.items():
         try:
-            result = throughput.run_row(row, targs)
+            r = throughput.run_row(row, targs)
         except Exception as e:  # this run's failure is a figure; the others still run
             print(e, flush=True)
-            rec.failed(item_id, throughput.failure_reason(e))
+            rec.record(item_id, throughput.failure_reason(e))
             continue
+        extra = ("train_seconds", "step_engine", "deterministic", "mixed_precision")
         rec.ok(
             item_id,
-            flags=throughput.MNIST_DIST_ROWS[row][0],
-            images_per_second=result.images_per_second,
-            train_seconds=result.extra["train_seconds"],
-            wall_seconds=result.wall_seconds,
-            process_seconds=result.process_seconds,
-            test_accuracy=result.test_accuracy,
-            test_correct=result.test_correct,
-            test_total=result.test_total,
-            epochs=len(result.epochs),
-            train_images=sum(e.images for e in result.epochs),
-            step_engine=result.extra["step_engine"],
-            deterministic=result.extra["deterministic"],
-            mixed_precision=result.extra["mixed_precision"],
+            flags=throughput.ROWS[row][1],
+            images_per_second=r.images_per_second,
+            wall_seconds=r.wall_seconds,
+            process_seconds=r.process_seconds,
+            test_accuracy=r.test_accuracy,
+            test_correct=r.test_correct,
+            test_total=r.test_total,
+            epochs=len(r.epochs),
+            train_images=sum(e.images for e in r.epochs),
+            **{k: r.extra[k] for k in extra},
         )
 
 
@@ -279,31 +247,30 @@ def part_determinism(args: argparse.Namespace, s: Settings, rec: PartRecorder) -
         "--epochs", str(s.repro_epochs), "--max-train-samples", str(s.repro_max_train_samples),
     ]  # fmt: skip
     checkpointed = ["--checkpoint-every", str(s.repro_checkpoint_every), "--keep-checkpoints", "20"]
+    # Each against the uninterrupted first run: a checkpoint that perturbed training would pass
+    # on to its resumed run, which then equals the checkpointed one anyway.
+    compared = {"rerun": "rerun", "checkpointing": "checkpointed", "resume": "resumed"}
     for mode, flags in (("on", []), ("off", ["--no-deterministic"])):
-        item_id = f"determinism:{mode}"
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-            runs = {
-                name: Path(tmp) / name for name in ("first", "rerun", "checkpointed", "resumed")
-            }
+            run = {name: Path(tmp) / name for name in ("first", *compared.values())}
+            summaries = {}
             try:
-                summaries = {}
-                for name in ("first", "rerun", "checkpointed"):
-                    extra = checkpointed if name == "checkpointed" else []
-                    summaries[name] = train_run([*base, *flags, *extra], runs[name])
-                mid_epoch = mid_epoch_checkpoint(runs["checkpointed"])
-                resume = [*checkpointed, "--resume", str(mid_epoch)]
-                summaries["resumed"] = train_run([*base, *flags, *resume], runs["resumed"])
+                for name in run:
+                    extra = [] if name in ("first", "rerun") else checkpointed
+                    if name == "resumed":
+                        mid_epoch = mid_epoch_checkpoint(run["checkpointed"])
+                        extra = [*extra, "--resume", str(mid_epoch)]
+                    summaries[name] = train_run([*base, *flags, *extra], run[name])
             except RuntimeError as e:
-                rec.failed(item_id, str(e))
+                rec.record(f"determinism:{mode}", str(e))
                 continue
-            # Each against the uninterrupted run: a checkpoint that perturbed training would
-            # pass on to its resumed run, which then equals the checkpointed one anyway.
-            rerun = compare_weights(runs["first"], runs["rerun"])
-            checkpointing = compare_weights(runs["first"], runs["checkpointed"])
-            resumed = compare_weights(runs["first"], runs["resumed"])
+            figures: dict[str, Any] = {"resumed_from": mid_epoch.name}
+            for key, name in compared.items():
+                identical, largest = compare_weights(run["first"], run[name])
+                figures |= {f"{key}_identical": identical, f"{key}_max_abs_difference": largest}
         first = summaries["first"]
         rec.ok(
-            item_id,
+            f"determinism:{mode}",
             flags=flags,
             epochs=s.repro_epochs,
             train_images=s.repro_max_train_samples,
@@ -312,15 +279,8 @@ def part_determinism(args: argparse.Namespace, s: Settings, rec: PartRecorder) -
                 {str(summary.get("step_engine")) for summary in summaries.values()}
             ),
             deterministic=first.get("deterministic"),
-            resumed_engine=summaries["resumed"].get("step_engine"),
-            resumed_from=mid_epoch.name,
             images_per_second=first["images_per_second"],
-            rerun_identical=rerun[0],
-            rerun_max_abs_difference=rerun[1],
-            checkpointing_identical=checkpointing[0],
-            checkpointing_max_abs_difference=checkpointing[1],
-            resume_identical=resumed[0],
-            resume_max_abs_difference=resumed[1],
+            **figures,
         )
 
 
@@ -334,7 +294,7 @@ def train_run(args: list[str], run_dir: Path) -> dict[str, Any]:
 
 
 def mid_epoch_checkpoint(run_dir: Path) -> Path:
-    """The run's checkpoint taken inside an epoch (a step above 0 in its name)."""
+    """The run's last checkpoint taken inside an epoch (a step above 0 in its name)."""
     folder = RunLayout(run_dir).checkpoints
     found = sorted(
         (at, p) for p in folder.iterdir() if (at := parse_checkpoint_name(p.name)) and at[1] > 0
@@ -369,27 +329,17 @@ def part_throughput(args: argparse.Namespace, s: Settings, rec: PartRecorder) ->
     code = throughput.main([*argv, "--rows", ",".join(chosen), "--json-out", str(out)])
     saved = json.loads(out.read_text()) if out.exists() else {"rows": []}
     rows = {r["row"]: r for r in saved["rows"]}
+    keys = ("name", "images_per_second", "ratio_to_plain", "ratio_to_plain_tensor",
+            "ratio_to_captured", "test_accuracy", "wall_seconds")  # fmt: skip
     for row in chosen:
-        item_id = f"throughput:{row}"
         if row in rows:
             r = rows[row]
-            rec.ok(
-                item_id,
-                name=r["name"],
-                images_per_second=r["images_per_second"],
-                ratio_to_plain=r["ratio_to_plain"],
-                ratio_to_plain_tensor=r["ratio_to_plain_tensor"],
-                ratio_to_captured=r.get("ratio_to_captured"),
-                test_accuracy=r["test_accuracy"],
-                wall_seconds=r["wall_seconds"],
-                step_engine=r["runs"][0]["extra"].get("step_engine"),
-            )
+            step_engine = r["runs"][0]["extra"].get("step_engine")
+            rec.ok(f"throughput:{row}", step_engine=step_engine, **{k: r.get(k) for k in keys})
         else:
             why = saved.get("unavailable", {}).get(row) or saved.get("failed", {}).get(row)
             why = why or f"throughput.py ended (exit {code}) before this row"
-            rec.failed(item_id, why, name=throughput.ROW_NAMES[row])
-    machine = saved.get("machine", {})
-    rec.ok("throughput:settings", epochs=s.throughput_epochs, gpu=machine.get("cuda"))
+            rec.record(f"throughput:{row}", why, name=throughput.ROW_NAMES[row])
 
 
 def part_profile(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
@@ -399,11 +349,8 @@ def part_profile(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> No
     ]  # fmt: skip
     if s.profile_versus_plain:
         command += ["--versus-plain", str(s.profile_versus_plain)]
-    code, out, err = run_command(command)
-    if code != 0:
-        rec.failed("profile", one_line(err or out))
-        return
-    rec.ok("profile", **json.loads(out.strip().splitlines()[-1]))
+    if (summary := json_of(rec, "profile", command)) is not None:
+        rec.ok("profile", **summary)
 
 
 def part_pytest(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
@@ -414,50 +361,30 @@ def part_pytest(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> Non
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider"]
     code, out, err = run_command([*command, f"--junitxml={junit}", "tests"], env=env)
     if not junit.exists():
-        rec.failed("pytest", one_line(err or out))
-        return
-    suites = ET.parse(junit).getroot()
-    suites = [suites] if suites.tag == "testsuite" else list(suites)
-    counts = {k: sum(int(x.get(k, 0)) for x in suites) for k in ("tests", "failures", "errors")}
-    cases = [case for suite in suites for case in suite.iter("testcase")]
-    failed = [c.get("name") for c in cases if c.find("failure") is not None]
-    failed += [c.get("name") for c in cases if c.find("error") is not None]
-    skipped = [c.find("skipped") for c in cases if c.find("skipped") is not None]
-    figures = {
-        "exit_code": code,
-        "passed": counts["tests"] - counts["failures"] - counts["errors"] - len(skipped),
-        "failed": counts["failures"],
-        "errors": counts["errors"],
-        "skipped": len(skipped),
-        "skip_reasons": sorted({str(x.get("message")) for x in skipped}),
-        "failed_tests": failed,
-    }
-    if code not in (0, 5):  # 5: no test selected, which the counts show
-        rec.failed("pytest", f"{len(failed)} failed or in error: {', '.join(failed)}", **figures)
-    else:
-        rec.ok("pytest", **figures)
+        return rec.record("pytest", one_line(err or out))
+    cases = list(ET.parse(junit).getroot().iter("testcase"))
+    failures, errors, skipped = (
+        [c.find(tag) for c in cases if c.find(tag) is not None]
+        for tag in ("failure", "error", "skipped")
+    )
+    failed = [
+        c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None
+    ]
+    # Exit 5: no test was selected, which the counts show.
+    reason = None if code in (0, 5) else f"{len(failed)} failed or in error: {', '.join(failed)}"
+    rec.record(
+        "pytest",
+        reason,
+        exit_code=code,
+        passed=len(cases) - len(failures) - len(errors) - len(skipped),
+        failed=len(failures),
+        errors=len(errors),
+        skipped=len(skipped),
+        skip_reasons=sorted({str(x.get("message")) for x in skipped}),
+        failed_tests=failed,
+    )
 
 
-PART_FUNCTIONS: dict[str, Callable[[argparse.Namespace, Settings, PartRecorder], None]] = {
-    "env": part_env,
-    "evaluate": part_evaluate,
-    "recipe": part_recipe,
-    "determinism": part_determinism,
-    "throughput": part_throughput,
-    "profile": part_profile,
-    "pytest": part_pytest,
-}
-
-
-def run_part(args: argparse.Namespace) -> int:
-    """In the child: run one part, recording into ``args.part_json``."""
-    rec = PartRecorder(Path(args.part_json))
-    settings = SMOKE_SETTINGS if args.smoke else GPU_SETTINGS
-    PART_FUNCTIONS[args.part](args, settings, rec)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
 # The parent: run the parts, keep the JSON current, judge the targets, print the table.
 
 
@@ -469,9 +396,12 @@ def child_env(smoke: bool) -> dict[str, str]:
     return {k: v for k, v in env.items() if not k.startswith("WANDB_")}
 
 
+def part_record(status: str, reason: str | None, seconds: float = 0.0, items=None) -> dict:
+    return {"status": status, "reason": reason, "seconds": seconds, "items": items or []}
+
+
 def run_parts(args: argparse.Namespace, report: dict[str, Any], save: Callable[[], None]) -> None:
     deadline = time.monotonic() + args.max_minutes * 60
-    scale = 1.0 if not args.smoke else 2.0  # the smoke run does little, on a slow CPU
     for name in args.parts:
         what, timeout = PARTS[name]
         left = deadline - time.monotonic()
@@ -481,35 +411,19 @@ def run_parts(args: argparse.Namespace, report: dict[str, Any], save: Callable[[
             )
             save()
             continue
-        limit = min(timeout * scale, left)
+        limit = min(timeout * (2.0 if args.smoke else 1.0), left)  # smoke: a slow CPU
         print(f"[{name}] {what} (time-out {limit:.0f}s) ...", file=sys.stderr, flush=True)
         record = run_one_part(args, name, limit, report, save)
         because = f": {record['reason']}" if record["reason"] else ""
         print(f"[{name}] {record['status']} in {record['seconds']:.0f}s{because}", file=sys.stderr)
-        env = items_of(record).get("env")
-        if env is not None and not env["gpu"] and not args.smoke:
+        env = [i["figures"] for i in record["items"] if i["id"] == "env" and i["status"] == "ok"]
+        if env and not env[0]["gpu"] and not args.smoke:
             report["stopped"] = "no CUDA GPU is visible: use --smoke to run the check on a CPU"
-            save()
-            return
+            return save()
 
 
-def part_record(status: str, reason: str | None, seconds: float = 0.0, items=None) -> dict:
-    return {"status": status, "reason": reason, "seconds": seconds, "items": items or []}
-
-
-def items_of(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A part's ok items' figures by id."""
-    return {i["id"]: i["figures"] for i in record["items"] if i["status"] == "ok"}
-
-
-def run_one_part(
-    args: argparse.Namespace,
-    name: str,
-    limit: float,
-    report: dict[str, Any],
-    save: Callable[[], None],
-) -> dict[str, Any]:
-    part_json = args.logs / f"{name}.json"
+def run_one_part(args, name: str, limit: float, report: dict, save: Callable[[], None]) -> dict:
+    part_json, log_path = args.logs / f"{name}.json", args.logs / f"{name}.log"
     part_json.unlink(missing_ok=True)
     command = [
         sys.executable, str(Path(__file__).resolve()), "--part", name,
@@ -517,45 +431,37 @@ def run_one_part(
         *(["--reference-weights", args.reference_weights] if args.reference_weights else []),
         *(["--smoke"] if args.smoke else []),
     ]  # fmt: skip
-    started = time.monotonic()
-    log_path = args.logs / f"{name}.log"
+    started, status = time.monotonic(), None
     with open(log_path, "w") as log:
         # A session of its own, so that a time-out ends the part's own children too.
         proc = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=child_env(args.smoke),
-            start_new_session=True,
-        )
-        status = None
+            command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env=child_env(args.smoke), start_new_session=True,
+        )  # fmt: skip
         try:
             while status is None:
                 try:
-                    code = proc.wait(timeout=POLL_SECONDS)
-                    status = "ok" if code == 0 else "failed"
+                    status = "ok" if proc.wait(timeout=POLL_SECONDS) == 0 else "failed"
                 except subprocess.TimeoutExpired:
                     if time.monotonic() - started > limit:
                         stop_group(proc)
                         status = "timed out"
+                seconds = time.monotonic() - started
                 report["parts"][name] = part_record(
-                    status or "running", None, time.monotonic() - started, read_items(part_json)
+                    status or "running", None, seconds, read_items(part_json)
                 )
                 save()
         except BaseException:  # Ctrl-C or a kill: take the part's processes with us
             stop_group(proc)
             raise
-    seconds = time.monotonic() - started
     reason = None
     if status == "timed out":
         reason = f"ran out of its {limit:.0f}s"
     elif status == "failed":
         reason = one_line(log_path.read_text(errors="replace"))
-    record = part_record(status, reason, seconds, read_items(part_json))
-    report["parts"][name] = record
+    report["parts"][name] = part_record(status, reason, seconds, read_items(part_json))
     save()
-    return record
+    return report["parts"][name]
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -563,10 +469,9 @@ def stop_group(proc: subprocess.Popen) -> None:
     for sig, wait in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
             proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
             return
         except subprocess.TimeoutExpired:
             continue
@@ -577,10 +482,6 @@ def read_items(part_json: Path) -> list[dict[str, Any]]:
         return json.loads(part_json.read_text())["items"]
     except (OSError, ValueError, KeyError):
         return []
-
-
-# ---------------------------------------------------------------------------------------------
-# Targets and the table
 
 
 @dataclass
@@ -620,18 +521,12 @@ class Findings:
         return f"failed: {reason}" if reason else "not run"
 
     def judge(
-        self,
-        what: str,
-        figure: str,
-        target: str,
-        value: float | None,
-        ok: Callable[[float], bool],
-        unjudged: str | None = None,
-    ) -> Line:
+        self, what: str, figure: str, target: str, value: float | None,
+        ok: Callable[[float], bool], unjudged: str | None = None,
+    ) -> Line:  # fmt: skip
         """A line with a target: met or NOT MET from ``value``; "not measured" when there is
         no value, in a smoke run, or when ``unjudged`` says why the figure cannot count."""
-        if self.smoke:
-            unjudged = "smoke run"
+        unjudged = "smoke run" if self.smoke else unjudged
         if unjudged or value is None:
             return Line(what, figure, target, f"not measured ({unjudged or 'no figure'})")
         return Line(what, figure, target, "met" if ok(value) else "NOT MET")
@@ -640,40 +535,34 @@ class Findings:
 def table_lines(report: dict[str, Any]) -> list[Line]:
     """Every figure of the report, with its target and verdict where it has one."""
     f = Findings(report)
-    return [
-        *env_lines(f),
-        *evaluate_lines(f),
-        *recipe_lines(f),
-        *determinism_lines(f),
-        *throughput_lines(f),
-        *profile_lines(f),
-        *pytest_lines(f),
-    ]
+    parts = (env_lines, evaluate_lines, recipe_lines, determinism_lines, throughput_lines)
+    return [line for lines in (*parts, profile_lines, pytest_lines) for line in lines(f)]
 
 
 def env_lines(f: Findings) -> list[Line]:
     env = f.get("env")
     if env is None:
         return [Line("GPU and versions", f.missing("env"))]
+    gpu = f"none visible (torch built for CUDA {env['cuda']})"
     if env["gpu"]:
-        gpu = f"{env['gpu']} (x{env['gpu_count']}), driver {env['driver'] or 'unknown'}, "
-        gpu += f"CUDA {env['cuda']}, cuDNN {env['cudnn']}"
-    else:
-        gpu = f"none visible (torch built for CUDA {env['cuda']})"
-    versions = f"torch {env['torch']}, torchvision {env['torchvision']}, "
-    versions += f"accelerate {env['accelerate']}, Python {env['python']}, "
-    versions += f"commit {env['git_commit'] or 'unknown'}"
+        gpu = (
+            f"{env['gpu']} (x{env['gpu_count']}), driver {env['driver'] or 'unknown'}, "
+            f"CUDA {env['cuda']}, cuDNN {env['cudnn']}"
+        )
+    versions = (
+        f"torch {env['torch']}, torchvision {env['torchvision']}, accelerate "
+        f"{env['accelerate']}, Python {env['python']}, commit {env['git_commit'] or 'unknown'}"
+    )
     return [Line("GPU", gpu), Line("versions, commit", versions)]
 
 
 def evaluate_lines(f: Findings) -> list[Line]:
-    ev = f.get("evaluate")
-    target = "9917/10000 on CUDA"
+    ev, what, target = f.get("evaluate"), "evaluate reference weights", "9917/10000 on CUDA"
     if ev is None:
-        return [f.judge("evaluate reference weights", f.missing("evaluate"), target, None, bool)]
+        return [f.judge(what, f.missing("evaluate"), target, None, bool)]
     figure = f"{ev['test_correct']}/{ev['test_total']} on {ev['device']}"
     exact = (ev["test_correct"], ev["test_total"], ev["device"]) == (9917, 10_000, "cuda")
-    return [f.judge("evaluate reference weights", figure, target, float(exact), bool)]
+    return [f.judge(what, figure, target, float(exact), bool)]
 
 
 def recipe_lines(f: Findings) -> list[Line]:
@@ -684,8 +573,7 @@ def recipe_lines(f: Findings) -> list[Line]:
         ("recipe:fp16", "default fp16"),
         ("recipe:eager-fp32", "--cuda-graph off fp32"),
     ):
-        r = f.get(item_id)
-        figure = f.missing(item_id)
+        r, figure = f.get(item_id), f.missing(item_id)
         if r is not None:
             figure = (
                 f"{r['images_per_second']:,.0f} img/s, {r['train_seconds']:.1f} s training, "
@@ -696,43 +584,37 @@ def recipe_lines(f: Findings) -> list[Line]:
     fp32 = f.get("recipe:fp32")
     if fp32 is None:
         return lines
-    recipe = (RECIPE_EPOCHS, RECIPE_EPOCHS * MNIST_TRAIN_IMAGES)
-    full = (fp32["epochs"], fp32["train_images"]) == recipe
+    full = (fp32["epochs"], fp32["train_images"]) == (
+        RECIPE_EPOCHS, RECIPE_EPOCHS * MNIST_TRAIN_IMAGES,
+    )  # fmt: skip
     partial = None if full else f"not the full {RECIPE_EPOCHS}-epoch recipe"
-    engine = fp32["step_engine"]
-    lines += [
-        f.judge("  default fp32: step engine", str(engine), "cuda-graph",
-                float(engine == "cuda-graph"), bool, partial),
-        f.judge("  default fp32: images/s", f"{fp32['images_per_second']:,.0f}", ">= 250,000",
-                fp32["images_per_second"], lambda v: v >= 250_000, partial),
-        f.judge("  default fp32: training s", f"{fp32['train_seconds']:.2f}", "<= 3",
-                fp32["train_seconds"], lambda v: v <= 3.0, partial),
-        f.judge("  default fp32: process s", f"{fp32['process_seconds']:.1f}", "<= 15",
-                fp32["process_seconds"], lambda v: v <= 15.0, partial),
-        f.judge("  default fp32: test accuracy", f"{fp32['test_accuracy']:.2%}", ">= 99.0%",
-                fp32["test_accuracy"], lambda v: v >= 0.99, partial),
-    ]  # fmt: skip
+    engine, ips = fp32["step_engine"], fp32["images_per_second"]
+    train_s, process_s = fp32["train_seconds"], fp32["process_seconds"]
+    accuracy = fp32["test_accuracy"]
+    judged = [
+        ("step engine", str(engine), "cuda-graph", float(engine == "cuda-graph"), bool),
+        ("images/s", f"{ips:,.0f}", ">= 250,000", ips, lambda v: v >= 250_000),
+        ("training s", f"{train_s:.2f}", "<= 3", train_s, lambda v: v <= 3.0),
+        ("process s", f"{process_s:.1f}", "<= 15", process_s, lambda v: v <= 15.0),
+        ("test accuracy", f"{accuracy:.2%}", ">= 99.0%", accuracy, lambda v: v >= 0.99),
+    ]
+    lines += [f.judge(f"  default fp32: {what}", *rest, partial) for what, *rest in judged]
     for item_id, label in (("recipe:bf16", "bf16"), ("recipe:fp16", "fp16")):
         r = f.get(item_id)
-        ratio = r["images_per_second"] / fp32["images_per_second"] if r else None
+        ratio = r["images_per_second"] / ips if r else None
         figure = "-" if r is None else f"{ratio:.2f}x, engine {r['step_engine']}"
         captured = r is not None and r["step_engine"] == "cuda-graph"
         lines.append(
-            f.judge(
-                f"  {label} / fp32 images/s",
-                figure,
-                ">= 1.00x, captured",
-                ratio,
-                lambda v, captured=captured: v >= 1.0 and captured,
-                partial,
-            )
-        )
+            f.judge(f"  {label} / fp32 images/s", figure, ">= 1.00x, captured", ratio,
+                    lambda v, captured=captured: v >= 1.0 and captured, partial)
+        )  # fmt: skip
     return lines
 
 
 def determinism_lines(f: Findings) -> list[Line]:
     """Rerun, checkpointing and resume, each bit for bit against the uninterrupted run. With
-    the deterministic default each must be identical and every run captured."""
+    the deterministic default each must be identical and every run captured; without it no
+    identity is promised, but every run must still capture."""
     lines = []
     for mode, label in (("on", "deterministic"), ("off", "--no-deterministic")):
         d = f.get(f"determinism:{mode}")
@@ -747,24 +629,14 @@ def determinism_lines(f: Findings) -> list[Line]:
             ("resume", f"resume from {d['resumed_from']}"),
         ):
             identical = d[f"{key}_identical"]
-            figure = (
-                "bit-identical"
-                if identical
-                else (f"differs by up to {d[f'{key}_max_abs_difference']}")
-            )
+            figure = f"differs by up to {d[f'{key}_max_abs_difference']}"
+            figure = "bit-identical" if identical else figure
             figure += f" to the uninterrupted run (engines {', '.join(engines)})"
             if mode == "on":
-                lines.append(
-                    f.judge(
-                        f"{label}: {what}",
-                        figure,
-                        "bit-identical, captured",
-                        float(identical and captured),
-                        bool,
-                    )
-                )
-            else:  # no target for identity: what determinism buys; it must still capture
-                lines.append(f.judge(f"{label}: {what}", figure, "captured", float(captured), bool))
+                target, met = "bit-identical, captured", identical and captured
+            else:
+                target, met = "captured", captured
+            lines.append(f.judge(f"{label}: {what}", figure, target, float(met), bool))
     return lines
 
 
@@ -782,38 +654,29 @@ def throughput_lines(f: Findings) -> list[Line]:
     def ratio(row: str, key: str) -> float | None:
         return (rows[row] or {}).get(key)
 
-    for what, value, target, ok in (
-        ("default / (a)", ratio("tensor", "ratio_to_plain"), ">= 30x", lambda v: v >= 30),
-        ("default / (c)", ratio("tensor", "ratio_to_captured"), ">= 0.95x", lambda v: v >= 0.95),
-        (
-            "--cuda-graph off / (b)",
-            ratio("eager", "ratio_to_plain_tensor"),
-            ">= 0.9x",
-            lambda v: v >= 0.9,
-        ),
-    ):
-        figure = "-" if value is None else f"{value:.2f}x"
-        lines.append(f.judge(f"throughput: {what}", figure, target, value, ok))
+    def speed(a: str, b: str) -> float | None:
+        if rows[a] and rows[b]:
+            return rows[a]["images_per_second"] / rows[b]["images_per_second"]
+        return None
+
     # --compile inside the captured step earns its place if it is >10% faster than capture
     # alone (its compile time is in the row's process seconds).
-    compiled, captured = rows["compile"], rows["tensor"]
-    gain = (
-        compiled["images_per_second"] / captured["images_per_second"]
-        if compiled and captured
-        else None
-    )
-    figure = "-" if gain is None else f"{gain:.2f}x capture alone"
-    lines.append(
-        f.judge(
-            "throughput: --compile / default", figure, "> 1.10x to keep", gain, lambda v: v > 1.1
-        )
-    )
-    on, off = rows["tensor"], rows["nondeterministic"]
-    cost = 1 - on["images_per_second"] / off["images_per_second"] if on and off else None
-    figure = "-" if cost is None else f"{cost:.1%} of the images/s without it"
-    lines.append(
-        f.judge("throughput: determinism cost", figure, "<= 10%", cost, lambda v: v <= 0.1)
-    )
+    gain = speed("compile", "tensor")
+    kept = speed("tensor", "nondeterministic")  # the images/s that determinism keeps
+    cost = None if kept is None else 1 - kept
+    x2 = "{:.2f}x"
+    for what, value, form, target, ok in (
+        ("default / (a)", ratio("tensor", "ratio_to_plain"), x2, ">= 30x", lambda v: v >= 30),
+        ("default / (c)", ratio("tensor", "ratio_to_captured"), x2, ">= 0.95x",
+         lambda v: v >= 0.95),
+        ("--cuda-graph off / (b)", ratio("eager", "ratio_to_plain_tensor"), x2, ">= 0.9x",
+         lambda v: v >= 0.9),
+        ("--compile / default", gain, x2 + " capture alone", "> 1.10x to keep", lambda v: v > 1.1),
+        ("determinism cost", cost, "{:.1%} of the images/s without it", "<= 10%",
+         lambda v: v <= 0.1),
+    ):  # fmt: skip
+        figure = "-" if value is None else form.format(value)
+        lines.append(f.judge(f"throughput: {what}", figure, target, value, ok))
     return lines
 
 
@@ -857,26 +720,21 @@ def format_table(lines: list[Line]) -> str:
     def cut(text: str) -> str:
         return text if len(text) <= FIGURE_WIDTH else text[: FIGURE_WIDTH - 3] + "..."
 
-    header = Line("what", "figure", "target", "verdict")
-    lines = [Line(x.what, cut(x.figure), x.target, x.verdict) for x in lines]
-    rows = [header, *lines]
+    rows = [Line("what", "figure", "target", "verdict")]
+    rows += [Line(x.what, cut(x.figure), x.target, x.verdict) for x in lines]
     widths = [max(len(getattr(r, f)) for r in rows) for f in ("what", "figure", "target")]
-
-    def fmt(r: Line) -> str:
-        cells = [r.what.ljust(widths[0]), r.figure.ljust(widths[1]), r.target.ljust(widths[2])]
-        return "  ".join([*cells, r.verdict]).rstrip()
-
+    cells = [[r.what, r.figure, r.target] for r in rows]
+    text = [
+        "  ".join([*(c.ljust(w) for c, w in zip(cs, widths, strict=True)), r.verdict]).rstrip()
+        for cs, r in zip(cells, rows, strict=True)
+    ]
     rule = "  ".join("-" * w for w in [*widths, len("verdict")])
-    return "\n".join([fmt(header), rule, *map(fmt, lines)])
-
-
-# ---------------------------------------------------------------------------------------------
+    return "\n".join([text[0], rule, *text[1:]])
 
 
 def parse_parts(text: str) -> list[str]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in parts if p not in PARTS]
-    if not parts or unknown:
+    if not parts or any(p not in PARTS for p in parts):
         raise argparse.ArgumentTypeError(f"parts must be a comma list from {','.join(PARTS)}")
     return [p for p in PARTS if p in parts]  # in the check's order
 
@@ -885,43 +743,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Measure mnist-dist on one CUDA GPU: one table, one JSON file."
     )
-    parser.add_argument(
+    add, env = parser.add_argument, os.environ.get
+    add(
         "--data-dir",
-        default=os.environ.get("MNIST_DIST_DATA_DIR") or "./data",
+        default=env("MNIST_DIST_DATA_DIR") or "./data",
         help="folder holding MNIST/raw/*-ubyte (default: env MNIST_DIST_DATA_DIR or ./data)",
     )
-    parser.add_argument(
+    add(
         "--reference-weights",
-        default=os.environ.get("MNIST_DIST_REFERENCE_WEIGHTS"),
+        default=env("MNIST_DIST_REFERENCE_WEIGHTS"),
         metavar="PTH",
         help="the reference's seed_model.pth (default: env MNIST_DIST_REFERENCE_WEIGHTS)",
     )
-    parser.add_argument(
-        "--out", default="gpu_check.json", help="JSON results (default: gpu_check.json)"
-    )
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="every part on the CPU with tiny settings: checks the check, judges nothing",
-    )
-    parser.add_argument(
-        "--parts",
-        type=parse_parts,
-        default=list(PARTS),
-        help=f"comma list from {','.join(PARTS)} (default: all)",
-    )
-    parser.add_argument(
+    add("--out", default="gpu_check.json", help="JSON results (default: gpu_check.json)")
+    add("--smoke", action="store_true", help="every part on the CPU, tiny: judges nothing")
+    add("--parts", type=parse_parts, default=list(PARTS), help=f"some of {','.join(PARTS)}")
+    add(
         "--max-minutes",
         type=float,
         default=9.0,
         help="the whole check's time limit: a part still running then is cut short, later "
         "ones are not started (default: 9)",
     )
-    parser.add_argument("--table-from", metavar="JSON", help="print an earlier --out's table")
+    add("--table-from", metavar="JSON", help="print an earlier --out's table")
     # Internal: run one part in this process.
-    parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
-    parser.add_argument("--part-json", help=argparse.SUPPRESS)
-    parser.add_argument("--logs", type=Path, help=argparse.SUPPRESS)
+    add("--part", choices=list(PARTS), help=argparse.SUPPRESS)
+    add("--part-json", help=argparse.SUPPRESS)
+    add("--logs", type=Path, help=argparse.SUPPRESS)
     return parser
 
 
@@ -933,42 +781,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.data_dir = str(Path(args.data_dir).resolve())
     if args.reference_weights:
         args.reference_weights = str(Path(args.reference_weights).resolve())
-    if args.part:
+    settings = SMOKE_SETTINGS if args.smoke else GPU_SETTINGS
+    if args.part:  # in a child: run one part
         sys.path.insert(0, str(HERE))  # throughput.py, as when this file runs as a script
-        return run_part(args)
+        globals()[f"part_{args.part}"](args, settings, PartRecorder(Path(args.part_json)))
+        return 0
     if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
         print(f"gpu_check.py: error: no MNIST/raw under {args.data_dir}", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
     args.logs = out.with_name(out.stem + "-logs")
     args.logs.mkdir(parents=True, exist_ok=True)
-    settings = SMOKE_SETTINGS if args.smoke else GPU_SETTINGS
-    report: dict[str, Any] = {
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": [sys.executable, *sys.argv],
-        "smoke": args.smoke,
-        "settings": {
-            **asdict(settings),
-            "data_dir": args.data_dir,
-            "reference_weights": args.reference_weights,
-        },
-        "parts": {},
-    }
+    settings = {**asdict(settings), "data_dir": args.data_dir}
+    settings["reference_weights"] = args.reference_weights
+    report: dict[str, Any] = {"started_at": now(), "command": [sys.executable, *sys.argv]}
+    report |= {"smoke": args.smoke, "settings": settings, "parts": {}}
 
     def save() -> None:
         try:
             report["table"] = [asdict(line) for line in table_lines(report)]
         except Exception as e:  # a bug in the table must not cost the figures
             report["table"] = [asdict(Line("table", f"cannot be drawn: {e!r}"))]
-        partial = out.with_suffix(".partial")
-        partial.write_text(json.dumps(report, indent=2) + "\n")
-        partial.replace(out)
+        write_json(out, report)
 
     save()
     try:
         run_parts(args, report, save)
     finally:
-        report["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        report["finished_at"] = now()
         save()
     print(format_table([Line(**line) for line in report["table"]]))
     print(f"\nresults in {out}, each part's output in {args.logs}/")

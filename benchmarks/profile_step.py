@@ -1,32 +1,20 @@
 """Per-step cost of mnist-dist's training step, so that a regression is visible.
 
-Builds the model, optimizer and input pipeline exactly as ``mnist-dist train`` does (the same
-functions), evaluates once (as a run has by its second epoch), runs warm-up steps, then
-profiles ``--steps`` steps of ``train_step`` with ``torch.profiler`` and prints:
+Builds the model, optimizer and input pipeline with the functions ``mnist-dist train`` uses,
+evaluates once (as a run has by its second epoch), runs ``--warmup`` steps, then profiles
+``--steps`` steps of ``train_step`` with ``torch.profiler`` and prints the host time per step,
+the ATen ops per step (top level, and all), on a GPU the CUDA kernels per step, their GPU time
+(far less than the host time: launch-bound) and the host-to-device bytes, and the ops that take
+the most host time.
 
-* host time per step (wall clock, device synchronised at the ends only),
-* operators per step: ATen ops the step dispatches (top level, and all including nested ones),
-* CUDA kernels per step and the GPU time they take (on a GPU, read from the profiler trace:
-  far less than the host time means the step is launch-bound),
-* host-to-device bytes per step (CUDA memcpy HtoD, read from the profiler trace; on a CPU there
-  is no separate device memory, so none),
-* the ops that take the most host time.
+``--versus-plain R`` then times this step against row (b)'s bare PyTorch step (``baselines.py``:
+the same options and input, no Accelerate) in R interleaved rounds in one process, which cancels
+the machine's drift: the median per-round ratio is the harness's per-step cost to within a few
+percent. ``--captured-ops`` instead counts the ATen ops of one step of the CUDA graph that the
+default engine captures, run eagerly on the CPU (a graph records exactly those ops), against row
+(c)'s captured step. Run from the repository root, e.g.::
 
-``--captured-ops`` instead counts the ATen ops of one step of the CUDA graph that the default
-engine captures, run eagerly on the CPU (a graph records exactly those ops; no GPU needed),
-against row (c)'s captured step: top level and all, and which ops make the difference.
-
-With ``--versus-plain R`` it then times, in R interleaved rounds of ``--steps`` steps each, this
-step against row (b) of ``throughput.py`` (in ``baselines.py``): a bare PyTorch step (the same
-options, input and kernels, its own model and fused Adam, no Accelerate). Taking turns in one
-process cancels the machine's drift, so the median per-round ratio is the harness's per-step
-cost to within a few percent, which whole runs in separate processes cannot resolve here.
-
-Run from the repository root, e.g.::
-
-    python benchmarks/profile_step.py --data-dir ../shared/data --steps 200
-    python benchmarks/profile_step.py --steps 200 --mixed-precision bf16 --no-channels-last
-    python benchmarks/profile_step.py --steps 100 --versus-plain 10
+    python benchmarks/profile_step.py --data-dir ../shared/data --steps 100 --versus-plain 10
     python benchmarks/profile_step.py --captured-ops
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml benchmarks/profile_step.py
 """
@@ -103,9 +91,8 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
     model, optimizer = build_model_and_optimizer(accelerator, training, lr=OptimConfig().lr)
     data = build_train_data(data_settings, training.global_batch_size, world, rank, 0, device)
     batches = endless(data)
-    total = args.warmup + args.steps
 
-    def step(i: int) -> None:
+    def step() -> None:
         images, labels, batch_size = next(batches)
         train_step(model, optimizer, accelerator, images, labels, batch_size, 1)
 
@@ -114,28 +101,17 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
     # page faults (5.9-6.4 ms per step instead of 3.7) that a real run never sees.
     evaluate(model, eval_batches(data_settings, world, rank, device), accelerator)
     model.train()
-    for i in range(args.warmup):
-        step(i)
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
+    timed(step, args.warmup, device)
+    on_gpu = device.type == "cuda"
     accelerator.wait_for_everyone()
-    synchronize(device)
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for i in range(args.warmup, total):
-            step(i)
-        synchronize(device)
-        seconds = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CPU, *[ProfilerActivity.CUDA] * on_gpu]) as prof:
+        seconds = timed(step, args.steps, device)
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         copied, kernel_us = trace_totals(trace)
 
-    events = [e for e in prof.events() if e.name.startswith("aten::")]
-    top_level = [
-        e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")
-    ]
+    top_level, aten_count = aten_ops(prof)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     steps = args.steps
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
@@ -151,15 +127,25 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
         "host_ms_per_step": seconds / steps * 1e3,
         "images_per_second": steps * training.global_batch_size / seconds,
         "top_level_ops_per_step": len(top_level) / steps,
-        "aten_ops_per_step": len(events) / steps,
-        "cuda_kernels_per_step": len(kernels) / steps if device.type == "cuda" else None,
-        "gpu_kernel_ms_per_step": kernel_us / steps / 1e3 if device.type == "cuda" else None,
-        "h2d_bytes_per_step": copied / steps if device.type == "cuda" else None,
+        "aten_ops_per_step": aten_count / steps,
+        "cuda_kernels_per_step": len(kernels) / steps if on_gpu else None,
+        "gpu_kernel_ms_per_step": kernel_us / steps / 1e3 if on_gpu else None,
+        "h2d_bytes_per_step": copied / steps if on_gpu else None,
     }
     if args.versus_plain:
         result.update(versus_plain(args, training, data, step, device))
     accelerator.end_training()
     return {"summary": result, "table": table, "main": accelerator.is_main_process}
+
+
+def timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Seconds that ``steps`` calls of ``step`` take, the device synchronised at the ends."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def endless(data: TrainData) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -173,7 +159,7 @@ def versus_plain(
     args: argparse.Namespace,
     training: TrainConfig,
     data: TrainData,
-    harness_step: Callable[[int], None],
+    harness_step: Callable[[], None],
     device: torch.device,
 ) -> dict[str, Any]:
     """Per-step time of ``harness_step`` and of the bare step of row (b) (baselines.py), in
@@ -184,7 +170,7 @@ def versus_plain(
     )
     plain_batches = endless(data)
 
-    def plain_step(i: int) -> None:
+    def plain_step() -> None:
         images, labels, _ = next(plain_batches)
         bare_step(model, optimizer, images, labels, autocast)
 
@@ -192,12 +178,7 @@ def versus_plain(
     harness_per_step: list[float] = []
     for _ in range(args.versus_plain):
         for per_step, one_step in ((plain_per_step, plain_step), (harness_per_step, harness_step)):
-            synchronize(device)
-            start = time.perf_counter()
-            for i in range(args.steps):
-                one_step(i)
-            synchronize(device)
-            per_step.append((time.perf_counter() - start) / args.steps)
+            per_step.append(timed(one_step, args.steps, device) / args.steps)
     ratios = [p / h for p, h in zip(plain_per_step, harness_per_step, strict=True)]
     return {
         "versus_plain_rounds": args.versus_plain,
@@ -208,16 +189,20 @@ def versus_plain(
     }
 
 
-def count_ops(run: Callable[[], None]) -> tuple[list[str], int]:
-    """The top-level ATen ops that one call of ``run`` dispatches, by name, and the number of
-    all ATen ops (nested ones included)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run()
+def aten_ops(prof: profile) -> tuple[list[str], int]:
+    """The top-level ATen ops a profile saw, by name, and the number of all (nested too)."""
     events = [e for e in prof.events() if e.name.startswith("aten::")]
     top_level = [
         e.name for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")
     ]
     return top_level, len(events)
+
+
+def count_ops(run: Callable[[], None]) -> tuple[list[str], int]:
+    """``aten_ops`` of one call of ``run``."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return aten_ops(prof)
 
 
 def difference(ops: list[str], other: list[str]) -> dict[str, int]:
@@ -284,60 +269,46 @@ def captured_step_op_counts(batch_size: int = 64, warmup: int = 3) -> dict[str, 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Per-step profile of mnist-dist's train_step.")
-    parser.add_argument(
-        "--data-dir", default=os.environ.get("MNIST_DIST_DATA_DIR") or "./data", help="MNIST root"
-    )
-    parser.add_argument("--steps", type=int, default=200, help="profiled steps")
-    parser.add_argument("--warmup", type=int, default=30, help="untimed steps first")
-    parser.add_argument(
-        "--batch-size", type=int, default=TrainConfig().global_batch_size, help="global batch"
-    )
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--loader", choices=["tensor", "torchvision"], default="tensor")
-    parser.add_argument("--top", type=int, default=12, help="ops listed by host time")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--data-dir", default=os.environ.get("MNIST_DIST_DATA_DIR") or "./data", help="MNIST root")
+    add("--steps", type=int, default=200, help="profiled steps")
+    add("--warmup", type=int, default=30, help="untimed steps first")
+    add("--batch-size", type=int, default=TrainConfig().global_batch_size, help="global batch")
+    add("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    add("--compile", action="store_true")
+    add("--loader", choices=["tensor", "torchvision"], default="tensor")
+    add("--top", type=int, default=12, help="ops listed by host time")
+    add(
         "--versus-plain",
         type=int,
         default=0,
         metavar="ROUNDS",
         help="then time this step against a bare PyTorch step, in ROUNDS interleaved rounds",
     )
-    parser.add_argument(
-        "--captured-ops",
-        action="store_true",
-        help="only count the ops of one captured step, run eagerly on the CPU, against row (c)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
+    add("--captured-ops", action="store_true", help="count a captured step's ops against (c)")
+    add("--json", action="store_true", help="print the summary as JSON only")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.captured_ops:
-        counts = captured_step_op_counts(args.batch_size)
-        for key, value in counts.items():
-            print(json.dumps(counts) if args.json else f"{key:36s} {value}", end="\n")
-            if args.json:
-                break
-        return 0
-    out = profile_steps(args)
-    if not out["main"]:
-        return 0
-    summary = out["summary"]
+        summary, table = captured_step_op_counts(args.batch_size), None
+    else:
+        out = profile_steps(args)
+        if not out["main"]:
+            return 0
+        summary, table = out["summary"], out["table"]
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(out["table"])
+    if table:
+        print(table)
     for key, value in summary.items():
         if isinstance(value, list):
-            shown = "-".join(f"{v:,.2f}" for v in value)
-        elif isinstance(value, float):
-            shown = f"{value:,.2f}"
-        else:
-            shown = value
-        print(f"{key:24s} {shown}")
+            value = "-".join(f"{v:,.2f}" for v in value)
+        print(f"{key:36s} {f'{value:,.2f}' if isinstance(value, float) else value}")
     return 0
 
 
