@@ -62,7 +62,7 @@ class RunRecords:
         dead = (
             self.path is not None
             and state == "running"
-            and claim.dead_because(self.path, self.status)
+            and claim.dead_because(RunLayout(self.path), self.status)
         )
         return f"not running ({dead})" if dead else str(state)
 

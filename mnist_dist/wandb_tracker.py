@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
 import secrets
@@ -18,7 +19,7 @@ from accelerate import Accelerator
 from mnist_dist import faults
 from mnist_dist.config import TrackingConfig
 from mnist_dist.evaluate import EvalResult
-from mnist_dist.layout import RunLayout
+from mnist_dist.layout import WANDB_DIR, RunLayout
 from mnist_dist.records import Summary
 from mnist_dist.rundir import check_writable
 
@@ -86,37 +87,37 @@ def _one_line(error: BaseException) -> str:
 
 
 class WandbTracker:
-    """W&B through Accelerate's tracker API, started on the main process only (one run per job,
+    """W&B through Accelerate's tracker API, on the main process only (one run per job,
     huggingface/accelerate#644).
 
     The run id comes from ``run_id``, else the run directory's ``wandb-run-id.txt``, else
-    ``WANDB_RUN_ID``, else a new one, and is always opened with ``resume="allow"``: a resumed or
-    requeued job continues its W&B run (Lightning-AI/pytorch-lightning#13524). Every record
-    carries ``global_step`` and W&B plots against it, not against its own ``_step``, which a
-    resumed run cannot rewind (wandb/wandb#4482).
-
-    Any W&B failure prints one warning and turns tracking off; training never stops for it.
+    ``WANDB_RUN_ID``, else a new one, always opened with ``resume="allow"``: a resumed or
+    requeued job continues its W&B run (Lightning-AI/pytorch-lightning#13524). Records carry
+    ``global_step`` and W&B plots against it, not its own ``_step``, which a resumed run cannot
+    rewind (wandb/wandb#4482). A W&B failure prints one warning and turns tracking off.
     """
 
     def __init__(
         self,
         accelerator: Accelerator,
         config: TrackingConfig,
-        run_dir: Path,
+        layout: RunLayout,
         run_config: dict[str, Any],
         say: Callable[[str], None],
         run_id: str | None = None,
     ) -> None:
-        self.accelerator, self.config, self.run_dir, self.say = accelerator, config, run_dir, say
+        self.accelerator, self.config, self.layout, self.say = accelerator, config, layout, say
         self.active, self.run_id = False, None
         self.run: Any = None  # the wandb Run, once started
         # W&B would silently fall back to a temporary folder when WANDB_DIR is not writable; a
         # run that vanishes with the node's /tmp is worse than a warning, so check it ourselves.
-        self.wandb_dir = Path(os.environ.get("WANDB_DIR") or run_dir)
-        run_id = run_id or _read_run_id(run_dir) or os.environ.get("WANDB_RUN_ID")
+        self.wandb_dir = Path(os.environ.get("WANDB_DIR") or layout.root)
+        with contextlib.suppress(OSError):
+            run_id = run_id or layout.wandb_run_id.read_text().strip()
+        run_id = run_id or os.environ.get("WANDB_RUN_ID")
         mode = wandb_mode(config)
         try:
-            check_writable(self.wandb_dir / "wandb")
+            check_writable(self.wandb_dir / WANDB_DIR)
             run_id = run_id or _new_run_id()
             try:
                 self._start(mode, run_id, run_config)
@@ -161,7 +162,7 @@ class WandbTracker:
         self.run.define_metric("global_step")
         self.run.define_metric("*", step_metric="global_step")
         self.active, self.run_id = True, self.run.id
-        _write_run_id(self.run_dir, self.run.id)
+        self.layout.wandb_run_id.write_text(self.run.id + "\n")
 
     def _abandon(self) -> None:
         """Forget a run that failed to start, so that another can start in this process."""
@@ -308,21 +309,10 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def _read_run_id(run_dir: Path) -> str | None:
-    try:
-        return RunLayout(run_dir).wandb_run_id.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _write_run_id(run_dir: Path, run_id: str) -> None:
-    RunLayout(run_dir).wandb_run_id.write_text(run_id + "\n")
-
-
 def make_tracker(
     config: TrackingConfig,
     accelerator: Accelerator,
-    run_dir: Path,
+    layout: RunLayout,
     run_config: dict[str, Any],
     say: Callable[[str], None],
     run_id: str | None = None,
@@ -330,7 +320,7 @@ def make_tracker(
     """W&B on the main process when the config asks for it and its mode is not disabled;
     otherwise a tracker that makes no calls at all. ``run_id`` continues that W&B run."""
     if wants_wandb(config) and accelerator.is_main_process:
-        return WandbTracker(accelerator, config, run_dir, run_config, say, run_id=run_id)
+        return WandbTracker(accelerator, config, layout, run_config, say, run_id=run_id)
     return NoTracker()
 
 
