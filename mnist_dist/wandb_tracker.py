@@ -10,7 +10,7 @@ import string
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -26,22 +26,11 @@ from mnist_dist.rundir import check_writable
 MAX_TABLE_ROWS = 100  # misclassified test images sent to W&B at the end of a run
 
 
-class Tracker(Protocol):
-    """What the training loop needs from an experiment tracker."""
+class Tracker:
+    """What the training loop needs from an experiment tracker. This one tracks nothing:
+    ``--tracker none``, a disabled mode and every non-main rank."""
 
-    run_id: str | None  # the W&B run id to store in checkpoints; None when nothing is tracked
-
-    def log(self, metrics: dict[str, Any], step: int) -> None: ...
-
-    def log_final(self, summary: Summary, final: EvalResult, model_path: Path) -> None: ...
-
-    def finish(self) -> None: ...
-
-
-class NoTracker:
-    """``--tracker none``, a disabled mode and every non-main rank: no calls to any tracker."""
-
-    run_id: str | None = None
+    run_id: str | None = None  # the W&B run id to store in checkpoints
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         pass
@@ -54,8 +43,8 @@ class NoTracker:
 
 
 def has_wandb_credentials() -> bool:
-    """Whether W&B would find an API key: ``WANDB_API_KEY``, an identity token file, or the
-    ``.netrc`` entry that ``wandb login`` writes for the configured host. Never reads the key."""
+    """Whether W&B would find an API key (``WANDB_API_KEY``, an identity token file, or the
+    ``.netrc`` entry of ``wandb login``), without reading it."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
@@ -67,8 +56,8 @@ def has_wandb_credentials() -> bool:
 
 
 def wandb_mode(config: TrackingConfig) -> str:
-    """``--wandb-mode``, else ``WANDB_MODE``, else online with credentials and offline without.
-    An empty ``WANDB_MODE`` counts as unset."""
+    """``--wandb-mode``, else a non-empty ``WANDB_MODE``, else online with credentials and
+    offline without."""
     return (
         config.wandb_mode
         or os.environ.get("WANDB_MODE")
@@ -77,7 +66,7 @@ def wandb_mode(config: TrackingConfig) -> str:
 
 
 def wants_wandb(config: TrackingConfig) -> bool:
-    """Whether the run is recorded in W&B at all. The same answer on every rank."""
+    """Whether the run is recorded in W&B at all (the same answer on every rank)."""
     return config.tracker == "wandb" and wandb_mode(config) != "disabled"
 
 
@@ -86,7 +75,7 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:300]}"
 
 
-class WandbTracker:
+class WandbTracker(Tracker):
     """W&B through Accelerate's tracker API, on the main process only (one run per job,
     huggingface/accelerate#644).
 
@@ -200,17 +189,15 @@ class WandbTracker:
         try:
             import wandb
 
-            figures = summary.to_dict()
-            self.run.summary.update(
-                {f"final/{k}": v for k, v in figures.items() if isinstance(v, (int, float, str))}
-            )
+            figures = {
+                k: v for k, v in summary.to_dict().items() if isinstance(v, (int, float, str))
+            }
+            self.run.summary.update({f"final/{k}": v for k, v in figures.items()})
             faults.point("wandb.log")
             self.accelerator.log(
                 {"global_step": summary.global_step, **_final_charts(wandb, final)}
             )
-            artifact = wandb.Artifact(
-                f"mnist-cnn-{self.run.id}", type="model", metadata=_plain(figures)
-            )
+            artifact = wandb.Artifact(f"mnist-cnn-{self.run.id}", type="model", metadata=figures)
             artifact.add_file(str(model_path))
             self.run.log_artifact(artifact, aliases=["latest", "final"])
         except Exception as e:
@@ -284,24 +271,14 @@ def _final_charts(wandb: Any, final: EvalResult) -> dict[str, Any]:
 
 
 def _prepare_wandb_environ(mode: str) -> None:
-    """Make the environment say what this run decided, before W&B reads it.
-
-    wandb reads every ``WANDB_*`` variable from ``os.environ`` itself and validates it, even one
-    whose setting is also passed to ``wandb.init``: with wandb 0.31 an empty ``WANDB_MODE``,
-    ``WANDB_TAGS``, ``WANDB_RUN_ID``, ``WANDB_BASE_URL``, ``WANDB_INIT_TIMEOUT``, ``WANDB_SILENT``,
-    ``WANDB_CONSOLE`` or ``WANDB_RESUME`` (job templates often export ``NAME=``) fails its
-    settings validation and the run never starts. mnist-dist treats an empty variable as unset
-    everywhere, so they are removed here for wandb too; and ``WANDB_MODE`` is set to the mode
-    this run resolved, so that ``--wandb-mode`` also wins over an invalid value in the
-    environment, as every flag wins over the environment.
-    """
+    """Make the environment say what this run decided, before W&B reads it. wandb validates
+    every ``WANDB_*`` variable itself, also one passed to ``wandb.init``: with wandb 0.31 an
+    empty one (job templates often export ``NAME=``) fails validation and the run never
+    starts. An empty variable counts as unset, so it is removed; ``WANDB_MODE`` is set to the
+    resolved mode, so that ``--wandb-mode`` wins over an invalid value there."""
     for name in [k for k, v in os.environ.items() if k.startswith("WANDB_") and v == ""]:
         del os.environ[name]
     os.environ["WANDB_MODE"] = mode
-
-
-def _plain(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
 
 
 def _new_run_id() -> str:
@@ -321,7 +298,7 @@ def make_tracker(
     otherwise a tracker that makes no calls at all. ``run_id`` continues that W&B run."""
     if wants_wandb(config) and accelerator.is_main_process:
         return WandbTracker(accelerator, config, layout, run_config, say, run_id=run_id)
-    return NoTracker()
+    return Tracker()
 
 
 def namespaced(prefix: str, record: dict[str, Any]) -> dict[str, Any]:
