@@ -31,14 +31,15 @@ def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: st
     ``--resume PATH`` checkpoint belongs to; else ``runs/<timestamp>`` chosen on the main
     process and broadcast."""
     if output_dir:
-        return RunLayout(Path(output_dir))
-    checkpoint = parse_resume(resume).path
-    if checkpoint is not None:
-        return RunLayout(run_dir_of(checkpoint))
-    choice = [f"{RUNS_DIR}/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(choice)
-    return RunLayout(Path(choice[0]))
+        path = Path(output_dir)
+    elif (checkpoint := parse_resume(resume).path) is not None:
+        path = run_dir_of(checkpoint)
+    else:
+        choice = [f"{RUNS_DIR}/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(choice)
+        path = Path(choice[0])
+    return RunLayout(path)
 
 
 def read_config(run_dir: Path) -> dict[str, Any] | None:
@@ -163,9 +164,8 @@ class RunDir:
             self._write_atomic(steps, "".join(kept))
 
     def write_status(self, state: str, **details: Any) -> None:
-        """``status.json`` (``layout.STATES``), for schedulers and scripts that cannot read
-        exit codes through a launcher. Best effort: a full disk must not hide the error that
-        ended the run."""
+        """``status.json``, for schedulers and scripts that cannot read exit codes through a
+        launcher. Best effort: a full disk must not hide the error that ended the run."""
         if self.enabled:
             # A finished run's position is its epoch count (details), not the next epoch.
             reached = {
