@@ -22,7 +22,6 @@ from mnist_dist import faults
 from mnist_dist.config import changed_math_settings
 from mnist_dist.errors import UsageError, WriteError, first_line, write_failure
 from mnist_dist.layout import (
-    CHECKPOINTS_DIR,
     MANIFEST_FILE,
     PARTIAL_PREFIX,
     STATE_FILE,
@@ -137,14 +136,14 @@ class Checkpointer:
     def __init__(
         self,
         accelerator: Accelerator,
-        run_dir: Path,
+        layout: RunLayout,
         keep: int,
         every: int = 0,
         started: float | None = None,
     ) -> None:
         self.accelerator, self.keep, self.every = accelerator, keep, every
         self.last_saved: Path | None = None  # by this process
-        self.root = run_dir / CHECKPOINTS_DIR
+        self.root = layout.checkpoints
         # Every checkpoint records the run's wall time so far: this process's since ``started``
         # (a ``time.perf_counter()`` reading) plus that of the processes before it, which a
         # resumed run takes from its checkpoint.

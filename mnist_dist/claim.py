@@ -1,37 +1,29 @@
 """Who holds a run directory: the claim one training takes on it, and when a claim left behind
 may be taken over. Standard library only: ``report`` and ``doctor`` read claims without torch.
 
-Exactly one training (one job, all its ranks) writes to a run directory at a time. Its main
-process holds the directory's claim file (``layout.CLAIM_FILE``), a small JSON record of the
-holder: host, pid, SLURM job id and restart count, when it started, and a random token. The
-run's heartbeat is in ``status.json`` (``heartbeat``, with the claim's token), refreshed by the
-training loop; the claim itself is never rewritten.
+One training (one job, all its ranks) writes to a run directory at a time. Its main process
+holds the claim file (``layout.CLAIM_FILE``): host, pid, SLURM job id and restart count, when it
+started, and a random token; never rewritten. Its heartbeat is in ``status.json``.
 
-Why a claim file and not a lock. ``flock``/``fcntl`` locks (what the ``filelock`` and
-``fasteners`` packages use) vanish with their process, which is what we want, but on NFS they
+Why a file and not a lock: ``flock``/``fcntl`` locks vanish with their process, but on NFS they
 depend on the lock manager or the NFSv4 lease of every client and are not seen by all of them
-on every cluster; the checkpoint folders of Lightning and torchtitan are not guarded at all,
-and a second job simply writes into them. A file that exists is seen by every node. It is
-created the classic NFS-safe way (the open(2) manual's advice for O_EXCL on NFS): the record
-is written to a file of a unique name, then ``link()``-ed to the claim's name, which fails if
-the claim exists; a lost reply of a link that did succeed shows as a link count of 2. The
-claim appears with its whole content at once, so a reader never sees half of one.
+on every cluster. A file that exists is seen by every node. It is created the NFS-safe way the
+open(2) manual gives for O_EXCL: written under a unique name, then ``link()``-ed to the claim's
+name, which fails if the claim exists; a lost reply of a link that did succeed shows as a link
+count of 2. The claim appears whole, so a reader never sees half of one.
 
-The price of a file is that nothing removes it when its holder dies, hence the rules for a
-claim that is left behind (``judge``). It is taken over, with one warning line, when:
+Nothing removes the file when its holder dies, hence the rules for a claim left behind
+(``judge``). It is taken over, with one warning line, when:
 
-- the holder ran on this host and its pid is gone (a killed run on the same machine);
-- the holder is an earlier attempt of this SLURM job (the same job id, from another host or
-  with another restart count): SLURM ends every process of a job before it requeues it, so
-  that holder is gone even though its node cannot be asked;
-- it shows no sign of life for ``STALE_SECONDS``: no heartbeat in ``status.json`` (or, before
-  the first one, no claim) that recent. Heartbeats come at every checkpoint and epoch end and
-  every ``HEARTBEAT_SECONDS`` of training, so only a dead or hung run stays silent that long;
-  the margin also covers clocks of different nodes that disagree by a minute or two.
+- the holder ran on this host and its pid is gone;
+- the holder is an earlier attempt of this SLURM job (same job id, another host or restart
+  count): SLURM ends every process of a job before it requeues it;
+- it shows no sign of life for ``STALE_SECONDS``: no heartbeat (or, before the first one, no
+  claim) that recent. Heartbeats come at every checkpoint, epoch end and ``HEARTBEAT_SECONDS``
+  of training; the margin also covers clocks of nodes that disagree by a minute or two.
 
-Anything else is refused before the directory is written to or deleted from, in one line that
-names the directory and the holder. A holder whose claim was taken over (a hung run that
-wakes up) notices at its next heartbeat and stops without writing more (``ClaimLost``).
+Anything else is refused before the directory is touched. A holder whose claim was taken over
+(a hung run that wakes up) notices at its next heartbeat and stops (``ClaimLost``).
 """
 
 from __future__ import annotations
@@ -43,7 +35,6 @@ import socket
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from mnist_dist.errors import MnistDistError, UsageError
@@ -54,8 +45,7 @@ STALE_SECONDS = 600.0  # a claim without a sign of life for this long is taken o
 
 
 class ClaimLost(MnistDistError):
-    """Another training took over this run's directory (this one was silent too long): stop
-    without writing anything more there."""
+    """Another training took over this run's directory: stop without writing more there."""
 
     exit_code = 4
 
@@ -100,25 +90,24 @@ def seconds_since(stamp: str, now: datetime | None = None) -> float:
     return ((now or datetime.now(timezone.utc)) - then).total_seconds()
 
 
-def read_holder(run_dir: Path) -> Holder | None:
-    """The holder of ``run_dir``'s claim, or None when nobody holds it. Raises ``UsageError``
-    for a claim file that is not one."""
-    path = RunLayout(run_dir).claim
+def read_holder(layout: RunLayout) -> Holder | None:
+    """The holder of the claim, or None when nobody holds it. Raises ``UsageError`` for a
+    claim file that is not one."""
     try:
-        return Holder(**json.loads(path.read_text()))
+        return Holder(**json.loads(layout.claim.read_text()))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError) as e:
         raise UsageError(
-            f"{path} is not a readable claim ({e}); if no training uses {run_dir}, delete it"
+            f"{layout.claim} is not a readable claim ({e}); if no training uses "
+            f"{layout.root}, delete it"
         ) from None
 
 
-def last_sign_of_life(run_dir: Path, holder: Holder) -> str:
-    """The newest time ``holder`` showed it is alive: its heartbeat in ``status.json`` if the
-    status is its own, else when it claimed the directory."""
+def last_sign_of_life(layout: RunLayout, holder: Holder) -> str:
+    """``holder``'s heartbeat in ``status.json`` if the status is its own, else its claim time."""
     try:
-        status = json.loads(RunLayout(run_dir).status.read_text())
+        status = json.loads(layout.status.read_text())
     except (OSError, ValueError):
         status = None
     if isinstance(status, dict) and status.get("claim") == holder.token:
@@ -136,89 +125,84 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def dead_because(run_dir: Path, status: dict[str, Any]) -> str | None:
+def dead_because(layout: RunLayout, status: dict[str, Any]) -> str | None:
     """Why a run whose ``status.json`` says running is not running any more, or None while
-    it shows signs of life: the claim it ran under is gone, its process on this host is
-    gone, or it has been silent for ``STALE_SECONDS``."""
+    it shows signs of life."""
     try:
-        holder = read_holder(run_dir)
+        holder = read_holder(layout)
     except UsageError:
         holder = None
     if holder is None or holder.token != status.get("claim"):
         return "no training holds the directory"
     if holder.host == socket.gethostname() and not pid_alive(holder.pid):
         return f"its process, pid {holder.pid} on {holder.host}, is gone"
-    silent = seconds_since(last_sign_of_life(run_dir, holder))
+    silent = seconds_since(last_sign_of_life(layout, holder))
     if silent > STALE_SECONDS:
         return f"no heartbeat for {silent / 60:.0f} min"
     return None
 
 
-def judge(run_dir: Path, holder: Holder, me: Holder) -> str | None:
+def judge(layout: RunLayout, holder: Holder, me: Holder) -> str | None:
     """Why ``holder``'s claim may be taken over by ``me`` (a phrase), or None if it may not."""
     same_job = bool(holder.slurm_job) and holder.slurm_job == me.slurm_job
     if same_job and (holder.host != me.host or holder.restart != me.restart):
         return f"an earlier attempt of SLURM job {holder.slurm_job} (requeued)"
     if holder.host == me.host and not pid_alive(holder.pid):
         return "its process is gone"
-    silent = seconds_since(last_sign_of_life(run_dir, holder))
+    silent = seconds_since(last_sign_of_life(layout, holder))
     if silent > STALE_SECONDS:
         return f"no sign of life for {silent / 60:.0f} min (over {STALE_SECONDS / 60:.0f})"
     return None
 
 
-def refusal(run_dir: Path, holder: Holder) -> UsageError:
-    return UsageError(
-        f"{run_dir} is in use by another training ({holder.describe()}; last sign of life "
-        f"{last_sign_of_life(run_dir, holder)}): wait for it, stop it (touch "
-        f"{RunLayout(run_dir).stop}), or choose another --output-dir"
-    )
-
-
-def check(run_dir: Path, me: Holder) -> str | None:
+def check(layout: RunLayout, me: Holder) -> str | None:
     """What ``acquire`` would do, without doing it: raises the refusal, or returns the warning
     of a take-over (None when the directory is free)."""
-    holder = read_holder(run_dir)
-    return None if holder is None else _take_over_warning(run_dir, holder, me)
+    holder = read_holder(layout)
+    return None if holder is None else _take_over_warning(layout, holder, me)
 
 
-def acquire(run_dir: Path, me: Holder) -> str | None:
-    """Claim the existing folder ``run_dir`` for ``me``. Returns the warning line of a claim
-    taken over (None otherwise); raises ``UsageError`` when another training holds it."""
+def acquire(layout: RunLayout, me: Holder) -> str | None:
+    """Claim the existing run directory for ``me``. Returns the warning line of a claim taken
+    over (None otherwise); raises ``UsageError`` when another training holds it."""
     for _ in range(5):  # a claim released or moved while we look: look again
-        if _link_claim(run_dir, me):
+        if _link_claim(layout, me):
             return None
-        holder = read_holder(run_dir)
+        holder = read_holder(layout)
         if holder is None:
             continue
-        warning = _take_over_warning(run_dir, holder, me)
-        if _take_over(run_dir, holder, me) and _link_claim(run_dir, me):
+        warning = _take_over_warning(layout, holder, me)
+        if _take_over(layout, holder, me) and _link_claim(layout, me):
             return warning
-    raise UsageError(f"cannot claim {run_dir}: other trainings keep starting in it")
+    raise UsageError(f"cannot claim {layout.root}: other trainings keep starting in it")
 
 
-def _take_over_warning(run_dir: Path, holder: Holder, me: Holder) -> str:
+def _take_over_warning(layout: RunLayout, holder: Holder, me: Holder) -> str:
     """The warning line for taking ``holder``'s claim over; raises the refusal if it may not
     be."""
-    why = judge(run_dir, holder, me)
+    why = judge(layout, holder, me)
     if why is None:
-        raise refusal(run_dir, holder)
+        raise UsageError(
+            f"{layout.root} is in use by another training ({holder.describe()}; last sign of "
+            f"life {last_sign_of_life(layout, holder)}): wait for it, stop it (touch "
+            f"{layout.stop}), or choose another --output-dir"
+        )
     held = f"a training that held it ({holder.describe()})"
-    return f"warning: taking over {run_dir} from {held}: {why}"
+    return f"warning: taking over {layout.root} from {held}: {why}"
 
 
-def release(run_dir: Path, me: Holder) -> None:
+def release(layout: RunLayout, me: Holder) -> None:
     """Give up ``me``'s claim (a claim someone else took over stays theirs)."""
     with contextlib.suppress(OSError, UsageError):
-        holder = read_holder(run_dir)
+        holder = read_holder(layout)
         if holder is not None and holder.token == me.token:
-            RunLayout(run_dir).claim.unlink()
+            layout.claim.unlink()
 
 
-def lost_to(run_dir: Path, me: Holder) -> str | None:
+def lost_to(layout: RunLayout, me: Holder) -> str | None:
     """Who took ``me``'s claim over, in words, or None while it is still ``me``'s."""
     try:
-        holder = read_holder(run_dir)
+        holder = read_holder(layout)
     except UsageError:
         return None  # damaged meanwhile: no proof that another training holds it
     if holder is None:
@@ -226,9 +210,9 @@ def lost_to(run_dir: Path, me: Holder) -> str | None:
     return None if holder.token == me.token else holder.describe()
 
 
-def _link_claim(run_dir: Path, me: Holder) -> bool:
+def _link_claim(layout: RunLayout, me: Holder) -> bool:
     """Create the claim for ``me`` if there is none: whole, in one ``link()``."""
-    claim = RunLayout(run_dir).claim
+    claim = layout.claim
     unique = claim.with_name(f".{claim.name}.{me.host}.{me.pid}.{me.token[:8]}")
     unique.write_text(json.dumps(asdict(me)) + "\n")
     try:
@@ -242,11 +226,11 @@ def _link_claim(run_dir: Path, me: Holder) -> bool:
         unique.unlink(missing_ok=True)
 
 
-def _take_over(run_dir: Path, stale: Holder, me: Holder) -> bool:
+def _take_over(layout: RunLayout, stale: Holder, me: Holder) -> bool:
     """Move ``stale``'s claim out of the way. Two starts may judge one stale claim at once: a
     rename moves it only once, and the one that finds it moved someone else's fresh claim
     instead puts that one back."""
-    claim = RunLayout(run_dir).claim
+    claim = layout.claim
     moved = claim.with_name(f".{claim.name}.taken.{me.token[:8]}")
     try:
         os.rename(claim, moved)

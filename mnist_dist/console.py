@@ -1,12 +1,10 @@
 """The console on the main process: a rich progress bar and epoch table, or plain lines.
 
-In a log (output that is not a terminal: SLURM, ``| tee``, CI) a progress line is printed inside
-an epoch every ``progress_every`` seconds (30 by default), and when the epoch passes 25%, 50% or
-75% if at least a sixth of that time (5 s) has passed since the console's last line. A log thus
-gets at most one line per 5 s and, while training moves, at least one per 30 s; an epoch shorter
-than 5 s gets only its epoch line. Time-based, as long-running tools pace their logs (tqdm's
-``mininterval``, a fixed logging interval in trainers), so the rate does not depend on how fast
-the machine is.
+In a log (not a terminal: SLURM, ``| tee``, CI) a progress line is printed inside an epoch every
+``progress_every`` seconds (30 by default), and at 25%, 50% and 75% of the epoch if a sixth of
+that time (5 s) has passed since the last line: at most one line per 5 s, and at least one per
+30 s while training moves. Time-based, like tqdm's ``mininterval``, so the rate does not depend
+on how fast the machine is.
 """
 
 from __future__ import annotations
@@ -52,13 +50,9 @@ def clock(seconds: float) -> str:
 
 
 class RunConsole:
-    """Progress and per-epoch results on the main process; silent elsewhere.
-
-    On a terminal: a status line until training starts, then a rich progress bar for the epoch
-    (steps, loss, images/s, the epoch's ETA) and one for the whole run (its ETA), under a
-    growing epoch table. Otherwise (log files, pipes): one plain line per epoch and, inside an
-    epoch, progress lines at the rate the module's docstring gives; no redrawn bars.
-    """
+    """Progress and per-epoch results on the main process; silent elsewhere. On a terminal:
+    a status line until training starts, then progress bars for the epoch and the whole run
+    under a growing epoch table. Otherwise: plain progress lines and one line per epoch."""
 
     def __init__(
         self,

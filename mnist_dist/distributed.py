@@ -23,9 +23,8 @@ def has_accelerator() -> bool:
 
 
 def precision_supported(mixed_precision: str, cuda_gpus: int) -> bool:
-    """Whether a node with ``cuda_gpus`` CUDA GPUs can train in ``mixed_precision``: fp16 only
-    on a CUDA GPU, bf16 on the CPU or on a GPU that supports it. The one rule that training
-    and ``mnist-dist doctor`` both apply."""
+    """Whether a node with ``cuda_gpus`` CUDA GPUs can train in ``mixed_precision`` (the rule
+    of both training and ``doctor``)."""
     if mixed_precision == "fp16":
         # Autocast to fp16 is silently ignored on CPU (native AMP needs a non-CPU device), so
         # a run would report fp16 while training in fp32.
@@ -53,11 +52,8 @@ def make_accelerator(
     mixed_precision: str, log_with: str | None = None, static_graph: bool = False
 ) -> Accelerator:
     """An Accelerator on the best available device whose world size is proven to be the
-    launcher's. Raises ``UsageError`` when the launch was mis-configured.
-
-    ``static_graph``: tell DDP that every step runs the same graph (true for this model without
-    gradient accumulation), so it can skip per-step bookkeeping.
-    """
+    launcher's; ``UsageError`` for a mis-configured launch. ``static_graph``: every step runs
+    the same graph (no gradient accumulation), so DDP can skip per-step bookkeeping."""
     _check_launcher_env()
     check_mixed_precision(mixed_precision)
     ddp = DistributedDataParallelKwargs(
@@ -87,11 +83,10 @@ def make_accelerator(
 
 
 def lost_peer(error: BaseException) -> bool:
-    """Whether ``error`` says that another rank of the process group vanished (its process or
-    its node died, the network between them failed), rather than a fault of this rank's own.
-    Gloo reports a lost or silent peer as a plain RuntimeError from its TCP transport
-    ("Connection reset by peer", "Timed out waiting ... for recv operation"); PyTorch's own
-    c10d errors are ``torch.distributed.DistError``."""
+    """Whether ``error`` says that another rank vanished (its process, node or network),
+    rather than a fault of this rank's own. Gloo reports a lost or silent peer as a plain
+    RuntimeError from its TCP transport ("Connection reset by peer", "Timed out waiting ...
+    for recv operation"); PyTorch's own c10d errors are ``torch.distributed.DistError``."""
     dist_error = getattr(torch.distributed, "DistError", None)
     if dist_error is not None and isinstance(error, dist_error):
         return True

@@ -182,7 +182,8 @@ class Doctor:
             )
         path = self.plan.run_dir = Path(output_dir)
         check_output_dir(path)
-        taking_over = claim.check(path, Holder.this_process())  # a held directory: refused
+        # A held directory is refused.
+        taking_over = claim.check(RunLayout(path), Holder.this_process())
         plan = what_train_does(path, self.config)
         return f"{path}: writable; {plan}" + (f" ({taking_over})" if taking_over else "")
 
@@ -228,12 +229,13 @@ def what_train_does(path: Path, config: Config) -> str:
     from mnist_dist.rundir import RunDir
 
     notes: list[str] = []
-    resume, root = config.checkpoint.resume, RunLayout(path).checkpoints
+    layout = RunLayout(path)
+    resume, root = config.checkpoint.resume, layout.checkpoints
     found = locate(root, resume, notes.append)
     checkpoint = None if found is None else Checkpoint(found, read_checkpoint(found))
     branch = found is not None and found.resolve().parent != root.resolve()
     check_continuation(path, checkpoint, branch, config.to_dict(), resume, notes.append)
-    finished = None if branch else RunDir(path, False).finished_summary()
+    finished = None if branch else RunDir(layout, False).finished_summary()
     epochs = config.train.epochs
     if finished is not None and epochs <= finished.epochs_completed:
         return f"holds a finished run ({finished.epochs_completed} epoch(s)): nothing to train"

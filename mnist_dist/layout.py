@@ -1,48 +1,30 @@
 """The run directory: every file and folder name in it, and the rules for its paths.
 
-This module is the contract between the training run and everything that reads a run
-directory (``mnist-dist report``, ``doctor``, ``slurm/train.sbatch``, the benchmarks, the
-tests). It uses only the standard library, so a reader needs neither torch nor Accelerate.
+The contract between a training run and everything that reads a run directory (``report``,
+``doctor``, ``slurm/train.sbatch``, the benchmarks, the tests); standard library only, so a
+reader needs neither torch nor Accelerate. Written by the main process::
 
-A run directory (``--output-dir``, else ``runs/<YYYYmmdd-HHMMSS>``) holds::
-
-    config.yaml        resolved settings plus ``provenance``; main process, at every start
-                       (atomic)
-    metrics.jsonl      one epoch record per line (``records.EpochRecord``); main process,
-                       appended at the end of each epoch; rewritten (atomic) to a checkpoint's
-                       history on resume
-    steps.jsonl        one step record per line (``records.StepRecord``) every ``--log-every``
-                       steps; main process, appended; cut back (atomic) to a checkpoint's
-                       global step on resume
-    summary.json       the run's final figures (``records.Summary``); main process, when the run
-                       finishes (atomic)
-    model.safetensors  final weights, the model config in the header; main process, when the
-                       run finishes (atomic: written beside it, then renamed)
-    status.json        ``{"state": ...}``: running, finished, stopped (resumable), diverged or
-                       failed, with details: epoch and step reached, the newest checkpoint, a
-                       ``heartbeat`` time, the claim's token, the command that continues the
-                       run (``"lost_peer": true`` when a failure came from another rank that
-                       vanished); main process, at each change of state and, while running, at
-                       every heartbeat (checkpoints, epoch ends, every minute of training)
-                       (atomic, best effort); read by slurm/train.sbatch
-    claim.json         who holds the directory while a training runs in it: host, pid, SLURM
-                       job and restart count, since when (``claim.py`` has the rules); main
-                       process, created whole (``link()``) before anything else is written,
-                       deleted when the run ends; never rewritten
-    STOP               written by a user or slurm/train.sbatch to ask the ranks to checkpoint
-                       and stop; the run deletes it when it stops
+    config.yaml        resolved settings plus ``provenance``, at every start
+    metrics.jsonl      one ``records.EpochRecord`` per epoch; rewound to a checkpoint on resume
+    steps.jsonl        a ``records.StepRecord`` every ``--log-every`` steps; cut back on resume
+    summary.json       the run's final figures (``records.Summary``)
+    model.safetensors  final weights, the model config in the header
+    status.json        ``STATES`` with the position, the newest checkpoint, a ``heartbeat``,
+                       the claim's token and the command that continues the run; rewritten
+                       at each change of state and heartbeat; read by slurm/train.sbatch
+    claim.json         who holds the directory while a training runs in it (``claim.py``);
+                       created whole (``link()``) before anything else, deleted at the end
+    STOP               written by a user or train.sbatch: checkpoint and stop (then deleted)
     wandb-run-id.txt   the W&B run id, so that a requeued job continues its W&B run
     wandb/             W&B's own files (unless ``WANDB_DIR`` points elsewhere)
     checkpoints/
-      epoch-EEE-step-SSSSSS/   a complete checkpoint: the position training resumes from
-                               (epoch EEE, 1-based; SSSSSS steps of it already taken). Holds
-                               Accelerate's ``save_state`` files, trainer_state.json and, written
-                               last, COMPLETE (every file's size and sha256)
-      .partial-<name>/         a checkpoint being written, or left by a killed write (never
-                               read; deleted at the next save)
+      epoch-EEE-step-SSSSSS/   where training resumes (epoch EEE, 1-based; SSSSSS steps of it
+                               taken): Accelerate's ``save_state`` files, trainer_state.json
+                               and, written last, COMPLETE (every file's size and sha256)
+      .partial-<name>/         a checkpoint being written, or left by a killed write
 
-An atomic file is written to ``.<name>.partial`` beside it and renamed over it, so a reader
-sees the old file or the new one, never half of one.
+Every file but the appended ``.jsonl`` ones is written atomically: to ``.<name>.partial``
+beside it, then renamed over it, so a reader sees the old file or the new one.
 """
 
 from __future__ import annotations
@@ -77,55 +59,28 @@ STATES = ("running", "finished", "stopped", "diverged", "failed")
 _CHECKPOINT_NAME = re.compile(r"epoch-(\d+)-step-(\d+)")
 
 
+def _entry(name: str) -> property:
+    """A ``RunLayout`` property: the path of ``name`` in the run directory."""
+    return property(lambda layout: layout.root / name, doc=f"``<run dir>/{name}``")
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """The paths of one run directory (nothing is read or created)."""
 
     root: Path
 
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG_FILE
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS_FILE
-
-    @property
-    def steps(self) -> Path:
-        return self.root / STEPS_FILE
-
-    @property
-    def summary(self) -> Path:
-        return self.root / SUMMARY_FILE
-
-    @property
-    def model(self) -> Path:
-        return self.root / MODEL_FILE
-
-    @property
-    def status(self) -> Path:
-        return self.root / STATUS_FILE
-
-    @property
-    def claim(self) -> Path:
-        return self.root / CLAIM_FILE
-
-    @property
-    def stop(self) -> Path:
-        return self.root / STOP_FILE
-
-    @property
-    def wandb_run_id(self) -> Path:
-        return self.root / WANDB_RUN_ID_FILE
-
-    @property
-    def wandb(self) -> Path:
-        return self.root / WANDB_DIR
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS_DIR
+    config = _entry(CONFIG_FILE)
+    metrics = _entry(METRICS_FILE)
+    steps = _entry(STEPS_FILE)
+    summary = _entry(SUMMARY_FILE)
+    model = _entry(MODEL_FILE)
+    status = _entry(STATUS_FILE)
+    claim = _entry(CLAIM_FILE)
+    stop = _entry(STOP_FILE)
+    wandb_run_id = _entry(WANDB_RUN_ID_FILE)
+    wandb = _entry(WANDB_DIR)
+    checkpoints = _entry(CHECKPOINTS_DIR)
 
     def checkpoint(self, epoch: int, step: int) -> Path:
         """The folder of the checkpoint at ``epoch`` (1-based), ``step`` steps into it."""
@@ -133,14 +88,13 @@ class RunLayout:
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
-    """A checkpoint's folder name: the position training resumes from. Zero-padded, so that
-    names sort in training order up to epoch 999 and step 999,999."""
+    """A checkpoint's folder name. Zero-padded: names sort in training order up to epoch 999
+    and step 999,999."""
     return f"epoch-{epoch:03d}-step-{step:06d}"
 
 
 def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
-    """``(epoch, step)`` of a checkpoint folder name, or None for any other name (a partial
-    folder, a stray file)."""
+    """``(epoch, step)`` of a checkpoint folder name, or None for any other name."""
     match = _CHECKPOINT_NAME.fullmatch(name)
     return (int(match[1]), int(match[2])) if match else None
 

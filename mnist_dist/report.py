@@ -46,7 +46,7 @@ _R = TypeVar("_R", EpochRecord, StepRecord)
 class RunRecords:
     """What a run directory tells: its epoch records, status and step records."""
 
-    path: Path
+    layout: RunLayout
     epochs: list[EpochRecord]
     status: dict[str, Any]  # status.json
     steps: list[StepRecord]  # steps.jsonl
@@ -56,7 +56,7 @@ class RunRecords:
         state = self.status.get("state")
         if state is None:
             return "state unknown (no status.json)"
-        dead = state == "running" and claim.dead_because(self.path, self.status)
+        dead = state == "running" and claim.dead_because(self.layout, self.status)
         return f"not running ({dead})" if dead else str(state)
 
     def state_lines(self) -> list[str]:
@@ -94,7 +94,7 @@ def load_run(run_dir: str | Path) -> RunRecords:
         status = {}
     status = status if isinstance(status, dict) else {}
     if epochs or status or steps or layout.config.exists():
-        return RunRecords(run_dir, epochs, status, steps)
+        return RunRecords(layout, epochs, status, steps)
     if layout.metrics.exists():
         raise UsageError(f"{run_dir} has no finished epoch yet ({METRICS_FILE} is empty)")
     raise UsageError(

@@ -19,37 +19,27 @@ from accelerate.utils import broadcast_object_list
 from mnist_dist import claim
 from mnist_dist.claim import HEARTBEAT_SECONDS, ClaimLost, Holder
 from mnist_dist.errors import UsageError, WriteError
-from mnist_dist.layout import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    RUNS_DIR,
-    STATUS_FILE,
-    STEPS_FILE,
-    SUMMARY_FILE,
-    RunLayout,
-    parse_resume,
-    partial_file,
-    run_dir_of,
-)
+from mnist_dist.layout import RUNS_DIR, RunLayout, parse_resume, partial_file, run_dir_of
 from mnist_dist.records import EpochRecord, StepRecord, Summary
 
 # The records a writer takes: typed, or (until every producer builds them) their dicts.
 AnyRecord = StepRecord | EpochRecord | Summary | dict[str, Any]
 
 
-def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: str) -> Path:
+def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: str) -> RunLayout:
     """The run directory, the same on every rank: ``--output-dir``; else the run a
     ``--resume PATH`` checkpoint belongs to; else ``runs/<timestamp>`` chosen on the main
     process and broadcast."""
     if output_dir:
-        return Path(output_dir)
-    checkpoint = parse_resume(resume).path
-    if checkpoint is not None:
-        return run_dir_of(checkpoint)
-    choice = [f"{RUNS_DIR}/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(choice)
-    return Path(choice[0])
+        path = Path(output_dir)
+    elif (checkpoint := parse_resume(resume).path) is not None:
+        path = run_dir_of(checkpoint)
+    else:
+        choice = [f"{RUNS_DIR}/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(choice)
+        path = Path(choice[0])
+    return RunLayout(path)
 
 
 def read_config(run_dir: Path) -> dict[str, Any] | None:
@@ -63,8 +53,7 @@ def read_config(run_dir: Path) -> dict[str, Any] | None:
 
 def check_writable(folder: Path) -> None:
     """Create ``folder`` if needed and prove a file can be written in it; raises ``OSError``.
-    The probe's name is unique per host and process: several nodes may probe one shared
-    folder at once."""
+    The probe's name is unique per host and process: several nodes may probe one folder."""
     folder.mkdir(parents=True, exist_ok=True)
     probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}"
     probe.write_text("")
@@ -76,31 +65,35 @@ def check_output_dir(path: Path) -> None:
     try:
         check_writable(path)
     except OSError as e:
-        raise UsageError(f"cannot write to output directory {path}: {e.strerror or e}") from None
+        raise _unwritable(path, e) from None
+
+
+def _unwritable(path: Path, error: OSError) -> UsageError:
+    return UsageError(f"cannot write to output directory {path}: {error.strerror or error}")
 
 
 @contextlib.contextmanager
 def claimed(
-    accelerator: Accelerator, path: Path, say: Callable[[str], None]
+    accelerator: Accelerator, layout: RunLayout, say: Callable[[str], None]
 ) -> Iterator[Holder | None]:
-    """Hold the run directory ``path`` for this training (``claim.py``) while the block runs;
-    yields the claim on the main process (None on the others). Another training's claim is
-    refused on every rank, before anything is written; a claim left behind is taken over with
-    one warning line. Afterwards the claim is released, and folders this start created are
+    """Hold the run directory for this training (``claim.py``) while the block runs; yields
+    the claim on the main process (None on the others). A refusal reaches every rank before
+    anything is written. Afterwards the claim is released, and folders this start created are
     removed again if nothing was written in them (a refused start leaves nothing behind)."""
     me = Holder.this_process() if accelerator.is_main_process else None
+    path = layout.root
     created = [p for p in (path, *path.parents) if not p.exists()]
     outcome: list[str | None] = [None, None]  # refusal, warning
     if me is not None:
         try:
             path.mkdir(parents=True, exist_ok=True)
-            outcome[1] = claim.acquire(path, me)
+            outcome[1] = claim.acquire(layout, me)
         except UsageError as e:
             outcome[0] = str(e)
         except OSError as e:
-            outcome[0] = f"cannot write to output directory {path}: {e.strerror or e}"
+            outcome[0] = str(_unwritable(path, e))
     if accelerator.num_processes > 1:
-        broadcast_object_list(outcome)  # the decision reaches every rank
+        broadcast_object_list(outcome)
     try:
         if outcome[0] is not None:
             raise UsageError(outcome[0])
@@ -109,38 +102,31 @@ def claimed(
         yield me
     finally:
         if me is not None:
-            claim.release(path, me)
-            _remove_empty(created)
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` (deepest first) while they are empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
+            claim.release(layout, me)
+            for folder in created:  # deepest first, while empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 class RunDir:
-    """Writes a run's records, in the files ``layout`` names; a no-op on every rank but the
-    main process. The writers take the typed records of ``records`` or the same records as
-    plain dicts (written as given).
-
-    ``holder`` is the run's claim on the directory and ``command`` the command that continues
-    the run: every ``status.json`` carries both, with a heartbeat time and the position the
-    run reached (``beat``)."""
+    """Writes a run's records (typed, or the same records as dicts) into ``layout``; a no-op
+    on every rank but the main process. Every ``status.json`` carries the run's claim
+    (``holder``), the command that continues the run, a heartbeat time and the position it
+    reached (``beat``)."""
 
     def __init__(
-        self, path: Path, enabled: bool, holder: Holder | None = None, command: str | None = None
+        self,
+        layout: RunLayout,
+        enabled: bool,
+        holder: Holder | None = None,
+        command: str | None = None,
     ) -> None:
-        self.path, self.enabled = path, enabled
-        self.layout = RunLayout(path)
+        self.layout, self.path, self.enabled = layout, layout.root, enabled
         self.holder, self.command = holder, command
         self.position: dict[str, Any] = {}  # epoch, step, global_step, checkpoint
         self._next_beat = 0.0  # time.monotonic() of the next heartbeat the loop owes
-        if enabled:
-            check_output_dir(path)
 
     @property
     def model_path(self) -> Path:
@@ -150,20 +136,15 @@ class RunDir:
     def summary_path(self) -> Path:
         return self.layout.summary
 
-    def holds_records(self) -> bool:
-        """Whether a run already wrote epoch records here."""
-        return self.layout.metrics.exists()
-
     def finished_summary(self) -> Summary | None:
         """The summary of the finished run this directory holds, or None if it holds none."""
         try:
             status = json.loads(self.layout.status.read_text())
-            finished = isinstance(status, dict) and status.get("state") == "finished"
-            return (
-                Summary.from_dict(json.loads(self.layout.summary.read_text())) if finished else None
-            )
+            if isinstance(status, dict) and status.get("state") == "finished":
+                return Summary.from_dict(json.loads(self.layout.summary.read_text()))
         except (OSError, ValueError):  # RecordError is a ValueError
-            return None
+            pass
+        return None
 
     def restore_records(
         self, history: list[EpochRecord] | list[dict[str, Any]], global_step: int
@@ -172,7 +153,7 @@ class RunDir:
         its global step (a resumed run repeats the steps after it)."""
         if not self.enabled:
             return
-        self._write_atomic(METRICS_FILE, "".join(_json_line(r) for r in history))
+        self._write_atomic(self.layout.metrics, "".join(_json_line(r) for r in history))
         steps = self.layout.steps
         if steps.exists():
             kept = [
@@ -180,14 +161,11 @@ class RunDir:
                 for line in steps.read_text().splitlines()
                 if line.strip() and json.loads(line)["global_step"] <= global_step
             ]
-            self._write_atomic(STEPS_FILE, "".join(kept))
+            self._write_atomic(steps, "".join(kept))
 
     def write_status(self, state: str, **details: Any) -> None:
-        """``status.json``: running, finished, stopped (resumable), diverged or failed, for
-        schedulers and scripts that cannot read exit codes through a launcher; with the
-        position reached, a heartbeat time, the run's claim and the command that continues
-        it."""
-        # Best effort: a full disk must not hide the error that ended the run.
+        """``status.json``, for schedulers and scripts that cannot read exit codes through a
+        launcher. Best effort: a full disk must not hide the error that ended the run."""
         if self.enabled:
             # A finished run's position is its epoch count (details), not the next epoch.
             reached = {
@@ -199,7 +177,7 @@ class RunDir:
             if self.command is not None and state != "finished":
                 status["continue"] = self.command
             with contextlib.suppress(WriteError):
-                self._write_atomic(STATUS_FILE, json.dumps(status) + "\n")
+                self._write_atomic(self.layout.status, json.dumps(status) + "\n")
 
     def beat(
         self,
@@ -210,15 +188,15 @@ class RunDir:
         force: bool = False,
     ) -> None:
         """The heartbeat: ``status.json`` says running, where, and when last seen, at most
-        every ``HEARTBEAT_SECONDS`` (``force``: now). Costs a clock read between beats. Raises
-        ``ClaimLost`` when another training took the directory over meanwhile."""
+        every ``HEARTBEAT_SECONDS`` (``force``: now). Raises ``ClaimLost`` when another
+        training took the directory over meanwhile."""
         if not self.enabled:
             return
         now = time.monotonic()
         if not force and now < self._next_beat:
             return
         self._next_beat = now + HEARTBEAT_SECONDS
-        if self.holder is not None and (taker := claim.lost_to(self.path, self.holder)):
+        if self.holder is not None and (taker := claim.lost_to(self.layout, self.holder)):
             raise ClaimLost(
                 f"{self.path} was taken over by another training ({taker}) while this one "
                 "showed no sign of life; stopping without writing anything more there"
@@ -230,30 +208,29 @@ class RunDir:
     def write_config(self, config: dict[str, Any], provenance: dict[str, Any]) -> None:
         if self.enabled:
             text = yaml.safe_dump({**config, "provenance": provenance}, sort_keys=False)
-            self._write_atomic(CONFIG_FILE, text)
+            self._write_atomic(self.layout.config, text)
 
     def append_epoch(self, record: EpochRecord | dict[str, Any]) -> None:
-        self._append(METRICS_FILE, record)
+        self._append(self.layout.metrics, record)
 
     def append_step(self, record: StepRecord | dict[str, Any]) -> None:
-        self._append(STEPS_FILE, record)
+        self._append(self.layout.steps, record)
 
     def write_summary(self, summary: Summary | dict[str, Any]) -> None:
         if self.enabled:
-            self._write_atomic(SUMMARY_FILE, json.dumps(_plain(summary), indent=2) + "\n")
+            self._write_atomic(self.layout.summary, json.dumps(_plain(summary), indent=2) + "\n")
 
-    def _append(self, name: str, record: AnyRecord) -> None:
+    def _append(self, path: Path, record: AnyRecord) -> None:
         if self.enabled:
             try:
-                with open(self.path / name, "a") as f:
+                with open(path, "a") as f:
                     f.write(_json_line(record))
             except OSError as e:
-                raise WriteError(f"cannot write {self.path / name}: {e.strerror or e}") from None
+                raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
-    def _write_atomic(self, name: str, text: str) -> None:
-        """Replace ``name`` with ``text`` in one rename: a failed write leaves the old file
+    def _write_atomic(self, final: Path, text: str) -> None:
+        """Replace ``final`` with ``text`` in one rename: a failed write leaves the old file
         as it was, and no partial file behind."""
-        final = self.path / name
         partial = partial_file(final)
         try:
             partial.write_text(text)

@@ -1,9 +1,4 @@
-"""Stopping a run at a step boundary: signals, a stop file, and every rank agreeing on when.
-
-A stop request (SIGTERM, SIGINT, SIGUSR1, or the run directory's stop file, ``layout.STOP_FILE``)
-only sets a flag; the training loop asks ``StopControl`` at each step boundary whether to stop, and
-all ranks get the same answer at the same step, so they save one consistent checkpoint.
-"""
+"""Stopping a run at a step boundary: signals, a stop file, and every rank agreeing on when."""
 
 from __future__ import annotations
 
@@ -24,13 +19,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopControl:
-    """Collects stop requests on this rank and turns them into one decision for all ranks.
+    """Turns this rank's stop requests (SIGTERM, SIGINT, SIGUSR1, the stop file) into one
+    decision for all ranks at the same step boundary, so they save one consistent checkpoint.
 
-    Ranks agree through an asynchronous all-reduce on a small gloo group: the answer at step
-    boundary ``k`` is the agreement started at boundary ``k - 1``, so checking never waits on
-    the network or on the GPU (one step of delay, no per-step synchronisation). Under
-    ``accelerate launch`` the launcher forwards SIGTERM and SIGINT to every rank but SIGUSR1
-    kills the launcher itself; the stop file works everywhere.
+    Ranks agree through an asynchronous all-reduce on a small gloo group: the answer at boundary
+    ``k`` is the agreement started at ``k - 1``, so checking never waits on the network or the
+    GPU. ``accelerate launch`` forwards SIGTERM and SIGINT to every rank but SIGUSR1 kills the
+    launcher itself; the stop file works everywhere.
     """
 
     def __init__(
@@ -92,9 +87,8 @@ class StopControl:
         return bool(flag.item())
 
     def stopped(self, position: str, checkpoint: Path | None) -> Stopped:
-        """The error that ends the run after an agreed stop at ``position``, with
-        ``checkpoint`` saved there (the run adds the command that continues it). Removes the
-        stop file, or the resumed run would stop at once."""
+        """The error that ends the run after an agreed stop at ``position``. Removes the stop
+        file, or the resumed run would stop at once."""
         if self._is_main:
             self.stop_file.unlink(missing_ok=True)
         return Stopped(f"{self.describe()}: stopped at {position}; checkpoint {checkpoint}")

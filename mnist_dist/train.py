@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from mnist_dist.engine import build_engine, stepped_optimizer
 from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
 from mnist_dist.evaluate import evaluate
 from mnist_dist.launch import continue_command
-from mnist_dist.layout import needs_resume_auto
+from mnist_dist.layout import RunLayout, needs_resume_auto
 from mnist_dist.loop import EpochFigures, Loop, RunOutputs
 from mnist_dist.model import MnistCNN
 from mnist_dist.provenance import provenance
@@ -60,10 +59,10 @@ def train(config: Config) -> Summary:
         config.train.mixed_precision, log_with=log_with, static_graph=config.train.grad_accum == 1
     )
     try:
-        run_path = preflight(accelerator, config)
+        layout = preflight(accelerator, config)
         say = print if accelerator.is_main_process else _silent
-        with claimed(accelerator, run_path, say) as holder:  # one training per run directory
-            run = build(accelerator, config, run_path, holder, started, determinism)
+        with claimed(accelerator, layout, say) as holder:  # one training per run directory
+            run = build(accelerator, config, layout, holder, started, determinism)
             if isinstance(run, Summary):
                 summary = run  # the run directory holds a finished run: nothing to do
             else:
@@ -85,7 +84,7 @@ def _silent(line: str) -> None:
     pass
 
 
-def preflight(accelerator: Accelerator, config: Config) -> Path:
+def preflight(accelerator: Accelerator, config: Config) -> RunLayout:
     """What is checked before the run directory is touched: the global batch divides over
     the processes, the data is there and intact. Returns the run directory."""
     training = config.train
@@ -157,18 +156,18 @@ class Run:
 def build(
     accelerator: Accelerator,
     config: Config,
-    run_path: Path,
+    layout: RunLayout,
     holder: Holder | None,
     started: float,
     determinism: dict[str, Any],
 ) -> Run | Summary:
     """Everything a run needs, restored from its checkpoint if it has one; or the summary of
     the finished run its directory holds when there is nothing left to train. ``holder`` is
-    the main process's claim on ``run_path``."""
+    the main process's claim on the run directory."""
     training, checkpointing = config.train, config.checkpoint
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    command = continue_command(run_path, needs_resume_auto(checkpointing.resume, run_path))
-    run_dir = RunDir(run_path, accelerator.is_main_process, holder, command)
+    command = continue_command(layout.root, needs_resume_auto(checkpointing.resume, layout.root))
+    run_dir = RunDir(layout, accelerator.is_main_process, holder, command)
     train_data = build_train_data(
         config.data, training.global_batch_size, world, rank, training.seed, device
     )
@@ -183,7 +182,7 @@ def build(
     say = console.print
     console.status("looking for a checkpoint")
     keep, every = checkpointing.keep_checkpoints, checkpointing.checkpoint_every
-    checkpointer = Checkpointer(accelerator, run_dir.path, keep, every, started)
+    checkpointer = Checkpointer(accelerator, run_dir.layout, keep, every, started)
     checkpoint, branch = find_checkpoint(checkpointer, run_dir, config, say)
     finished = None if branch else already_finished(run_dir, training.epochs, say)
     if finished is not None:
@@ -306,7 +305,7 @@ def record_start(
     settings = config.to_dict()
     run_dir.write_config(settings, launch)
     tracker = make_tracker(
-        config.tracking, accelerator, run_dir.path, {**settings, "provenance": launch}, say,
+        config.tracking, accelerator, run_dir.layout, {**settings, "provenance": launch}, say,
         run_id=state.tracker_run_id,
     )  # fmt: skip
     state.tracker_run_id = tracker.run_id or state.tracker_run_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
 import secrets
@@ -9,7 +10,7 @@ import string
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -18,29 +19,18 @@ from accelerate import Accelerator
 from mnist_dist import faults
 from mnist_dist.config import TrackingConfig
 from mnist_dist.evaluate import EvalResult
-from mnist_dist.layout import RunLayout
+from mnist_dist.layout import WANDB_DIR, RunLayout
 from mnist_dist.records import Summary
 from mnist_dist.rundir import check_writable
 
 MAX_TABLE_ROWS = 100  # misclassified test images sent to W&B at the end of a run
 
 
-class Tracker(Protocol):
-    """What the training loop needs from an experiment tracker."""
+class Tracker:
+    """What the training loop needs from an experiment tracker. This one tracks nothing:
+    ``--tracker none``, a disabled mode and every non-main rank."""
 
-    run_id: str | None  # the W&B run id to store in checkpoints; None when nothing is tracked
-
-    def log(self, metrics: dict[str, Any], step: int) -> None: ...
-
-    def log_final(self, summary: Summary, final: EvalResult, model_path: Path) -> None: ...
-
-    def finish(self) -> None: ...
-
-
-class NoTracker:
-    """``--tracker none``, a disabled mode and every non-main rank: no calls to any tracker."""
-
-    run_id: str | None = None
+    run_id: str | None = None  # the W&B run id to store in checkpoints
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         pass
@@ -53,8 +43,8 @@ class NoTracker:
 
 
 def has_wandb_credentials() -> bool:
-    """Whether W&B would find an API key: ``WANDB_API_KEY``, an identity token file, or the
-    ``.netrc`` entry that ``wandb login`` writes for the configured host. Never reads the key."""
+    """Whether W&B would find an API key (``WANDB_API_KEY``, an identity token file, or the
+    ``.netrc`` entry of ``wandb login``), without reading it."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
@@ -66,8 +56,8 @@ def has_wandb_credentials() -> bool:
 
 
 def wandb_mode(config: TrackingConfig) -> str:
-    """``--wandb-mode``, else ``WANDB_MODE``, else online with credentials and offline without.
-    An empty ``WANDB_MODE`` counts as unset."""
+    """``--wandb-mode``, else a non-empty ``WANDB_MODE``, else online with credentials and
+    offline without."""
     return (
         config.wandb_mode
         or os.environ.get("WANDB_MODE")
@@ -76,7 +66,7 @@ def wandb_mode(config: TrackingConfig) -> str:
 
 
 def wants_wandb(config: TrackingConfig) -> bool:
-    """Whether the run is recorded in W&B at all. The same answer on every rank."""
+    """Whether the run is recorded in W&B at all (the same answer on every rank)."""
     return config.tracker == "wandb" and wandb_mode(config) != "disabled"
 
 
@@ -85,38 +75,38 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:300]}"
 
 
-class WandbTracker:
-    """W&B through Accelerate's tracker API, started on the main process only (one run per job,
+class WandbTracker(Tracker):
+    """W&B through Accelerate's tracker API, on the main process only (one run per job,
     huggingface/accelerate#644).
 
     The run id comes from ``run_id``, else the run directory's ``wandb-run-id.txt``, else
-    ``WANDB_RUN_ID``, else a new one, and is always opened with ``resume="allow"``: a resumed or
-    requeued job continues its W&B run (Lightning-AI/pytorch-lightning#13524). Every record
-    carries ``global_step`` and W&B plots against it, not against its own ``_step``, which a
-    resumed run cannot rewind (wandb/wandb#4482).
-
-    Any W&B failure prints one warning and turns tracking off; training never stops for it.
+    ``WANDB_RUN_ID``, else a new one, always opened with ``resume="allow"``: a resumed or
+    requeued job continues its W&B run (Lightning-AI/pytorch-lightning#13524). Records carry
+    ``global_step`` and W&B plots against it, not its own ``_step``, which a resumed run cannot
+    rewind (wandb/wandb#4482). A W&B failure prints one warning and turns tracking off.
     """
 
     def __init__(
         self,
         accelerator: Accelerator,
         config: TrackingConfig,
-        run_dir: Path,
+        layout: RunLayout,
         run_config: dict[str, Any],
         say: Callable[[str], None],
         run_id: str | None = None,
     ) -> None:
-        self.accelerator, self.config, self.run_dir, self.say = accelerator, config, run_dir, say
+        self.accelerator, self.config, self.layout, self.say = accelerator, config, layout, say
         self.active, self.run_id = False, None
         self.run: Any = None  # the wandb Run, once started
         # W&B would silently fall back to a temporary folder when WANDB_DIR is not writable; a
         # run that vanishes with the node's /tmp is worse than a warning, so check it ourselves.
-        self.wandb_dir = Path(os.environ.get("WANDB_DIR") or run_dir)
-        run_id = run_id or _read_run_id(run_dir) or os.environ.get("WANDB_RUN_ID")
+        self.wandb_dir = Path(os.environ.get("WANDB_DIR") or layout.root)
+        with contextlib.suppress(OSError):
+            run_id = run_id or layout.wandb_run_id.read_text().strip()
+        run_id = run_id or os.environ.get("WANDB_RUN_ID")
         mode = wandb_mode(config)
         try:
-            check_writable(self.wandb_dir / "wandb")
+            check_writable(self.wandb_dir / WANDB_DIR)
             run_id = run_id or _new_run_id()
             try:
                 self._start(mode, run_id, run_config)
@@ -161,7 +151,7 @@ class WandbTracker:
         self.run.define_metric("global_step")
         self.run.define_metric("*", step_metric="global_step")
         self.active, self.run_id = True, self.run.id
-        _write_run_id(self.run_dir, self.run.id)
+        self.layout.wandb_run_id.write_text(self.run.id + "\n")
 
     def _abandon(self) -> None:
         """Forget a run that failed to start, so that another can start in this process."""
@@ -199,17 +189,15 @@ class WandbTracker:
         try:
             import wandb
 
-            figures = summary.to_dict()
-            self.run.summary.update(
-                {f"final/{k}": v for k, v in figures.items() if isinstance(v, (int, float, str))}
-            )
+            figures = {
+                k: v for k, v in summary.to_dict().items() if isinstance(v, (int, float, str))
+            }
+            self.run.summary.update({f"final/{k}": v for k, v in figures.items()})
             faults.point("wandb.log")
             self.accelerator.log(
                 {"global_step": summary.global_step, **_final_charts(wandb, final)}
             )
-            artifact = wandb.Artifact(
-                f"mnist-cnn-{self.run.id}", type="model", metadata=_plain(figures)
-            )
+            artifact = wandb.Artifact(f"mnist-cnn-{self.run.id}", type="model", metadata=figures)
             artifact.add_file(str(model_path))
             self.run.log_artifact(artifact, aliases=["latest", "final"])
         except Exception as e:
@@ -283,24 +271,14 @@ def _final_charts(wandb: Any, final: EvalResult) -> dict[str, Any]:
 
 
 def _prepare_wandb_environ(mode: str) -> None:
-    """Make the environment say what this run decided, before W&B reads it.
-
-    wandb reads every ``WANDB_*`` variable from ``os.environ`` itself and validates it, even one
-    whose setting is also passed to ``wandb.init``: with wandb 0.31 an empty ``WANDB_MODE``,
-    ``WANDB_TAGS``, ``WANDB_RUN_ID``, ``WANDB_BASE_URL``, ``WANDB_INIT_TIMEOUT``, ``WANDB_SILENT``,
-    ``WANDB_CONSOLE`` or ``WANDB_RESUME`` (job templates often export ``NAME=``) fails its
-    settings validation and the run never starts. mnist-dist treats an empty variable as unset
-    everywhere, so they are removed here for wandb too; and ``WANDB_MODE`` is set to the mode
-    this run resolved, so that ``--wandb-mode`` also wins over an invalid value in the
-    environment, as every flag wins over the environment.
-    """
+    """Make the environment say what this run decided, before W&B reads it. wandb validates
+    every ``WANDB_*`` variable itself, also one passed to ``wandb.init``: with wandb 0.31 an
+    empty one (job templates often export ``NAME=``) fails validation and the run never
+    starts. An empty variable counts as unset, so it is removed; ``WANDB_MODE`` is set to the
+    resolved mode, so that ``--wandb-mode`` wins over an invalid value there."""
     for name in [k for k, v in os.environ.items() if k.startswith("WANDB_") and v == ""]:
         del os.environ[name]
     os.environ["WANDB_MODE"] = mode
-
-
-def _plain(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
 
 
 def _new_run_id() -> str:
@@ -308,21 +286,10 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def _read_run_id(run_dir: Path) -> str | None:
-    try:
-        return RunLayout(run_dir).wandb_run_id.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _write_run_id(run_dir: Path, run_id: str) -> None:
-    RunLayout(run_dir).wandb_run_id.write_text(run_id + "\n")
-
-
 def make_tracker(
     config: TrackingConfig,
     accelerator: Accelerator,
-    run_dir: Path,
+    layout: RunLayout,
     run_config: dict[str, Any],
     say: Callable[[str], None],
     run_id: str | None = None,
@@ -330,8 +297,8 @@ def make_tracker(
     """W&B on the main process when the config asks for it and its mode is not disabled;
     otherwise a tracker that makes no calls at all. ``run_id`` continues that W&B run."""
     if wants_wandb(config) and accelerator.is_main_process:
-        return WandbTracker(accelerator, config, run_dir, run_config, say, run_id=run_id)
-    return NoTracker()
+        return WandbTracker(accelerator, config, layout, run_config, say, run_id=run_id)
+    return Tracker()
 
 
 def namespaced(prefix: str, record: dict[str, Any]) -> dict[str, Any]:

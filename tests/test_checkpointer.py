@@ -44,7 +44,7 @@ def no_warning(line: str) -> None:
 def test_a_save_writes_a_folder_whose_manifest_lists_every_file_with_size_and_sha256(
     prepared, tmp_path
 ):
-    path = Checkpointer(prepared, tmp_path, keep=3).save(at(1, 5))
+    path = Checkpointer(prepared, RunLayout(tmp_path), keep=3).save(at(1, 5))
     assert path == RunLayout(tmp_path).checkpoints / "epoch-001-step-000005"
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     files = {p.name for p in path.iterdir()} - {MANIFEST_FILE}
@@ -69,7 +69,7 @@ def _damage_a_file(checkpoint: Path) -> None:
 def test_an_incomplete_or_damaged_folder_is_never_resumed_and_partial_ones_are_pruned(
     prepared, tmp_path
 ):
-    checkpointer = Checkpointer(prepared, tmp_path, keep=3)
+    checkpointer = Checkpointer(prepared, RunLayout(tmp_path), keep=3)
     good = checkpointer.save(at(1, 5))
     root = good.parent
     # What a killed or damaged write leaves behind, each at a newer position than ``good``:
@@ -85,7 +85,7 @@ def test_an_incomplete_or_damaged_folder_is_never_resumed_and_partial_ones_are_p
 
     assert complete_checkpoints(root) == [good, damaged]  # listed: it has its manifest ...
     warnings: list[str] = []
-    found = Checkpointer(prepared, tmp_path, keep=3).find("auto", warnings.append)
+    found = Checkpointer(prepared, RunLayout(tmp_path), keep=3).find("auto", warnings.append)
     assert found is not None and found.path == good  # ... but never resumed
     assert found.state.global_step == 5
     assert warnings == [
@@ -99,7 +99,7 @@ def test_an_incomplete_or_damaged_folder_is_never_resumed_and_partial_ones_are_p
 
 
 def test_keep_keeps_the_newest_complete_checkpoints(prepared, tmp_path):
-    checkpointer = Checkpointer(prepared, tmp_path, keep=2)
+    checkpointer = Checkpointer(prepared, RunLayout(tmp_path), keep=2)
     saved = [checkpointer.save(at(epoch, step)) for epoch, step in [(1, 3), (1, 6), (2, 0), (2, 3)]]
     assert complete_checkpoints(RunLayout(tmp_path).checkpoints) == saved[-2:]
     assert names(RunLayout(tmp_path).checkpoints) == [
@@ -117,7 +117,7 @@ def test_a_mid_epoch_save_is_due_every_n_steps_but_never_at_an_epochs_end(
 ):
     """16 steps per epoch: the epoch's own checkpoint follows its evaluation, so step 16 and
     step 32 are never due, even when they are multiples of ``every``."""
-    checkpointer = Checkpointer(cpu_accelerator, tmp_path, keep=3, every=every)
+    checkpointer = Checkpointer(cpu_accelerator, RunLayout(tmp_path), keep=3, every=every)
     due = [
         global_step
         for global_step in range(1, 33)
@@ -127,7 +127,7 @@ def test_a_mid_epoch_save_is_due_every_n_steps_but_never_at_an_epochs_end(
 
 
 def test_saved_and_newest_follow_this_processs_saves_then_the_disk(prepared, tmp_path):
-    checkpointer = Checkpointer(prepared, tmp_path, keep=3)
+    checkpointer = Checkpointer(prepared, RunLayout(tmp_path), keep=3)
     assert checkpointer.newest() is None
     assert not checkpointer.saved(at(1, 5))
     first = checkpointer.save(at(1, 5))
@@ -136,13 +136,13 @@ def test_saved_and_newest_follow_this_processs_saves_then_the_disk(prepared, tmp
     second = checkpointer.save(at(2, 0))
     assert checkpointer.newest() == second and not checkpointer.saved(at(1, 5))
     # A new process over the same run directory: the newest complete checkpoint on disk.
-    later = Checkpointer(prepared, tmp_path, keep=3)
+    later = Checkpointer(prepared, RunLayout(tmp_path), keep=3)
     assert later.newest() == second and not later.saved(at(2, 0))
 
 
 def test_find_auto_never_and_a_path(prepared, tmp_path):
     run = tmp_path / "run"
-    checkpointer = Checkpointer(prepared, run, keep=3)
+    checkpointer = Checkpointer(prepared, RunLayout(run), keep=3)
     assert checkpointer.find("auto", no_warning) is None  # nothing saved yet: a fresh start
     older = checkpointer.save(at(1, 5))
     newest = checkpointer.save(at(2, 0))
@@ -161,13 +161,13 @@ def test_find_auto_never_and_a_path(prepared, tmp_path):
         checkpointer.find(str(missing), no_warning)
 
     # Another run directory starts a branch from it.
-    other = Checkpointer(prepared, tmp_path / "other", keep=3)
+    other = Checkpointer(prepared, RunLayout(tmp_path / "other"), keep=3)
     branched = other.find(str(older), no_warning)
     assert branched is not None and branched.path == older and not other.holds(branched)
 
 
 def test_a_failed_write_is_a_write_error_and_leaves_no_partial_folder(prepared, tmp_path):
-    checkpointer = Checkpointer(prepared, tmp_path, keep=3)
+    checkpointer = Checkpointer(prepared, RunLayout(tmp_path), keep=3)
     first = checkpointer.save(at(1, 5))
     with file_size_limit(64), pytest.raises(WriteError) as failed:
         checkpointer.save(at(1, 10))
@@ -176,7 +176,9 @@ def test_a_failed_write_is_a_write_error_and_leaves_no_partial_folder(prepared, 
     assert "File too large" in message
     assert names(RunLayout(tmp_path).checkpoints) == ["epoch-001-step-000005"]  # no partial folder
     assert checkpointer.newest() == first and not checkpointer.saved(at(1, 10))
-    assert Checkpointer(prepared, tmp_path, keep=3).find("auto", no_warning).path == first
+    assert (
+        Checkpointer(prepared, RunLayout(tmp_path), keep=3).find("auto", no_warning).path == first
+    )
 
 
 def test_a_file_where_the_checkpoints_folder_must_go_is_a_write_error(prepared, tmp_path):
@@ -184,5 +186,5 @@ def test_a_file_where_the_checkpoints_folder_must_go_is_a_write_error(prepared, 
         ""
     )  # not a folder: nothing can be written under it
     with pytest.raises(WriteError, match="Not a directory"):
-        Checkpointer(prepared, tmp_path, keep=3).save(at(1, 5))
+        Checkpointer(prepared, RunLayout(tmp_path), keep=3).save(at(1, 5))
     assert names(tmp_path) == [CHECKPOINTS_DIR] and (RunLayout(tmp_path).checkpoints).is_file()

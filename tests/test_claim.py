@@ -248,7 +248,7 @@ def test_a_refused_start_leaves_no_run_directory(data, tmp_path):
 def test_the_take_over_rules(tmp_path):
     from mnist_dist import claim
 
-    me = Holder.this_process()
+    me, run = Holder.this_process(), RunLayout(tmp_path)
     now = me.since
 
     def holder(**changes) -> Holder:
@@ -257,17 +257,15 @@ def test_the_take_over_rules(tmp_path):
 
     dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True).stdout.strip()  # fmt: skip
-    assert claim.judge(tmp_path, holder(pid=int(dead_pid)), me) == "its process is gone"
-    assert claim.judge(tmp_path, holder(), me) is None  # this host, alive: held
-    assert claim.judge(tmp_path, holder(host="node-b"), me) is None  # another host, recent
+    assert claim.judge(run, holder(pid=int(dead_pid)), me) == "its process is gone"
+    assert claim.judge(run, holder(), me) is None  # this host, alive: held
+    assert claim.judge(run, holder(host="node-b"), me) is None  # another host, recent
     requeued = Holder(**{**asdict(me), "slurm_job": "7", "restart": 2})
     earlier = holder(slurm_job="7", restart=1)  # same host and a live pid, still the job's past
-    assert (
-        claim.judge(tmp_path, earlier, requeued) == "an earlier attempt of SLURM job 7 (requeued)"
-    )
-    assert claim.judge(tmp_path, holder(slurm_job="7", restart=2), requeued) is None
+    assert claim.judge(run, earlier, requeued) == "an earlier attempt of SLURM job 7 (requeued)"
+    assert claim.judge(run, holder(slurm_job="7", restart=2), requeued) is None
     old = (datetime.now(timezone.utc) - timedelta(seconds=STALE_SECONDS + 1)).isoformat()
-    assert "no sign of life" in claim.judge(tmp_path, holder(host="node-b", since=old), me)
+    assert "no sign of life" in claim.judge(run, holder(host="node-b", since=old), me)
 
 
 def test_a_fresh_claim_moved_by_a_late_taker_is_put_back(tmp_path):
@@ -275,10 +273,10 @@ def test_a_fresh_claim_moved_by_a_late_taker_is_put_back(tmp_path):
 
     stale = write_claim(tmp_path, "node-b", "1", seconds_ago=STALE_SECONDS + 60)
     first, late = Holder.this_process(), Holder.this_process()
-    assert claim.acquire(tmp_path, first).startswith("warning: taking over")
+    assert claim.acquire(RunLayout(tmp_path), first).startswith("warning: taking over")
     # The late one judged the stale claim too, before the first one replaced it.
-    assert not claim._take_over(tmp_path, stale, late)
-    assert claim.read_holder(tmp_path) == first
+    assert not claim._take_over(RunLayout(tmp_path), stale, late)
+    assert claim.read_holder(RunLayout(tmp_path)) == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["claim.json", "status.json"]
 
 
@@ -287,8 +285,8 @@ def test_a_run_whose_claim_was_taken_over_stops_at_its_next_heartbeat(tmp_path):
     from mnist_dist.rundir import RunDir
 
     me = Holder.this_process()
-    acquire(tmp_path, me)
-    run_dir = RunDir(tmp_path, True, me, "mnist-dist train --output-dir x")
+    acquire(RunLayout(tmp_path), me)
+    run_dir = RunDir(RunLayout(tmp_path), True, me, "mnist-dist train --output-dir x")
     run_dir.beat(1, 3, 3, None, force=True)
     assert status(tmp_path)["claim"] == me.token and status(tmp_path)["step"] == 3
     write_claim(tmp_path, "node-b", "2", seconds_ago=0)  # another training took it over

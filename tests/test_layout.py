@@ -111,9 +111,10 @@ def test_an_empty_resume_is_refused_in_one_line():
 
 def test_a_resume_path_chooses_the_run_directory_it_belongs_to(cpu_accelerator, tmp_path):
     checkpoint = RunLayout(tmp_path / "first").checkpoint(2, 0)
-    assert resolve_run_dir(cpu_accelerator, None, str(checkpoint)) == tmp_path / "first"
-    assert resolve_run_dir(cpu_accelerator, str(tmp_path / "o"), str(checkpoint)) == tmp_path / "o"
-    assert resolve_run_dir(cpu_accelerator, None, "auto").parent == Path("runs")
+    assert resolve_run_dir(cpu_accelerator, None, str(checkpoint)) == RunLayout(tmp_path / "first")
+    output_dir = resolve_run_dir(cpu_accelerator, str(tmp_path / "o"), str(checkpoint))
+    assert output_dir == RunLayout(tmp_path / "o")
+    assert resolve_run_dir(cpu_accelerator, None, "auto").root.parent == Path("runs")
 
 
 def test_readers_of_the_run_directory_do_not_import_torch():
@@ -157,13 +158,14 @@ def test_the_summary_reads_back_to_the_file_a_run_wrote(real_run, tmp_path):
     text = real_run.summary.read_text()
     summary = Summary.from_dict(json.loads(text))
     assert summary.epochs_completed == 2 and summary.test_total == 128
-    RunDir(tmp_path, enabled=True).write_summary(summary)
+    RunDir(RunLayout(tmp_path), enabled=True).write_summary(summary)
     assert RunLayout(tmp_path).summary.read_text() == text
 
 
 def test_run_dir_appends_records_and_their_dicts_alike(real_run, tmp_path):
     lines = real_run.metrics.read_text().splitlines(keepends=True)
-    typed, plain = RunDir(tmp_path / "typed", True), RunDir(tmp_path / "plain", True)
+    typed, plain = RunDir(RunLayout(tmp_path), True), RunDir(RunLayout(tmp_path / "plain"), True)
+    plain.path.mkdir()
     for line in lines:
         typed.append_epoch(EpochRecord.from_dict(json.loads(line)))
         plain.append_epoch(json.loads(line))
@@ -206,7 +208,7 @@ def test_a_record_that_is_not_one_says_why(kind, raw, message):
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path):
-    run_dir = RunDir(tmp_path, enabled=True)
+    run_dir = RunDir(RunLayout(tmp_path), enabled=True)
     run_dir.write_status("running", epoch=1)
     before = run_dir.layout.status.read_text()
     with file_size_limit(64):  # as a nearly full disk fails
@@ -219,7 +221,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path):
 
 
 def test_a_failed_rename_leaves_no_partial_file(tmp_path):
-    run_dir = RunDir(tmp_path, enabled=True)
+    run_dir = RunDir(RunLayout(tmp_path), enabled=True)
     run_dir.layout.summary.mkdir()  # in the way: the rename fails
     with pytest.raises(WriteError, match=r"^cannot write .*summary\.json: "):
         run_dir.write_summary(Summary.from_dict({**_summary(), "run_dir": str(tmp_path)}))
@@ -227,7 +229,7 @@ def test_a_failed_rename_leaves_no_partial_file(tmp_path):
 
 
 def test_resume_rewinds_the_records_to_the_checkpoint_atomically(real_run, tmp_path):
-    run_dir = RunDir(tmp_path, enabled=True)
+    run_dir = RunDir(RunLayout(tmp_path), enabled=True)
     run_dir.layout.steps.write_text(real_run.steps.read_text())
     history = [EpochRecord.from_dict(json.loads(line)) for line in real_run.metrics.open()]
     run_dir.restore_records(history[:1], global_step=history[0].global_step)
