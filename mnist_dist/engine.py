@@ -6,7 +6,7 @@ the fused optimizer, the epoch figures) and then launches it with one call per s
 model on a fast GPU is otherwise bound by the host's launches (7-9 us each, ~70 per step).
 Both spell the forward pass, the loss and the accuracy once, in ``forward_backward``.
 
-Both write each step's (summed loss, correct predictions) into ``EpochStats`` on the device, so
+Both write each step's (summed loss, correct predictions) into ``StepFigures`` on the device, so
 the loop never waits for the device between steps; the loop reads the figures, and checks them
 for a non-finite loss, only where it syncs anyway (log steps, checkpoints, the epoch's end).
 """
@@ -24,6 +24,7 @@ from accelerate import Accelerator
 
 from mnist_dist import faults
 from mnist_dist.data import TensorTrainData, TrainData
+from mnist_dist.distributed import say
 from mnist_dist.errors import MnistDistError, first_line
 
 # Steps run before a capture so that lazy initialisation (cuBLAS/cuDNN handles, the optimizer's
@@ -31,7 +32,7 @@ from mnist_dist.errors import MnistDistError, first_line
 WARMUP_STEPS = 3
 
 
-class EpochStats:
+class StepFigures:
     """This rank's figures per step of the current epoch, on the device: (summed loss, correct
     predictions), float32 (counts are exact below 2**24 per step)."""
 
@@ -58,7 +59,7 @@ class EpochStats:
 
 
 class StepEngine(Protocol):
-    """Runs the optimizer steps of an epoch, writing each step's figures into ``EpochStats``."""
+    """Runs the optimizer steps of an epoch, writing each step's figures into ``StepFigures``."""
 
     name: str
 
@@ -114,7 +115,7 @@ class EagerStep:
         optimizer: torch.optim.Optimizer,
         accelerator: Accelerator,
         data: TrainData,
-        stats: EpochStats,
+        stats: StepFigures,
         grad_accum: int,
     ) -> None:
         self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
@@ -156,7 +157,7 @@ class CapturedStep:
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler | None,
         data: TensorTrainData,
-        stats: EpochStats,
+        stats: StepFigures,
         grad_accum: int,
     ) -> None:
         sharding = data.sharding
@@ -457,14 +458,13 @@ def build_engine(
     accelerator: Accelerator,
     data: TrainData,
     grad_accum: int,
-    say: Callable[[str], None],
-) -> tuple[StepEngine, EpochStats, str]:
-    """The step engine ``--cuda-graph MODE`` asks for, its ``EpochStats`` and why it was
+) -> tuple[StepEngine, StepFigures, str]:
+    """The step engine ``--cuda-graph MODE`` asks for, its ``StepFigures`` and why it was
     chosen. ``auto`` captures where it can; a capture that fails leaves one warning and eager
     steps, and the run goes on (unless it left CUDA unusable: ``CudaUnusableError``)."""
-    stats = EpochStats(data.sharding.steps_per_epoch, accelerator.device)
+    stats = StepFigures(data.sharding.steps_per_epoch, accelerator.device)
 
-    def eager(reason: str) -> tuple[StepEngine, EpochStats, str]:
+    def eager(reason: str) -> tuple[StepEngine, StepFigures, str]:
         engine = EagerStep(model, optimizer, accelerator, data, stats, grad_accum)
         return engine, stats, reason
 

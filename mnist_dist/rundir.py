@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from accelerate.utils import broadcast_object_list
 
 from mnist_dist import claim
 from mnist_dist.claim import HEARTBEAT_SECONDS, ClaimLost, Holder
+from mnist_dist.distributed import say
 from mnist_dist.errors import UsageError, WriteError
 from mnist_dist.layout import (
     CONFIG_FILE,
@@ -80,9 +81,7 @@ def check_output_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def claimed(
-    accelerator: Accelerator, path: Path, say: Callable[[str], None]
-) -> Iterator[Holder | None]:
+def claimed(accelerator: Accelerator, path: Path) -> Iterator[Holder | None]:
     """Hold the run directory ``path`` for this training (``claim.py``) while the block runs;
     yields the claim on the main process (None on the others). Another training's claim is
     refused on every rank, before anything is written; a claim left behind is taken over with

@@ -7,7 +7,6 @@ import os
 import secrets
 import string
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -17,6 +16,7 @@ from accelerate import Accelerator
 
 from mnist_dist import faults
 from mnist_dist.config import TrackingConfig
+from mnist_dist.distributed import say
 from mnist_dist.evaluate import EvalResult
 from mnist_dist.layout import RunLayout
 from mnist_dist.records import Summary
@@ -104,10 +104,9 @@ class WandbTracker:
         config: TrackingConfig,
         run_dir: Path,
         run_config: dict[str, Any],
-        say: Callable[[str], None],
         run_id: str | None = None,
     ) -> None:
-        self.accelerator, self.config, self.run_dir, self.say = accelerator, config, run_dir, say
+        self.accelerator, self.config, self.run_dir = accelerator, config, run_dir
         self.active, self.run_id = False, None
         self.run: Any = None  # the wandb Run, once started
         # W&B would silently fall back to a temporary folder when WANDB_DIR is not writable; a
@@ -126,7 +125,7 @@ class WandbTracker:
                 # An unreachable server raises CommError after the init timeout; record offline.
                 self._abandon()
                 self._start("offline", run_id, run_config)
-                self.say(
+                say(
                     f"warning: W&B could not start online ({_one_line(e)}); recording offline "
                     f"in {Path(self.run.dir).parent} instead"
                 )
@@ -176,7 +175,7 @@ class WandbTracker:
         was_active, self.active = self.active, False
         if self.run is None:
             self.run_id = None  # nothing was recorded under it
-        self.say(
+        say(
             f"warning: W&B tracking stopped ({_one_line(error)}); training goes on, "
             "metrics.jsonl and summary.json stay complete"
         )
@@ -240,16 +239,16 @@ class WandbTracker:
         worker.join(self.config.wandb_finish_timeout)
         place = Path(run.dir).parent
         if worker.is_alive():
-            self.say(
+            say(
                 f"warning: W&B did not finish within {self.config.wandb_finish_timeout:g}s; "
                 f"its files are in {place} (`wandb sync {place}`)"
             )
         elif errors and report:
             self._stop(errors[0])
         elif report and run.offline:
-            self.say(f"W&B run {run.id} recorded offline; upload it with: wandb sync {place}")
+            say(f"W&B run {run.id} recorded offline; upload it with: wandb sync {place}")
         elif report:
-            self.say(f"W&B run {run.id}: {run.url}")
+            say(f"W&B run {run.id}: {run.url}")
 
 
 def _final_charts(wandb: Any, final: EvalResult) -> dict[str, Any]:
@@ -324,13 +323,12 @@ def make_tracker(
     accelerator: Accelerator,
     run_dir: Path,
     run_config: dict[str, Any],
-    say: Callable[[str], None],
     run_id: str | None = None,
 ) -> Tracker:
     """W&B on the main process when the config asks for it and its mode is not disabled;
     otherwise a tracker that makes no calls at all. ``run_id`` continues that W&B run."""
     if wants_wandb(config) and accelerator.is_main_process:
-        return WandbTracker(accelerator, config, run_dir, run_config, say, run_id=run_id)
+        return WandbTracker(accelerator, config, run_dir, run_config, run_id=run_id)
     return NoTracker()
 
 
