@@ -41,7 +41,7 @@ class TrainerState:
     global_batch_size: int = 64
     num_samples: int = 0  # training images per epoch
     world_size: int = 1
-    scheduler: dict[str, Any] = field(default_factory=dict)  # MultiStepLR position and LRs
+    scheduler: dict[str, Any] = field(default_factory=dict)  # schedule_state(): position, LRs
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0])  # loss sum, correct
     epoch_train_seconds: float = 0.0  # training time spent in the current epoch so far
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records

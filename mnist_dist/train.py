@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.optim.lr_scheduler import LRScheduler
 
 from mnist_dist.checkpoint import Checkpoint, Checkpointer, TrainerState
 from mnist_dist.claim import ClaimLost, Holder
@@ -30,7 +31,7 @@ from mnist_dist.loop import EpochRecorder, Loop, RunOutputs
 from mnist_dist.model import MnistCNN
 from mnist_dist.provenance import provenance
 from mnist_dist.records import EpochRecord, Summary
-from mnist_dist.resume import decide, needs_resume_auto
+from mnist_dist.resume import Resumption, decide, needs_resume_auto
 from mnist_dist.rundir import RunDir, claimed, resolve_run_dir
 from mnist_dist.schedule import build_schedule
 from mnist_dist.stopping import StopControl
@@ -52,7 +53,10 @@ def train(config: Config) -> Summary:
         config.train.mixed_precision, log_with=log_with, static_graph=config.train.grad_accum == 1
     )
     try:
-        run_path = preflight(accelerator, config)
+        # Checked before the run directory is touched: the batch divides, the data is intact.
+        config.train.per_device_batch_size(accelerator.num_processes)  # raises if it does not
+        ensure_raw_files(accelerator, config.data)
+        run_path = resolve_run_dir(accelerator, config.train.output_dir, config.checkpoint.resume)
         with claimed(accelerator, run_path) as holder:  # one training per run directory
             run = build(accelerator, config, run_path, holder, started, determinism)
             if isinstance(run, Summary):
@@ -66,15 +70,6 @@ def train(config: Config) -> Summary:
         accelerator.end_training()  # destroys the process group on every rank
 
 
-def preflight(accelerator: Accelerator, config: Config) -> Path:
-    """What is checked before the run directory is touched: the global batch divides over
-    the processes, the data is there and intact. Returns the run directory."""
-    training = config.train
-    training.per_device_batch_size(accelerator.num_processes)  # raises if it does not divide
-    ensure_raw_files(accelerator, config.data)  # verified before anything is written
-    return resolve_run_dir(accelerator, training.output_dir, config.checkpoint.resume)
-
-
 @dataclass
 class Run:
     """A built run: what ``fit`` and ``finish`` act on."""
@@ -84,10 +79,7 @@ class Run:
     run_dir: RunDir
     state: TrainerState
     loop: Loop
-    tracker: Tracker
     resumed: bool
-    started: float  # ``time.perf_counter()`` when this process started
-    engine_name: str
 
     @contextmanager
     def status(self) -> Iterator[None]:
@@ -106,7 +98,7 @@ class Run:
             name = {Stopped: "stopped", DivergedError: "diverged"}.get(type(e), "failed")
             e.args = (f"{e}; to continue: {run_dir.command}",)
             run_dir.write_status(name, message=str(e), exit_code=e.exit_code)
-            self.tracker.finish()
+            self.loop.outputs.tracker.finish()
             if isinstance(e, (Stopped, DivergedError)):
                 # Every rank raised this at the same step: leave together, so that the first
                 # launcher to exit (srun --kill-on-bad-exit ends the job's other nodes) cannot
@@ -122,7 +114,7 @@ class Run:
             self.loop.stop.close()
             self.loop.outputs.console.close()
         run_dir.write_status("finished", epoch=state.epoch - 1, global_step=state.global_step)
-        self.tracker.finish()
+        self.loop.outputs.tracker.finish()
 
     def say_done(self, summary: Summary) -> None:
         say(
@@ -168,20 +160,12 @@ def build(
         return resumption.finished
     checkpoint = resumption.checkpoint
     console.status("building the model" + (" and loading the checkpoint" if checkpoint else ""))
-    set_seed(training.seed)  # the same initial weights on every rank and world size
-    model, optimizer = build_model_and_optimizer(accelerator, training, config.optim.lr)
-    schedule = build_schedule(optimizer, config.optim)
+    model, optimizer, schedule, state = build_training(
+        accelerator, config, sharding.num_samples, resumption
+    )
     keep, every = checkpointing.keep_checkpoints, checkpointing.checkpoint_every
     checkpointer = Checkpointer(accelerator, run_dir.path, keep, every, started)
-    state = TrainerState(
-        seed=training.seed,
-        global_batch_size=training.global_batch_size,
-        num_samples=sharding.num_samples,
-        world_size=world,
-        config=config.to_dict(),
-    )
     if checkpoint is not None:
-        state = resumption.restore(accelerator, state, schedule)
         checkpointer.earlier_wall_seconds = state.run_wall_seconds
         run_dir.restore_records(state.history, state.global_step)
     # After the resume: a capture records the addresses of the restored optimizer state.
@@ -207,8 +191,28 @@ def build(
         outputs=RunOutputs(run_dir, tracker, console),
         log_every=training.log_every,
     )
-    resumed = checkpoint is not None
-    return Run(config, accelerator, run_dir, state, loop, tracker, resumed, started, engine.name)
+    return Run(config, accelerator, run_dir, state, loop, resumed=checkpoint is not None)
+
+
+def build_training(
+    accelerator: Accelerator, config: Config, num_samples: int, resumption: Resumption
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, LRScheduler, TrainerState]:
+    """The model, its optimizer and LR schedule, and the trainer state: restored from the
+    checkpoint ``resumption`` chose, if any."""
+    training = config.train
+    set_seed(training.seed)  # the same initial weights on every rank and world size
+    model, optimizer = build_model_and_optimizer(accelerator, training, config.optim.lr)
+    schedule = build_schedule(optimizer, config.optim)
+    state = TrainerState(
+        seed=training.seed,
+        global_batch_size=training.global_batch_size,
+        num_samples=num_samples,
+        world_size=accelerator.num_processes,
+        config=config.to_dict(),
+    )
+    if resumption.checkpoint is not None:
+        state = resumption.restore(accelerator, state, schedule)
+    return model, optimizer, schedule, state
 
 
 def announce(
@@ -272,7 +276,7 @@ def finish(run: Run) -> Summary:
     run.run_dir.write_summary(summary)
     if wants_wandb(run.config.tracking):  # the same on every rank: the final pass is collective
         final = evaluate(model, run.loop.test_data, accelerator, max_misclassified=MAX_TABLE_ROWS)
-        run.tracker.log_final(summary, final, run.run_dir.model_path)
+        run.loop.outputs.tracker.log_final(summary, final, run.run_dir.model_path)
     return summary
 
 
@@ -284,7 +288,7 @@ def summarize(run: Run) -> Summary:
     train_seconds = sum(r.train_seconds for r in history)
     # This command's time, and the run's: summed over every process that trained it (each up
     # to its last checkpoint: work lost to a kill is not counted).
-    segment_wall_seconds = time.perf_counter() - run.started
+    segment_wall_seconds = time.perf_counter() - run.loop.checkpointer.started
     return Summary(
         test_accuracy=last.test_accuracy,
         test_correct=last.test_correct,
@@ -302,7 +306,7 @@ def summarize(run: Run) -> Summary:
         epochs_completed=len(history),
         global_step=last.global_step,
         images_per_second=state.num_samples * len(history) / train_seconds,
-        step_engine=run.engine_name,
+        step_engine=run.loop.engine.name,
         deterministic=training.deterministic,
         segment_wall_seconds=segment_wall_seconds,
         run_wall_seconds=run.loop.checkpointer.earlier_wall_seconds + segment_wall_seconds,
