@@ -59,7 +59,6 @@ class TrainerState:
 
     @property
     def position(self) -> str:
-        """Where training stands, for messages."""
         return f"epoch {self.epoch}, step {self.step} (global step {self.global_step})"
 
     def to_json(self) -> str:
@@ -117,7 +116,6 @@ class Checkpointer:
         return bool(self.every) and state.global_step % self.every == 0 and not at_epoch_end
 
     def saved(self, state: TrainerState) -> bool:
-        """Whether this process already saved the position of ``state``."""
         return self.last_saved is not None and self.last_saved.name == state.name
 
     def newest(self) -> Path | None:

@@ -1,9 +1,6 @@
-"""The epoch/step loop: train an epoch step by step, evaluate it, save, stop when asked.
-
-The step itself belongs to the step engine (``engine.py``). The loop counts steps and acts
-only at their boundaries, where the host may wait for the device: a logging window, a
-checkpoint the checkpointer asks for, a stop every rank agreed on, the end of an epoch.
-"""
+"""The epoch/step loop: train an epoch, evaluate it, save, stop when asked. The step itself
+belongs to the step engine; the loop acts only at step boundaries where the host may wait for
+the device: a logging window, a checkpoint due, a stop every rank agreed on, an epoch's end."""
 
 from __future__ import annotations
 
@@ -63,7 +60,6 @@ class Loop:
                     raise self.stop.stopped(state.position, self.checkpointer.last_saved)
 
     def train_epoch(self, state: TrainerState) -> None:
-        """Train ``state.epoch`` from ``state.step`` to its end."""
         self.model.train()
         self.recorder.start(state)
         window = (state.step, time.perf_counter())  # the steps the next step record covers
@@ -125,13 +121,10 @@ class Loop:
 
 @dataclass
 class EpochRecorder:
-    """The current epoch's training figures: the per-step (loss, correct) that the step engine
-    writes on the device since ``first_step``, the sums a mid-epoch checkpoint folded into the
-    trainer state before that, and the training clock.
-
-    Reading the device figures is a host sync and a collective: the loop does it only at log
-    steps, checkpoints and the end of an epoch, on every rank.
-    """
+    """Makes the epoch's records from the step engine's device figures since ``first_step``,
+    the sums a mid-epoch checkpoint folded into the trainer state before that, and the training
+    clock. Reading the device figures is a host sync and a collective: the loop does it only at
+    log steps, checkpoints and the end of an epoch, on every rank."""
 
     accelerator: Accelerator
     stats: StepFigures

@@ -1,11 +1,8 @@
-"""The records a run writes: one per logged step, one per epoch, and the final summary.
-
-Each is defined once here. ``to_dict()`` is the JSON object the run writes (its keys in field
-order, the order of the files written so far); ``from_dict()`` reads one back, ignoring keys it
-does not know. W&B sees the
-same fields, under ``train/`` (steps) and ``epoch/`` (epochs), which the sweeps in sweeps/
-optimise. Torch-free, like ``layout``: readers need neither torch nor Accelerate.
-"""
+"""The records a run writes, each defined once: one per logged step, one per epoch, and the
+final summary. ``to_dict()`` is the JSON object written (keys in field order); ``from_dict()``
+reads one back, ignoring keys it does not know. W&B sees the same fields under ``train/`` and
+``epoch/``, which the sweeps in sweeps/ optimise. Torch-free: readers need neither torch nor
+Accelerate."""
 
 from __future__ import annotations
 
@@ -22,7 +19,6 @@ class RecordError(ValueError):
 
 class _Record:
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object written to the run directory (and logged)."""
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod

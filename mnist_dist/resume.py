@@ -33,11 +33,8 @@ class Resumption:
     def restore(
         self, accelerator: Accelerator, fresh: TrainerState, schedule: LRScheduler
     ) -> TrainerState:
-        """Load the checkpoint into the prepared model and optimizer and return its trainer
-        state, with this run's settings (``fresh``). A mid-epoch checkpoint continues the same
-        permutation at the next batch, so it needs the same seed, global batch and training
-        set; one taken at an epoch boundary can continue with any world size (the global
-        batch, not the per-process batch, fixes the math). A branch keeps the weights and
+        """Load the checkpoint into the prepared model, optimizer and ``schedule``; return its
+        trainer state with this run's settings (``fresh``). A branch keeps the weights and
         position, not the first run's start."""
         assert self.checkpoint is not None
         path, state = self.checkpoint.path, self.checkpoint.state
@@ -185,8 +182,10 @@ def locate(root: Path, resume: str, tell: Callable[[str], None]) -> Path | None:
 
 
 def check_mid_epoch(checkpoint: Checkpoint, fresh: TrainerState) -> None:
-    """Refuse a mid-epoch checkpoint whose next batch this run would not draw the same
-    (another seed, global batch or training set)."""
+    """Refuse a mid-epoch checkpoint whose next batch this run would not draw the same: it
+    continues the epoch's permutation, fixed by the seed, global batch and training set. One
+    taken at an epoch boundary continues with any world size (the global batch fixes the
+    math)."""
     state = checkpoint.state
     if state.step == 0:
         return
