@@ -145,11 +145,10 @@ def build(
     train_data = build_train_data(
         config.data, training.global_batch_size, world, rank, training.seed, device
     )
-    sharding = train_data.sharding
     console = RunConsole(
         accelerator.is_main_process,
         training.epochs,
-        sharding.steps_per_epoch,
+        train_data.sharding.steps_per_epoch,
         training.progress_every,
         training.global_batch_size,
     )
@@ -160,31 +159,27 @@ def build(
         return resumption.finished
     checkpoint = resumption.checkpoint
     console.status("building the model" + (" and loading the checkpoint" if checkpoint else ""))
-    model, optimizer, schedule, state = build_training(
-        accelerator, config, sharding.num_samples, resumption
-    )
     keep, every = checkpointing.keep_checkpoints, checkpointing.checkpoint_every
     checkpointer = Checkpointer(accelerator, run_dir.path, keep, every, started)
-    if checkpoint is not None:
-        checkpointer.earlier_wall_seconds = state.run_wall_seconds
-        run_dir.restore_records(state.history, state.global_step)
+    model, optimizer, schedule, state = build_training(
+        accelerator, config, train_data.sharding.num_samples, resumption, run_dir, checkpointer
+    )
     # After the resume: a capture records the addresses of the restored optimizer state.
     engine, figures, reason = build_engine(
         training.cuda_graph, model, optimizer, accelerator, train_data, training.grad_accum
     )
-    console.status(
-        "starting the tracker" if wants_wandb(config.tracking) else "writing config.yaml"
-    )
+    tracking = wants_wandb(config.tracking)
+    console.status("starting the tracker" if tracking else "writing config.yaml")
     launch = {**provenance(accelerator), **determinism, "step_engine": engine.name}
     tracker = record_start(accelerator, config, run_dir, state, checkpoint, launch)
-    announce(accelerator, training, sharding.num_samples, run_dir, engine.name, reason)
+    announce(accelerator, training, train_data.sharding.num_samples, run_dir, engine.name, reason)
     console.status("loading the test set")
     loop = Loop(
         accelerator=accelerator,
         model=model,
         schedule=schedule,
         engine=engine,
-        recorder=EpochRecorder(accelerator, figures, sharding),
+        recorder=EpochRecorder(accelerator, figures, train_data.sharding),
         test_data=eval_batches(config.data, world, rank, device),
         checkpointer=checkpointer,
         stop=StopControl(accelerator, run_dir.layout.stop),
@@ -195,10 +190,15 @@ def build(
 
 
 def build_training(
-    accelerator: Accelerator, config: Config, num_samples: int, resumption: Resumption
+    accelerator: Accelerator,
+    config: Config,
+    num_samples: int,
+    resumption: Resumption,
+    run_dir: RunDir,
+    checkpointer: Checkpointer,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, LRScheduler, TrainerState]:
-    """The model, its optimizer and LR schedule, and the trainer state: restored from the
-    checkpoint ``resumption`` chose, if any."""
+    """The model, its optimizer and LR schedule, and the trainer state: restored, with the
+    run's records and wall time, from the checkpoint ``resumption`` chose, if any."""
     training = config.train
     set_seed(training.seed)  # the same initial weights on every rank and world size
     model, optimizer = build_model_and_optimizer(accelerator, training, config.optim.lr)
@@ -212,6 +212,8 @@ def build_training(
     )
     if resumption.checkpoint is not None:
         state = resumption.restore(accelerator, state, schedule)
+        checkpointer.earlier_wall_seconds = state.run_wall_seconds
+        run_dir.restore_records(state.history, state.global_step)
     return model, optimizer, schedule, state
 
 
