@@ -53,7 +53,7 @@ from mnist_dist.data import (
     eval_batches,
 )
 from mnist_dist.distributed import make_accelerator
-from mnist_dist.engine import CapturedStep, EpochStats, train_step
+from mnist_dist.engine import CapturedStep, StepFigures, train_step
 from mnist_dist.evaluate import evaluate
 from mnist_dist.train import build_model_and_optimizer
 
@@ -240,7 +240,7 @@ def captured_step_op_counts(batch_size: int = 64, warmup: int = 3) -> dict[str, 
         model, optimizer = build_model_and_optimizer(accelerator, TrainConfig(), lr=1e-3)
         sharding = Sharding(num_samples, batch_size, 1, 0, seed=0)
         data = TensorTrainData(images, labels, sharding)
-        stats = EpochStats(sharding.steps_per_epoch, device)
+        stats = StepFigures(sharding.steps_per_epoch, device)
         engine = CapturedStep(model, optimizer, None, data, stats, grad_accum=1)
         for epoch in range(1, warmup + 1):  # every kind of step, ``warmup`` times
             for _ in engine.run_epoch(epoch, 0):

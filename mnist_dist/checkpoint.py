@@ -15,12 +15,10 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 
 from mnist_dist import faults
-from mnist_dist.config import changed_math_settings
-from mnist_dist.errors import UsageError, WriteError, first_line, write_failure
+from mnist_dist.errors import UsageError, WriteError, write_failure
 from mnist_dist.layout import (
     MANIFEST_FILE,
     PARTIAL_PREFIX,
@@ -28,11 +26,8 @@ from mnist_dist.layout import (
     RunLayout,
     checkpoint_name,
     parse_checkpoint_name,
-    parse_resume,
     partial_checkpoint,
-    run_dir_of,
 )
-from mnist_dist.rundir import read_config
 
 
 @dataclass
@@ -46,7 +41,7 @@ class TrainerState:
     global_batch_size: int = 64
     num_samples: int = 0  # training images per epoch
     world_size: int = 1
-    scheduler: dict[str, Any] = field(default_factory=dict)  # MultiStepLR position and LRs
+    scheduler: dict[str, Any] = field(default_factory=dict)  # schedule_state(): position, LRs
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0])  # loss sum, correct
     epoch_train_seconds: float = 0.0  # training time spent in the current epoch so far
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records
@@ -64,7 +59,6 @@ class TrainerState:
 
     @property
     def position(self) -> str:
-        """Where training stands, for messages."""
         return f"epoch {self.epoch}, step {self.step} (global step {self.global_step})"
 
     def to_json(self) -> str:
@@ -74,14 +68,9 @@ class TrainerState:
     def from_json(cls, text: str) -> TrainerState:
         raw = json.loads(text)
         names = {f.name for f in dataclasses.fields(cls)}
-        required = names - _ADDED_FIELDS
-        if not isinstance(raw, dict) or not required <= set(raw):
-            raise ValueError(f"missing fields {sorted(required - set(raw or {}))}")
-        return cls(**{k: raw[k] for k in names & set(raw)})
-
-
-# Fields that checkpoints written by earlier versions lack: they take their defaults.
-_ADDED_FIELDS = frozenset({"config", "started_at", "branched_from", "run_wall_seconds"})
+        if not isinstance(raw, dict) or not names <= set(raw):
+            raise ValueError(f"missing fields {sorted(names - set(raw or {}))}")
+        return cls(**{k: raw[k] for k in names})
 
 
 @dataclass(frozen=True)
@@ -90,36 +79,6 @@ class Checkpoint:
 
     path: Path
     state: TrainerState
-
-    @property
-    def run_dir(self) -> Path:
-        return run_dir_of(self.path)
-
-    def settings(self) -> dict[str, Any] | None:
-        """The settings the run was trained with up to this checkpoint (``Config.to_dict()``):
-        stored in it, else, for a checkpoint written before they were, its run's config.yaml."""
-        if self.state.config is not None:
-            return self.state.config
-        return read_config(self.run_dir)
-
-    def check_settings(
-        self, settings: dict[str, Any], run_dir: Path, branch: bool, say: Callable[[str], None]
-    ) -> None:
-        """Refuse to continue the run in ``run_dir`` with settings that change its math (a
-        one-line ``UsageError`` naming each one); on a ``branch`` (another run directory), only
-        say which differ."""
-        trained = self.settings()
-        changed = changed_math_settings(trained, settings) if trained else []
-        if not changed:
-            return
-        was, now = " ".join(old for old, _ in changed), " ".join(new for _, new in changed)
-        if branch:
-            say(f"note: branching from {self.path}, trained with {was}; this run has {now}")
-            return
-        raise UsageError(
-            f"{run_dir} was trained with {was}; this command has {now}: resume with the "
-            "run's settings or choose another --output-dir"
-        )
 
 
 class Checkpointer:
@@ -150,10 +109,6 @@ class Checkpointer:
         self.started = time.perf_counter() if started is None else started
         self.earlier_wall_seconds = 0.0
 
-    def holds(self, checkpoint: Checkpoint) -> bool:
-        """Whether ``checkpoint`` belongs to this run directory (else it starts a branch)."""
-        return checkpoint.path.resolve().parent == self.root.resolve()
-
     def due(self, state: TrainerState, steps_per_epoch: int) -> bool:
         """Whether to save a mid-epoch checkpoint after the step ``state`` just took (not after
         an epoch's last step: the epoch's own checkpoint follows its evaluation)."""
@@ -161,7 +116,6 @@ class Checkpointer:
         return bool(self.every) and state.global_step % self.every == 0 and not at_epoch_end
 
     def saved(self, state: TrainerState) -> bool:
-        """Whether this process already saved the position of ``state``."""
         return self.last_saved is not None and self.last_saved.name == state.name
 
     def newest(self) -> Path | None:
@@ -221,101 +175,6 @@ class Checkpointer:
         for old in complete_checkpoints(self.root)[: -self.keep]:
             shutil.rmtree(old)
 
-    def find(self, resume: str, say: Callable[[str], None]) -> Checkpoint | None:
-        """The checkpoint ``--resume`` names (``auto``: the newest intact one, or None;
-        ``never``: None; a path: that one, or an error; a path into a run directory that
-        already holds the branch started from it: the branch's newest). Same answer on every
-        rank."""
-        found: list[str | None] = [None, None]  # path, error
-        if self.accelerator.is_main_process:
-            try:
-                path = locate(self.root, resume, say)
-                found[0] = None if path is None else str(path)
-            except UsageError as e:
-                found[1] = str(e)
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(found)
-        if found[1] is not None:
-            raise UsageError(found[1])
-        if found[0] is None:
-            return None
-        path = Path(found[0])
-        return Checkpoint(path, TrainerState.from_json((path / STATE_FILE).read_text()))
-
-
-def locate(root: Path, resume: str, say: Callable[[str], None]) -> Path | None:
-    """The checkpoint ``--resume`` names for the checkpoints folder ``root`` (see
-    ``Checkpointer.find``), read on this process only."""
-    choice = parse_resume(resume)
-    if choice.never:
-        return None
-    if choice.path is not None:
-        path = choice.path
-        read_checkpoint(path)  # raises with the reason
-        if path.resolve().parent == root.resolve():
-            newer = complete_checkpoints(root)
-            newer = newer[[p.name for p in newer].index(path.name) + 1 :]
-            if newer:
-                raise UsageError(
-                    f"{root} holds checkpoints newer than {path.name} "
-                    f"({newer[-1].name}); resume into another --output-dir"
-                )
-            return path
-        own = locate(root, "auto", say)
-        if own is None:
-            return path  # a new branch
-        branched_from = read_checkpoint(own).branched_from
-        if branched_from and Path(branched_from).resolve() == path.resolve():
-            return own  # the branch's own newest: the same command continues it
-        raise UsageError(
-            f"{root.parent} already holds a run; continue it with --resume auto, "
-            f"or branch from {path} into a new --output-dir"
-        )
-    for path in reversed(complete_checkpoints(root)):
-        try:
-            read_checkpoint(path)
-            return path
-        except UsageError as e:
-            say(f"warning: {e}; trying the previous checkpoint")
-    return None
-
-
-def check_continuation(
-    run_dir: Path,
-    checkpoint: Checkpoint | None,
-    branch: bool,
-    settings: dict[str, Any],
-    resume: str,
-    say: Callable[[str], None],
-) -> None:
-    """Refuse what ``train`` refuses before anything is written (``doctor`` asks the same):
-    a run directory that holds records but no checkpoint to continue them from, and a
-    continuation with ``settings`` that change the run's math."""
-    if (checkpoint is None or branch) and RunLayout(run_dir).metrics.exists():
-        if resume == "never":  # it looked at no checkpoint: whether any is intact is unknown
-            raise UsageError(
-                f"{run_dir} already holds a run; --resume never starts a new one, which "
-                "needs a directory of its own: choose another --output-dir (or --resume auto "
-                "to continue this run)"
-            )
-        raise UsageError(
-            f"{run_dir} already holds a run and no intact checkpoint to resume "
-            f"(--resume {resume}); choose another --output-dir"
-        )
-    if checkpoint is not None:
-        checkpoint.check_settings(settings, run_dir, branch, say)
-
-
-def check_epochs(checkpoint: Checkpoint, epochs: int) -> None:
-    """Refuse a checkpoint that has trained past ``epochs``."""
-    state = checkpoint.state
-    trained = state.epoch - 1 if state.step == 0 else state.epoch  # whole or partial epochs
-    if epochs < trained:
-        raise UsageError(
-            f"checkpoint {checkpoint.path} has trained past --epochs {epochs} (it resumes at "
-            f"epoch {state.epoch}, step {state.step}): pass --epochs {trained} or more"
-        )
-
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Checkpoint folders under ``root`` that were completely written, oldest first."""
@@ -363,27 +222,6 @@ def read_checkpoint(path: str | Path) -> TrainerState:
         return TrainerState.from_json((path / STATE_FILE).read_text())
     except (TypeError, ValueError) as e:
         raise UsageError(f"checkpoint file {path / STATE_FILE} is invalid: {e}") from None
-
-
-def restore_checkpoint(accelerator: Accelerator, checkpoint: Checkpoint) -> list[str]:
-    """Load model, optimizer, scaler and RNG states into the prepared objects. Returns notes
-    for the console (e.g. RNG states that could not be restored)."""
-    path = checkpoint.path
-    try:
-        accelerator.load_state(str(path))
-    except Exception as e:  # torch and safetensors raise many types for damaged files
-        reason = first_line(e)
-        raise UsageError(f"cannot load checkpoint {path}: {reason}") from None
-    notes = []
-    # load_state only logs (at INFO) when the RNG states fail to load
-    # (huggingface/accelerate#4283): say so when this rank had none in the checkpoint.
-    rng_file = path / f"random_states_{accelerator.process_index}.pkl"
-    if not rng_file.exists():
-        notes.append(
-            f"note: {path.name} was saved by {checkpoint.state.world_size} process(es); "
-            f"rank {accelerator.process_index} keeps freshly seeded RNG states"
-        )
-    return notes
 
 
 def _fresh_dir(path: Path) -> None:

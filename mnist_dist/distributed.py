@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from mnist_dist.errors import UsageError
@@ -138,3 +138,9 @@ def describe_processes(accelerator: Accelerator) -> str:
     )
     backend = backends.get(accelerator.device.type)
     return f"{world} processes ({kind}{', ' + backend if backend else ''})"
+
+
+def say(line: str) -> None:
+    """Tell the user ``line``: printed by the main process only, so that it shows once."""
+    if PartialState().is_main_process:
+        print(line, flush=True)

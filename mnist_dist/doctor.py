@@ -219,31 +219,19 @@ class Doctor:
 def what_train_does(path: Path, config: Config) -> str:
     """What ``train`` would do in the run directory ``path``, in words, through the checks
     ``train`` itself makes there (raising the same ``UsageError`` it would refuse with)."""
-    from mnist_dist.checkpoint import (
-        Checkpoint,
-        check_continuation,
-        check_epochs,
-        locate,
-        read_checkpoint,
-    )
+    from mnist_dist.resume import decide
     from mnist_dist.rundir import RunDir
 
     notes: list[str] = []
-    layout = RunLayout(path)
-    resume, root = config.checkpoint.resume, layout.checkpoints
-    found = locate(root, resume, notes.append)
-    checkpoint = None if found is None else Checkpoint(found, read_checkpoint(found))
-    branch = found is not None and found.resolve().parent != root.resolve()
-    check_continuation(path, checkpoint, branch, config.to_dict(), resume, notes.append)
-    finished = None if branch else RunDir(layout, False).finished_summary()
-    epochs = config.train.epochs
-    if finished is not None and epochs <= finished.epochs_completed:
+    resumption = decide(RunDir(RunLayout(path), False), config, tell=notes.append)
+    finished, found = resumption.finished, resumption.checkpoint
+    if finished is not None:
         return f"holds a finished run ({finished.epochs_completed} epoch(s)): nothing to train"
-    if checkpoint is None:
+    if found is None:
         return "new run" + "".join(f"; {note}" for note in notes)
-    check_epochs(checkpoint, epochs)
-    verb = "branches from" if branch else "resumes from"
-    return f"{verb} {found if branch else found.name}" + "".join(f"; {n}" for n in notes)
+    verb = "branches from" if resumption.branch else "resumes from"
+    where = found.path if resumption.branch else found.path.name
+    return f"{verb} {where}" + "".join(f"; {n}" for n in notes)
 
 
 def _on_path(program: str, missing: str) -> str:

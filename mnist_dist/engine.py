@@ -1,15 +1,8 @@
-"""The step engines: how one optimizer step reaches the device.
-
-``EagerStep`` runs the step from Python, op by op: DDP, CPUs, the torchvision loader.
-``CapturedStep`` records the whole step once as a CUDA graph (gather, forward, loss, backward,
-the fused optimizer, the epoch figures) and then launches it with one call per step: a small
-model on a fast GPU is otherwise bound by the host's launches (7-9 us each, ~70 per step).
-Both spell the forward pass, the loss and the accuracy once, in ``forward_backward``.
-
-Both write each step's (summed loss, correct predictions) into ``EpochStats`` on the device, so
-the loop never waits for the device between steps; the loop reads the figures, and checks them
-for a non-finite loss, only where it syncs anyway (log steps, checkpoints, the epoch's end).
-"""
+"""The step engines: ``EagerStep`` runs the step from Python (DDP, CPUs, the torchvision
+loader); ``CapturedStep`` records it once as a CUDA graph and launches it with one call per
+step, since a small model on a fast GPU is otherwise bound by the host's launches (7-9 us
+each, ~70 per step). Both write each step's (summed loss, correct) into ``StepFigures`` on the
+device, so the loop waits for the device only where it syncs anyway."""
 
 from __future__ import annotations
 
@@ -24,6 +17,7 @@ from accelerate import Accelerator
 
 from mnist_dist import faults
 from mnist_dist.data import TensorTrainData, TrainData
+from mnist_dist.distributed import say
 from mnist_dist.errors import MnistDistError, first_line
 
 # Steps run before a capture so that lazy initialisation (cuBLAS/cuDNN handles, the optimizer's
@@ -31,7 +25,7 @@ from mnist_dist.errors import MnistDistError, first_line
 WARMUP_STEPS = 3
 
 
-class EpochStats:
+class StepFigures:
     """This rank's figures per step of the current epoch, on the device: (summed loss, correct
     predictions), float32 (counts are exact below 2**24 per step)."""
 
@@ -58,7 +52,7 @@ class EpochStats:
 
 
 class StepEngine(Protocol):
-    """Runs the optimizer steps of an epoch, writing each step's figures into ``EpochStats``."""
+    """Runs the optimizer steps of an epoch, writing each step's figures into ``StepFigures``."""
 
     name: str
 
@@ -80,7 +74,7 @@ def lr_value(lr: float | torch.Tensor) -> float:
 
 
 def lr_tensor(lr: float, device: torch.device) -> torch.Tensor:
-    """The LR of a capturable optimizer: a tensor on ``device`` that MultiStepLR fills in place.
+    """The LR of a capturable optimizer: a tensor on ``device`` the scheduler fills in place.
     On CUDA float32, as the fused kernels read a tensor LR as float (the value a float LR
     becomes there too); elsewhere float64, since the CPU's fused kernel reads it as a double
     (so the step equals the one with a float LR bit for bit)."""
@@ -89,7 +83,6 @@ def lr_tensor(lr: float, device: torch.device) -> torch.Tensor:
 
 
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)
 
 
@@ -114,7 +107,7 @@ class EagerStep:
         optimizer: torch.optim.Optimizer,
         accelerator: Accelerator,
         data: TrainData,
-        stats: EpochStats,
+        stats: StepFigures,
         grad_accum: int,
     ) -> None:
         self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
@@ -133,8 +126,7 @@ class EagerStep:
 
 
 class CudaUnusableError(MnistDistError):
-    """A failed CUDA graph capture left the CUDA context unusable (a device-side assert, an
-    illegal address): no eager fallback can run in this process."""
+    """A failed capture left the CUDA context unusable: no eager fallback can run."""
 
 
 class CapturedStep:
@@ -144,7 +136,7 @@ class CapturedStep:
     counter on the device that picks its row. Every batch of an epoch is full but the last one
     may be short: it has a graph of its own, for its size, so no step pays for masking padded
     images. The optimizer is Adam with ``capturable=True`` and its LR in a device tensor, which
-    MultiStepLR fills in place, so the schedule needs no new capture. Without graphs (before
+    the LR scheduler fills in place, so the schedule needs no new capture. Without graphs (before
     ``capture``) the same steps run eagerly.
     """
 
@@ -156,7 +148,7 @@ class CapturedStep:
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler | None,
         data: TensorTrainData,
-        stats: EpochStats,
+        stats: StepFigures,
         grad_accum: int,
     ) -> None:
         sharding = data.sharding
@@ -182,11 +174,6 @@ class CapturedStep:
         for group in self.optimizer.param_groups:
             lr = lr_value(group["lr"])  # a float, or a tensor restored from a checkpoint
             group["lr"], group["capturable"] = lr_tensor(lr, device), True
-
-    @property
-    def graph(self) -> torch.cuda.CUDAGraph | None:
-        """The full batches' graph, once captured."""
-        return self.graphs.get(self.data.sharding.global_batch_size_at(0))
 
     def run_epoch(self, epoch: int, start_step: int) -> Iterator[int]:
         sharding = self.data.sharding
@@ -310,8 +297,7 @@ def record_graph(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
 
 
 def cuda_usable(device: torch.device) -> bool:
-    """Whether ``device`` still runs work (on CUDA, a device-side assert poisons the context
-    for good: every later call fails)."""
+    """Whether ``device`` still runs work (a device-side assert poisons a CUDA context)."""
     if device.type != "cuda":
         return True
     try:
@@ -412,19 +398,17 @@ def train_step(
     grad_accum: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One optimizer step on this rank's share of a global batch, in ``grad_accum`` micro-batches.
-
-    The loss is this rank's summed cross-entropy times world_size / global_batch_size: DDP then
-    averages over ranks, so the gradient is exactly that of the mean loss over the global batch,
-    whatever the world size, the accumulation or an uneven last batch. Returns this rank's
-    (summed loss, correct predictions) on the device, in float32 (written into ``out`` if
-    given). On a GPU every op is a kernel launch: the step adds as few as it can.
-    """
+    """One optimizer step on this rank's share of a global batch. The loss is this rank's
+    summed cross-entropy times world_size / global_batch_size: DDP then averages over ranks,
+    so the gradient is exactly that of the mean loss over the global batch, whatever the world
+    size, the accumulation or an uneven last batch. Returns (summed loss, correct), float32."""
     figures = forward_backward(
         model, images, labels, grad_accum, accelerator.num_processes / global_batch_size,
         lambda loss: backward(accelerator, loss), lambda: accelerator.no_sync(model), out,
     )  # fmt: skip
-    optimizer_step(optimizer)
+    faults.point("train.step")
+    stepped_optimizer(optimizer).step()
+    _inner(optimizer).zero_grad(set_to_none=True)
     return figures
 
 
@@ -443,13 +427,6 @@ def backward(accelerator: Accelerator, loss: torch.Tensor) -> None:
         accelerator.backward(loss)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
-    """The step of ``stepped_optimizer``, then ``zero_grad``."""
-    faults.point("train.step")
-    stepped_optimizer(optimizer).step()
-    _inner(optimizer).zero_grad(set_to_none=True)
-
-
 def build_engine(
     mode: str,
     model: torch.nn.Module,
@@ -457,41 +434,35 @@ def build_engine(
     accelerator: Accelerator,
     data: TrainData,
     grad_accum: int,
-    say: Callable[[str], None],
-) -> tuple[StepEngine, EpochStats, str]:
-    """The step engine ``--cuda-graph MODE`` asks for, its ``EpochStats`` and why it was
-    chosen. ``auto`` captures where it can; a capture that fails leaves one warning and eager
-    steps, and the run goes on (unless it left CUDA unusable: ``CudaUnusableError``)."""
-    stats = EpochStats(data.sharding.steps_per_epoch, accelerator.device)
-
-    def eager(reason: str) -> tuple[StepEngine, EpochStats, str]:
-        engine = EagerStep(model, optimizer, accelerator, data, stats, grad_accum)
-        return engine, stats, reason
-
+) -> tuple[StepEngine, StepFigures, str]:
+    """The step engine ``--cuda-graph MODE`` asks for, its ``StepFigures`` and why it was
+    chosen. A capture that fails leaves one warning and eager steps (unless it left CUDA
+    unusable: ``CudaUnusableError``)."""
+    figures = StepFigures(data.sharding.steps_per_epoch, accelerator.device)
+    why = "the whole optimizer step replays as one CUDA graph per batch size"
     if mode == "off":
-        return eager("--cuda-graph off")
-    if not isinstance(data, TensorTrainData) or accelerator.num_processes > 1:
-        why = (
-            "the torchvision loader feeds batches from Python"
-            if not isinstance(data, TensorTrainData)
-            else "DDP steps run eagerly"
-        )
+        why = "--cuda-graph off"
+    elif not isinstance(data, TensorTrainData) or accelerator.num_processes > 1:
+        why = "DDP steps run eagerly"
+        if not isinstance(data, TensorTrainData):
+            why = "the torchvision loader feeds batches from Python"
         if mode == "on":
             say(f"warning: --cuda-graph on: {why}; training with eager steps")
-        return eager(why)
-    if mode == "auto" and accelerator.device.type != "cuda":
-        return eager("no CUDA device")
-    scaler = getattr(accelerator, "scaler", None)
-    engine = CapturedStep(model, optimizer, scaler, data, stats, grad_accum)
-    try:
-        engine.capture()
-    except CudaUnusableError:
-        raise
-    except Exception as e:  # whatever the capture raised, the run goes on eagerly
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        say(
-            f"warning: CUDA graph capture failed ({type(e).__name__}: {message}); "
-            "training with eager steps"
-        )
-        return eager("the capture failed")
-    return engine, stats, "the whole optimizer step replays as one CUDA graph per batch size"
+    elif mode == "auto" and accelerator.device.type != "cuda":
+        why = "no CUDA device"
+    else:
+        scaler = getattr(accelerator, "scaler", None)
+        engine = CapturedStep(model, optimizer, scaler, data, figures, grad_accum)
+        try:
+            engine.capture()
+            return engine, figures, why
+        except CudaUnusableError:
+            raise
+        except Exception as e:  # whatever the capture raised, the run goes on eagerly
+            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            say(
+                f"warning: CUDA graph capture failed ({type(e).__name__}: {message}); "
+                "training with eager steps"
+            )
+            why = "the capture failed"
+    return EagerStep(model, optimizer, accelerator, data, figures, grad_accum), figures, why

@@ -142,14 +142,3 @@ def parse_resume(value: str) -> Resume:
     if not value:
         raise UsageError(f"--resume must be {RESUME_CHOICES}")
     return Resume("path", Path(value))
-
-
-def needs_resume_auto(resume: str, run_dir: Path) -> bool:
-    """Whether the command that continues a run in ``run_dir`` must say ``--resume auto``
-    instead of the ``resume`` it started with: ``never`` (a fresh start would be refused
-    once the run holds records), or one of the run's own checkpoints (the run has newer ones
-    by then). A checkpoint of another run (a branch) continues as given."""
-    choice = parse_resume(resume)
-    if choice.path is None:
-        return choice.never
-    return run_dir_of(choice.path).resolve() == run_dir.resolve()

@@ -1,9 +1,6 @@
-"""The epoch/step loop: train an epoch step by step, evaluate it, save, stop when asked.
-
-The step itself belongs to the step engine (``engine.py``). The loop counts steps and acts
-only at their boundaries, where the host may wait for the device: a logging window, a
-checkpoint the checkpointer asks for, a stop every rank agreed on, the end of an epoch.
-"""
+"""The epoch/step loop: train an epoch, evaluate it, save, stop when asked. The step itself
+belongs to the step engine; the loop acts only at step boundaries where the host may wait for
+the device: a logging window, a checkpoint due, a stop every rank agreed on, an epoch's end."""
 
 from __future__ import annotations
 
@@ -13,16 +10,17 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
-from torch.optim.lr_scheduler import MultiStepLR
+from torch.optim.lr_scheduler import LRScheduler
 
 from mnist_dist.checkpoint import Checkpointer, TrainerState
 from mnist_dist.console import RunConsole
 from mnist_dist.data import Sharding
-from mnist_dist.engine import EpochStats, StepEngine, lr_value
+from mnist_dist.engine import StepEngine, StepFigures
 from mnist_dist.errors import DivergedError
 from mnist_dist.evaluate import EvalResult, evaluate
 from mnist_dist.records import EpochRecord, StepRecord
 from mnist_dist.rundir import RunDir
+from mnist_dist.schedule import current_lr, schedule_state
 from mnist_dist.stopping import StopControl
 from mnist_dist.wandb_tracker import Tracker, namespaced
 
@@ -33,10 +31,9 @@ class Loop:
 
     accelerator: Accelerator
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: MultiStepLR
+    schedule: LRScheduler
     engine: StepEngine
-    figures: EpochFigures
+    recorder: EpochRecorder
     test_data: Iterable[tuple[torch.Tensor, torch.Tensor]]
     checkpointer: Checkpointer
     stop: StopControl
@@ -49,21 +46,22 @@ class Loop:
         with self.stop.handling_signals():
             while state.epoch <= epochs:
                 self.outputs.console.start_epoch(state.epoch, completed=state.step)
-                lr = current_lr(self.optimizer)  # the LR this epoch trains with
+                lr = current_lr(self.schedule)  # the LR this epoch trains with
                 self.train_epoch(state)
                 eval_start = time.perf_counter()
                 result = evaluate(self.model, self.test_data, self.accelerator)
-                self.scheduler.step()
+                self.schedule.step()
                 eval_seconds = time.perf_counter() - eval_start
-                self.outputs.record_epoch(self.figures.close_epoch(state, result, lr, eval_seconds))
+                self.outputs.record_epoch(
+                    self.recorder.close_epoch(state, result, lr, eval_seconds)
+                )
                 self.save(state)
                 if state.epoch <= epochs and self.stop.now():  # not after the last epoch
                     raise self.stop.stopped(state.position, self.checkpointer.last_saved)
 
     def train_epoch(self, state: TrainerState) -> None:
-        """Train ``state.epoch`` from ``state.step`` to its end."""
         self.model.train()
-        self.figures.start(state)
+        self.recorder.start(state)
         window = (state.step, time.perf_counter())  # the steps the next step record covers
         for _ in self.engine.run_epoch(state.epoch, state.step):
             state.step += 1
@@ -72,10 +70,10 @@ class Loop:
             self.beat(state)
             if state.global_step % self.log_every == 0:
                 self.check_finite(state)
-                lr = current_lr(self.optimizer)
-                self.outputs.record_step(self.figures.step_record(state, *window, lr))
+                lr = current_lr(self.schedule)
+                self.outputs.record_step(self.recorder.step_record(state, *window, lr))
                 window = (state.step, time.perf_counter())
-            if self.checkpointer.due(state, self.figures.sharding.steps_per_epoch):
+            if self.checkpointer.due(state, self.recorder.sharding.steps_per_epoch):
                 self.save(state, mid_epoch=True)
             if self.stop.at_step_boundary():
                 if not self.checkpointer.saved(state):
@@ -83,18 +81,15 @@ class Loop:
                 raise self.stop.stopped(state.position, self.checkpointer.last_saved)
         self.check_finite(state)  # a host sync: the epoch's device work is done
         # The clock stops here, before the evaluation: images/s is training throughput.
-        self.figures.bank_train_seconds(state)
+        self.recorder.bank_train_seconds(state)
 
     def save(self, state: TrainerState, mid_epoch: bool = False) -> None:
         """Checkpoint ``state`` (``mid_epoch``: the epoch's figures so far go with it). Never
         saves a state that follows a non-finite loss."""
         if mid_epoch:
             self.check_finite(state)
-            self.figures.fold(state)
-        state.scheduler = {
-            "last_epoch": self.scheduler.last_epoch,
-            "_last_lr": [lr_value(lr) for lr in self.scheduler.get_last_lr()],
-        }
+            self.recorder.fold(state)
+        state.scheduler = schedule_state(self.schedule)
         self.checkpointer.save(state)
         self.beat(state, force=True)
 
@@ -108,7 +103,7 @@ class Loop:
 
     def check_finite(self, state: TrainerState) -> None:
         """Raise ``DivergedError`` on every rank if any rank saw a non-finite loss this epoch."""
-        step = self.figures.first_non_finite(state)
+        step = self.recorder.first_non_finite(state)
         if step is None:
             return
         global_step = state.global_step - (state.step - step)
@@ -125,17 +120,14 @@ class Loop:
 
 
 @dataclass
-class EpochFigures:
-    """The current epoch's training figures: the per-step (loss, correct) that the step engine
-    writes on the device since ``first_step``, the sums a mid-epoch checkpoint folded into the
-    trainer state before that, and the training clock.
-
-    Reading the device figures is a host sync and a collective: the loop does it only at log
-    steps, checkpoints and the end of an epoch, on every rank.
-    """
+class EpochRecorder:
+    """Makes the epoch's records from the step engine's device figures since ``first_step``,
+    the sums a mid-epoch checkpoint folded into the trainer state before that, and the training
+    clock. Reading the device figures is a host sync and a collective: the loop does it only at
+    log steps, checkpoints and the end of an epoch, on every rank."""
 
     accelerator: Accelerator
-    stats: EpochStats
+    stats: StepFigures
     sharding: Sharding
     first_step: int = 0  # the first step whose figures are still on the device
     segment_start: float = field(default_factory=time.perf_counter)
@@ -234,9 +226,3 @@ class RunOutputs:
         self.files.append_epoch(record)
         self.tracker.log(namespaced("epoch", record.to_dict()), step=record.global_step)
         self.console.end_epoch(record.to_dict())
-
-
-def current_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The LR of the first parameter group (a host sync under a captured step: read it only
-    where the loop syncs anyway)."""
-    return lr_value(optimizer.param_groups[0]["lr"])

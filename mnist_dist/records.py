@@ -1,17 +1,14 @@
-"""The records a run writes: one per logged step, one per epoch, and the final summary.
-
-Each is defined once here. ``to_dict()`` is the JSON object the run writes (its keys in field
-order, the order of the files written so far); ``from_dict()`` reads one back, ignoring keys it
-does not know and filling the fields that older runs did not write with None. W&B sees the
-same fields, under ``train/`` (steps) and ``epoch/`` (epochs), which the sweeps in sweeps/
-optimise. Torch-free, like ``layout``: readers need neither torch nor Accelerate.
-"""
+"""The records a run writes, each defined once: one per logged step, one per epoch, and the
+final summary. ``to_dict()`` is the JSON object written (keys in field order); ``from_dict()``
+reads one back, ignoring keys it does not know. W&B sees the same fields under ``train/`` and
+``epoch/``, which the sweeps in sweeps/ optimise. Torch-free: readers need neither torch nor
+Accelerate."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 _R = TypeVar("_R", bound="_Record")
 
@@ -21,11 +18,7 @@ class RecordError(ValueError):
 
 
 class _Record:
-    # Fields that records written by earlier versions lack: they read back as None.
-    ADDED_LATER: ClassVar[frozenset[str]] = frozenset()
-
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object written to the run directory (and logged)."""
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
@@ -34,28 +27,21 @@ class _Record:
         if not isinstance(raw, dict):
             raise RecordError("not a JSON object")
         fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-        missing = [f.name for f in fields if f.name not in raw and f.name not in cls.ADDED_LATER]
+        missing = [f.name for f in fields if f.name not in raw]
         if missing:
             raise RecordError(f"missing {', '.join(missing)}")
-        values = {f.name: raw.get(f.name) for f in fields}
+        values = {f.name: raw[f.name] for f in fields}
         for f in fields:
             value = values[f.name]
-            if value is None and f.name in cls.ADDED_LATER:
-                continue
             if not _has_type(value, str(f.type)):
-                raise RecordError(f"{f.name} is {value!r}, not {_KIND[_base(str(f.type))]}")
+                raise RecordError(f"{f.name} is {value!r}, not {_KIND[str(f.type)]}")
         return cls(**values)
 
 
 _KIND = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
 
-def _base(annotation: str) -> str:
-    return annotation.split(" |")[0]
-
-
-def _has_type(value: Any, annotation: str) -> bool:
-    kind = _base(annotation)
+def _has_type(value: Any, kind: str) -> bool:
     if kind == "bool":
         return isinstance(value, bool)
     if isinstance(value, bool):  # JSON true is not a number here
@@ -83,20 +69,16 @@ class StepRecord(_Record):
 class EpochRecord(_Record):
     """A line of ``metrics.jsonl``: one finished epoch, training and test figures."""
 
-    ADDED_LATER: ClassVar[frozenset[str]] = frozenset(
-        {"global_step", "test_correct", "test_total", "train_seconds"}
-    )
-
     epoch: int  # 1-based
-    global_step: int | None  # optimizer steps since the start of the run, at the epoch's end
+    global_step: int  # optimizer steps since the start of the run, at the epoch's end
     lr: float  # learning rate the epoch trained with
     train_loss: float  # mean training loss per image over the epoch
     train_accuracy: float  # fraction of training images classified right during the epoch
     test_loss: float  # mean test loss per image after the epoch
     test_accuracy: float  # fraction of the test set classified right after the epoch
-    test_correct: int | None  # test images classified right
-    test_total: int | None  # test images evaluated (10,000 for MNIST)
-    train_seconds: float | None  # training time of the epoch (evaluation excluded)
+    test_correct: int  # test images classified right
+    test_total: int  # test images evaluated (10,000 for MNIST)
+    train_seconds: float  # training time of the epoch (evaluation excluded)
     epoch_seconds: float  # training plus evaluation time of the epoch
     images_per_second: float  # training images per second over the epoch, all ranks
 
@@ -104,17 +86,6 @@ class EpochRecord(_Record):
 @dataclass(frozen=True)
 class Summary(_Record):
     """``summary.json``: the final figures of a finished run."""
-
-    ADDED_LATER: ClassVar[frozenset[str]] = frozenset(
-        {
-            "step_engine",
-            "deterministic",
-            "segment_wall_seconds",
-            "run_wall_seconds",
-            "started_at",
-            "run_dir",
-        }
-    )
 
     test_accuracy: float  # after the last epoch (fraction)
     test_correct: int  # test images classified right after the last epoch
@@ -132,9 +103,9 @@ class Summary(_Record):
     epochs_completed: int
     global_step: int  # optimizer steps over the whole run
     images_per_second: float  # training images per second over all epochs' training time
-    step_engine: str | None  # eager or captured
-    deterministic: bool | None  # deterministic algorithms on
-    segment_wall_seconds: float | None  # wall time of this command
-    run_wall_seconds: float | None  # wall time of every process that trained the run, summed
-    started_at: str | None  # when the run first started (UTC, ISO 8601)
-    run_dir: str | None  # the run directory
+    step_engine: str  # eager or captured
+    deterministic: bool  # deterministic algorithms on
+    segment_wall_seconds: float  # wall time of this command
+    run_wall_seconds: float  # wall time of every process that trained the run, summed
+    started_at: str  # when the run first started (UTC, ISO 8601)
+    run_dir: str  # the run directory

@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from accelerate.utils import broadcast_object_list
 
 from mnist_dist import claim
 from mnist_dist.claim import HEARTBEAT_SECONDS, ClaimLost, Holder
+from mnist_dist.distributed import say
 from mnist_dist.errors import UsageError, WriteError
 from mnist_dist.layout import RUNS_DIR, RunLayout, parse_resume, partial_file, run_dir_of
 from mnist_dist.records import EpochRecord, StepRecord, Summary
@@ -73,9 +74,7 @@ def _unwritable(path: Path, error: OSError) -> UsageError:
 
 
 @contextlib.contextmanager
-def claimed(
-    accelerator: Accelerator, layout: RunLayout, say: Callable[[str], None]
-) -> Iterator[Holder | None]:
+def claimed(accelerator: Accelerator, layout: RunLayout) -> Iterator[Holder | None]:
     """Hold the run directory for this training (``claim.py``) while the block runs; yields
     the claim on the main process (None on the others). A refusal reaches every rank before
     anything is written. Afterwards the claim is released, and folders this start created are

@@ -4,8 +4,7 @@ loop (``loop.py``), ``finish`` it: summary, final weights, the last W&B pass."""
 from __future__ import annotations
 
 import time
-from bisect import bisect_right
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -14,32 +13,27 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.optim.lr_scheduler import MultiStepLR
+from torch.optim.lr_scheduler import LRScheduler
 
-from mnist_dist.checkpoint import (
-    Checkpoint,
-    Checkpointer,
-    TrainerState,
-    check_continuation,
-    check_epochs,
-    restore_checkpoint,
-)
+from mnist_dist.checkpoint import Checkpoint, Checkpointer, TrainerState
 from mnist_dist.claim import ClaimLost, Holder
 from mnist_dist.config import Config, TrainConfig
 from mnist_dist.console import RunConsole
 from mnist_dist.data import build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.determinism import set_determinism
-from mnist_dist.distributed import describe_processes, lost_peer, make_accelerator
-from mnist_dist.engine import build_engine, stepped_optimizer
-from mnist_dist.errors import DivergedError, Stopped, UsageError, WriteError
+from mnist_dist.distributed import describe_processes, lost_peer, make_accelerator, say
+from mnist_dist.engine import build_engine
+from mnist_dist.errors import DivergedError, Stopped, WriteError
 from mnist_dist.evaluate import evaluate
 from mnist_dist.launch import continue_command
-from mnist_dist.layout import RunLayout, needs_resume_auto
-from mnist_dist.loop import EpochFigures, Loop, RunOutputs
+from mnist_dist.layout import RunLayout
+from mnist_dist.loop import EpochRecorder, Loop, RunOutputs
 from mnist_dist.model import MnistCNN
 from mnist_dist.provenance import provenance
 from mnist_dist.records import EpochRecord, Summary
-from mnist_dist.rundir import RunDir, claimed, read_config, resolve_run_dir
+from mnist_dist.resume import Resumption, decide, needs_resume_auto
+from mnist_dist.rundir import RunDir, claimed, resolve_run_dir
+from mnist_dist.schedule import build_schedule
 from mnist_dist.stopping import StopControl
 from mnist_dist.wandb_tracker import MAX_TABLE_ROWS, Tracker, make_tracker, wants_wandb
 from mnist_dist.weights import export_model
@@ -59,9 +53,11 @@ def train(config: Config) -> Summary:
         config.train.mixed_precision, log_with=log_with, static_graph=config.train.grad_accum == 1
     )
     try:
-        layout = preflight(accelerator, config)
-        say = print if accelerator.is_main_process else _silent
-        with claimed(accelerator, layout, say) as holder:  # one training per run directory
+        # Checked before the run directory is touched: the batch divides, the data is intact.
+        config.train.per_device_batch_size(accelerator.num_processes)  # raises if it does not
+        ensure_raw_files(accelerator, config.data)
+        layout = resolve_run_dir(accelerator, config.train.output_dir, config.checkpoint.resume)
+        with claimed(accelerator, layout) as holder:  # one training per run directory
             run = build(accelerator, config, layout, holder, started, determinism)
             if isinstance(run, Summary):
                 summary = run  # the run directory holds a finished run: nothing to do
@@ -80,19 +76,6 @@ def train(config: Config) -> Summary:
         accelerator.end_training()  # destroys the process group on every rank
 
 
-def _silent(line: str) -> None:
-    pass
-
-
-def preflight(accelerator: Accelerator, config: Config) -> RunLayout:
-    """What is checked before the run directory is touched: the global batch divides over
-    the processes, the data is there and intact. Returns the run directory."""
-    training = config.train
-    training.per_device_batch_size(accelerator.num_processes)  # raises if it does not divide
-    ensure_raw_files(accelerator, config.data)  # verified before anything is written
-    return resolve_run_dir(accelerator, training.output_dir, config.checkpoint.resume)
-
-
 @dataclass
 class Run:
     """A built run: what ``fit`` and ``finish`` act on."""
@@ -102,10 +85,7 @@ class Run:
     run_dir: RunDir
     state: TrainerState
     loop: Loop
-    tracker: Tracker
     resumed: bool
-    started: float  # ``time.perf_counter()`` when this process started
-    engine_name: str
 
     @contextmanager
     def status(self) -> Iterator[None]:
@@ -124,7 +104,7 @@ class Run:
             name = {Stopped: "stopped", DivergedError: "diverged"}.get(type(e), "failed")
             e.args = (f"{e}; to continue: {run_dir.command}",)
             run_dir.write_status(name, message=str(e), exit_code=e.exit_code)
-            self.tracker.finish()
+            self.loop.outputs.tracker.finish()
             if isinstance(e, (Stopped, DivergedError)):
                 # Every rank raised this at the same step: leave together, so that the first
                 # launcher to exit (srun --kill-on-bad-exit ends the job's other nodes) cannot
@@ -140,10 +120,10 @@ class Run:
             self.loop.stop.close()
             self.loop.outputs.console.close()
         run_dir.write_status("finished", epoch=state.epoch - 1, global_step=state.global_step)
-        self.tracker.finish()
+        self.loop.outputs.tracker.finish()
 
     def say_done(self, summary: Summary) -> None:
-        self.loop.outputs.console.print(
+        say(
             f"done: test accuracy {summary.test_accuracy:.2%} ({summary.test_correct}/"
             f"{summary.test_total}) after {summary.epochs_completed} epoch(s), "
             f"{summary.images_per_second:,.0f} images/s, "
@@ -171,83 +151,76 @@ def build(
     train_data = build_train_data(
         config.data, training.global_batch_size, world, rank, training.seed, device
     )
-    sharding = train_data.sharding
     console = RunConsole(
         accelerator.is_main_process,
         training.epochs,
-        sharding.steps_per_epoch,
+        train_data.sharding.steps_per_epoch,
         training.progress_every,
         training.global_batch_size,
     )
-    say = console.print
     console.status("looking for a checkpoint")
+    resumption = decide(run_dir, config, accelerator)
+    if resumption.finished is not None:
+        console.close()
+        return resumption.finished
+    checkpoint = resumption.checkpoint
+    console.status("building the model" + (" and loading the checkpoint" if checkpoint else ""))
     keep, every = checkpointing.keep_checkpoints, checkpointing.checkpoint_every
     checkpointer = Checkpointer(accelerator, run_dir.layout, keep, every, started)
-    checkpoint, branch = find_checkpoint(checkpointer, run_dir, config, say)
-    finished = None if branch else already_finished(run_dir, training.epochs, say)
-    if finished is not None:
-        console.close()
-        return finished
-
-    console.status("building the model" + (" and loading the checkpoint" if checkpoint else ""))
-    set_seed(training.seed)  # the same initial weights on every rank and world size
-    model, optimizer = build_model_and_optimizer(accelerator, training, config.optim.lr)
-    scheduler = epoch_lr_scheduler(optimizer, config.optim.lr_milestones, config.optim.lr_gamma)
-    state = TrainerState(
-        seed=training.seed,
-        global_batch_size=training.global_batch_size,
-        num_samples=sharding.num_samples,
-        world_size=world,
-        config=config.to_dict(),
+    model, optimizer, schedule, state = build_training(
+        accelerator, config, train_data.sharding.num_samples, resumption, run_dir, checkpointer
     )
-    if checkpoint is not None:
-        state = resume(accelerator, checkpoint, state, scheduler, say, training.epochs, branch)
-        checkpointer.earlier_wall_seconds = state.run_wall_seconds
-        run_dir.restore_records(state.history, state.global_step)
     # After the resume: a capture records the addresses of the restored optimizer state.
-    engine, stats, reason = build_engine(
-        training.cuda_graph, model, optimizer, accelerator, train_data, training.grad_accum, say
+    engine, figures, reason = build_engine(
+        training.cuda_graph, model, optimizer, accelerator, train_data, training.grad_accum
     )
+    tracking = wants_wandb(config.tracking)
+    console.status("starting the tracker" if tracking else "writing config.yaml")
     launch = {**provenance(accelerator), **determinism, "step_engine": engine.name}
-    console.status(
-        "starting the tracker" if wants_wandb(config.tracking) else "writing config.yaml"
-    )
-    tracker = record_start(accelerator, config, run_dir, state, checkpoint, launch, say)
-    announce(accelerator, training, sharding.num_samples, run_dir, engine.name, reason, say)
+    tracker = record_start(accelerator, config, run_dir, state, checkpoint, launch)
+    announce(accelerator, training, train_data.sharding.num_samples, run_dir, engine.name, reason)
     console.status("loading the test set")
     loop = Loop(
         accelerator=accelerator,
         model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
+        schedule=schedule,
         engine=engine,
-        figures=EpochFigures(accelerator, stats, sharding),
+        recorder=EpochRecorder(accelerator, figures, train_data.sharding),
         test_data=eval_batches(config.data, world, rank, device),
         checkpointer=checkpointer,
         stop=StopControl(accelerator, run_dir.layout.stop),
         outputs=RunOutputs(run_dir, tracker, console),
         log_every=training.log_every,
     )
-    resumed = checkpoint is not None
-    return Run(config, accelerator, run_dir, state, loop, tracker, resumed, started, engine.name)
+    return Run(config, accelerator, run_dir, state, loop, resumed=checkpoint is not None)
 
 
-def already_finished(run_dir: RunDir, epochs: int, say: Callable[[str], None]) -> Summary | None:
-    """The summary of the finished run ``run_dir`` holds when it trained ``epochs`` or more
-    (the same command again: nothing to do, nothing rewritten); else None."""
-    finished = run_dir.finished_summary()
-    if finished is None:
-        return None
-    done = finished.epochs_completed
-    if epochs > done:
-        say(f"note: {run_dir.path} finished {done} epoch(s); training on to {epochs}")
-        return None
-    say(
-        f"mnist-dist: {run_dir.path} holds a finished run: {done} epoch(s), test accuracy "
-        f"{finished.test_accuracy:.2%}; summary in {run_dir.summary_path}; pass --epochs "
-        f"above {done} to train it further"
+def build_training(
+    accelerator: Accelerator,
+    config: Config,
+    num_samples: int,
+    resumption: Resumption,
+    run_dir: RunDir,
+    checkpointer: Checkpointer,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, LRScheduler, TrainerState]:
+    """The model, its optimizer and LR schedule, and the trainer state: restored, with the
+    run's records and wall time, from the checkpoint ``resumption`` chose, if any."""
+    training = config.train
+    set_seed(training.seed)  # the same initial weights on every rank and world size
+    model, optimizer = build_model_and_optimizer(accelerator, training, config.optim.lr)
+    schedule = build_schedule(optimizer, config.optim)
+    state = TrainerState(
+        seed=training.seed,
+        global_batch_size=training.global_batch_size,
+        num_samples=num_samples,
+        world_size=accelerator.num_processes,
+        config=config.to_dict(),
     )
-    return finished
+    if resumption.checkpoint is not None:
+        state = resumption.restore(accelerator, state, schedule)
+        checkpointer.earlier_wall_seconds = state.run_wall_seconds
+        run_dir.restore_records(state.history, state.global_step)
+    return model, optimizer, schedule, state
 
 
 def announce(
@@ -257,7 +230,6 @@ def announce(
     run_dir: RunDir,
     engine: str,
     reason: str,
-    say: Callable[[str], None],
 ) -> None:
     """The start-up lines: processes, device, precision, batch, data, run dir, step engine."""
     world = accelerator.num_processes
@@ -272,19 +244,6 @@ def announce(
     say(f"step engine: {engine} ({reason}); deterministic algorithms {deterministic}")
 
 
-def find_checkpoint(
-    checkpointer: Checkpointer, run_dir: RunDir, config: Config, say: Callable[[str], None]
-) -> tuple[Checkpoint | None, bool]:
-    """The checkpoint ``--resume`` names and whether it starts a branch (it belongs to another
-    run directory). Refuses a run directory that holds records but nothing to resume, and a
-    resume that would change the run's math; checked before anything is written."""
-    resume = config.checkpoint.resume
-    checkpoint = checkpointer.find(resume, say)
-    branch = checkpoint is not None and not checkpointer.holds(checkpoint)
-    check_continuation(run_dir.path, checkpoint, branch, config.to_dict(), resume, say)
-    return checkpoint, branch
-
-
 def record_start(
     accelerator: Accelerator,
     config: Config,
@@ -292,7 +251,6 @@ def record_start(
     state: TrainerState,
     checkpoint: Checkpoint | None,
     launch: dict[str, Any],
-    say: Callable[[str], None],
 ) -> Tracker:
     """Write ``config.yaml`` (settings and provenance) and start the tracker. A resumed run
     continues its W&B run: the id comes from the checkpoint (or the run directory)."""
@@ -305,7 +263,7 @@ def record_start(
     settings = config.to_dict()
     run_dir.write_config(settings, launch)
     tracker = make_tracker(
-        config.tracking, accelerator, run_dir.layout, {**settings, "provenance": launch}, say,
+        config.tracking, accelerator, run_dir.layout, {**settings, "provenance": launch},
         run_id=state.tracker_run_id,
     )  # fmt: skip
     state.tracker_run_id = tracker.run_id or state.tracker_run_id
@@ -326,7 +284,7 @@ def finish(run: Run) -> Summary:
     run.run_dir.write_summary(summary)
     if wants_wandb(run.config.tracking):  # the same on every rank: the final pass is collective
         final = evaluate(model, run.loop.test_data, accelerator, max_misclassified=MAX_TABLE_ROWS)
-        run.tracker.log_final(summary, final, run.run_dir.model_path)
+        run.loop.outputs.tracker.log_final(summary, final, run.run_dir.model_path)
     return summary
 
 
@@ -335,10 +293,10 @@ def summarize(run: Run) -> Summary:
     accelerator, state, training = run.accelerator, run.state, run.config.train
     history = [EpochRecord.from_dict(r) for r in state.history]
     last, best = history[-1], max(history, key=lambda r: r.test_accuracy)
-    train_seconds = sum(r.train_seconds or 0.0 for r in history)
+    train_seconds = sum(r.train_seconds for r in history)
     # This command's time, and the run's: summed over every process that trained it (each up
     # to its last checkpoint: work lost to a kill is not counted).
-    segment_wall_seconds = time.perf_counter() - run.started
+    segment_wall_seconds = time.perf_counter() - run.loop.checkpointer.started
     return Summary(
         test_accuracy=last.test_accuracy,
         test_correct=last.test_correct,
@@ -356,7 +314,7 @@ def summarize(run: Run) -> Summary:
         epochs_completed=len(history),
         global_step=last.global_step,
         images_per_second=state.num_samples * len(history) / train_seconds,
-        step_engine=run.engine_name,
+        step_engine=run.loop.engine.name,
         deterministic=training.deterministic,
         segment_wall_seconds=segment_wall_seconds,
         run_wall_seconds=run.loop.checkpointer.earlier_wall_seconds + segment_wall_seconds,
@@ -379,98 +337,3 @@ def build_model_and_optimizer(
     if training.compile:
         model.compile()  # in place: state_dict keys (and so checkpoints) stay the same
     return accelerator.prepare(model, optimizer)
-
-
-def resume(
-    accelerator: Accelerator,
-    checkpoint: Checkpoint,
-    fresh: TrainerState,
-    scheduler: MultiStepLR,
-    say: Callable[[str], None],
-    epochs: int,
-    branch: bool = False,
-) -> TrainerState:
-    """Load ``checkpoint`` into the prepared model and optimizer and return its trainer state.
-
-    A mid-epoch checkpoint continues the same permutation at the next batch, so it needs the
-    same seed, global batch and training set; one taken at an epoch boundary can continue
-    with any world size (the global batch, not the per-process batch, fixes the math). The
-    checkpoint must not be past the end of ``epochs``. A ``branch`` (a new run directory) is a
-    run of its own: it keeps the weights and position, not the first run's start.
-    """
-    state = checkpoint.state
-    check_resumable(checkpoint, fresh, epochs)
-    for note in restore_checkpoint(accelerator, checkpoint):
-        say(note)
-    scheduler.load_state_dict({**scheduler.state_dict(), **state.scheduler})
-    if branch:  # the restored optimizer holds the first run's LR: follow this run's schedule
-        follow_schedule(scheduler)
-    if state.world_size != fresh.world_size:
-        say(
-            f"note: {checkpoint.path.name} was saved by {state.world_size} process(es), "
-            f"resuming on {fresh.world_size}: results stay within noise, not bit for bit"
-        )
-    state.seed, state.global_batch_size = fresh.seed, fresh.global_batch_size
-    state.num_samples, state.world_size = fresh.num_samples, fresh.world_size
-    state.config = fresh.config
-    if branch:
-        state.started_at, state.run_wall_seconds = fresh.started_at, fresh.run_wall_seconds
-        state.branched_from = str(checkpoint.path)
-    elif state.started_at is None:  # a checkpoint from before it stored this
-        state.started_at = (
-            (read_config(checkpoint.run_dir) or {}).get("provenance", {}).get("started_at")
-        )
-    say(
-        f"resumed from {checkpoint.path}: epoch {state.epoch}, step {state.step} "
-        f"(global step {state.global_step})"
-    )
-    return state
-
-
-def check_resumable(checkpoint: Checkpoint, fresh: TrainerState, epochs: int) -> None:
-    """Refuse a checkpoint past the end of ``epochs``, and a mid-epoch one whose next batch
-    this run would not draw the same (another seed, global batch or training set)."""
-    state = checkpoint.state
-    check_epochs(checkpoint, epochs)
-    if state.step == 0:
-        return
-    for name, flag in (
-        ("seed", "--seed"),
-        ("global_batch_size", "--batch-size"),
-        ("num_samples", "--max-train-samples"),
-    ):
-        if getattr(state, name) != getattr(fresh, name):
-            raise UsageError(
-                f"checkpoint {checkpoint.path} was taken mid-epoch with {name} "
-                f"{getattr(state, name)}, this run has {getattr(fresh, name)}: resume with "
-                f"the same {flag}, or from a checkpoint at an epoch boundary"
-            )
-
-
-def follow_schedule(scheduler: MultiStepLR) -> None:
-    """Set the optimizer's LRs to what ``scheduler``'s own milestones give at its position."""
-    decays = bisect_right(sorted(scheduler.milestones.elements()), scheduler.last_epoch)
-    lrs = [base * scheduler.gamma**decays for base in scheduler.base_lrs]
-    for group, base, lr in zip(
-        scheduler.optimizer.param_groups, scheduler.base_lrs, lrs, strict=True
-    ):
-        group["initial_lr"], group["lr"] = base, lr
-    scheduler.load_state_dict({**scheduler.state_dict(), "_last_lr": lrs})
-
-
-def epoch_lr_scheduler(
-    optimizer: torch.optim.Optimizer, milestones: Sequence[int], gamma: float
-) -> MultiStepLR:
-    """The per-epoch MultiStepLR of a prepared ``optimizer``. We step it and never prepare it:
-    a prepared scheduler steps once per process (huggingface/accelerate#2926).
-
-    torch wraps the ``step`` of the optimizer it is given, to warn when the scheduler steps
-    before the optimizer; it must wrap the ``step`` that the training step calls
-    (``stepped_optimizer``). With fp16's scaler that is ``AcceleratedOptimizer.step``, which
-    replaces the inner optimizer's ``step`` during each call and then restores the method it
-    saved in ``prepare``, from before any scheduler existed: a wrapper put on the inner
-    optimizer is gone after the first step, and torch warns that
-    "``optimizer.step()`` has been overridden after learning rate scheduler
-    initialization".
-    """
-    return MultiStepLR(stepped_optimizer(optimizer), milestones=list(milestones), gamma=gamma)

@@ -8,7 +8,6 @@ import os
 import secrets
 import string
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +17,7 @@ from accelerate import Accelerator
 
 from mnist_dist import faults
 from mnist_dist.config import TrackingConfig
+from mnist_dist.distributed import say
 from mnist_dist.evaluate import EvalResult
 from mnist_dist.layout import WANDB_DIR, RunLayout
 from mnist_dist.records import Summary
@@ -92,10 +92,9 @@ class WandbTracker(Tracker):
         config: TrackingConfig,
         layout: RunLayout,
         run_config: dict[str, Any],
-        say: Callable[[str], None],
         run_id: str | None = None,
     ) -> None:
-        self.accelerator, self.config, self.layout, self.say = accelerator, config, layout, say
+        self.accelerator, self.config, self.layout = accelerator, config, layout
         self.active, self.run_id = False, None
         self.run: Any = None  # the wandb Run, once started
         # W&B would silently fall back to a temporary folder when WANDB_DIR is not writable; a
@@ -116,7 +115,7 @@ class WandbTracker(Tracker):
                 # An unreachable server raises CommError after the init timeout; record offline.
                 self._abandon()
                 self._start("offline", run_id, run_config)
-                self.say(
+                say(
                     f"warning: W&B could not start online ({_one_line(e)}); recording offline "
                     f"in {Path(self.run.dir).parent} instead"
                 )
@@ -166,7 +165,7 @@ class WandbTracker(Tracker):
         was_active, self.active = self.active, False
         if self.run is None:
             self.run_id = None  # nothing was recorded under it
-        self.say(
+        say(
             f"warning: W&B tracking stopped ({_one_line(error)}); training goes on, "
             "metrics.jsonl and summary.json stay complete"
         )
@@ -228,16 +227,16 @@ class WandbTracker(Tracker):
         worker.join(self.config.wandb_finish_timeout)
         place = Path(run.dir).parent
         if worker.is_alive():
-            self.say(
+            say(
                 f"warning: W&B did not finish within {self.config.wandb_finish_timeout:g}s; "
                 f"its files are in {place} (`wandb sync {place}`)"
             )
         elif errors and report:
             self._stop(errors[0])
         elif report and run.offline:
-            self.say(f"W&B run {run.id} recorded offline; upload it with: wandb sync {place}")
+            say(f"W&B run {run.id} recorded offline; upload it with: wandb sync {place}")
         elif report:
-            self.say(f"W&B run {run.id}: {run.url}")
+            say(f"W&B run {run.id}: {run.url}")
 
 
 def _final_charts(wandb: Any, final: EvalResult) -> dict[str, Any]:
@@ -291,13 +290,12 @@ def make_tracker(
     accelerator: Accelerator,
     layout: RunLayout,
     run_config: dict[str, Any],
-    say: Callable[[str], None],
     run_id: str | None = None,
 ) -> Tracker:
     """W&B on the main process when the config asks for it and its mode is not disabled;
     otherwise a tracker that makes no calls at all. ``run_id`` continues that W&B run."""
     if wants_wandb(config) and accelerator.is_main_process:
-        return WandbTracker(accelerator, config, layout, run_config, say, run_id=run_id)
+        return WandbTracker(accelerator, config, layout, run_config, run_id=run_id)
     return Tracker()
 
 

@@ -12,9 +12,15 @@ import pytest
 import torch
 from helpers import file_size_limit
 
-from mnist_dist.checkpoint import Checkpointer, TrainerState, complete_checkpoints
+from mnist_dist.checkpoint import (
+    Checkpointer,
+    TrainerState,
+    complete_checkpoints,
+    read_checkpoint,
+)
 from mnist_dist.errors import UsageError, WriteError
 from mnist_dist.layout import CHECKPOINTS_DIR, MANIFEST_FILE, STATE_FILE, RunLayout
+from mnist_dist.resume import locate
 
 
 @pytest.fixture
@@ -85,9 +91,9 @@ def test_an_incomplete_or_damaged_folder_is_never_resumed_and_partial_ones_are_p
 
     assert complete_checkpoints(root) == [good, damaged]  # listed: it has its manifest ...
     warnings: list[str] = []
-    found = Checkpointer(prepared, RunLayout(tmp_path), keep=3).find("auto", warnings.append)
-    assert found is not None and found.path == good  # ... but never resumed
-    assert found.state.global_step == 5
+    found = locate(RunLayout(tmp_path).checkpoints, "auto", warnings.append)
+    assert found == good  # ... but never resumed
+    assert read_checkpoint(found).global_step == 5
     assert warnings == [
         f"warning: checkpoint file {damaged / 'model.safetensors'} is damaged: its checksum "
         "does not match; trying the previous checkpoint"
@@ -143,27 +149,24 @@ def test_saved_and_newest_follow_this_processs_saves_then_the_disk(prepared, tmp
 def test_find_auto_never_and_a_path(prepared, tmp_path):
     run = tmp_path / "run"
     checkpointer = Checkpointer(prepared, RunLayout(run), keep=3)
-    assert checkpointer.find("auto", no_warning) is None  # nothing saved yet: a fresh start
+    root = RunLayout(run).checkpoints
+    assert locate(root, "auto", no_warning) is None  # nothing saved yet: a fresh start
     older = checkpointer.save(at(1, 5))
     newest = checkpointer.save(at(2, 0))
 
-    found = checkpointer.find("auto", no_warning)
-    assert found is not None and found.path == newest and found.state.epoch == 2
-    assert checkpointer.holds(found)
-    assert checkpointer.find("never", no_warning) is None
-    named = checkpointer.find(str(newest), no_warning)
-    assert named is not None and named.path == newest
+    found = locate(root, "auto", no_warning)
+    assert found == newest and read_checkpoint(found).epoch == 2
+    assert locate(root, "never", no_warning) is None
+    assert locate(root, str(newest), no_warning) == newest
 
     with pytest.raises(UsageError, match="holds checkpoints newer than epoch-001-step-000005"):
-        checkpointer.find(str(older), no_warning)  # it would rewind the run's records
+        locate(root, str(older), no_warning)  # it would rewind the run's records
     missing = tmp_path / "missing"
     with pytest.raises(UsageError, match=f"checkpoint {missing} does not exist"):
-        checkpointer.find(str(missing), no_warning)
+        locate(root, str(missing), no_warning)
 
     # Another run directory starts a branch from it.
-    other = Checkpointer(prepared, RunLayout(tmp_path / "other"), keep=3)
-    branched = other.find(str(older), no_warning)
-    assert branched is not None and branched.path == older and not other.holds(branched)
+    assert locate(RunLayout(tmp_path / "other").checkpoints, str(older), no_warning) == older
 
 
 def test_a_failed_write_is_a_write_error_and_leaves_no_partial_folder(prepared, tmp_path):
@@ -176,9 +179,7 @@ def test_a_failed_write_is_a_write_error_and_leaves_no_partial_folder(prepared, 
     assert "File too large" in message
     assert names(RunLayout(tmp_path).checkpoints) == ["epoch-001-step-000005"]  # no partial folder
     assert checkpointer.newest() == first and not checkpointer.saved(at(1, 10))
-    assert (
-        Checkpointer(prepared, RunLayout(tmp_path), keep=3).find("auto", no_warning).path == first
-    )
+    assert locate(RunLayout(tmp_path).checkpoints, "auto", no_warning) == first
 
 
 def test_a_file_where_the_checkpoints_folder_must_go_is_a_write_error(prepared, tmp_path):

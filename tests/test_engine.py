@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from helpers import assert_bit_identical, read_summary, run_here
 from mnist_dist import faults
 from mnist_dist.data import Sharding, TensorTrainData
 from mnist_dist.determinism import CUBLAS_WORKSPACE_ENV, set_determinism
-from mnist_dist.engine import CapturedStep, EagerStep, EpochStats
+from mnist_dist.engine import CapturedStep, EagerStep, StepFigures
 from mnist_dist.layout import CONFIG_FILE, MODEL_FILE
 from mnist_dist.model import MnistCNN
 
@@ -30,7 +31,7 @@ def _engine_run(
     torch.manual_seed(0)
     model = MnistCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    stats = EpochStats(data.sharding.steps_per_epoch, torch.device("cpu"))
+    stats = StepFigures(data.sharding.steps_per_epoch, torch.device("cpu"))
     if engine_cls is CapturedStep:
         engine = CapturedStep(model, optimizer, None, data, stats, grad_accum)
     else:
@@ -76,7 +77,7 @@ def test_the_step_figures_are_written_without_an_indexed_write_or_a_sort():
     in its row."""
     from torch.profiler import ProfilerActivity, profile
 
-    stats = EpochStats(5, torch.device("cpu"))
+    stats = StepFigures(5, torch.device("cpu"))
     position, figures = torch.tensor([3]), torch.tensor([float("nan"), 7.0])
     set_determinism(True)
     try:
@@ -189,17 +190,18 @@ def test_the_captured_steps_grad_scaler_path_skips_a_non_finite_step_on_the_devi
     the steps (no warning)."""
     import warnings
 
-    from mnist_dist.config import TrainConfig
-    from mnist_dist.train import build_model_and_optimizer, epoch_lr_scheduler
+    from mnist_dist.config import OptimConfig, TrainConfig
+    from mnist_dist.schedule import build_schedule
+    from mnist_dist.train import build_model_and_optimizer
 
     torch.manual_seed(0)
     model, optimizer = build_model_and_optimizer(scaled_accelerator, TrainConfig(), lr=1e-3)
-    scheduler = epoch_lr_scheduler(optimizer, milestones=[1], gamma=0.1)
+    scheduler = build_schedule(optimizer, OptimConfig(lr_milestones=(1,), lr_gamma=0.1))
     images, labels = _batch(200, seed=3)
     sharding = Sharding(200, 64, 1, 0, seed=0)
     images[sharding.permutation(1)[0]] = float("nan")  # in the first batch of epoch 1
     data = TensorTrainData(images, labels, sharding)
-    stats = EpochStats(sharding.steps_per_epoch, torch.device("cpu"))
+    stats = StepFigures(sharding.steps_per_epoch, torch.device("cpu"))
     scaler = scaled_accelerator.scaler
     engine = CapturedStep(model, optimizer, scaler, data, stats, grad_accum=1)
     before = [p.detach().clone() for p in model.parameters()]
@@ -294,7 +296,8 @@ def _build(accelerator, data: TensorTrainData, mode: str = "on"):
     model = MnistCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     said: list[str] = []
-    engine, _, _ = build_engine(mode, model, optimizer, accelerator, data, 1, said.append)
+    with mock.patch("mnist_dist.engine.say", said.append):
+        engine, _, _ = build_engine(mode, model, optimizer, accelerator, data, 1)
     return model, engine, said
 
 
@@ -354,7 +357,7 @@ def test_the_captured_steps_loss_fault_counts_forward_passes_on_the_device(cpu_a
     torch.manual_seed(0)
     model = MnistCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    stats = EpochStats(4, torch.device("cpu"))
+    stats = StepFigures(4, torch.device("cpu"))
     engine = CapturedStep(model, optimizer, None, data, stats, grad_accum=2)
     seen = []
 

@@ -15,7 +15,7 @@ import torch
 from helpers import assert_bit_identical, fault_env, gpu_env, read_jsonl, read_summary, run_cli
 
 from mnist_dist.data import Sharding, TensorTrainData
-from mnist_dist.engine import CapturedStep, EpochStats, lr_value
+from mnist_dist.engine import CapturedStep, StepFigures, lr_value
 from mnist_dist.errors import EXIT_DIVERGED
 from mnist_dist.layout import CHECKPOINTS_DIR, METRICS_FILE, MODEL_FILE, STEPS_FILE
 from mnist_dist.model import MnistCNN
@@ -132,7 +132,7 @@ def test_the_captured_step_reads_each_milestones_lr_from_the_device():
     torch.manual_seed(0)
     model = MnistCNN().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    stats = EpochStats(sharding.steps_per_epoch, device)
+    stats = StepFigures(sharding.steps_per_epoch, device)
     engine = CapturedStep(
         model, optimizer, None, TensorTrainData(images, labels, sharding), stats, 1
     )

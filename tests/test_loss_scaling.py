@@ -13,9 +13,10 @@ import warnings
 import pytest
 import torch
 
-from mnist_dist.config import TrainConfig
+from mnist_dist.config import OptimConfig, TrainConfig
 from mnist_dist.engine import train_step
-from mnist_dist.train import build_model_and_optimizer, epoch_lr_scheduler
+from mnist_dist.schedule import build_schedule
+from mnist_dist.train import build_model_and_optimizer
 
 INIT_SCALE = 2.0**16
 
@@ -87,7 +88,7 @@ def test_the_lr_scheduler_counts_an_epoch_whose_only_step_was_skipped(scaled):
     scheduler's step, without torch's "scheduler before optimizer" warning, and the LR follows
     the milestones exactly (one decay per milestone, none for the skipped step)."""
     accelerator, model, optimizer = scaled
-    scheduler = epoch_lr_scheduler(optimizer, milestones=[1, 2], gamma=0.1)
+    scheduler = build_schedule(optimizer, OptimConfig(lr_milestones=(1, 2), lr_gamma=0.1))
     lrs = []
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

@@ -8,10 +8,11 @@ import pytest
 import torch
 from helpers import fault_env, launch_cli, make_tiny_mnist, read_jsonl, read_summary, run_cli
 
-from mnist_dist.config import TrainConfig
+from mnist_dist.config import OptimConfig, TrainConfig
 from mnist_dist.engine import train_step
 from mnist_dist.layout import CONFIG_FILE, METRICS_FILE, STEPS_FILE
-from mnist_dist.train import build_model_and_optimizer, epoch_lr_scheduler
+from mnist_dist.schedule import build_schedule
+from mnist_dist.train import build_model_and_optimizer
 
 # Launch modes a run can be started in: plain python (1 process) and 2 gloo ranks.
 LAUNCHERS = {"1proc": run_cli, "2proc": launch_cli}
@@ -183,7 +184,7 @@ def test_the_lr_scheduler_sees_the_optimizer_steps_without_a_warning(scaled, cpu
         cpu_accelerator.scaler = torch.amp.GradScaler("cpu")
     model, optimizer = build_model_and_optimizer(cpu_accelerator, TrainConfig(), lr=1e-3)
     assert (optimizer.scaler is not None) == scaled
-    scheduler = epoch_lr_scheduler(optimizer, milestones=[1], gamma=0.1)
+    scheduler = build_schedule(optimizer, OptimConfig(lr_milestones=(1,), lr_gamma=0.1))
     images, labels = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

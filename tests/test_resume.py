@@ -467,29 +467,3 @@ def test_a_branch_may_change_settings_and_records_where_it_came_from(data, tmp_p
     mixed = train(data, branch, "--resume", str(first / CHECKPOINTS_DIR / "epoch-001-step-000008"))
     assert mixed.returncode == EXIT_USAGE
     assert f"{branch} already holds a run; continue it with --resume auto" in mixed.stderr
-
-
-def test_a_checkpoint_without_stored_settings_is_checked_against_config_yaml(data, tmp_path):
-    out = tmp_path / "run"
-    assert train(data, out, epochs=1).returncode == 0
-    started_at = provenance(out)["started_at"]
-    # Rewrite the checkpoint as versions before the settings were stored wrote it.
-    checkpoint = out / CHECKPOINTS_DIR / "epoch-002-step-000000"
-    state = trainer_state(checkpoint)
-    for added in ("config", "started_at", "branched_from", "run_wall_seconds"):
-        del state[added]
-    (checkpoint / STATE_FILE).write_text(json.dumps(state))
-    manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
-    data_bytes = (checkpoint / STATE_FILE).read_bytes()
-    manifest[STATE_FILE] = {
-        "bytes": len(data_bytes),
-        "sha256": hashlib.sha256(data_bytes).hexdigest(),
-    }
-    (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest))
-
-    refused = train(data, out, "--seed", "1", epochs=2)
-    assert refused.returncode == EXIT_USAGE
-    assert f"{out} was trained with --seed 0; this command has --seed 1" in refused.stderr
-    resumed = train(data, out, epochs=2)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert provenance(out)["started_at"] == started_at

@@ -1,0 +1,213 @@
+"""The resume policy: what ``--resume`` finds in a run directory, what a training there is
+refused, and how a checkpoint is restored. ``decide`` answers before anything is written
+(``doctor`` asks it the same); ``Resumption.restore`` loads the checkpoint it chose."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from torch.optim.lr_scheduler import LRScheduler
+
+from mnist_dist.checkpoint import Checkpoint, TrainerState, complete_checkpoints, read_checkpoint
+from mnist_dist.config import Config, changed_math_settings
+from mnist_dist.distributed import say
+from mnist_dist.errors import UsageError, first_line
+from mnist_dist.layout import STATE_FILE, parse_resume, run_dir_of
+from mnist_dist.records import Summary
+from mnist_dist.rundir import RunDir
+from mnist_dist.schedule import restore_schedule
+
+
+@dataclass(frozen=True)
+class Resumption:
+    """What a training in a run directory starts from."""
+
+    checkpoint: Checkpoint | None  # None: a new run
+    branch: bool  # the checkpoint belongs to another run directory: a run of its own
+    finished: Summary | None  # the finished run the directory holds, if nothing is left to do
+
+    def restore(
+        self, accelerator: Accelerator, fresh: TrainerState, schedule: LRScheduler
+    ) -> TrainerState:
+        """Load the checkpoint into the prepared model, optimizer and ``schedule``; return its
+        trainer state with this run's settings (``fresh``). A branch keeps the weights and
+        position, not the first run's start."""
+        assert self.checkpoint is not None
+        path, state = self.checkpoint.path, self.checkpoint.state
+        check_mid_epoch(self.checkpoint, fresh)
+        try:
+            accelerator.load_state(str(path))
+        except Exception as e:  # torch and safetensors raise many types for damaged files
+            raise UsageError(f"cannot load checkpoint {path}: {first_line(e)}") from None
+        # load_state only logs (at INFO) when the RNG states fail to load
+        # (huggingface/accelerate#4283): say so when this rank had none in the checkpoint.
+        rank = accelerator.process_index
+        if not (path / f"random_states_{rank}.pkl").exists():
+            say(
+                f"note: {path.name} was saved by {state.world_size} process(es); "
+                f"rank {rank} keeps freshly seeded RNG states"
+            )
+        restore_schedule(schedule, state.scheduler, self.branch)
+        if state.world_size != fresh.world_size:
+            say(
+                f"note: {path.name} was saved by {state.world_size} process(es), "
+                f"resuming on {fresh.world_size}: results stay within noise, not bit for bit"
+            )
+        state.seed, state.global_batch_size = fresh.seed, fresh.global_batch_size
+        state.num_samples, state.world_size = fresh.num_samples, fresh.world_size
+        state.config = fresh.config
+        if self.branch:
+            state.started_at, state.run_wall_seconds = fresh.started_at, fresh.run_wall_seconds
+            state.branched_from = str(path)
+        say(f"resumed from {path}: {state.position}")
+        return state
+
+
+def decide(
+    run_dir: RunDir,
+    config: Config,
+    accelerator: Accelerator | None = None,
+    tell: Callable[[str], None] = say,
+) -> Resumption:
+    """What training with ``config`` does in ``run_dir``, the same on every rank of
+    ``accelerator``. Raises ``UsageError`` for what it refuses: a run directory that holds
+    records but no checkpoint to continue them from, a continuation with settings that
+    change the run's math, a checkpoint past the end of ``--epochs``. Notes go to ``tell``."""
+    path, resume, epochs = run_dir.path, config.checkpoint.resume, config.train.epochs
+    root = run_dir.layout.checkpoints
+    found = _agreed(accelerator, lambda: locate(root, resume, tell))
+    checkpoint = None
+    if found is not None:
+        checkpoint = Checkpoint(found, TrainerState.from_json((found / STATE_FILE).read_text()))
+    branch = found is not None and found.resolve().parent != root.resolve()
+    if (checkpoint is None or branch) and run_dir.layout.metrics.exists():
+        if resume == "never":  # it looked at no checkpoint: whether any is intact is unknown
+            raise UsageError(
+                f"{path} already holds a run; --resume never starts a new one, which "
+                "needs a directory of its own: choose another --output-dir (or --resume auto "
+                "to continue this run)"
+            )
+        raise UsageError(
+            f"{path} already holds a run and no intact checkpoint to resume "
+            f"(--resume {resume}); choose another --output-dir"
+        )
+    if checkpoint is not None and checkpoint.state.config is not None:
+        changed = changed_math_settings(checkpoint.state.config, config.to_dict())
+        was, now = " ".join(old for old, _ in changed), " ".join(new for _, new in changed)
+        if changed and branch:
+            tell(f"note: branching from {found}, trained with {was}; this run has {now}")
+        elif changed:
+            raise UsageError(
+                f"{path} was trained with {was}; this command has {now}: resume with the "
+                "run's settings or choose another --output-dir"
+            )
+    finished = None if branch else run_dir.finished_summary()
+    if finished is not None:
+        done = finished.epochs_completed
+        if epochs <= done:
+            tell(
+                f"mnist-dist: {path} holds a finished run: {done} epoch(s), test accuracy "
+                f"{finished.test_accuracy:.2%}; summary in {run_dir.summary_path}; pass "
+                f"--epochs above {done} to train it further"
+            )
+            return Resumption(checkpoint, branch, finished)
+        tell(f"note: {path} finished {done} epoch(s); training on to {epochs}")
+    if checkpoint is not None:
+        state = checkpoint.state
+        trained = state.epoch - 1 if state.step == 0 else state.epoch  # whole or partial epochs
+        if epochs < trained:
+            raise UsageError(
+                f"checkpoint {found} has trained past --epochs {epochs} (it resumes at "
+                f"epoch {state.epoch}, step {state.step}): pass --epochs {trained} or more"
+            )
+    return Resumption(checkpoint, branch, None)
+
+
+def _agreed(accelerator: Accelerator | None, find: Callable[[], Path | None]) -> Path | None:
+    """``find``'s answer (or its ``UsageError``), found on the main process, on every rank."""
+    found: list[str | None] = [None, None]  # path, error
+    if accelerator is None or accelerator.is_main_process:
+        try:
+            path = find()
+            found[0] = None if path is None else str(path)
+        except UsageError as e:
+            found[1] = str(e)
+    if accelerator is not None and accelerator.num_processes > 1:
+        broadcast_object_list(found)
+    if found[1] is not None:
+        raise UsageError(found[1])
+    return None if found[0] is None else Path(found[0])
+
+
+def locate(root: Path, resume: str, tell: Callable[[str], None]) -> Path | None:
+    """The checkpoint ``--resume`` names for the checkpoints folder ``root``: ``auto``, the
+    newest intact one, or None; ``never``, None; a path, that one, or an error; a path into a
+    run directory that already holds the branch started from it, the branch's newest."""
+    choice = parse_resume(resume)
+    if choice.never:
+        return None
+    if choice.path is not None:
+        path = choice.path
+        read_checkpoint(path)  # raises with the reason
+        if path.resolve().parent == root.resolve():
+            newer = complete_checkpoints(root)
+            newer = newer[[p.name for p in newer].index(path.name) + 1 :]
+            if newer:
+                raise UsageError(
+                    f"{root} holds checkpoints newer than {path.name} "
+                    f"({newer[-1].name}); resume into another --output-dir"
+                )
+            return path
+        own = locate(root, "auto", tell)
+        if own is None:
+            return path  # a new branch
+        branched_from = read_checkpoint(own).branched_from
+        if branched_from and Path(branched_from).resolve() == path.resolve():
+            return own  # the branch's own newest: the same command continues it
+        raise UsageError(
+            f"{root.parent} already holds a run; continue it with --resume auto, "
+            f"or branch from {path} into a new --output-dir"
+        )
+    for path in reversed(complete_checkpoints(root)):
+        try:
+            read_checkpoint(path)
+            return path
+        except UsageError as e:
+            tell(f"warning: {e}; trying the previous checkpoint")
+    return None
+
+
+def check_mid_epoch(checkpoint: Checkpoint, fresh: TrainerState) -> None:
+    """Refuse a mid-epoch checkpoint whose next batch this run would not draw the same: it
+    continues the epoch's permutation, fixed by the seed, global batch and training set. One
+    taken at an epoch boundary continues with any world size (the global batch fixes the
+    math)."""
+    state = checkpoint.state
+    if state.step == 0:
+        return
+    for name, flag in (
+        ("seed", "--seed"),
+        ("global_batch_size", "--batch-size"),
+        ("num_samples", "--max-train-samples"),
+    ):
+        if getattr(state, name) != getattr(fresh, name):
+            raise UsageError(
+                f"checkpoint {checkpoint.path} was taken mid-epoch with {name} "
+                f"{getattr(state, name)}, this run has {getattr(fresh, name)}: resume with "
+                f"the same {flag}, or from a checkpoint at an epoch boundary"
+            )
+
+
+def needs_resume_auto(resume: str, run_dir: Path) -> bool:
+    """Whether the command that continues a run in ``run_dir`` must say ``--resume auto``
+    instead of the ``resume`` it started with: ``never`` (a fresh start would be refused
+    once the run holds records), or one of the run's own checkpoints (the run has newer ones
+    by then). A checkpoint of another run (a branch) continues as given."""
+    choice = parse_resume(resume)
+    if choice.path is None:
+        return choice.never
+    return run_dir_of(choice.path).resolve() == run_dir.resolve()
