@@ -169,6 +169,7 @@ class RunConsole:
         if not self.enabled:
             return
         if self.interactive:
+            self._live.refresh()  # the epoch's last step, loss and img/s, however short it was
             self.table.add_row(*(fmt.format(record[key]) for _, key, fmt in EPOCH_COLUMNS))
         else:
             print(format_epoch_line(record, self.epochs), flush=True)

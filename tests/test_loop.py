@@ -16,6 +16,7 @@ from mnist_dist.determinism import set_determinism
 from mnist_dist.distributed import make_accelerator
 from mnist_dist.errors import Stopped
 from mnist_dist.layout import RunLayout
+from mnist_dist.rundir import claimed
 from mnist_dist.stopping import StopControl
 from mnist_dist.train import build, finish
 
@@ -41,15 +42,17 @@ def test_a_stop_between_two_fits_then_a_resume_gives_the_uninterrupted_weights(
     config = build_config(build_parser().parse_args(["train", *_args(data, out)]))
     accelerator = make_accelerator("no")
     try:
-        run = build(accelerator, config, out, None, time.perf_counter(), set_determinism(True))
-        # The stop file checked at every step boundary (not every 0.5 s): the stop lands at
-        # the first boundary after the request, whatever this machine's speed.
-        run.loop.stop = StopControl(accelerator, layout.stop, poll_seconds=0)
-        with pytest.raises(Stopped) as stopped, run.status():
-            run.loop.fit(run.state, 1)  # the first epoch, then a stop request during the second
-            layout.stop.write_text("")
-            run.loop.fit(run.state, 2)
-            finish(run)
+        with claimed(accelerator, layout) as holder:  # as train() holds the directory
+            started, determinism = time.perf_counter(), set_determinism(True)
+            run = build(accelerator, config, layout, holder, started, determinism)
+            # The stop file checked at every step boundary (not every 0.5 s): the stop lands
+            # at the first boundary after the request, whatever this machine's speed.
+            run.loop.stop = StopControl(accelerator, layout.stop, poll_seconds=0)
+            with pytest.raises(Stopped) as stopped, run.status():
+                run.loop.fit(run.state, 1)  # the first epoch, then a stop during the second
+                layout.stop.write_text("")
+                run.loop.fit(run.state, 2)
+                finish(run)
     finally:
         accelerator.end_training()
         AcceleratorState._reset_state(reset_partial_state=True)
