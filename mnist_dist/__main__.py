@@ -29,14 +29,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mnist_dist.data import ensure_raw_files, eval_batches
-    from mnist_dist.distributed import make_accelerator
+    from mnist_dist.distributed import make_accelerator, process_group
     from mnist_dist.evaluate import evaluate
     from mnist_dist.weights import load_model
 
     data = build_config(args, DATA_SECTION).data
     model = load_model(args.weights)  # before any process group: a bad file fails fast
     accelerator = make_accelerator("no")
-    try:
+    with process_group(accelerator):
         ensure_raw_files(accelerator, data, splits=("test",))  # reads no training file
         batches = eval_batches(
             data, accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -53,8 +53,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 f"({result.correct}/{result.total}), loss {result.loss:.4f}, "
                 f"{world_size} process(es)"
             )
-    finally:
-        accelerator.end_training()
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -144,3 +146,17 @@ def say(line: str) -> None:
     """Tell the user ``line``: printed by the main process only, so that it shows once."""
     if PartialState().is_main_process:
         print(line, flush=True)
+
+
+@contextmanager
+def process_group(accelerator: Accelerator) -> Iterator[Accelerator]:
+    """Run the block, then destroy the process group on every rank. After a block that ends
+    normally every rank first passes a barrier, with every gloo worker thread idle: in torch
+    2.6 a gloo group's destructor holds the GIL while it joins worker threads that may still
+    need the GIL to free the last collective's tensors, and the process hung after its last
+    line in about one two-rank CPU run in seven (pytorch/pytorch#56297)."""
+    try:
+        yield accelerator
+        accelerator.wait_for_everyone()
+    finally:
+        accelerator.end_training()

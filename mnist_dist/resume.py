@@ -111,7 +111,7 @@ def decide(
         if epochs <= done:
             tell(
                 f"mnist-dist: {path} holds a finished run: {done} epoch(s), test accuracy "
-                f"{finished.test_accuracy:.2%}; summary in {run_dir.summary_path}; pass "
+                f"{finished.test_accuracy:.2%}; summary in {run_dir.layout.summary}; pass "
                 f"--epochs above {done} to train it further"
             )
             return Resumption(checkpoint, branch, finished)

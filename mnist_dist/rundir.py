@@ -127,14 +127,6 @@ class RunDir:
         self.position: dict[str, Any] = {}  # epoch, step, global_step, checkpoint
         self._next_beat = 0.0  # time.monotonic() of the next heartbeat the loop owes
 
-    @property
-    def model_path(self) -> Path:
-        return self.layout.model
-
-    @property
-    def summary_path(self) -> Path:
-        return self.layout.summary
-
     def finished_summary(self) -> Summary | None:
         """The summary of the finished run this directory holds, or None if it holds none."""
         try:

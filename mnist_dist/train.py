@@ -21,7 +21,13 @@ from mnist_dist.config import Config, TrainConfig
 from mnist_dist.console import RunConsole
 from mnist_dist.data import build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.determinism import set_determinism
-from mnist_dist.distributed import describe_processes, lost_peer, make_accelerator, say
+from mnist_dist.distributed import (
+    describe_processes,
+    lost_peer,
+    make_accelerator,
+    process_group,
+    say,
+)
 from mnist_dist.engine import build_engine
 from mnist_dist.errors import DivergedError, Stopped, WriteError
 from mnist_dist.evaluate import evaluate
@@ -52,7 +58,7 @@ def train(config: Config) -> Summary:
     accelerator = make_accelerator(
         config.train.mixed_precision, log_with=log_with, static_graph=config.train.grad_accum == 1
     )
-    try:
+    with process_group(accelerator):  # destroyed on every rank at the end
         # Checked before the run directory is touched: the batch divides, the data is intact.
         config.train.per_device_batch_size(accelerator.num_processes)  # raises if it does not
         ensure_raw_files(accelerator, config.data)
@@ -60,20 +66,12 @@ def train(config: Config) -> Summary:
         with claimed(accelerator, layout) as holder:  # one training per run directory
             run = build(accelerator, config, layout, holder, started, determinism)
             if isinstance(run, Summary):
-                summary = run  # the run directory holds a finished run: nothing to do
-            else:
-                with run.status():
-                    run.loop.fit(run.state, config.train.epochs)
-                    summary = finish(run)
-                run.say_done(summary)
-        # Leave together, with every gloo worker thread idle: in torch 2.6 a gloo group's
-        # destructor holds the GIL while it joins worker threads that may still need the GIL
-        # to free the last collective's tensors, and the process hung after "done" in about
-        # one two-rank CPU run in seven (pytorch/pytorch#56297).
-        accelerator.wait_for_everyone()
-        return summary
-    finally:
-        accelerator.end_training()  # destroys the process group on every rank
+                return run  # the run directory holds a finished run: nothing to do
+            with run.status():
+                run.loop.fit(run.state, config.train.epochs)
+                summary = finish(run)
+            run.say_done(summary)
+            return summary
 
 
 @dataclass
@@ -129,7 +127,7 @@ class Run:
             f"{summary.images_per_second:,.0f} images/s, "
             f"{summary.segment_wall_seconds:.0f}s"
             + (f" ({summary.run_wall_seconds:.0f}s over the run)" if self.resumed else "")
-            + f"; weights in {self.run_dir.model_path}"
+            + f"; weights in {self.run_dir.layout.model}"
         )
 
 
@@ -278,13 +276,13 @@ def finish(run: Run) -> Summary:
     if accelerator.is_main_process:
         export_model(
             accelerator.unwrap_model(model),
-            run.run_dir.model_path,
+            run.run_dir.layout.model,
             {"mnist_dist_version": metadata.version("mnist-dist"), "summary": summary.to_dict()},
         )
     run.run_dir.write_summary(summary)
     if wants_wandb(run.config.tracking):  # the same on every rank: the final pass is collective
         final = evaluate(model, run.loop.test_data, accelerator, max_misclassified=MAX_TABLE_ROWS)
-        run.loop.outputs.tracker.log_final(summary, final, run.run_dir.model_path)
+        run.loop.outputs.tracker.log_final(summary, final, run.run_dir.layout.model)
     return summary
 
 
