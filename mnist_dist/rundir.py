@@ -23,14 +23,12 @@ from mnist_dist.errors import UsageError, WriteError
 from mnist_dist.layout import RUNS_DIR, RunLayout, parse_resume, partial_file, run_dir_of
 from mnist_dist.records import EpochRecord, StepRecord, Summary
 
-# The records a writer takes: typed, or (until every producer builds them) their dicts.
 AnyRecord = StepRecord | EpochRecord | Summary | dict[str, Any]
 
 
 def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: str) -> RunLayout:
-    """The run directory, the same on every rank: ``--output-dir``; else the run a
-    ``--resume PATH`` checkpoint belongs to; else ``runs/<timestamp>`` chosen on the main
-    process and broadcast."""
+    """The run directory, the same on every rank: ``--output-dir``, else the run of a
+    ``--resume PATH`` checkpoint, else a new ``runs/<timestamp>``."""
     if output_dir:
         path = Path(output_dir)
     elif (checkpoint := parse_resume(resume).path) is not None:
@@ -43,18 +41,8 @@ def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: st
     return RunLayout(path)
 
 
-def read_config(run_dir: Path) -> dict[str, Any] | None:
-    """A run directory's config.yaml (settings and provenance), or None if it has none."""
-    try:
-        config = yaml.safe_load(RunLayout(run_dir).config.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return config if isinstance(config, dict) else None
-
-
 def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and prove a file can be written in it; raises ``OSError``.
-    The probe's name is unique per host and process: several nodes may probe one folder."""
+    """Create ``folder`` if needed and prove a file can be written in it; raises ``OSError``."""
     folder.mkdir(parents=True, exist_ok=True)
     probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}"
     probe.write_text("")
@@ -66,31 +54,24 @@ def check_output_dir(path: Path) -> None:
     try:
         check_writable(path)
     except OSError as e:
-        raise _unwritable(path, e) from None
-
-
-def _unwritable(path: Path, error: OSError) -> UsageError:
-    return UsageError(f"cannot write to output directory {path}: {error.strerror or error}")
+        raise UsageError(f"cannot write to output directory {path}: {e.strerror or e}") from None
 
 
 @contextlib.contextmanager
 def claimed(accelerator: Accelerator, layout: RunLayout) -> Iterator[Holder | None]:
-    """Hold the run directory for this training (``claim.py``) while the block runs; yields
-    the claim on the main process (None on the others). A refusal reaches every rank before
-    anything is written. Afterwards the claim is released, and folders this start created are
-    removed again if nothing was written in them (a refused start leaves nothing behind)."""
+    """Hold the run directory for this training while the block runs; yields the claim on
+    the main process (None on the others). Every rank gets a refusal before anything is
+    written; a start that wrote nothing leaves no folder behind."""
     me = Holder.this_process() if accelerator.is_main_process else None
     path = layout.root
     created = [p for p in (path, *path.parents) if not p.exists()]
     outcome: list[str | None] = [None, None]  # refusal, warning
     if me is not None:
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            check_output_dir(path)
             outcome[1] = claim.acquire(layout, me)
-        except UsageError as e:
+        except (UsageError, OSError) as e:  # a disk that fills after the probe
             outcome[0] = str(e)
-        except OSError as e:
-            outcome[0] = str(_unwritable(path, e))
     if accelerator.num_processes > 1:
         broadcast_object_list(outcome)
     try:
@@ -110,10 +91,8 @@ def claimed(accelerator: Accelerator, layout: RunLayout) -> Iterator[Holder | No
 
 
 class RunDir:
-    """Writes a run's records (typed, or the same records as dicts) into ``layout``; a no-op
-    on every rank but the main process. Every ``status.json`` carries the run's claim
-    (``holder``), the command that continues the run, a heartbeat time and the position it
-    reached (``beat``)."""
+    """Writes a run's records (typed, or as dicts) into ``layout`` on the main process; a
+    no-op on the others."""
 
     def __init__(
         self,
@@ -140,8 +119,7 @@ class RunDir:
     def restore_records(
         self, history: list[EpochRecord] | list[dict[str, Any]], global_step: int
     ) -> None:
-        """Rewind the records to a checkpoint: its epoch history, and the step records up to
-        its global step (a resumed run repeats the steps after it)."""
+        """Rewind the records to a checkpoint's epoch history and global step."""
         if not self.enabled:
             return
         self._write_atomic(self.layout.metrics, "".join(_json_line(r) for r in history))
@@ -155,8 +133,8 @@ class RunDir:
             self._write_atomic(steps, "".join(kept))
 
     def write_status(self, state: str, **details: Any) -> None:
-        """``status.json``, for schedulers and scripts that cannot read exit codes through a
-        launcher. Best effort: a full disk must not hide the error that ended the run."""
+        """``status.json``, with the position, claim, heartbeat and continue command. Best
+        effort: a full disk must not hide the error that ended the run."""
         if self.enabled:
             # A finished run's position is its epoch count (details), not the next epoch.
             reached = {
@@ -178,9 +156,8 @@ class RunDir:
         checkpoint: Path | None,
         force: bool = False,
     ) -> None:
-        """The heartbeat: ``status.json`` says running, where, and when last seen, at most
-        every ``HEARTBEAT_SECONDS`` (``force``: now). Raises ``ClaimLost`` when another
-        training took the directory over meanwhile."""
+        """Status running at this position, at most every ``HEARTBEAT_SECONDS`` unless
+        ``force``; ``ClaimLost`` when another training took the directory over."""
         if not self.enabled:
             return
         now = time.monotonic()
@@ -209,7 +186,7 @@ class RunDir:
 
     def write_summary(self, summary: Summary | dict[str, Any]) -> None:
         if self.enabled:
-            self._write_atomic(self.layout.summary, json.dumps(_plain(summary), indent=2) + "\n")
+            self._write_atomic(self.layout.summary, _json_line(summary, indent=2))
 
     def _append(self, path: Path, record: AnyRecord) -> None:
         if self.enabled:
@@ -220,8 +197,7 @@ class RunDir:
                 raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
     def _write_atomic(self, final: Path, text: str) -> None:
-        """Replace ``final`` with ``text`` in one rename: a failed write leaves the old file
-        as it was, and no partial file behind."""
+        """Replace ``final`` with ``text``; a failed write leaves the old file and no other."""
         partial = partial_file(final)
         try:
             partial.write_text(text)
@@ -232,9 +208,6 @@ class RunDir:
             raise WriteError(f"cannot write {final}: {e.strerror or e}") from None
 
 
-def _plain(record: AnyRecord) -> dict[str, Any]:
-    return record if isinstance(record, dict) else record.to_dict()
-
-
-def _json_line(record: AnyRecord) -> str:
-    return json.dumps(_plain(record)) + "\n"
+def _json_line(record: AnyRecord, indent: int | None = None) -> str:
+    plain = record if isinstance(record, dict) else record.to_dict()
+    return json.dumps(plain, indent=indent) + "\n"
