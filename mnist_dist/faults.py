@@ -59,8 +59,4 @@ def _handler(name: str) -> Callable[..., Any]:
     # While faults are on, a point the product calls by a name missing from POINTS fails loudly.
     if name not in POINTS:
         raise KeyError(f"unknown fault point {name!r}")
-    return _handlers.get(name, _no_handler)
-
-
-def _no_handler(x: Any = None, **context: Any) -> Any:
-    return x
+    return _handlers.get(name, lambda x=None, **context: x)
