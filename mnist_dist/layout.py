@@ -34,8 +34,6 @@ RUNS_DIR = "runs"  # where a run without --output-dir gets a folder of its own
 # The ``state`` of status.json: stopped is resumable (exit code 75), the others are final.
 STATES = ("running", "finished", "stopped", "diverged", "failed")
 
-_CHECKPOINT_NAME = re.compile(r"epoch-(\d+)-step-(\d+)")
-
 
 def _entry(name: str) -> property:
     return property(lambda layout: layout.root / name, doc=f"``<run dir>/{name}``")
@@ -71,7 +69,7 @@ def checkpoint_name(epoch: int, step: int) -> str:
 
 def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
     """``(epoch, step)`` of a checkpoint folder name, or None for any other name."""
-    match = _CHECKPOINT_NAME.fullmatch(name)
+    match = re.fullmatch(r"epoch-(\d+)-step-(\d+)", name)
     return (int(match[1]), int(match[2])) if match else None
 
 
