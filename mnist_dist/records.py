@@ -48,8 +48,7 @@ _KIND: dict[str, tuple[type | tuple[type, ...], str]] = {
 
 @dataclass(frozen=True)
 class StepRecord(_Record):
-    """A line of ``steps.jsonl``: the training figures of the steps since the previous one,
-    written every ``--log-every`` optimizer steps."""
+    """A line of ``steps.jsonl``: training figures since the previous one (``--log-every``)."""
 
     global_step: int  # optimizer steps since the start of the run
     epoch: int  # the epoch the step belongs to (1-based)
