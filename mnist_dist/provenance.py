@@ -41,19 +41,15 @@ def _version(package: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """The commit of the checkout the package runs from, if it runs from one."""
+    """The commit of the checkout the package runs from (``-dirty`` if changed), if any."""
     here = str(Path(__file__).resolve().parent)
-
-    def git(*args: str) -> str:
-        command = ["git", "-C", here, *args]
-        return subprocess.run(command, capture_output=True, text=True, timeout=5, check=True).stdout
-
+    # --exclude='*': no tag names, only the full commit hash
+    describe = ["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"]
     try:
-        commit = git("rev-parse", "HEAD").strip()
-        dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+        run = subprocess.run(describe, capture_output=True, text=True, timeout=5, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return commit + ("-dirty" if dirty else "")
+    return run.stdout.strip()
 
 
 def provenance(accelerator: Accelerator) -> dict[str, Any]:
