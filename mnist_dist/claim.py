@@ -1,15 +1,9 @@
-"""Who holds a run directory: the claim one training takes on it, and when a claim left behind
-may be taken over. Standard library only: ``report`` and ``doctor`` read claims without torch.
-
-The main process of the one training (all its ranks) that writes to a run directory holds its
-claim file, ``layout.CLAIM_FILE``, never rewritten; its heartbeat is in ``status.json``. A file
-rather than ``flock``: on NFS, locks are not seen by every client of every cluster; a file is.
-Nothing removes the file when its holder dies, so a claim left behind is taken over, with a
-warning, when its holder ran on this host and its pid is gone, when it is an earlier attempt of
-this SLURM job (SLURM ends every process of a job before it requeues it), or when it has shown
-no sign of life for ``STALE_SECONDS`` (a margin that also covers node clocks a minute or two
-apart). Anything else is refused before the directory is touched. A holder whose claim was
-taken over (a hung run that wakes up) notices at its next heartbeat and stops (``ClaimLost``).
+"""Who holds a run directory: the claim file one training's main process takes on it, and when
+a claim left behind may be taken over (``judge``). A file rather than ``flock``: on NFS, locks
+are not seen by every client of every cluster; a file is. Its heartbeat is in ``status.json``.
+Anything ``judge`` does not allow is refused before the directory is touched; a holder whose
+claim was taken over (a hung run that wakes up) stops at its next heartbeat (``ClaimLost``).
+Standard library only: ``report`` and ``doctor`` read claims without torch.
 """
 
 from __future__ import annotations
@@ -27,7 +21,7 @@ from mnist_dist.errors import MnistDistError, UsageError
 from mnist_dist.layout import RunLayout
 
 HEARTBEAT_SECONDS = 60.0  # the longest the loop goes between heartbeats while it trains
-STALE_SECONDS = 600.0  # a claim without a sign of life for this long is taken over
+STALE_SECONDS = 600.0  # silent this long: taken over (a margin too for node clocks that differ)
 
 
 class ClaimLost(MnistDistError):
@@ -128,7 +122,9 @@ def dead_because(layout: RunLayout, status: dict[str, Any]) -> str | None:
 
 
 def judge(layout: RunLayout, holder: Holder, me: Holder) -> str | None:
-    """Why ``holder``'s claim may be taken over by ``me`` (a phrase), or None if it may not."""
+    """Why ``holder``'s claim may be taken over by ``me`` (a phrase), or None if it may not: its
+    process on this host is gone, it is an earlier attempt of this SLURM job (SLURM ends every
+    process of a job before it requeues it), or it was silent for ``STALE_SECONDS``."""
     same_job = bool(holder.slurm_job) and holder.slurm_job == me.slurm_job
     if same_job and (holder.host != me.host or holder.restart != me.restart):
         return f"an earlier attempt of SLURM job {holder.slurm_job} (requeued)"
@@ -176,8 +172,7 @@ def _take_over_warning(layout: RunLayout, holder: Holder, me: Holder) -> str:
 def release(layout: RunLayout, me: Holder) -> None:
     """Give up ``me``'s claim (a claim someone else took over stays theirs)."""
     with contextlib.suppress(OSError, UsageError):
-        holder = read_holder(layout)
-        if holder is not None and holder.token == me.token:
+        if read_holder(layout) == me:
             layout.claim.unlink()
 
 

@@ -8,6 +8,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -83,28 +84,26 @@ def claimed(accelerator: Accelerator, layout: RunLayout) -> Iterator[Holder | No
     finally:
         if me is not None:
             claim.release(layout, me)
-            for folder in created:  # deepest first, while empty
-                try:
+            with contextlib.suppress(OSError):
+                for folder in created:  # deepest first, while empty
                     folder.rmdir()
-                except OSError:
-                    break
 
 
+@dataclass
 class RunDir:
     """Writes a run's records (typed, or as dicts) into ``layout`` on the main process; a
     no-op on the others."""
 
-    def __init__(
-        self,
-        layout: RunLayout,
-        enabled: bool,
-        holder: Holder | None = None,
-        command: str | None = None,
-    ) -> None:
-        self.layout, self.path, self.enabled = layout, layout.root, enabled
-        self.holder, self.command = holder, command
-        self.position: dict[str, Any] = {}  # epoch, step, global_step, checkpoint
-        self._next_beat = 0.0  # time.monotonic() of the next heartbeat the loop owes
+    layout: RunLayout
+    enabled: bool
+    holder: Holder | None = None  # the claim, whose token every status.json carries
+    command: str | None = None  # the command that continues the run
+    position: dict[str, Any] = field(default_factory=dict)  # epoch, step, global_step, checkpoint
+    _next_beat: float = 0.0  # time.monotonic() of the next heartbeat the loop owes
+
+    @property
+    def path(self) -> Path:
+        return self.layout.root
 
     def finished_summary(self) -> Summary | None:
         """The summary of the finished run this directory holds, or None if it holds none."""
@@ -149,19 +148,12 @@ class RunDir:
                 self._write_atomic(self.layout.status, json.dumps(status) + "\n")
 
     def beat(
-        self,
-        epoch: int,
-        step: int,
-        global_step: int,
-        checkpoint: Path | None,
-        force: bool = False,
+        self, epoch: int, step: int, global_step: int, checkpoint: Path | None, force: bool = False
     ) -> None:
         """Status running at this position, at most every ``HEARTBEAT_SECONDS`` unless
         ``force``; ``ClaimLost`` when another training took the directory over."""
-        if not self.enabled:
-            return
         now = time.monotonic()
-        if not force and now < self._next_beat:
+        if not self.enabled or (now < self._next_beat and not force):
             return
         self._next_beat = now + HEARTBEAT_SECONDS
         if self.holder is not None and (taker := claim.lost_to(self.layout, self.holder)):
