@@ -43,14 +43,9 @@ class Holder:
 
     @classmethod
     def this_process(cls) -> Holder:
-        return cls(
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            slurm_job=os.environ.get("SLURM_JOB_ID") or None,
-            restart=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
-            since=utc_now(),
-            token=uuid.uuid4().hex,
-        )
+        job = os.environ.get("SLURM_JOB_ID") or None
+        restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        return cls(socket.gethostname(), os.getpid(), job, restart, utc_now(), uuid.uuid4().hex)
 
     def describe(self) -> str:
         job = f", SLURM job {self.slurm_job}" if self.slurm_job else ""
@@ -70,8 +65,7 @@ def seconds_since(stamp: str) -> float:
 
 
 def read_holder(layout: RunLayout) -> Holder | None:
-    """The holder of the claim, or None when nobody holds it; ``UsageError`` for a claim file
-    that is not one."""
+    """The claim's holder, or None if nobody holds it; ``UsageError`` for a file not a claim."""
     try:
         return Holder(**json.loads(layout.claim.read_text()))
     except FileNotFoundError:
@@ -85,12 +79,10 @@ def read_holder(layout: RunLayout) -> Holder | None:
 
 def last_sign_of_life(layout: RunLayout, holder: Holder) -> str:
     """``holder``'s heartbeat in ``status.json`` if the status is its own, else its claim time."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         status = json.loads(layout.status.read_text())
-    except (OSError, ValueError):
-        status = None
-    if isinstance(status, dict) and status.get("claim") == holder.token:
-        return max(holder.since, str(status.get("heartbeat") or holder.since))
+        if isinstance(status, dict) and status.get("claim") == holder.token:
+            return max(holder.since, str(status.get("heartbeat") or holder.since))
     return holder.since
 
 
@@ -107,8 +99,7 @@ def _gone(holder: Holder) -> bool:
 
 
 def dead_because(layout: RunLayout, status: dict[str, Any]) -> str | None:
-    """Why a run whose ``status.json`` says running is not running any more, or None while
-    it shows signs of life."""
+    """Why a run whose ``status.json`` says running is not, or None while it shows life."""
     try:
         holder = read_holder(layout)
     except UsageError:
@@ -137,15 +128,14 @@ def judge(layout: RunLayout, holder: Holder, me: Holder) -> str | None:
 
 
 def check(layout: RunLayout, me: Holder) -> str | None:
-    """What ``acquire`` would do, without doing it: raises the refusal, or returns the warning
-    of a take-over (None when the directory is free)."""
+    """What ``acquire`` would do, without doing it: raise its refusal or return its warning."""
     holder = read_holder(layout)
     return None if holder is None else _take_over_warning(layout, holder, me)
 
 
 def acquire(layout: RunLayout, me: Holder) -> str | None:
-    """Claim the existing run directory for ``me``. Returns the warning line of a claim taken
-    over (None otherwise); raises ``UsageError`` when another training holds it."""
+    """Claim the run directory for ``me``: a take-over's warning line, or None; ``UsageError``
+    when another training holds it."""
     for _ in range(5):  # a claim released or moved while we look: look again
         if _link_claim(layout, me):
             return None

@@ -1,11 +1,9 @@
-"""Named fault points, where the tests make a run sleep, raise, die or see another value.
-
-The product calls ``point(NAME)`` or ``value(NAME, x)`` at each of ``POINTS``; a test installs a
-handler there with ``inject``, in its own process or in a child through
-``tests/faults/sitecustomize.py`` (hence standard library only: it loads before torch). With no
-handler installed a point costs a test of an empty dict. A graph replay of the captured step runs
-no Python: there, ``train.step`` and ``train.loss`` fire only while the graph is recorded, and
-``train.loss`` gets ``forwards=``, a device tensor the graph advances at every replay.
+"""Named fault points, where the tests make a run sleep, raise, die or see another value: the
+product calls ``point`` or ``value`` at each of ``POINTS``, and a test installs a handler there
+with ``inject``, in its own process or in a child through ``tests/faults/sitecustomize.py``
+(hence standard library only). With none installed, a point costs a test of an empty dict. A
+replay of the captured step's graph runs no Python: ``train.step`` and ``train.loss`` fire only
+while it is recorded, ``train.loss`` with ``forwards=``, a device tensor each replay advances.
 """
 
 from __future__ import annotations

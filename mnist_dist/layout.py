@@ -1,8 +1,6 @@
-"""The run directory: every name in it and the rules for its paths, the contract between a run
-and its readers (``report``, ``doctor``, ``slurm/train.sbatch``, benchmarks). Standard library
-only. The main process writes every file but STOP; every file but the ``.jsonl`` ones is
-replaced atomically, through ``.<name>.partial``.
-"""
+"""The run directory's names and path rules: the contract between a run and its readers
+(``report``, ``doctor``, ``slurm/train.sbatch``, benchmarks); standard library only. The main
+process writes every file but STOP; all but the ``.jsonl`` ones atomically (``partial_file``)."""
 
 from __future__ import annotations
 
@@ -58,7 +56,6 @@ class RunLayout:
     checkpoints = _entry(CHECKPOINTS_DIR)
 
     def checkpoint(self, epoch: int, step: int) -> Path:
-        """The folder of the checkpoint at ``epoch`` (1-based), ``step`` steps into it."""
         return self.checkpoints / checkpoint_name(epoch, step)
 
 
@@ -90,8 +87,7 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 @dataclass(frozen=True)
 class Resume:
-    """What ``--resume`` asks for: ``auto`` (the newest intact checkpoint, if any), ``never``
-    (a fresh start), or ``path``, one checkpoint folder."""
+    """What ``--resume`` asks for: ``auto`` (newest intact checkpoint), ``never`` or a ``path``."""
 
     mode: str  # "auto", "never" or "path"
     path: Path | None = None  # for mode "path"

@@ -55,6 +55,7 @@ def git_commit() -> str | None:
 def provenance(accelerator: Accelerator) -> dict[str, Any]:
     """Versions, hardware and launch facts for the run record. Collective: call on every rank."""
     hosts_and_devices = gather_object([(socket.gethostname(), device_name(accelerator.device))])
+    packages = ("mnist-dist", "torch", "torchvision", "accelerate", "wandb", "rich")
     return {
         "started_at": utc_now(),
         "world_size": accelerator.num_processes,
@@ -69,10 +70,7 @@ def provenance(accelerator: Accelerator) -> dict[str, Any]:
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "versions": {
             "python": sys.version.split()[0],
-            **{
-                pkg: _version(pkg)
-                for pkg in ("mnist-dist", "torch", "torchvision", "accelerate", "wandb", "rich")
-            },
+            **{package: _version(package) for package in packages},
             "cuda": torch.version.cuda,
         },
     }

@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,15 +31,13 @@ def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: st
     """The run directory, the same on every rank: ``--output-dir``, else the run of a
     ``--resume PATH`` checkpoint, else a new ``runs/<timestamp>``."""
     if output_dir:
-        path = Path(output_dir)
-    elif (checkpoint := parse_resume(resume).path) is not None:
-        path = run_dir_of(checkpoint)
-    else:
-        choice = [f"{RUNS_DIR}/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(choice)
-        path = Path(choice[0])
-    return RunLayout(path)
+        return RunLayout(Path(output_dir))
+    if (checkpoint := parse_resume(resume).path) is not None:
+        return RunLayout(run_dir_of(checkpoint))
+    choice = [f"{RUNS_DIR}/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice)
+    return RunLayout(Path(choice[0]))
 
 
 def check_writable(folder: Path) -> None:
@@ -60,9 +58,8 @@ def check_output_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def claimed(accelerator: Accelerator, layout: RunLayout) -> Iterator[Holder | None]:
-    """Hold the run directory for this training while the block runs; yields the claim on
-    the main process (None on the others). Every rank gets a refusal before anything is
-    written; a start that wrote nothing leaves no folder behind."""
+    """Hold the run directory while the block runs; yields the claim on the main process (None
+    elsewhere). Every rank refuses before anything is written, and leaves no empty folder."""
     me = Holder.this_process() if accelerator.is_main_process else None
     path = layout.root
     created = [p for p in (path, *path.parents) if not p.exists()]
@@ -91,8 +88,7 @@ def claimed(accelerator: Accelerator, layout: RunLayout) -> Iterator[Holder | No
 
 @dataclass
 class RunDir:
-    """Writes a run's records (typed, or as dicts) into ``layout`` on the main process; a
-    no-op on the others."""
+    """Writes a run's records (typed, or dicts) on the main process; a no-op on the others."""
 
     layout: RunLayout
     enabled: bool
@@ -107,17 +103,13 @@ class RunDir:
 
     def finished_summary(self) -> Summary | None:
         """The summary of the finished run this directory holds, or None if it holds none."""
-        try:
+        with contextlib.suppress(OSError, ValueError):  # RecordError is a ValueError
             status = json.loads(self.layout.status.read_text())
             if isinstance(status, dict) and status.get("state") == "finished":
                 return Summary.from_dict(json.loads(self.layout.summary.read_text()))
-        except (OSError, ValueError):  # RecordError is a ValueError
-            pass
         return None
 
-    def restore_records(
-        self, history: list[EpochRecord] | list[dict[str, Any]], global_step: int
-    ) -> None:
+    def restore_records(self, history: Sequence[AnyRecord], global_step: int) -> None:
         """Rewind the records to a checkpoint's epoch history and global step."""
         if not self.enabled:
             return
@@ -132,8 +124,7 @@ class RunDir:
             self._write_atomic(steps, "".join(kept))
 
     def write_status(self, state: str, **details: Any) -> None:
-        """``status.json``, with the position, claim, heartbeat and continue command. Best
-        effort: a full disk must not hide the error that ended the run."""
+        """``status.json``; best effort: a full disk must not hide the error that ended the run."""
         if self.enabled:
             # A finished run's position is its epoch count (details), not the next epoch.
             reached = {
