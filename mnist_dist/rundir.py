@@ -30,14 +30,14 @@ AnyRecord = StepRecord | EpochRecord | Summary | dict[str, Any]
 def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: str) -> RunLayout:
     """The run directory, the same on every rank: ``--output-dir``, else the run of a
     ``--resume PATH`` checkpoint, else a new ``runs/<timestamp>``."""
-    if output_dir:
-        return RunLayout(Path(output_dir))
-    if (checkpoint := parse_resume(resume).path) is not None:
-        return RunLayout(run_dir_of(checkpoint))
-    choice = [f"{RUNS_DIR}/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(choice)
-    return RunLayout(Path(choice[0]))
+    if not output_dir and (checkpoint := parse_resume(resume).path) is not None:
+        output_dir = str(run_dir_of(checkpoint))
+    elif not output_dir:
+        choice = [f"{RUNS_DIR}/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(choice)
+        output_dir = choice[0]
+    return RunLayout(Path(output_dir))
 
 
 def check_writable(folder: Path) -> None:
