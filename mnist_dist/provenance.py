@@ -55,6 +55,7 @@ def git_commit() -> str | None:
 def provenance(accelerator: Accelerator) -> dict[str, Any]:
     """Versions, hardware and launch facts for the run record. Collective: call on every rank."""
     hosts_and_devices = gather_object([(socket.gethostname(), device_name(accelerator.device))])
+    devices = [f"rank {i} on {host}: {dev}" for i, (host, dev) in enumerate(hosts_and_devices)]
     packages = ("mnist-dist", "torch", "torchvision", "accelerate", "wandb", "rich")
     return {
         "started_at": utc_now(),
@@ -62,9 +63,7 @@ def provenance(accelerator: Accelerator) -> dict[str, Any]:
         "num_nodes": len({host for host, _ in hosts_and_devices}),
         "distributed_type": accelerator.distributed_type.value,
         "mixed_precision": accelerator.mixed_precision,
-        "devices": [
-            f"rank {i} on {host}: {dev}" for i, (host, dev) in enumerate(hosts_and_devices)
-        ],
+        "devices": devices,
         "hostname": socket.gethostname(),
         "git_commit": git_commit(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),

@@ -43,7 +43,7 @@ def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: st
 def check_writable(folder: Path) -> None:
     """Create ``folder`` if needed and prove a file can be written in it; raises ``OSError``."""
     folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}"
+    probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}"  # nodes may share it
     probe.write_text("")
     probe.unlink()
 
