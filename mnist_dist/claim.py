@@ -1,29 +1,9 @@
-"""Who holds a run directory: the claim one training takes on it, and when a claim left behind
-may be taken over. Standard library only: ``report`` and ``doctor`` read claims without torch.
-
-One training (one job, all its ranks) writes to a run directory at a time. Its main process
-holds the claim file (``layout.CLAIM_FILE``): host, pid, SLURM job id and restart count, when it
-started, and a random token; never rewritten. Its heartbeat is in ``status.json``.
-
-Why a file and not a lock: ``flock``/``fcntl`` locks vanish with their process, but on NFS they
-depend on the lock manager or the NFSv4 lease of every client and are not seen by all of them
-on every cluster. A file that exists is seen by every node. It is created the NFS-safe way the
-open(2) manual gives for O_EXCL: written under a unique name, then ``link()``-ed to the claim's
-name, which fails if the claim exists; a lost reply of a link that did succeed shows as a link
-count of 2. The claim appears whole, so a reader never sees half of one.
-
-Nothing removes the file when its holder dies, hence the rules for a claim left behind
-(``judge``). It is taken over, with one warning line, when:
-
-- the holder ran on this host and its pid is gone;
-- the holder is an earlier attempt of this SLURM job (same job id, another host or restart
-  count): SLURM ends every process of a job before it requeues it;
-- it shows no sign of life for ``STALE_SECONDS``: no heartbeat (or, before the first one, no
-  claim) that recent. Heartbeats come at every checkpoint, epoch end and ``HEARTBEAT_SECONDS``
-  of training; the margin also covers clocks of nodes that disagree by a minute or two.
-
-Anything else is refused before the directory is touched. A holder whose claim was taken over
-(a hung run that wakes up) notices at its next heartbeat and stops (``ClaimLost``).
+"""Who holds a run directory: the claim file one training's main process takes on it, and when
+a claim left behind may be taken over (``judge``). A file rather than ``flock``: on NFS, locks
+are not seen by every client of every cluster; a file is. Its heartbeat is in ``status.json``.
+Anything ``judge`` does not allow is refused before the directory is touched; a holder whose
+claim was taken over (a hung run that wakes up) stops at its next heartbeat (``ClaimLost``).
+Standard library only: ``report`` and ``doctor`` read claims without torch.
 """
 
 from __future__ import annotations
@@ -41,7 +21,7 @@ from mnist_dist.errors import MnistDistError, UsageError
 from mnist_dist.layout import RunLayout
 
 HEARTBEAT_SECONDS = 60.0  # the longest the loop goes between heartbeats while it trains
-STALE_SECONDS = 600.0  # a claim without a sign of life for this long is taken over
+STALE_SECONDS = 600.0  # silent this long: taken over (a margin too for node clocks that differ)
 
 
 class ClaimLost(MnistDistError):
@@ -63,14 +43,9 @@ class Holder:
 
     @classmethod
     def this_process(cls) -> Holder:
-        return cls(
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            slurm_job=os.environ.get("SLURM_JOB_ID") or None,
-            restart=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
-            since=utc_now(),
-            token=uuid.uuid4().hex,
-        )
+        job = os.environ.get("SLURM_JOB_ID") or None
+        restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        return cls(socket.gethostname(), os.getpid(), job, restart, utc_now(), uuid.uuid4().hex)
 
     def describe(self) -> str:
         job = f", SLURM job {self.slurm_job}" if self.slurm_job else ""
@@ -81,18 +56,16 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def seconds_since(stamp: str, now: datetime | None = None) -> float:
-    """Seconds from an ISO 8601 time to ``now`` (inf for one that cannot be read)."""
+def seconds_since(stamp: str) -> float:
+    """Seconds from an ISO 8601 time to now (inf for one that cannot be read)."""
     try:
-        then = datetime.fromisoformat(stamp)
+        return (datetime.now(timezone.utc) - datetime.fromisoformat(stamp)).total_seconds()
     except (TypeError, ValueError):
         return float("inf")
-    return ((now or datetime.now(timezone.utc)) - then).total_seconds()
 
 
 def read_holder(layout: RunLayout) -> Holder | None:
-    """The holder of the claim, or None when nobody holds it. Raises ``UsageError`` for a
-    claim file that is not one."""
+    """The claim's holder, or None if nobody holds it; ``UsageError`` for a file not a claim."""
     try:
         return Holder(**json.loads(layout.claim.read_text()))
     except FileNotFoundError:
@@ -106,48 +79,47 @@ def read_holder(layout: RunLayout) -> Holder | None:
 
 def last_sign_of_life(layout: RunLayout, holder: Holder) -> str:
     """``holder``'s heartbeat in ``status.json`` if the status is its own, else its claim time."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         status = json.loads(layout.status.read_text())
-    except (OSError, ValueError):
-        status = None
-    if isinstance(status, dict) and status.get("claim") == holder.token:
-        return max(holder.since, str(status.get("heartbeat") or holder.since))
+        if isinstance(status, dict) and status.get("claim") == holder.token:
+            return max(holder.since, str(status.get("heartbeat") or holder.since))
     return holder.since
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+def _gone(holder: Holder) -> bool:
+    """Whether ``holder`` ran on this host and its process has ended."""
+    if holder.host == socket.gethostname():
+        try:
+            os.kill(holder.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # another user's process: alive
+            pass
+    return False
 
 
 def dead_because(layout: RunLayout, status: dict[str, Any]) -> str | None:
-    """Why a run whose ``status.json`` says running is not running any more, or None while
-    it shows signs of life."""
+    """Why a run whose ``status.json`` says running is not, or None while it shows life."""
     try:
         holder = read_holder(layout)
     except UsageError:
         holder = None
     if holder is None or holder.token != status.get("claim"):
         return "no training holds the directory"
-    if holder.host == socket.gethostname() and not pid_alive(holder.pid):
+    if _gone(holder):
         return f"its process, pid {holder.pid} on {holder.host}, is gone"
     silent = seconds_since(last_sign_of_life(layout, holder))
-    if silent > STALE_SECONDS:
-        return f"no heartbeat for {silent / 60:.0f} min"
-    return None
+    return f"no heartbeat for {silent / 60:.0f} min" if silent > STALE_SECONDS else None
 
 
 def judge(layout: RunLayout, holder: Holder, me: Holder) -> str | None:
-    """Why ``holder``'s claim may be taken over by ``me`` (a phrase), or None if it may not."""
+    """Why ``holder``'s claim may be taken over by ``me`` (a phrase), or None if it may not: its
+    process on this host is gone, it is an earlier attempt of this SLURM job (SLURM ends every
+    process of a job before it requeues it), or it was silent for ``STALE_SECONDS``."""
     same_job = bool(holder.slurm_job) and holder.slurm_job == me.slurm_job
     if same_job and (holder.host != me.host or holder.restart != me.restart):
         return f"an earlier attempt of SLURM job {holder.slurm_job} (requeued)"
-    if holder.host == me.host and not pid_alive(holder.pid):
+    if _gone(holder):
         return "its process is gone"
     silent = seconds_since(last_sign_of_life(layout, holder))
     if silent > STALE_SECONDS:
@@ -156,30 +128,26 @@ def judge(layout: RunLayout, holder: Holder, me: Holder) -> str | None:
 
 
 def check(layout: RunLayout, me: Holder) -> str | None:
-    """What ``acquire`` would do, without doing it: raises the refusal, or returns the warning
-    of a take-over (None when the directory is free)."""
+    """What ``acquire`` would do, without doing it: raise its refusal or return its warning."""
     holder = read_holder(layout)
     return None if holder is None else _take_over_warning(layout, holder, me)
 
 
 def acquire(layout: RunLayout, me: Holder) -> str | None:
-    """Claim the existing run directory for ``me``. Returns the warning line of a claim taken
-    over (None otherwise); raises ``UsageError`` when another training holds it."""
+    """Claim the run directory for ``me``: a take-over's warning line, or None; ``UsageError``
+    when another training holds it."""
     for _ in range(5):  # a claim released or moved while we look: look again
         if _link_claim(layout, me):
             return None
         holder = read_holder(layout)
-        if holder is None:
-            continue
-        warning = _take_over_warning(layout, holder, me)
-        if _take_over(layout, holder, me) and _link_claim(layout, me):
-            return warning
+        if holder is not None:
+            warning = _take_over_warning(layout, holder, me)
+            if _take_over(layout, holder, me) and _link_claim(layout, me):
+                return warning
     raise UsageError(f"cannot claim {layout.root}: other trainings keep starting in it")
 
 
 def _take_over_warning(layout: RunLayout, holder: Holder, me: Holder) -> str:
-    """The warning line for taking ``holder``'s claim over; raises the refusal if it may not
-    be."""
     why = judge(layout, holder, me)
     if why is None:
         raise UsageError(
@@ -194,8 +162,7 @@ def _take_over_warning(layout: RunLayout, holder: Holder, me: Holder) -> str:
 def release(layout: RunLayout, me: Holder) -> None:
     """Give up ``me``'s claim (a claim someone else took over stays theirs)."""
     with contextlib.suppress(OSError, UsageError):
-        holder = read_holder(layout)
-        if holder is not None and holder.token == me.token:
+        if read_holder(layout) == me:
             layout.claim.unlink()
 
 
@@ -211,7 +178,8 @@ def lost_to(layout: RunLayout, me: Holder) -> str | None:
 
 
 def _link_claim(layout: RunLayout, me: Holder) -> bool:
-    """Create the claim for ``me`` if there is none: whole, in one ``link()``."""
+    """Create the claim for ``me`` if there is none. The NFS-safe O_EXCL of open(2): write a
+    unique file, then ``link()`` it to the claim's name, so the claim appears whole."""
     claim = layout.claim
     unique = claim.with_name(f".{claim.name}.{me.host}.{me.pid}.{me.token[:8]}")
     unique.write_text(json.dumps(asdict(me)) + "\n")
@@ -228,8 +196,7 @@ def _link_claim(layout: RunLayout, me: Holder) -> bool:
 
 def _take_over(layout: RunLayout, stale: Holder, me: Holder) -> bool:
     """Move ``stale``'s claim out of the way. Two starts may judge one stale claim at once: a
-    rename moves it only once, and the one that finds it moved someone else's fresh claim
-    instead puts that one back."""
+    rename moves it only once, and one that moved someone else's claim instead puts it back."""
     claim = layout.claim
     moved = claim.with_name(f".{claim.name}.taken.{me.token[:8]}")
     try:
@@ -237,13 +204,11 @@ def _take_over(layout: RunLayout, stale: Holder, me: Holder) -> bool:
     except FileNotFoundError:
         return True  # released meanwhile
     try:
-        taken = Holder(**json.loads(moved.read_text()))
-    except (OSError, ValueError, TypeError):
-        taken = None
-    if taken is None or taken.token == stale.token:
-        moved.unlink(missing_ok=True)
-        return True
-    with contextlib.suppress(OSError):
-        os.link(moved, claim)  # never over a claim made meanwhile
+        ours = stale.token in moved.read_text()
+    except OSError:
+        ours = True
+    if not ours:
+        with contextlib.suppress(OSError):
+            os.link(moved, claim)  # never over a claim made meanwhile
     moved.unlink(missing_ok=True)
-    return False
+    return ours

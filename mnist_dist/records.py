@@ -1,8 +1,5 @@
-"""The records a run writes, each defined once: one per logged step, one per epoch, and the
-final summary. ``to_dict()`` is the JSON object written (keys in field order); ``from_dict()``
-reads one back, ignoring keys it does not know. W&B sees the same fields under ``train/`` and
-``epoch/``, which the sweeps in sweeps/ optimise. Torch-free: readers need neither torch nor
-Accelerate."""
+"""The records a run writes, each defined once: per logged step, per epoch, and the final
+summary; W&B sees the same fields under ``train/`` and ``epoch/``. Torch-free, for readers."""
 
 from __future__ import annotations
 
@@ -19,44 +16,39 @@ class RecordError(ValueError):
 
 class _Record:
     def to_dict(self) -> dict[str, Any]:
+        """The JSON object written, keys in field order."""
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
     def from_dict(cls: type[_R], raw: Any) -> _R:
-        """The record in a JSON object; ``RecordError`` names missing or mistyped fields."""
+        """The record in a JSON object, unknown keys ignored; ``RecordError`` names missing or
+        mistyped fields."""
         if not isinstance(raw, dict):
             raise RecordError("not a JSON object")
         fields = dataclasses.fields(cls)  # type: ignore[arg-type]
         missing = [f.name for f in fields if f.name not in raw]
         if missing:
             raise RecordError(f"missing {', '.join(missing)}")
-        values = {f.name: raw[f.name] for f in fields}
         for f in fields:
-            value = values[f.name]
-            if not _has_type(value, str(f.type)):
-                raise RecordError(f"{f.name} is {value!r}, not {_KIND[str(f.type)]}")
-        return cls(**values)
+            types, kind = _KIND[str(f.type)]
+            value = raw[f.name]
+            # JSON true is a bool, not a number
+            if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
+                raise RecordError(f"{f.name} is {value!r}, not {kind}")
+        return cls(**{f.name: raw[f.name] for f in fields})
 
 
-_KIND = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
-
-
-def _has_type(value: Any, kind: str) -> bool:
-    if kind == "bool":
-        return isinstance(value, bool)
-    if isinstance(value, bool):  # JSON true is not a number here
-        return False
-    if kind == "int":
-        return isinstance(value, int)
-    if kind == "float":
-        return isinstance(value, (int, float))
-    return isinstance(value, str)
+_KIND: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "int": (int, "an integer"),
+    "float": ((int, float), "a number"),
+    "str": (str, "a string"),
+    "bool": (bool, "true or false"),
+}
 
 
 @dataclass(frozen=True)
 class StepRecord(_Record):
-    """A line of ``steps.jsonl``: the training figures of the steps since the previous one,
-    written every ``--log-every`` optimizer steps."""
+    """A line of ``steps.jsonl``: training figures since the previous one (``--log-every``)."""
 
     global_step: int  # optimizer steps since the start of the run
     epoch: int  # the epoch the step belongs to (1-based)

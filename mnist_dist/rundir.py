@@ -7,7 +7,8 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,40 +24,26 @@ from mnist_dist.errors import UsageError, WriteError
 from mnist_dist.layout import RUNS_DIR, RunLayout, parse_resume, partial_file, run_dir_of
 from mnist_dist.records import EpochRecord, StepRecord, Summary
 
-# The records a writer takes: typed, or (until every producer builds them) their dicts.
 AnyRecord = StepRecord | EpochRecord | Summary | dict[str, Any]
 
 
 def resolve_run_dir(accelerator: Accelerator, output_dir: str | None, resume: str) -> RunLayout:
-    """The run directory, the same on every rank: ``--output-dir``; else the run a
-    ``--resume PATH`` checkpoint belongs to; else ``runs/<timestamp>`` chosen on the main
-    process and broadcast."""
-    if output_dir:
-        path = Path(output_dir)
-    elif (checkpoint := parse_resume(resume).path) is not None:
-        path = run_dir_of(checkpoint)
-    else:
+    """The run directory, the same on every rank: ``--output-dir``, else the run of a
+    ``--resume PATH`` checkpoint, else a new ``runs/<timestamp>``."""
+    if not output_dir and (checkpoint := parse_resume(resume).path) is not None:
+        output_dir = str(run_dir_of(checkpoint))
+    elif not output_dir:
         choice = [f"{RUNS_DIR}/{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
         if accelerator.num_processes > 1:
             broadcast_object_list(choice)
-        path = Path(choice[0])
-    return RunLayout(path)
-
-
-def read_config(run_dir: Path) -> dict[str, Any] | None:
-    """A run directory's config.yaml (settings and provenance), or None if it has none."""
-    try:
-        config = yaml.safe_load(RunLayout(run_dir).config.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return config if isinstance(config, dict) else None
+        output_dir = choice[0]
+    return RunLayout(Path(output_dir))
 
 
 def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and prove a file can be written in it; raises ``OSError``.
-    The probe's name is unique per host and process: several nodes may probe one folder."""
+    """Create ``folder`` if needed and prove a file can be written in it; raises ``OSError``."""
     folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}"
+    probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}"  # nodes may share it
     probe.write_text("")
     probe.unlink()
 
@@ -66,31 +53,23 @@ def check_output_dir(path: Path) -> None:
     try:
         check_writable(path)
     except OSError as e:
-        raise _unwritable(path, e) from None
-
-
-def _unwritable(path: Path, error: OSError) -> UsageError:
-    return UsageError(f"cannot write to output directory {path}: {error.strerror or error}")
+        raise UsageError(f"cannot write to output directory {path}: {e.strerror or e}") from None
 
 
 @contextlib.contextmanager
 def claimed(accelerator: Accelerator, layout: RunLayout) -> Iterator[Holder | None]:
-    """Hold the run directory for this training (``claim.py``) while the block runs; yields
-    the claim on the main process (None on the others). A refusal reaches every rank before
-    anything is written. Afterwards the claim is released, and folders this start created are
-    removed again if nothing was written in them (a refused start leaves nothing behind)."""
+    """Hold the run directory while the block runs; yields the claim on the main process (None
+    elsewhere). Every rank refuses before anything is written, and leaves no empty folder."""
     me = Holder.this_process() if accelerator.is_main_process else None
     path = layout.root
     created = [p for p in (path, *path.parents) if not p.exists()]
     outcome: list[str | None] = [None, None]  # refusal, warning
     if me is not None:
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            check_output_dir(path)
             outcome[1] = claim.acquire(layout, me)
-        except UsageError as e:
+        except (UsageError, OSError) as e:  # a disk that fills after the probe
             outcome[0] = str(e)
-        except OSError as e:
-            outcome[0] = str(_unwritable(path, e))
     if accelerator.num_processes > 1:
         broadcast_object_list(outcome)
     try:
@@ -102,46 +81,36 @@ def claimed(accelerator: Accelerator, layout: RunLayout) -> Iterator[Holder | No
     finally:
         if me is not None:
             claim.release(layout, me)
-            for folder in created:  # deepest first, while empty
-                try:
+            with contextlib.suppress(OSError):
+                for folder in created:  # deepest first, while empty
                     folder.rmdir()
-                except OSError:
-                    break
 
 
+@dataclass
 class RunDir:
-    """Writes a run's records (typed, or the same records as dicts) into ``layout``; a no-op
-    on every rank but the main process. Every ``status.json`` carries the run's claim
-    (``holder``), the command that continues the run, a heartbeat time and the position it
-    reached (``beat``)."""
+    """Writes a run's records (typed, or dicts) on the main process; a no-op on the others."""
 
-    def __init__(
-        self,
-        layout: RunLayout,
-        enabled: bool,
-        holder: Holder | None = None,
-        command: str | None = None,
-    ) -> None:
-        self.layout, self.path, self.enabled = layout, layout.root, enabled
-        self.holder, self.command = holder, command
-        self.position: dict[str, Any] = {}  # epoch, step, global_step, checkpoint
-        self._next_beat = 0.0  # time.monotonic() of the next heartbeat the loop owes
+    layout: RunLayout
+    enabled: bool
+    holder: Holder | None = None  # the claim, whose token every status.json carries
+    command: str | None = None  # the command that continues the run
+    position: dict[str, Any] = field(default_factory=dict)  # epoch, step, global_step, checkpoint
+    _next_beat: float = 0.0  # time.monotonic() of the next heartbeat the loop owes
+
+    @property
+    def path(self) -> Path:
+        return self.layout.root
 
     def finished_summary(self) -> Summary | None:
         """The summary of the finished run this directory holds, or None if it holds none."""
-        try:
+        with contextlib.suppress(OSError, ValueError):  # RecordError is a ValueError
             status = json.loads(self.layout.status.read_text())
             if isinstance(status, dict) and status.get("state") == "finished":
                 return Summary.from_dict(json.loads(self.layout.summary.read_text()))
-        except (OSError, ValueError):  # RecordError is a ValueError
-            pass
         return None
 
-    def restore_records(
-        self, history: list[EpochRecord] | list[dict[str, Any]], global_step: int
-    ) -> None:
-        """Rewind the records to a checkpoint: its epoch history, and the step records up to
-        its global step (a resumed run repeats the steps after it)."""
+    def restore_records(self, history: Sequence[AnyRecord], global_step: int) -> None:
+        """Rewind the records to a checkpoint's epoch history and global step."""
         if not self.enabled:
             return
         self._write_atomic(self.layout.metrics, "".join(_json_line(r) for r in history))
@@ -155,8 +124,7 @@ class RunDir:
             self._write_atomic(steps, "".join(kept))
 
     def write_status(self, state: str, **details: Any) -> None:
-        """``status.json``, for schedulers and scripts that cannot read exit codes through a
-        launcher. Best effort: a full disk must not hide the error that ended the run."""
+        """``status.json``; best effort: a full disk must not hide the error that ended the run."""
         if self.enabled:
             # A finished run's position is its epoch count (details), not the next epoch.
             reached = {
@@ -171,20 +139,12 @@ class RunDir:
                 self._write_atomic(self.layout.status, json.dumps(status) + "\n")
 
     def beat(
-        self,
-        epoch: int,
-        step: int,
-        global_step: int,
-        checkpoint: Path | None,
-        force: bool = False,
+        self, epoch: int, step: int, global_step: int, checkpoint: Path | None, force: bool = False
     ) -> None:
-        """The heartbeat: ``status.json`` says running, where, and when last seen, at most
-        every ``HEARTBEAT_SECONDS`` (``force``: now). Raises ``ClaimLost`` when another
-        training took the directory over meanwhile."""
-        if not self.enabled:
-            return
+        """Status running at this position, at most every ``HEARTBEAT_SECONDS`` unless
+        ``force``; ``ClaimLost`` when another training took the directory over."""
         now = time.monotonic()
-        if not force and now < self._next_beat:
+        if not self.enabled or (now < self._next_beat and not force):
             return
         self._next_beat = now + HEARTBEAT_SECONDS
         if self.holder is not None and (taker := claim.lost_to(self.layout, self.holder)):
@@ -209,7 +169,7 @@ class RunDir:
 
     def write_summary(self, summary: Summary | dict[str, Any]) -> None:
         if self.enabled:
-            self._write_atomic(self.layout.summary, json.dumps(_plain(summary), indent=2) + "\n")
+            self._write_atomic(self.layout.summary, _json_line(summary, indent=2))
 
     def _append(self, path: Path, record: AnyRecord) -> None:
         if self.enabled:
@@ -220,8 +180,7 @@ class RunDir:
                 raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
     def _write_atomic(self, final: Path, text: str) -> None:
-        """Replace ``final`` with ``text`` in one rename: a failed write leaves the old file
-        as it was, and no partial file behind."""
+        """Replace ``final`` with ``text``; a failed write leaves the old file and no other."""
         partial = partial_file(final)
         try:
             partial.write_text(text)
@@ -232,9 +191,6 @@ class RunDir:
             raise WriteError(f"cannot write {final}: {e.strerror or e}") from None
 
 
-def _plain(record: AnyRecord) -> dict[str, Any]:
-    return record if isinstance(record, dict) else record.to_dict()
-
-
-def _json_line(record: AnyRecord) -> str:
-    return json.dumps(_plain(record)) + "\n"
+def _json_line(record: AnyRecord, indent: int | None = None) -> str:
+    plain = record if isinstance(record, dict) else record.to_dict()
+    return json.dumps(plain, indent=indent) + "\n"
