@@ -4,30 +4,31 @@ Bad input of any kind ends with one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from mnist_dist.cli import DATA_SECTION, build_config, build_parser
-from mnist_dist.errors import EXIT_INTERRUPTED, MnistDistError, UsageError, leave_for_launcher
+from mnist_dist.errors import EXIT_INTERRUPTED, MnistDistError, UsageError
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> None:
     from mnist_dist.train import train
 
     train(build_config(args))
-    return 0
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
+def cmd_doctor(args: argparse.Namespace) -> None:
     from mnist_dist.doctor import doctor
 
     doctor(build_config(args), args.write_env)
-    return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_evaluate(args: argparse.Namespace) -> None:
     from mnist_dist.data import ensure_raw_files, eval_batches
     from mnist_dist.distributed import make_accelerator, process_group
     from mnist_dist.evaluate import evaluate
@@ -38,25 +39,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     accelerator = make_accelerator("no")
     with process_group(accelerator):
         ensure_raw_files(accelerator, data, splits=("test",))  # reads no training file
-        batches = eval_batches(
-            data, accelerator.num_processes, accelerator.process_index, accelerator.device
-        )
-        result = evaluate(accelerator.prepare(model), batches, accelerator)
-        world_size = accelerator.num_processes
-        summary = {"test_accuracy": result.accuracy, "test_correct": result.correct}
-        summary.update(test_total=result.total, test_loss=result.loss, world_size=world_size)
+        world = accelerator.num_processes
+        batches = eval_batches(data, world, accelerator.process_index, accelerator.device)
+        r = evaluate(accelerator.prepare(model), batches, accelerator)
+        summary = {"test_accuracy": r.accuracy, "test_correct": r.correct, "test_total": r.total}
         if accelerator.is_main_process:
             print(
-                json.dumps(summary)
+                json.dumps({**summary, "test_loss": r.loss, "world_size": world})
                 if args.json
-                else f"{args.weights}: test accuracy {result.accuracy:.2%} "
-                f"({result.correct}/{result.total}), loss {result.loss:.4f}, "
-                f"{world_size} process(es)"
+                else f"{args.weights}: test accuracy {r.accuracy:.2%} ({r.correct}/{r.total}), "
+                f"loss {r.loss:.4f}, {world} process(es)"
             )
-    return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def cmd_predict(args: argparse.Namespace) -> None:
     import torch
     from PIL import Image, UnidentifiedImageError
 
@@ -78,35 +74,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with torch.no_grad():
         probabilities = model(torch.stack(images)).softmax(dim=1)
     for path, p, was_inverted in zip(args.images, probabilities, inverted, strict=True):
-        digit = int(p.argmax())
+        digit, probability = int(p.argmax()), float(p.max())
         if args.json:
-            prediction = {"image": path, "digit": digit, "probability": float(p[digit])}
+            prediction = {"image": path, "digit": digit, "probability": probability}
             print(json.dumps({**prediction, "inverted": was_inverted}))
         else:
             note = ", read as a dark digit on a light background (inverted)" if was_inverted else ""
-            print(f"{path}: {digit} (p={float(p[digit]):.4f}){note}")
-    return 0
+            print(f"{path}: {digit} (p={probability:.4f}){note}")
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(args: argparse.Namespace) -> None:
     from mnist_dist.report import report
 
     print(report(args.run_dirs, args.plot))
     if args.plot:
         print(f"curves in {args.plot}")
-    return 0
 
 
-def cmd_download(args: argparse.Namespace) -> int:
+def cmd_download(args: argparse.Namespace) -> None:
     from mnist_dist.data import download_mnist, raw_dir
 
     data_dir = build_config(args, DATA_SECTION).data.data_dir
     download_mnist(data_dir)
     print(f"MNIST is in {raw_dir(data_dir)} (checksums verified)")
-    return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "train": cmd_train,
     "doctor": cmd_doctor,
     "evaluate": cmd_evaluate,
@@ -117,17 +110,21 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def _report(line: str) -> None:
-    # Under `accelerate launch` every rank hits the same error: print it once per node, and have
-    # the launcher repeat it in its failure summary.
+    # Under `accelerate launch` every rank hits the same error: print it once per node, and
+    # write it where torchelastic's failure summary shows it (TORCHELASTIC_ERROR_FILE, "" when
+    # it keeps no logs) instead of its bare "To enable traceback see: ...".
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(line, file=sys.stderr, flush=True)
-    leave_for_launcher(line)
+    if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with contextlib.suppress(OSError):  # the line is on stderr already
+            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        COMMANDS[args.command](args)
+        return 0
     except MnistDistError as e:
         _report(f"mnist-dist: {e.label}: {e}")
         return e.exit_code

@@ -1,16 +1,10 @@
-"""Typed settings: defaults are the reference recipe; a YAML/JSON file and CLI flags override them.
-
-Each field's metadata (help with its unit, flag, environment variable) makes the dataclasses the
-one schema for defaults, config files and the command line (``cli`` reads them); each section
-validates itself. Precedence: flags > ``--config`` file > environment > defaults; a variable set
-but empty counts as unset.
-"""
+"""Typed settings, one schema for defaults (the reference recipe), config files, environment and
+flags (``cli`` reads each field's metadata); each section validates itself."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from collections.abc import Collection
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,10 +23,8 @@ def _opt(
     aliases: tuple[str, ...] = (),
     **kwargs: Any,
 ) -> Any:
-    """A dataclass field with CLI metadata: ``help`` text (the flag's help adds the default), an
-    explicit flag name, an environment variable that overrides the default, ``shown_default``:
-    what the help says the default is when the value would not tell, and ``aliases``: names too
-    far from the setting's own for a spelling match (``learning_rate`` -> ``lr``)."""
+    """A field with its flag's help, flag name if not its own, environment variable, default as
+    the help shows it if the value would not tell, and aliases too far for a spelling match."""
     metadata = {"help": help, "flag": flag, "env": env, "shown_default": shown_default}
     return field(metadata={**metadata, "aliases": aliases}, **kwargs)
 
@@ -193,11 +185,8 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    """Where a run is recorded besides its run directory: Weights & Biases, or nothing.
-
-    No secret is ever a setting: W&B records the command line in its run metadata, so the API
-    key comes only from ``WANDB_API_KEY`` or ``wandb login``.
-    """
+    """Where a run is recorded besides its run directory: Weights & Biases, or nothing. No secret
+    is a setting (W&B records the command line): the API key comes from the environment."""
 
     tracker: Literal["wandb", "none"] = _opt("experiment tracker", default="none")
     wandb_project: str = _opt("W&B project", env="WANDB_PROJECT", default="mnist-dist")
@@ -259,13 +248,7 @@ class Config:
         return out
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "train": TrainConfig,
-    "checkpoint": CheckpointConfig,
-    "tracking": TrackingConfig,
-}
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # name -> dataclass, in order
 
 
 def _require(ok: bool, message: str) -> None:
@@ -278,31 +261,9 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def closest(name: str, names: Collection[str], aliases: dict[str, str] | None = None) -> list[str]:
-    """The known names an unknown ``name`` most likely meant: the one it is an alias of
-    (``aliases``: alias -> name), else those it is a prefix of, else the nearest by spelling."""
-    aliases = aliases or {}
-    if name in aliases:
-        return [aliases[name]]
-    if prefixed := [n for n in names if n.startswith(name)]:
-        return prefixed
-    match = difflib.get_close_matches(name, [*names, *aliases], n=1)
-    return [aliases.get(m, m) for m in match]
-
-
-def did_you_mean(name: str, names: Collection[str], aliases: dict[str, str] | None = None) -> str:
-    """``"; did you mean X?"`` (or "one of X, Y") for ``closest``'s answer, or ""."""
-    close = closest(name, names, aliases)
-    return (
-        f"; did you mean {'one of ' if len(close) > 1 else ''}{', '.join(close)}?" if close else ""
-    )
-
-
-# Settings a run may change when it continues in its own run directory: they decide where files
-# go, what is logged and how often, and how data is read, not what is trained. Every setting not
-# listed counts as math (seed, batch, accumulation, optimizer, precision, layout, compile,
-# loader, the images used, ...), so a new field is guarded on resume until it is added here.
-# ``train.epochs`` is listed because it is handled on its own: more epochs continue a run.
+# Settings a run may change when it continues in its own run directory (where files go, what is
+# logged, how data is read). Every other setting counts as math, so a new field is guarded on
+# resume until it is added here. ``train.epochs`` is handled on its own: more epochs continue.
 RESUMABLE_SETTINGS: frozenset[tuple[str, str]] = frozenset(
     [("data", name) for name in ("data_dir", "num_workers", "eval_batch_size", "download")]
     + [("train", name) for name in ("epochs", "log_every", "progress_every", "output_dir")]
@@ -313,9 +274,7 @@ RESUMABLE_SETTINGS: frozenset[tuple[str, str]] = frozenset(
 
 def changed_math_settings(run: dict[str, Any], this: dict[str, Any]) -> list[tuple[str, str]]:
     """Each setting outside ``RESUMABLE_SETTINGS`` that differs between two ``Config.to_dict()``
-    mappings, as the flag with the run's value and the flag with this one's, e.g.
-    ``("--lr 0.001", "--lr 0.01")``. A setting the run does not record (it predates the
-    setting) is not compared: what the run did then is unknown."""
+    mappings, as flags (``("--lr 0.001", "--lr 0.01")``); one the run did not record is skipped."""
     changed = []
     for section, cls in SECTIONS.items():
         recorded = run.get(section) or {}
@@ -323,14 +282,9 @@ def changed_math_settings(run: dict[str, Any], this: dict[str, Any]) -> list[tup
             if (section, f.name) in RESUMABLE_SETTINGS or f.name not in recorded:
                 continue
             was, now = recorded[f.name], this[section][f.name]
-            if _plain(was) != _plain(now):
+            if was != now:
                 changed.append((_as_flag(f, was), _as_flag(f, now)))
     return changed
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists: the recorded settings went through JSON or YAML."""
-    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def _as_flag(f: dataclasses.Field, value: Any) -> str:
