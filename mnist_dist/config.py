@@ -16,136 +16,135 @@ LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
 def _opt(
+    default: Any,
     help: str,
     flag: str | None = None,
     env: str | None = None,
     shown_default: str | None = None,
     aliases: tuple[str, ...] = (),
-    **kwargs: Any,
+    check: str | None = None,
 ) -> Any:
     """A field with its flag's help, flag name if not its own, environment variable, default as
-    the help shows it if the value would not tell, and aliases too far for a spelling match."""
+    the help shows it if the value would not tell, aliases too far for a spelling match, and
+    the bound a value must meet (``check="> 0 seconds"``: above 0, said in seconds)."""
     metadata = {"help": help, "flag": flag, "env": env, "shown_default": shown_default}
-    return field(metadata={**metadata, "aliases": aliases}, **kwargs)
+    return field(default=default, metadata={**metadata, "aliases": aliases, "check": check})
 
 
-@dataclass
-class DataConfig:
-    """Where MNIST lives and how it reaches the model."""
-
-    data_dir: str = _opt("folder holding MNIST/raw/*-ubyte", env=DATA_DIR_ENV, default="./data")
-    loader: Literal["tensor", "torchvision"] = _opt(
-        "input pipeline: 'tensor' = whole split preprocessed once on the training device, "
-        "'torchvision' = DataLoader with the PIL transforms",
-        default="tensor",
-    )
-    num_workers: int = _opt("DataLoader worker processes (torchvision loader only)", default=2)
-    max_train_samples: int | None = _opt(
-        "use only the first N training images", shown_default="all 60,000", default=None
-    )
-    max_eval_samples: int | None = _opt(
-        "use only the first N test images", shown_default="all 10,000", default=None
-    )
-    eval_batch_size: int = _opt("images per forward pass during evaluation", default=1000)
-    download: bool = _opt(
-        "download MNIST into --data-dir if it is missing (main process only)", default=False
-    )
+class _Section:
+    """A settings section that checks each field's ``check`` bound when it is made."""
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
-        _require(self.eval_batch_size > 0, "--eval-batch-size must be > 0")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                flag = "--" + name.replace("_", "-")
-                raise UsageError(f"{flag} must be a positive number of images, got {value}")
+        for f in dataclasses.fields(self):
+            value, check = getattr(self, f.name), f.metadata["check"]
+            if check and value is not None:
+                op, bound = check.split()[:2]
+                if not (value > float(bound) if op == ">" else value >= float(bound)):
+                    raise UsageError(f"{flag_name(f)} must be {check}, got {value}")
 
 
 @dataclass
-class OptimConfig:
+class DataConfig(_Section):
+    """Where MNIST lives and how it reaches the model."""
+
+    data_dir: str = _opt("./data", "folder holding MNIST/raw/*-ubyte", env=DATA_DIR_ENV)
+    loader: Literal["tensor", "torchvision"] = _opt(
+        "tensor",
+        "input pipeline: 'tensor' = whole split preprocessed once on the training device, "
+        "'torchvision' = DataLoader with the PIL transforms",
+    )
+    num_workers: int = _opt(
+        2, "DataLoader worker processes (torchvision loader only)", check=">= 0"
+    )
+    max_train_samples: int | None = _opt(
+        None, "use only the first N training images", shown_default="all 60,000", check="> 0"
+    )
+    max_eval_samples: int | None = _opt(
+        None, "use only the first N test images", shown_default="all 10,000", check="> 0"
+    )
+    eval_batch_size: int = _opt(1000, "images per forward pass during evaluation", check="> 0")
+    download: bool = _opt(
+        False, "download MNIST into --data-dir if it is missing (main process only)"
+    )
+
+
+@dataclass
+class OptimConfig(_Section):
     """Adam with a MultiStepLR schedule stepped once per epoch."""
 
     lr: float = _opt(
+        1e-3,
         "Adam learning rate for epochs before the first milestone",
         aliases=("learning_rate",),
-        default=1e-3,
+        check="> 0",
     )
     lr_milestones: tuple[int, ...] = _opt(
-        "epochs after which the LR is multiplied by --lr-gamma (e.g. 5,8)", default=(5, 8)
+        (5, 8), "epochs after which the LR is multiplied by --lr-gamma (e.g. 5,8)"
     )
-    lr_gamma: float = _opt("LR multiplier applied at each milestone", default=0.01)
+    lr_gamma: float = _opt(0.01, "LR multiplier applied at each milestone", check="> 0")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
-        _require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        _require(self.lr_gamma > 0, f"--lr-gamma must be > 0, got {self.lr_gamma}")
-        _require(
-            all(m > 0 for m in self.lr_milestones)
-            and list(self.lr_milestones) == sorted(set(self.lr_milestones)),
-            f"--lr-milestones must be increasing positive epochs, got {list(self.lr_milestones)}",
-        )
+        if any(m <= 0 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(
+            set(self.lr_milestones)
+        ):
+            raise UsageError(
+                "--lr-milestones must be increasing positive epochs, got "
+                f"{list(self.lr_milestones)}"
+            )
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """The run itself: length, batch, precision, outputs."""
 
-    epochs: int = _opt("passes over the training set", default=10)
+    epochs: int = _opt(10, "passes over the training set", check="> 0")
     global_batch_size: int = _opt(
+        64,
         "images per optimizer step summed over all processes (split evenly across them)",
         flag="--batch-size",
-        default=64,
+        check="> 0",
     )
     grad_accum: int = _opt(
+        1,
         "micro-batches each process splits its share of a step into (same math, less memory)",
-        default=1,
+        check="> 0",
     )
-    seed: int = _opt("seed for weights, shuffling and every RNG", default=0)
+    seed: int = _opt(0, "seed for weights, shuffling and every RNG")
     mixed_precision: Literal["no", "fp16", "bf16"] = _opt(
-        "autocast dtype: no (fp32), fp16 (CUDA only), bf16", default="no"
+        "no", "autocast dtype: no (fp32), fp16 (CUDA only), bf16"
     )
     channels_last: bool = _opt(
-        "channels-last (NHWC) memory layout for the convolutions: faster, same math", default=True
+        True, "channels-last (NHWC) memory layout for the convolutions: faster, same math"
     )
     compile: bool = _opt(
-        "torch.compile the model's forward (pays a compile first; measure before using)",
-        default=False,
+        False, "torch.compile the model's forward (pays a compile first; measure before using)"
     )
     cuda_graph: Literal["auto", "on", "off"] = _opt(
+        "auto",
         "run the whole optimizer step as one CUDA graph replay: auto = wherever it can (one "
         "process on a CUDA GPU, tensor loader), on = try even so and train eagerly with a "
         "warning if capture fails, off = eager steps",
-        default="auto",
     )
     deterministic: bool = _opt(
+        True,
         "deterministic algorithms, so a rerun or a resume gives bit-identical weights on GPUs "
         "too; --no-deterministic lets cuDNN benchmark and pick the fastest kernels",
-        default=True,
     )
-    log_every: int = _opt("optimizer steps between step records in steps.jsonl", default=50)
+    log_every: int = _opt(50, "optimizer steps between step records in steps.jsonl", check="> 0")
     progress_every: float = _opt(
+        30.0,
         "seconds between progress lines inside an epoch when the output is not a terminal "
         "(logs, pipes); also one at each quarter of an epoch once a sixth of that has passed; "
         "0: epoch lines only",
-        default=30.0,
+        check=">= 0 seconds",
     )
     output_dir: str | None = _opt(
+        None,
         "run directory; a run in it is resumed, never overwritten",
         shown_default="runs/<timestamp>",
-        default=None,
     )
-
-    def __post_init__(self) -> None:
-        _require(self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
-        _require(
-            self.global_batch_size > 0, f"--batch-size must be > 0, got {self.global_batch_size}"
-        )
-        _require(self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}")
-        _require(self.log_every > 0, f"--log-every must be > 0, got {self.log_every}")
-        _require(
-            self.progress_every >= 0,
-            f"--progress-every must be >= 0 seconds, got {self.progress_every}",
-        )
 
     def per_device_batch_size(self, world_size: int) -> int:
         """Images each process contributes to one optimizer step."""
@@ -158,77 +157,65 @@ class TrainConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Section):
     """Resumable state in ``<output-dir>/checkpoints`` and where a run starts from."""
 
     checkpoint_every: int = _opt(
-        "also checkpoint every N optimizer steps (0: only at the end of each epoch)", default=0
+        0,
+        "also checkpoint every N optimizer steps (0: only at the end of each epoch)",
+        check=">= 0 steps",
     )
-    keep_checkpoints: int = _opt("complete checkpoints kept, newest first", default=3)
+    keep_checkpoints: int = _opt(3, "complete checkpoints kept, newest first", check=">= 1")
     resume: str = _opt(
+        "auto",
         "auto: continue from the newest intact checkpoint in --output-dir, else start fresh; "
         "never: start fresh; or the path of a checkpoint folder",
-        default="auto",
     )
 
     def __post_init__(self) -> None:
-        _require(
-            self.checkpoint_every >= 0,
-            f"--checkpoint-every must be >= 0 steps, got {self.checkpoint_every}",
-        )
-        _require(
-            self.keep_checkpoints >= 1,
-            f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}",
-        )
+        super().__post_init__()
         parse_resume(self.resume)  # raises UsageError for a value it cannot read
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(_Section):
     """Where a run is recorded besides its run directory: Weights & Biases, or nothing. No secret
     is a setting (W&B records the command line): the API key comes from the environment."""
 
-    tracker: Literal["wandb", "none"] = _opt("experiment tracker", default="none")
-    wandb_project: str = _opt("W&B project", env="WANDB_PROJECT", default="mnist-dist")
+    tracker: Literal["wandb", "none"] = _opt("none", "experiment tracker")
+    wandb_project: str = _opt("mnist-dist", "W&B project", env="WANDB_PROJECT")
     wandb_entity: str | None = _opt(
-        "W&B team or user",
-        env="WANDB_ENTITY",
-        shown_default="the account's default entity",
-        default=None,
+        None, "W&B team or user", env="WANDB_ENTITY", shown_default="the account's default entity"
     )
     run_name: str | None = _opt(
-        "display name of the W&B run",
-        env="WANDB_NAME",
-        shown_default="made up by W&B",
-        default=None,
+        None, "display name of the W&B run", env="WANDB_NAME", shown_default="made up by W&B"
     )
     wandb_group: str | None = _opt(
+        None,
         "W&B group, e.g. one per sweep or experiment",
         env="WANDB_RUN_GROUP",
         shown_default="none",
-        default=None,
     )
     wandb_tags: tuple[str, ...] = _opt(
-        "W&B tags, comma separated (e.g. baseline,bf16)", env="WANDB_TAGS", default=()
+        (), "W&B tags, comma separated (e.g. baseline,bf16)", env="WANDB_TAGS"
     )
     wandb_mode: Literal["online", "offline", "disabled"] | None = _opt(
+        None,
         "where the W&B run goes; disabled makes no W&B calls at all",
         shown_default="env WANDB_MODE, else online when W&B credentials are found "
         "(WANDB_API_KEY or `wandb login`) and offline into the run directory when not",
-        default=None,
     )
     wandb_finish_timeout: float = _opt(
+        120.0,
         "seconds to wait for W&B to finish (upload) at the end of a run; after that its files "
         "stay on disk for `wandb sync`",
-        default=120.0,
+        check="> 0 seconds",
     )
 
     def __post_init__(self) -> None:
-        _require(bool(self.wandb_project.strip()), "--wandb-project must not be empty")
-        _require(
-            self.wandb_finish_timeout > 0,
-            f"--wandb-finish-timeout must be > 0 seconds, got {self.wandb_finish_timeout}",
-        )
+        super().__post_init__()
+        if not self.wandb_project.strip():
+            raise UsageError("--wandb-project must not be empty")
 
 
 @dataclass
@@ -249,11 +236,6 @@ class Config:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # name -> dataclass, in order
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise UsageError(message)
 
 
 def flag_name(f: dataclasses.Field) -> str:
