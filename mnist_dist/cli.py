@@ -59,39 +59,16 @@ class _Parser(argparse.ArgumentParser):
         return parsed, extras
 
 
-_PRECEDENCE = (
-    "Settings: defaults (the reference recipe) < environment (the variables named in a "
-    "flag's help) < --config file < flags."
-)
 # The one section `evaluate` and `download` use (``build_config(args, DATA_SECTION).data``).
 DATA_SECTION: dict[str, type] = {"data": DataConfig}
-# Each sub-command's (help, description).
+# What each sub-command does: its line in `mnist-dist --help` and its own help's description.
 _COMMANDS = {
-    "train": (
-        "train the reference recipe (plain python or under `accelerate launch`)",
-        f"Train the reference CNN. {_PRECEDENCE}",
-    ),
-    "doctor": (
-        "pre-flight checks for a launch (SLURM layout, processes, port, data, output, W&B)",
-        f"Check a launch before it starts: takes the same settings as `train`. {_PRECEDENCE}",
-    ),
-    "evaluate": (
-        "test accuracy of saved weights (also under `accelerate launch`)",
-        "Evaluate a weights file on the MNIST test set: accuracy, correct count and loss.",
-    ),
-    "predict": (
-        "digit and probability for PNG/JPEG images",
-        "Name the digit in each image, with its probability; a dark digit on a light "
-        "background is inverted first, and the output says so.",
-    ),
-    "report": (
-        "per-epoch table of runs from their metrics.jsonl (no W&B needed), optional PNG",
-        "Show the per-epoch table and result of one run, or of several side by side.",
-    ),
-    "download": (
-        "fetch MNIST with torchvision",
-        "Download MNIST into --data-dir/MNIST/raw and verify the files' checksums.",
-    ),
+    "train": "Train the reference CNN (plain python or under `accelerate launch`).",
+    "doctor": "Check a launch before it starts: SLURM layout, processes, port, data, output, W&B.",
+    "evaluate": "Test accuracy and loss of saved weights (also under `accelerate launch`).",
+    "predict": "Name the digit in PNG/JPEG images, with its probability.",
+    "report": "Per-epoch table of runs from their metrics.jsonl (no W&B needed), optional PNG.",
+    "download": "Fetch MNIST with torchvision into --data-dir and verify its checksums.",
 }
 
 
@@ -104,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub = {
-        name: commands.add_parser(name, help=short, description=long)
-        for name, (short, long) in _COMMANDS.items()
+        name: commands.add_parser(name, help=text, description=text)
+        for name, text in _COMMANDS.items()
     }
     sub["doctor"].add_argument(
         "--write-env",
@@ -117,24 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
             "--config",
             metavar="FILE",
             help=f"YAML or JSON file with a mapping per section ({', '.join(SECTIONS)}) of "
-            "settings by name, e.g. `optim: {lr: 1e-3}`; a run's own config.yaml works",
+            "settings by name, e.g. `optim: {lr: 1e-3}`; a run's own config.yaml works. "
+            "Settings: defaults (the reference recipe) < environment (the variables named in a "
+            "flag's help) < --config file < flags.",
         )
         add_settings(sub[name])
-    for name in ("evaluate", "predict"):
+    for name, what in (
+        ("evaluate", "the result as JSON"),
+        ("predict", "one JSON object per image"),
+    ):
         sub[name].add_argument(
             "--weights",
             required=True,
             metavar="PATH",
             help="model.safetensors from a run, or a torch state_dict (.pth) of the reference",
         )
-    sub["evaluate"].add_argument("--json", action="store_true", help="print the result as JSON")
+        sub[name].add_argument("--json", action="store_true", help=f"print {what}")
     # evaluate reads the test split only: no training-set flags
     test_only = {f.name for f in dataclasses.fields(DataConfig)} - {"max_train_samples"}
     add_settings(sub["evaluate"], DATA_SECTION, only=test_only)
     sub["predict"].add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
-    sub["predict"].add_argument(
-        "--json", action="store_true", help="print one JSON object per image"
-    )
     sub["report"].add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     sub["report"].add_argument(
         "--plot",
@@ -244,20 +223,14 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
                     values[k] = _check_type(fields[k], hints[k], v, f"{name}.{k}")
                 cls(**values)
             except UsageError as e:
-                in_file_terms = _in_file_terms(str(e), name, from_file)
-                raise UsageError(f"config file {path}: {in_file_terms}") from None
+                message = str(e)
+                for k in from_file:  # said in the file's terms: --lr as optim.lr, not --lr-gamma
+                    flag = re.escape(flag_name(fields[k])) + r"(?![\w-])"
+                    message = re.sub(flag, f"{name}.{k}", message)
+                raise UsageError(f"config file {path}: {message}") from None
         values.update({k: _check_type(fields[k], hints[k], v) for k, v in flags.items()})
         built[name] = cls(**values)
     return Config(**built)
-
-
-def _in_file_terms(message: str, section: str, keys: Collection[str]) -> str:
-    """A validation message, with the flags of settings the file gave named by their keys."""
-    for f in dataclasses.fields(SECTIONS[section]):
-        if f.name in keys:
-            pattern = re.escape(flag_name(f)) + r"(?![\w-])"  # --lr, not --lr-gamma
-            message = re.sub(pattern, f"{section}.{f.name}", message)
-    return message
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
@@ -335,8 +308,15 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         problem = f" is not UTF-8 text (byte {e.start}: {e.reason})"
     except json.JSONDecodeError as e:
         problem = f", line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}"
-    except yaml.YAMLError as e:
-        problem = _yaml_error(e, text)
+    except yaml.YAMLError as e:  # where (1-based, as editors count) and what, in one line
+        if isinstance(e, yaml.reader.ReaderError):  # a bad character: yaml gives its offset only
+            line = text.count("\n", 0, e.position)
+            column = e.position - text.rfind("\n", 0, e.position) - 1
+            what = first_line(e)
+        else:  # safe_load's other errors all carry the problem and where it is
+            line, column = e.problem_mark.line, e.problem_mark.column
+            what = f"{e.problem} ({e.context})" if e.context else e.problem
+        problem = f", line {line + 1}, column {column + 1}: not valid YAML: {what}"
     else:
         raw = {} if raw is None else raw
         if not (problem := _shape_error(raw)):
@@ -376,18 +356,6 @@ def _hints(
         elif close := closest(name.replace("-", "_"), known, aliases):
             hints.append(f"{name}: did you mean {' or '.join(close)}?")
     return f" ({'; '.join(hints)})" if hints else ""
-
-
-def _yaml_error(error: yaml.YAMLError, text: str) -> str:
-    """Where yaml found a problem (", line L, column C", 1-based) and what, in one line."""
-    if isinstance(error, yaml.reader.ReaderError):  # a bad character: yaml gives its offset only
-        line = text.count("\n", 0, error.position)
-        column = error.position - text.rfind("\n", 0, error.position) - 1
-        problem = first_line(error)
-    else:  # safe_load's other errors all carry the problem and where it is
-        line, column = error.problem_mark.line, error.problem_mark.column
-        problem = f"{error.problem} ({error.context})" if error.context else error.problem
-    return f", line {line + 1}, column {column + 1}: not valid YAML: {problem}"
 
 
 def closest(name: str, names: Collection[str], aliases: dict[str, str] | None = None) -> list[str]:
