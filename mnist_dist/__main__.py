@@ -1,5 +1,4 @@
-"""``mnist-dist`` / ``python -m mnist_dist``: train, doctor, evaluate, predict, report, download.
-Bad input of any kind ends with one line on stderr and exit code 2."""
+"""``mnist-dist``: its commands, and one line on stderr with an exit code for every error."""
 
 from __future__ import annotations
 
@@ -54,7 +53,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from mnist_dist.data import as_light_on_dark, reference_transform
     from mnist_dist.weights import load_model
@@ -66,8 +65,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         try:
             with Image.open(path) as image:
                 light_on_dark, was_inverted = as_light_on_dark(image)
-        except (OSError, UnidentifiedImageError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else "not a PNG/JPEG image"
+        except OSError as e:  # PIL's UnidentifiedImageError is one, without a strerror
+            reason = e.strerror or "not a PNG/JPEG image"
             raise UsageError(f"cannot read image {path}: {reason}") from None
         images.append(transform(light_on_dark))
         inverted.append(was_inverted)

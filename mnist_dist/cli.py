@@ -66,7 +66,7 @@ _COMMANDS = {
     "train": "Train the reference CNN (plain python or under `accelerate launch`).",
     "doctor": "Check a launch before it starts: SLURM layout, processes, port, data, output, W&B.",
     "evaluate": "Test accuracy and loss of saved weights (also under `accelerate launch`).",
-    "predict": "Name the digit in PNG/JPEG images, with its probability.",
+    "predict": "Digit and probability of PNG/JPEG images; dark-on-light digits are inverted first.",
     "report": "Per-epoch table of runs from their metrics.jsonl (no W&B needed), optional PNG.",
     "download": "Fetch MNIST with torchvision into --data-dir and verify its checksums.",
 }
@@ -141,7 +141,7 @@ def _version() -> str:
 
 
 def add_settings(
-    parser: argparse.ArgumentParser,
+    parser: _Parser,
     sections: dict[str, type] = SECTIONS,
     only: Collection[str] | None = None,
 ) -> None:
@@ -151,13 +151,12 @@ def add_settings(
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if only is None or f.name in only:
-                env = f" (env {f.metadata['env']})" if f.metadata["env"] else ""
+                env = f" (env {f.metadata['env']})" if "env" in f.metadata else ""
                 kwargs = _value_kwargs(f, hints[f.name])
                 kwargs["help"] = f.metadata["help"] + env + _default_note(f)
                 group.add_argument(flag_name(f), dest=f"{section}.{f.name}", **kwargs)
-                if isinstance(parser, _Parser):
-                    for alias in f.metadata["aliases"]:
-                        parser.flag_aliases["--" + alias.replace("_", "-")] = flag_name(f)
+                for alias in f.metadata.get("aliases", ()):
+                    parser.flag_aliases["--" + alias.replace("_", "-")] = flag_name(f)
 
 
 def _value_kwargs(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
@@ -178,13 +177,11 @@ def _value_kwargs(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
 
 def _default_note(f: dataclasses.Field) -> str:
     """The default a flag's help shows (``shown_default``, else the value; no ``None``)."""
-    shown = f.metadata["shown_default"]
-    if shown is None and f.default is not None:  # every field has a default (no factories)
-        shown = f.default
-        if isinstance(shown, bool):
-            shown = "on" if shown else "off"
-        elif isinstance(shown, tuple):
-            shown = ",".join(map(str, shown)) or "none"
+    shown = f.metadata.get("shown_default", f.default)  # every field has a default
+    if isinstance(shown, bool):
+        shown = "on" if shown else "off"
+    elif isinstance(shown, tuple):
+        shown = ",".join(map(str, shown)) or "none"
     return "" if shown is None else f" [default: {shown}]"
 
 
@@ -207,9 +204,8 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
         raw = {}
         if name == "train" and launcher_precision in ("no", "fp16", "bf16"):
             raw["mixed_precision"] = launcher_precision
-        for f in fields.values():
-            # An empty variable counts as unset (job templates often export `NAME=`).
-            if f.metadata["env"] and os.environ.get(f.metadata["env"]):
+        for f in fields.values():  # an empty variable is unset (templates export `NAME=`)
+            if os.environ.get(f.metadata.get("env", "")):
                 raw[f.name] = os.environ[f.metadata["env"]]
         # Flags were stored as "section.name" (argparse's dest), in the order they were given.
         flags = {k.partition(".")[2]: v for k, v in vars(args).items() if k.startswith(f"{name}.")}
@@ -338,7 +334,7 @@ def _shape_error(raw: Any) -> str:
         fields = dataclasses.fields(SECTIONS[section])
         known = [f.name for f in fields]
         if unknown := sorted(set(values) - set(known), key=str):
-            aliases = {a: f.name for f in fields for a in f.metadata["aliases"]}
+            aliases = {a: f.name for f in fields for a in f.metadata.get("aliases", ())}
             hints = _hints(unknown, known, aliases, section)
             return f": unknown key(s) {unknown} in section {section!r}{hints}"
     return ""

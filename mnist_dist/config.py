@@ -15,20 +15,11 @@ DATA_DIR_ENV = "MNIST_DIST_DATA_DIR"
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
-def _opt(
-    default: Any,
-    help: str,
-    flag: str | None = None,
-    env: str | None = None,
-    shown_default: str | None = None,
-    aliases: tuple[str, ...] = (),
-    check: str | None = None,
-) -> Any:
-    """A field with its flag's help, flag name if not its own, environment variable, default as
-    the help shows it if the value would not tell, aliases too far for a spelling match, and
-    the bound a value must meet (``check="> 0 seconds"``: above 0, said in seconds)."""
-    metadata = {"help": help, "flag": flag, "env": env, "shown_default": shown_default}
-    return field(default=default, metadata={**metadata, "aliases": aliases, "check": check})
+def _opt(default: Any, help: str, **metadata: Any) -> Any:
+    """A field with its flag's help and, if any: ``flag`` (if not its own name), ``env`` (a
+    variable that sets it), ``shown_default`` (the default as the help says it), ``aliases``
+    (names too far for a spelling match), ``check`` (a bound, e.g. ``"> 0 seconds"``)."""
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 class _Section:
@@ -36,7 +27,7 @@ class _Section:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            value, check = getattr(self, f.name), f.metadata["check"]
+            value, check = getattr(self, f.name), f.metadata.get("check")
             if check and value is not None:
                 op, bound = check.split()[:2]
                 if not (value > float(bound) if op == ">" else value >= float(bound)):
@@ -85,14 +76,10 @@ class OptimConfig(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
-        if any(m <= 0 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(
-            set(self.lr_milestones)
-        ):
-            raise UsageError(
-                "--lr-milestones must be increasing positive epochs, got "
-                f"{list(self.lr_milestones)}"
-            )
+        epochs = [int(m) for m in self.lr_milestones]
+        if epochs != sorted(set(epochs)) or min(epochs, default=1) <= 0:
+            raise UsageError(f"--lr-milestones must be increasing positive epochs, got {epochs}")
+        self.lr_milestones = tuple(epochs)
 
 
 @dataclass
