@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from mnist_dist.cli import DATA_SECTION, build_config, build_parser
@@ -98,16 +98,6 @@ def cmd_download(args: argparse.Namespace) -> None:
     print(f"MNIST is in {raw_dir(data_dir)} (checksums verified)")
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "train": cmd_train,
-    "doctor": cmd_doctor,
-    "evaluate": cmd_evaluate,
-    "predict": cmd_predict,
-    "report": cmd_report,
-    "download": cmd_download,
-}
-
-
 def _report(line: str) -> None:
     # Under `accelerate launch` every rank hits the same error: print it once per node, and
     # write it where torchelastic's failure summary shows it (TORCHELASTIC_ERROR_FILE, "" when
@@ -122,7 +112,7 @@ def _report(line: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        COMMANDS[args.command](args)
+        globals()[f"cmd_{args.command}"](args)  # a cmd_<name> above for each parser command
         return 0
     except MnistDistError as e:
         _report(f"mnist-dist: {e.label}: {e}")

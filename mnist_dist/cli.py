@@ -210,8 +210,7 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
         # Flags were stored as "section.name" (argparse's dest), in the order they were given.
         flags = {k.partition(".")[2]: v for k, v in vars(args).items() if k.startswith(f"{name}.")}
         values = {k: _check_type(fields[k], hints[k], v) for k, v in raw.items()}
-        # The file's values that no flag overrides are checked before the flags are added, so
-        # that what is wrong with one is said in the file's terms.
+        # The file's values that no flag overrides are checked first, to be named as in the file.
         from_file = {k: v for k, v in file.get(name, {}).items() if k not in flags}
         if from_file:
             try:
@@ -340,9 +339,7 @@ def _shape_error(raw: Any) -> str:
     return ""
 
 
-def _hints(
-    unknown: list[Any], known: Collection[str], aliases: dict[str, str], section: str = ""
-) -> str:
+def _hints(unknown: list[Any], known: Collection[str], aliases: dict, section: str = "") -> str:
     """`` (x: did you mean y?; z belongs in section 'optim')`` for unknown names, or ""."""
     section_of = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     hints = []
@@ -355,8 +352,7 @@ def _hints(
 
 
 def closest(name: str, names: Collection[str], aliases: dict[str, str] | None = None) -> list[str]:
-    """The names an unknown ``name`` most likely meant: the one it is an alias of, else those it
-    is a prefix of, else the nearest by spelling."""
+    """What an unknown ``name`` likely meant: what it is an alias or a prefix of, or is near."""
     aliases = aliases or {}
     if name in aliases:
         return [aliases[name]]

@@ -244,16 +244,14 @@ RESUMABLE_SETTINGS: frozenset[tuple[str, str]] = frozenset(
 def changed_math_settings(run: dict[str, Any], this: dict[str, Any]) -> list[tuple[str, str]]:
     """Each setting outside ``RESUMABLE_SETTINGS`` that differs between two ``Config.to_dict()``
     mappings, as flags (``("--lr 0.001", "--lr 0.01")``); one the run did not record is skipped."""
-    changed = []
-    for section, cls in SECTIONS.items():
-        recorded = run.get(section) or {}
-        for f in dataclasses.fields(cls):
-            if (section, f.name) in RESUMABLE_SETTINGS or f.name not in recorded:
-                continue
-            was, now = recorded[f.name], this[section][f.name]
-            if was != now:
-                changed.append((_as_flag(f, was), _as_flag(f, now)))
-    return changed
+    return [
+        (_as_flag(f, run[s][f.name]), _as_flag(f, this[s][f.name]))
+        for s, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+        if (s, f.name) not in RESUMABLE_SETTINGS
+        and f.name in (run.get(s) or {})
+        and run[s][f.name] != this[s][f.name]
+    ]
 
 
 def _as_flag(f: dataclasses.Field, value: Any) -> str:
