@@ -98,7 +98,15 @@ def cmd_download(args: argparse.Namespace) -> None:
     print(f"MNIST is in {raw_dir(data_dir)} (checksums verified)")
 
 
-def _report(line: str) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        globals()[f"cmd_{args.command}"](args)  # a cmd_<name> above for each parser command
+        return 0
+    except MnistDistError as e:
+        line, code = f"mnist-dist: {e.label}: {e}", e.exit_code
+    except KeyboardInterrupt:
+        line, code = "mnist-dist: interrupted", EXIT_INTERRUPTED
     # Under `accelerate launch` every rank hits the same error: print it once per node, and
     # write it where torchelastic's failure summary shows it (TORCHELASTIC_ERROR_FILE, "" when
     # it keeps no logs) instead of its bare "To enable traceback see: ...".
@@ -107,19 +115,7 @@ def _report(line: str) -> None:
     if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
         with contextlib.suppress(OSError):  # the line is on stderr already
             Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        globals()[f"cmd_{args.command}"](args)  # a cmd_<name> above for each parser command
-        return 0
-    except MnistDistError as e:
-        _report(f"mnist-dist: {e.label}: {e}")
-        return e.exit_code
-    except KeyboardInterrupt:
-        _report("mnist-dist: interrupted")
-        return EXIT_INTERRUPTED
+    return code
 
 
 if __name__ == "__main__":
