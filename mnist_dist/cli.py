@@ -35,11 +35,9 @@ class _Parser(argparse.ArgumentParser):
         # argparse's own check, with a suggestion: `trian` -> train, `bf61` -> bf16.
         if action.choices is not None and value not in action.choices:
             choices = [str(c) for c in action.choices]
-            raise argparse.ArgumentError(
-                action,
-                f"invalid choice: {value!r} (choose from {', '.join(choices)})"
-                + did_you_mean(str(value), choices),
-            )
+            hint = did_you_mean(str(value), choices)
+            message = f"invalid choice: {value!r} (choose from {', '.join(choices)}){hint}"
+            raise argparse.ArgumentError(action, message)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -53,9 +51,8 @@ class _Parser(argparse.ArgumentParser):
             flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
             unknown = (e.split("=", 1)[0] for e in extras if e.startswith("--") and len(e) > 2)
             hints = (did_you_mean(name, flags, self.flag_aliases) for name in unknown)
-            self.error(
-                f"unrecognized arguments: {' '.join(extras)}" + next(filter(None, hints), "")
-            )
+            hint = next(filter(None, hints), "")
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return parsed, extras
 
 
