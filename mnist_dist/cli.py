@@ -1,11 +1,11 @@
-"""The command line's parser: sub-commands, a flag per setting of the schema in ``config``, the
-``--config`` file, and the typed ``Config`` they resolve to (precedence: see ``config``)."""
+"""The command line: sub-commands, a flag per setting, the ``--config`` file, their ``Config``."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -16,23 +16,14 @@ from typing import Any, Literal, NoReturn
 
 import yaml
 
-from mnist_dist.config import (
-    LAUNCHER_PRECISION_ENV,
-    SECTIONS,
-    Config,
-    DataConfig,
-    closest,
-    did_you_mean,
-    flag_name,
-)
+from mnist_dist.config import LAUNCHER_PRECISION_ENV, SECTIONS, Config, DataConfig, flag_name
 from mnist_dist.errors import UsageError, first_line
 
 _BOOL_TAG, _FLOAT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but its errors are one line (no usage dump) that point to the sub-command's own
-    help, exit with exit code 2, and a flag is never taken for a longer one it is a prefix of."""
+    """argparse with one-line errors (exit code 2) that suggest a spelling and point to --help."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # argparse would take `--epoch 1` as `--epochs 1`: a typo must be an error (with a
@@ -44,82 +35,37 @@ class _Parser(argparse.ArgumentParser):
         # argparse's own check, with a suggestion: `trian` -> train, `bf61` -> bf16.
         if action.choices is not None and value not in action.choices:
             choices = [str(c) for c in action.choices]
-            raise argparse.ArgumentError(
-                action,
-                f"invalid choice: {value!r} (choose from {', '.join(choices)})"
-                + did_you_mean(str(value), choices),
-            )
+            hint = did_you_mean(str(value), choices)
+            message = f"invalid choice: {value!r} (choose from {', '.join(choices)}){hint}"
+            raise argparse.ArgumentError(action, message)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
     def parse_known_args(self, *args: Any, **kwargs: Any) -> tuple[argparse.Namespace, list[str]]:
         # A sub-command's parser gets every argument after its name: what it does not know is
-        # unknown for good, and the help to point to is the sub-command's.
+        # unknown for good, and the help to point to is the sub-command's. The suggestion is for
+        # the first unknown flag close to a known one.
         parsed, extras = super().parse_known_args(*args, **kwargs)
         if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(extras)}")
+            flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            unknown = (e.split("=", 1)[0] for e in extras if e.startswith("--") and len(e) > 2)
+            hints = (did_you_mean(name, flags, self.flag_aliases) for name in unknown)
+            hint = next(filter(None, hints), "")
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return parsed, extras
 
-    def _suggestion(self, extras: list[str]) -> str:
-        """A "did you mean --epochs?" for the first unknown flag close to known ones: the flags
-        it is a prefix of (what argparse would have guessed), else the nearest by spelling."""
-        flags = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
-        for name in (e.split("=", 1)[0] for e in extras if e.startswith("--") and len(e) > 2):
-            if hint := did_you_mean(name, flags, self.flag_aliases):
-                return hint
-        return ""
 
-
-_PRECEDENCE = (
-    "Settings: defaults (the reference recipe) < environment (the variables named in a "
-    "flag's help) < --config file < flags."
-)
-_WEIGHTS_HELP = "model.safetensors from a run, or a torch state_dict (.pth) of the reference"
 # The one section `evaluate` and `download` use (``build_config(args, DATA_SECTION).data``).
 DATA_SECTION: dict[str, type] = {"data": DataConfig}
-# The data settings `evaluate` uses: the test split only, so no training-set flags.
-EVALUATE_SETTINGS = {
-    "data_dir",
-    "loader",
-    "num_workers",
-    "max_eval_samples",
-    "eval_batch_size",
-    "download",
-}
-# Each sub-command's (help, description).
+# What each sub-command does: its line in `mnist-dist --help` and its own help's description.
 _COMMANDS = {
-    "train": (
-        "train the reference recipe (plain python or under `accelerate launch`)",
-        f"Train the reference CNN. {_PRECEDENCE}",
-    ),
-    "doctor": (
-        "pre-flight checks for a launch (SLURM layout, processes, port, data, output, W&B)",
-        f"Check a launch before it starts: takes the same settings as `train`. {_PRECEDENCE}",
-    ),
-    "evaluate": (
-        "test accuracy of saved weights (also under `accelerate launch`)",
-        "Evaluate a weights file on the MNIST test set (10,000 images unless "
-        "--max-eval-samples): accuracy, correct count and loss. Reads only the test split; "
-        "under `accelerate launch` the test set is sharded and counted once.",
-    ),
-    "predict": (
-        "digit and probability for PNG/JPEG images",
-        "Name the digit in each image, with its probability. Images are preprocessed as in "
-        "training (grayscale, 28x28); MNIST digits are light on dark, so an image whose "
-        "background is light (a dark digit on paper) is inverted first, and the output says so.",
-    ),
-    "report": (
-        "per-epoch table of runs from their metrics.jsonl (no W&B needed), optional PNG",
-        "Show runs from their run directories alone (no W&B): the per-epoch table of one run, "
-        "or of several side by side, and each run's result; --plot also draws the curves into "
-        "a PNG.",
-    ),
-    "download": (
-        "fetch MNIST with torchvision",
-        "Download MNIST into --data-dir/MNIST/raw from torchvision's mirrors and verify the "
-        "files' checksums. `train` never downloads unless given --download.",
-    ),
+    "train": "Train the reference CNN (plain python or under `accelerate launch`).",
+    "doctor": "Check a launch before it starts: SLURM layout, processes, port, data, output, W&B.",
+    "evaluate": "Test accuracy and loss of saved weights (also under `accelerate launch`).",
+    "predict": "Digit and probability of PNG/JPEG images; dark-on-light digits are inverted first.",
+    "report": "Per-epoch table of runs from their metrics.jsonl (no W&B needed), optional PNG.",
+    "download": "Fetch MNIST with torchvision into --data-dir and verify its checksums.",
 }
 
 
@@ -132,24 +78,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub = {
-        name: commands.add_parser(name, help=short, description=long)
-        for name, (short, long) in _COMMANDS.items()
+        name: commands.add_parser(name, help=text, description=text)
+        for name, text in _COMMANDS.items()
     }
-    _add_run_settings(sub["train"])
     sub["doctor"].add_argument(
         "--write-env",
         metavar="FILE",
         help="also write the launch plan as shell `export` lines (used by slurm/train.sbatch)",
     )
-    _add_run_settings(sub["doctor"])
-    for name in ("evaluate", "predict"):
-        sub[name].add_argument("--weights", required=True, metavar="PATH", help=_WEIGHTS_HELP)
-    sub["evaluate"].add_argument("--json", action="store_true", help="print the result as JSON")
-    add_settings(sub["evaluate"], DATA_SECTION, only=EVALUATE_SETTINGS)
+    for name in ("train", "doctor"):
+        sub[name].add_argument(
+            "--config",
+            metavar="FILE",
+            help=f"YAML or JSON file with a mapping per section ({', '.join(SECTIONS)}) of "
+            "settings by name, e.g. `optim: {lr: 1e-3}`; a run's own config.yaml works. "
+            "Settings: defaults (the reference recipe) < environment (the variables named in a "
+            "flag's help) < --config file < flags.",
+        )
+        add_settings(sub[name])
+    for name, what in (
+        ("evaluate", "the result as JSON"),
+        ("predict", "one JSON object per image"),
+    ):
+        sub[name].add_argument(
+            "--weights",
+            required=True,
+            metavar="PATH",
+            help="model.safetensors from a run, or a torch state_dict (.pth) of the reference",
+        )
+        sub[name].add_argument("--json", action="store_true", help=f"print {what}")
+    # evaluate reads the test split only: no training-set flags
+    test_only = {f.name for f in dataclasses.fields(DataConfig)} - {"max_train_samples"}
+    add_settings(sub["evaluate"], DATA_SECTION, only=test_only)
     sub["predict"].add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
-    sub["predict"].add_argument(
-        "--json", action="store_true", help="print one JSON object per image"
-    )
     sub["report"].add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     sub["report"].add_argument(
         "--plot",
@@ -161,15 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    """``mnist-dist X (torch Y, accelerate Z, Python W)``, from the installed packages."""
+    """``mnist-dist X (torch Y, accelerate Z, Python W)``."""
     import platform
     from importlib import metadata
 
     def version(package: str) -> str:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return "not installed"
+        return "not installed"
 
     return (
         f"mnist-dist {version('mnist-dist')} (torch {version('torch')}, accelerate "
@@ -177,41 +137,27 @@ def _version() -> str:
     )
 
 
-def _add_run_settings(parser: argparse.ArgumentParser) -> None:
-    """``--config FILE`` and a flag per setting of every section."""
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help=f"YAML or JSON file with a mapping per section ({', '.join(SECTIONS)}) of "
-        "settings by name, e.g. `optim: {lr: 1e-3}`; a run's own config.yaml works",
-    )
-    add_settings(parser)
-
-
 def add_settings(
-    parser: argparse.ArgumentParser,
+    parser: _Parser,
     sections: dict[str, type] = SECTIONS,
     only: Collection[str] | None = None,
 ) -> None:
-    """Add one flag per field of ``sections`` (or per field named in ``only``); every default is
-    SUPPRESS, so a flag not given overrides nothing."""
+    """Add a flag per field of ``sections`` (named in ``only``) that overrides only if given."""
     for section, cls in sections.items():
         group = parser.add_argument_group(f"{section} settings", argument_default=argparse.SUPPRESS)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if only is None or f.name in only:
-                env = f" (env {f.metadata['env']})" if f.metadata["env"] else ""
+                env = f" (env {f.metadata['env']})" if "env" in f.metadata else ""
                 kwargs = _value_kwargs(f, hints[f.name])
                 kwargs["help"] = f.metadata["help"] + env + _default_note(f)
                 group.add_argument(flag_name(f), dest=f"{section}.{f.name}", **kwargs)
-                if isinstance(parser, _Parser):
-                    for alias in f.metadata["aliases"]:
-                        parser.flag_aliases["--" + alias.replace("_", "-")] = flag_name(f)
+                for alias in f.metadata.get("aliases", ()):
+                    parser.flag_aliases["--" + alias.replace("_", "-")] = flag_name(f)
 
 
 def _value_kwargs(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
-    """How a flag takes its value: a switch, one of a set (argparse lists them), a list ("5,8"
-    or "5 8"; split in ``_check_type``), a count that may be "all", or one typed value."""
+    """How a flag takes its value: a switch, a choice, a list, a count that may be "all", ..."""
     args = typing.get_args(tp)
     if type(None) in args and args[0] is int:  # a count: "all" (or "none") means no limit
         return {"type": _positive_or_none, "metavar": "N"}
@@ -227,15 +173,12 @@ def _value_kwargs(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
 
 
 def _default_note(f: dataclasses.Field) -> str:
-    """The one default a flag's help shows: ``shown_default`` if the field has one, else its
-    value; nothing for a ``None`` that nobody explained."""
-    shown = f.metadata["shown_default"]
-    if shown is None and f.default is not None:  # every field has a default (no factories)
-        shown = f.default
-        if isinstance(shown, bool):
-            shown = "on" if shown else "off"
-        elif isinstance(shown, tuple):
-            shown = ",".join(map(str, shown)) or "none"
+    """The default a flag's help shows (``shown_default``, else the value; no ``None``)."""
+    shown = f.metadata.get("shown_default", f.default)  # every field has a default
+    if isinstance(shown, bool):
+        shown = "on" if shown else "off"
+    elif isinstance(shown, tuple):
+        shown = ",".join(map(str, shown)) or "none"
     return "" if shown is None else f" [default: {shown}]"
 
 
@@ -245,8 +188,8 @@ def _positive_or_none(text: str) -> int | None:
 
 
 def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS) -> Config:
-    """Resolve defaults <- environment <- config file <- flags into a validated ``Config``; a
-    wrong value is named by file and key (``config file run.yaml: ... train.epochs``) or flag."""
+    """The validated ``Config`` of defaults < environment < config file < flags; a wrong value is
+    named by its file and key (``config file run.yaml: ... train.epochs``) or its flag."""
     path = getattr(args, "config", None)
     file = load_config_file(path) if path else {}
     # `accelerate launch` passes its config's mixed_precision in this variable: it counts as a
@@ -258,15 +201,13 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
         raw = {}
         if name == "train" and launcher_precision in ("no", "fp16", "bf16"):
             raw["mixed_precision"] = launcher_precision
-        for f in fields.values():
-            # An empty variable counts as unset (job templates often export `NAME=`).
-            if f.metadata["env"] and os.environ.get(f.metadata["env"]):
+        for f in fields.values():  # an empty variable is unset (templates export `NAME=`)
+            if os.environ.get(f.metadata.get("env", "")):
                 raw[f.name] = os.environ[f.metadata["env"]]
         # Flags were stored as "section.name" (argparse's dest), in the order they were given.
         flags = {k.partition(".")[2]: v for k, v in vars(args).items() if k.startswith(f"{name}.")}
         values = {k: _check_type(fields[k], hints[k], v) for k, v in raw.items()}
-        # The file's values that no flag overrides are checked before the flags are added, so
-        # that what is wrong with one is said in the file's terms.
+        # The file's values that no flag overrides are checked first, to be named as in the file.
         from_file = {k: v for k, v in file.get(name, {}).items() if k not in flags}
         if from_file:
             try:
@@ -274,28 +215,21 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
                     values[k] = _check_type(fields[k], hints[k], v, f"{name}.{k}")
                 cls(**values)
             except UsageError as e:
-                in_file_terms = _in_file_terms(str(e), name, from_file)
-                raise UsageError(f"config file {path}: {in_file_terms}") from None
+                message = str(e)
+                for k in from_file:  # said in the file's terms: --lr as optim.lr, not --lr-gamma
+                    flag = re.escape(flag_name(fields[k])) + r"(?![\w-])"
+                    message = re.sub(flag, f"{name}.{k}", message)
+                raise UsageError(f"config file {path}: {message}") from None
         values.update({k: _check_type(fields[k], hints[k], v) for k, v in flags.items()})
         built[name] = cls(**values)
     return Config(**built)
-
-
-def _in_file_terms(message: str, section: str, keys: Collection[str]) -> str:
-    """A validation message, with the flags of settings the file gave named by their keys."""
-    for f in dataclasses.fields(SECTIONS[section]):
-        if f.name in keys:
-            pattern = re.escape(flag_name(f)) + r"(?![\w-])"  # --lr, not --lr-gamma
-            message = re.sub(pattern, f"{section}.{f.name}", message)
-    return message
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 def _check_type(f: dataclasses.Field, tp: Any, value: Any, named: str | None = None) -> Any:
-    """Values from a config file or the environment arrive untyped: accept what the field's type
-    accepts, or say so, naming the setting ``named`` (its flag unless given)."""
+    """``value`` as the field's type, or a UsageError naming the setting ``named`` (or its flag)."""
     named = named or flag_name(f)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if type(None) in args:  # `X | None`: None, or what X accepts
@@ -328,11 +262,9 @@ def _check_type(f: dataclasses.Field, tp: Any, value: Any, named: str | None = N
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` with the plain scalars of YAML 1.2 where YAML 1.1 surprises: PyYAML
-    follows YAML 1.1 (yaml/pyyaml#173), which reads ``1e-3`` (no dot) as a string and ``no``,
-    ``yes``, ``on``, ``off`` as booleans. Here ``1e-3`` is a float and only ``true``/``false``
-    are booleans, so ``lr: 1e-3`` and ``mixed_precision: no`` mean what they say. What
-    ``yaml.safe_dump`` writes (a run's own ``config.yaml``) reads back the same."""
+    """``yaml.SafeLoader`` reading ``1e-3`` as a float and only ``true``/``false`` as booleans,
+    as YAML 1.2 does: PyYAML follows YAML 1.1 (yaml/pyyaml#173), where ``1e-3`` is a string and
+    ``no``/``off`` are false. What ``yaml.safe_dump`` writes reads back the same."""
 
 
 ConfigLoader.yaml_implicit_resolvers = {
@@ -368,8 +300,15 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         problem = f" is not UTF-8 text (byte {e.start}: {e.reason})"
     except json.JSONDecodeError as e:
         problem = f", line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}"
-    except yaml.YAMLError as e:
-        problem = _yaml_error(e, text)
+    except yaml.YAMLError as e:  # where (1-based, as editors count) and what, in one line
+        if isinstance(e, yaml.reader.ReaderError):  # a bad character: yaml gives its offset only
+            line = text.count("\n", 0, e.position)
+            column = e.position - text.rfind("\n", 0, e.position) - 1
+            what = first_line(e)
+        else:  # safe_load's other errors all carry the problem and where it is
+            line, column = e.problem_mark.line, e.problem_mark.column
+            what = f"{e.problem} ({e.context})" if e.context else e.problem
+        problem = f", line {line + 1}, column {column + 1}: not valid YAML: {what}"
     else:
         raw = {} if raw is None else raw
         if not (problem := _shape_error(raw)):
@@ -383,42 +322,43 @@ def _shape_error(raw: Any) -> str:
         return f" must hold a mapping of sections, got {type(raw).__name__}"
     raw.pop("provenance", None)  # a run's own config.yaml can be fed back as --config
     if unknown := sorted(set(raw) - set(SECTIONS), key=str):  # YAML keys may be numbers too
-        close = {u: closest(u, SECTIONS) for u in unknown if isinstance(u, str) and u}
-        hints = [f"{u}: did you mean {' or '.join(c)}?" for u, c in close.items() if c]
-        hint = f" ({'; '.join(hints)})" if hints else ""
-        return f": unknown section(s) {unknown}; expected {list(SECTIONS)}{hint}"
+        hints = _hints(unknown, SECTIONS, {})
+        return f": unknown section(s) {unknown}; expected {list(SECTIONS)}{hints}"
     for section, values in raw.items():
         if not isinstance(values, dict):
             return f": section {section!r} must be a mapping"
         fields = dataclasses.fields(SECTIONS[section])
         known = [f.name for f in fields]
         if unknown := sorted(set(values) - set(known), key=str):
-            aliases = {a: f.name for f in fields for a in f.metadata["aliases"]}
-            hints = [
-                _key_hint(u, section, known, aliases) for u in unknown if isinstance(u, str) and u
-            ]
-            hint = f" ({'; '.join(h for h in hints if h)})" if any(hints) else ""
-            return f": unknown key(s) {unknown} in section {section!r}{hint}"
+            aliases = {a: f.name for f in fields for a in f.metadata.get("aliases", ())}
+            hints = _hints(unknown, known, aliases, section)
+            return f": unknown key(s) {unknown} in section {section!r}{hints}"
     return ""
 
 
-def _key_hint(key: str, section: str, known: list[str], aliases: dict[str, str]) -> str:
-    """Where an unknown key of ``section`` belongs: another section, or a close known key."""
-    for other, cls in SECTIONS.items():
-        if other != section and key in {f.name for f in dataclasses.fields(cls)}:
-            return f"{key} belongs in section {other!r}"
-    close = closest(key.replace("-", "_"), known, aliases)
-    return f"{key}: did you mean {' or '.join(close)}?" if close else ""
+def _hints(unknown: list[Any], known: Collection[str], aliases: dict, section: str = "") -> str:
+    """`` (x: did you mean y?; z belongs in section 'optim')`` for unknown names, or ""."""
+    section_of = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    hints = []
+    for name in (u for u in unknown if isinstance(u, str) and u):
+        if section and name in section_of:  # a key of another section
+            hints.append(f"{name} belongs in section {section_of[name]!r}")
+        elif close := closest(name.replace("-", "_"), known, aliases):
+            hints.append(f"{name}: did you mean {' or '.join(close)}?")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
-def _yaml_error(error: yaml.YAMLError, text: str) -> str:
-    """Where yaml found a problem (", line L, column C", 1-based as editors count) and what,
-    without the source excerpt it appends over several lines."""
-    if isinstance(error, yaml.reader.ReaderError):  # a bad character: yaml gives its offset only
-        line = text.count("\n", 0, error.position)
-        column = error.position - text.rfind("\n", 0, error.position) - 1
-        problem = first_line(error)
-    else:  # safe_load's other errors all carry the problem and where it is
-        line, column = error.problem_mark.line, error.problem_mark.column
-        problem = f"{error.problem} ({error.context})" if error.context else error.problem
-    return f", line {line + 1}, column {column + 1}: not valid YAML: {problem}"
+def closest(name: str, names: Collection[str], aliases: dict[str, str] | None = None) -> list[str]:
+    """What an unknown ``name`` likely meant: what it is an alias or a prefix of, or is near."""
+    aliases = aliases or {}
+    if name in aliases:
+        return [aliases[name]]
+    if prefixed := [n for n in names if n.startswith(name)]:
+        return prefixed
+    return [aliases.get(m, m) for m in difflib.get_close_matches(name, [*names, *aliases], n=1)]
+
+
+def did_you_mean(name: str, names: Collection[str], aliases: dict[str, str] | None = None) -> str:
+    """``"; did you mean X?"`` (or "one of X, Y") for ``closest``'s answer, or ""."""
+    close = closest(name, names, aliases)
+    return f"; did you mean {'one of ' * (len(close) > 1)}{', '.join(close)}?" if close else ""

@@ -1,16 +1,10 @@
-"""Typed settings: defaults are the reference recipe; a YAML/JSON file and CLI flags override them.
-
-Each field's metadata (help with its unit, flag, environment variable) makes the dataclasses the
-one schema for defaults, config files and the command line (``cli`` reads them); each section
-validates itself. Precedence: flags > ``--config`` file > environment > defaults; a variable set
-but empty counts as unset.
-"""
+"""Typed settings, one schema for defaults (the reference recipe), config files, environment and
+flags (``cli`` reads each field's metadata); each section validates itself."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from collections.abc import Collection
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,139 +15,123 @@ DATA_DIR_ENV = "MNIST_DIST_DATA_DIR"
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
-def _opt(
-    help: str,
-    flag: str | None = None,
-    env: str | None = None,
-    shown_default: str | None = None,
-    aliases: tuple[str, ...] = (),
-    **kwargs: Any,
-) -> Any:
-    """A dataclass field with CLI metadata: ``help`` text (the flag's help adds the default), an
-    explicit flag name, an environment variable that overrides the default, ``shown_default``:
-    what the help says the default is when the value would not tell, and ``aliases``: names too
-    far from the setting's own for a spelling match (``learning_rate`` -> ``lr``)."""
-    metadata = {"help": help, "flag": flag, "env": env, "shown_default": shown_default}
-    return field(metadata={**metadata, "aliases": aliases}, **kwargs)
+def _opt(default: Any, help: str, **metadata: Any) -> Any:
+    """A field with its flag's help and, if any: ``flag`` (if not its own name), ``env`` (a
+    variable that sets it), ``shown_default`` (the default as the help says it), ``aliases``
+    (names too far for a spelling match), ``check`` (a bound, e.g. ``"> 0 seconds"``)."""
+    return field(default=default, metadata={"help": help, **metadata})
 
 
-@dataclass
-class DataConfig:
-    """Where MNIST lives and how it reaches the model."""
-
-    data_dir: str = _opt("folder holding MNIST/raw/*-ubyte", env=DATA_DIR_ENV, default="./data")
-    loader: Literal["tensor", "torchvision"] = _opt(
-        "input pipeline: 'tensor' = whole split preprocessed once on the training device, "
-        "'torchvision' = DataLoader with the PIL transforms",
-        default="tensor",
-    )
-    num_workers: int = _opt("DataLoader worker processes (torchvision loader only)", default=2)
-    max_train_samples: int | None = _opt(
-        "use only the first N training images", shown_default="all 60,000", default=None
-    )
-    max_eval_samples: int | None = _opt(
-        "use only the first N test images", shown_default="all 10,000", default=None
-    )
-    eval_batch_size: int = _opt("images per forward pass during evaluation", default=1000)
-    download: bool = _opt(
-        "download MNIST into --data-dir if it is missing (main process only)", default=False
-    )
+class _Section:
+    """A settings section that checks each field's ``check`` bound when it is made."""
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
-        _require(self.eval_batch_size > 0, "--eval-batch-size must be > 0")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                flag = "--" + name.replace("_", "-")
-                raise UsageError(f"{flag} must be a positive number of images, got {value}")
+        for f in dataclasses.fields(self):
+            value, check = getattr(self, f.name), f.metadata.get("check")
+            if check and value is not None:
+                op, bound = check.split()[:2]
+                if not (value > float(bound) if op == ">" else value >= float(bound)):
+                    raise UsageError(f"{flag_name(f)} must be {check}, got {value}")
 
 
 @dataclass
-class OptimConfig:
+class DataConfig(_Section):
+    """Where MNIST lives and how it reaches the model."""
+
+    data_dir: str = _opt("./data", "folder holding MNIST/raw/*-ubyte", env=DATA_DIR_ENV)
+    loader: Literal["tensor", "torchvision"] = _opt(
+        "tensor",
+        "input pipeline: 'tensor' = whole split preprocessed once on the training device, "
+        "'torchvision' = DataLoader with the PIL transforms",
+    )
+    num_workers: int = _opt(
+        2, "DataLoader worker processes (torchvision loader only)", check=">= 0"
+    )
+    max_train_samples: int | None = _opt(
+        None, "use only the first N training images", shown_default="all 60,000", check="> 0"
+    )
+    max_eval_samples: int | None = _opt(
+        None, "use only the first N test images", shown_default="all 10,000", check="> 0"
+    )
+    eval_batch_size: int = _opt(1000, "images per forward pass during evaluation", check="> 0")
+    download: bool = _opt(
+        False, "download MNIST into --data-dir if it is missing (main process only)"
+    )
+
+
+@dataclass
+class OptimConfig(_Section):
     """Adam with a MultiStepLR schedule stepped once per epoch."""
 
     lr: float = _opt(
+        1e-3,
         "Adam learning rate for epochs before the first milestone",
         aliases=("learning_rate",),
-        default=1e-3,
+        check="> 0",
     )
     lr_milestones: tuple[int, ...] = _opt(
-        "epochs after which the LR is multiplied by --lr-gamma (e.g. 5,8)", default=(5, 8)
+        (5, 8), "epochs after which the LR is multiplied by --lr-gamma (e.g. 5,8)"
     )
-    lr_gamma: float = _opt("LR multiplier applied at each milestone", default=0.01)
+    lr_gamma: float = _opt(0.01, "LR multiplier applied at each milestone", check="> 0")
 
     def __post_init__(self) -> None:
-        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
-        _require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        _require(self.lr_gamma > 0, f"--lr-gamma must be > 0, got {self.lr_gamma}")
-        _require(
-            all(m > 0 for m in self.lr_milestones)
-            and list(self.lr_milestones) == sorted(set(self.lr_milestones)),
-            f"--lr-milestones must be increasing positive epochs, got {list(self.lr_milestones)}",
-        )
+        super().__post_init__()
+        epochs = [int(m) for m in self.lr_milestones]
+        if epochs != sorted(set(epochs)) or min(epochs, default=1) <= 0:
+            raise UsageError(f"--lr-milestones must be increasing positive epochs, got {epochs}")
+        self.lr_milestones = tuple(epochs)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """The run itself: length, batch, precision, outputs."""
 
-    epochs: int = _opt("passes over the training set", default=10)
+    epochs: int = _opt(10, "passes over the training set", check="> 0")
     global_batch_size: int = _opt(
+        64,
         "images per optimizer step summed over all processes (split evenly across them)",
         flag="--batch-size",
-        default=64,
+        check="> 0",
     )
     grad_accum: int = _opt(
+        1,
         "micro-batches each process splits its share of a step into (same math, less memory)",
-        default=1,
+        check="> 0",
     )
-    seed: int = _opt("seed for weights, shuffling and every RNG", default=0)
+    seed: int = _opt(0, "seed for weights, shuffling and every RNG")
     mixed_precision: Literal["no", "fp16", "bf16"] = _opt(
-        "autocast dtype: no (fp32), fp16 (CUDA only), bf16", default="no"
+        "no", "autocast dtype: no (fp32), fp16 (CUDA only), bf16"
     )
     channels_last: bool = _opt(
-        "channels-last (NHWC) memory layout for the convolutions: faster, same math", default=True
+        True, "channels-last (NHWC) memory layout for the convolutions: faster, same math"
     )
     compile: bool = _opt(
-        "torch.compile the model's forward (pays a compile first; measure before using)",
-        default=False,
+        False, "torch.compile the model's forward (pays a compile first; measure before using)"
     )
     cuda_graph: Literal["auto", "on", "off"] = _opt(
+        "auto",
         "run the whole optimizer step as one CUDA graph replay: auto = wherever it can (one "
         "process on a CUDA GPU, tensor loader), on = try even so and train eagerly with a "
         "warning if capture fails, off = eager steps",
-        default="auto",
     )
     deterministic: bool = _opt(
+        True,
         "deterministic algorithms, so a rerun or a resume gives bit-identical weights on GPUs "
         "too; --no-deterministic lets cuDNN benchmark and pick the fastest kernels",
-        default=True,
     )
-    log_every: int = _opt("optimizer steps between step records in steps.jsonl", default=50)
+    log_every: int = _opt(50, "optimizer steps between step records in steps.jsonl", check="> 0")
     progress_every: float = _opt(
+        30.0,
         "seconds between progress lines inside an epoch when the output is not a terminal "
         "(logs, pipes); also one at each quarter of an epoch once a sixth of that has passed; "
         "0: epoch lines only",
-        default=30.0,
+        check=">= 0 seconds",
     )
     output_dir: str | None = _opt(
+        None,
         "run directory; a run in it is resumed, never overwritten",
         shown_default="runs/<timestamp>",
-        default=None,
     )
-
-    def __post_init__(self) -> None:
-        _require(self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
-        _require(
-            self.global_batch_size > 0, f"--batch-size must be > 0, got {self.global_batch_size}"
-        )
-        _require(self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}")
-        _require(self.log_every > 0, f"--log-every must be > 0, got {self.log_every}")
-        _require(
-            self.progress_every >= 0,
-            f"--progress-every must be >= 0 seconds, got {self.progress_every}",
-        )
 
     def per_device_batch_size(self, world_size: int) -> int:
         """Images each process contributes to one optimizer step."""
@@ -166,80 +144,65 @@ class TrainConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Section):
     """Resumable state in ``<output-dir>/checkpoints`` and where a run starts from."""
 
     checkpoint_every: int = _opt(
-        "also checkpoint every N optimizer steps (0: only at the end of each epoch)", default=0
+        0,
+        "also checkpoint every N optimizer steps (0: only at the end of each epoch)",
+        check=">= 0 steps",
     )
-    keep_checkpoints: int = _opt("complete checkpoints kept, newest first", default=3)
+    keep_checkpoints: int = _opt(3, "complete checkpoints kept, newest first", check=">= 1")
     resume: str = _opt(
+        "auto",
         "auto: continue from the newest intact checkpoint in --output-dir, else start fresh; "
         "never: start fresh; or the path of a checkpoint folder",
-        default="auto",
     )
 
     def __post_init__(self) -> None:
-        _require(
-            self.checkpoint_every >= 0,
-            f"--checkpoint-every must be >= 0 steps, got {self.checkpoint_every}",
-        )
-        _require(
-            self.keep_checkpoints >= 1,
-            f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}",
-        )
+        super().__post_init__()
         parse_resume(self.resume)  # raises UsageError for a value it cannot read
 
 
 @dataclass
-class TrackingConfig:
-    """Where a run is recorded besides its run directory: Weights & Biases, or nothing.
+class TrackingConfig(_Section):
+    """Where a run is recorded besides its run directory: Weights & Biases, or nothing. No secret
+    is a setting (W&B records the command line): the API key comes from the environment."""
 
-    No secret is ever a setting: W&B records the command line in its run metadata, so the API
-    key comes only from ``WANDB_API_KEY`` or ``wandb login``.
-    """
-
-    tracker: Literal["wandb", "none"] = _opt("experiment tracker", default="none")
-    wandb_project: str = _opt("W&B project", env="WANDB_PROJECT", default="mnist-dist")
+    tracker: Literal["wandb", "none"] = _opt("none", "experiment tracker")
+    wandb_project: str = _opt("mnist-dist", "W&B project", env="WANDB_PROJECT")
     wandb_entity: str | None = _opt(
-        "W&B team or user",
-        env="WANDB_ENTITY",
-        shown_default="the account's default entity",
-        default=None,
+        None, "W&B team or user", env="WANDB_ENTITY", shown_default="the account's default entity"
     )
     run_name: str | None = _opt(
-        "display name of the W&B run",
-        env="WANDB_NAME",
-        shown_default="made up by W&B",
-        default=None,
+        None, "display name of the W&B run", env="WANDB_NAME", shown_default="made up by W&B"
     )
     wandb_group: str | None = _opt(
+        None,
         "W&B group, e.g. one per sweep or experiment",
         env="WANDB_RUN_GROUP",
         shown_default="none",
-        default=None,
     )
     wandb_tags: tuple[str, ...] = _opt(
-        "W&B tags, comma separated (e.g. baseline,bf16)", env="WANDB_TAGS", default=()
+        (), "W&B tags, comma separated (e.g. baseline,bf16)", env="WANDB_TAGS"
     )
     wandb_mode: Literal["online", "offline", "disabled"] | None = _opt(
+        None,
         "where the W&B run goes; disabled makes no W&B calls at all",
         shown_default="env WANDB_MODE, else online when W&B credentials are found "
         "(WANDB_API_KEY or `wandb login`) and offline into the run directory when not",
-        default=None,
     )
     wandb_finish_timeout: float = _opt(
+        120.0,
         "seconds to wait for W&B to finish (upload) at the end of a run; after that its files "
         "stay on disk for `wandb sync`",
-        default=120.0,
+        check="> 0 seconds",
     )
 
     def __post_init__(self) -> None:
-        _require(bool(self.wandb_project.strip()), "--wandb-project must not be empty")
-        _require(
-            self.wandb_finish_timeout > 0,
-            f"--wandb-finish-timeout must be > 0 seconds, got {self.wandb_finish_timeout}",
-        )
+        super().__post_init__()
+        if not self.wandb_project.strip():
+            raise UsageError("--wandb-project must not be empty")
 
 
 @dataclass
@@ -259,18 +222,7 @@ class Config:
         return out
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "train": TrainConfig,
-    "checkpoint": CheckpointConfig,
-    "tracking": TrackingConfig,
-}
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise UsageError(message)
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # name -> dataclass, in order
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -278,31 +230,9 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def closest(name: str, names: Collection[str], aliases: dict[str, str] | None = None) -> list[str]:
-    """The known names an unknown ``name`` most likely meant: the one it is an alias of
-    (``aliases``: alias -> name), else those it is a prefix of, else the nearest by spelling."""
-    aliases = aliases or {}
-    if name in aliases:
-        return [aliases[name]]
-    if prefixed := [n for n in names if n.startswith(name)]:
-        return prefixed
-    match = difflib.get_close_matches(name, [*names, *aliases], n=1)
-    return [aliases.get(m, m) for m in match]
-
-
-def did_you_mean(name: str, names: Collection[str], aliases: dict[str, str] | None = None) -> str:
-    """``"; did you mean X?"`` (or "one of X, Y") for ``closest``'s answer, or ""."""
-    close = closest(name, names, aliases)
-    return (
-        f"; did you mean {'one of ' if len(close) > 1 else ''}{', '.join(close)}?" if close else ""
-    )
-
-
-# Settings a run may change when it continues in its own run directory: they decide where files
-# go, what is logged and how often, and how data is read, not what is trained. Every setting not
-# listed counts as math (seed, batch, accumulation, optimizer, precision, layout, compile,
-# loader, the images used, ...), so a new field is guarded on resume until it is added here.
-# ``train.epochs`` is listed because it is handled on its own: more epochs continue a run.
+# Settings a run may change when it continues in its own run directory (where files go, what is
+# logged, how data is read). Every other setting counts as math, so a new field is guarded on
+# resume until it is added here. ``train.epochs`` is handled on its own: more epochs continue.
 RESUMABLE_SETTINGS: frozenset[tuple[str, str]] = frozenset(
     [("data", name) for name in ("data_dir", "num_workers", "eval_batch_size", "download")]
     + [("train", name) for name in ("epochs", "log_every", "progress_every", "output_dir")]
@@ -313,24 +243,15 @@ RESUMABLE_SETTINGS: frozenset[tuple[str, str]] = frozenset(
 
 def changed_math_settings(run: dict[str, Any], this: dict[str, Any]) -> list[tuple[str, str]]:
     """Each setting outside ``RESUMABLE_SETTINGS`` that differs between two ``Config.to_dict()``
-    mappings, as the flag with the run's value and the flag with this one's, e.g.
-    ``("--lr 0.001", "--lr 0.01")``. A setting the run does not record (it predates the
-    setting) is not compared: what the run did then is unknown."""
-    changed = []
-    for section, cls in SECTIONS.items():
-        recorded = run.get(section) or {}
-        for f in dataclasses.fields(cls):
-            if (section, f.name) in RESUMABLE_SETTINGS or f.name not in recorded:
-                continue
-            was, now = recorded[f.name], this[section][f.name]
-            if _plain(was) != _plain(now):
-                changed.append((_as_flag(f, was), _as_flag(f, now)))
-    return changed
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists: the recorded settings went through JSON or YAML."""
-    return list(value) if isinstance(value, (tuple, list)) else value
+    mappings, as flags (``("--lr 0.001", "--lr 0.01")``); one the run did not record is skipped."""
+    return [
+        (_as_flag(f, run[s][f.name]), _as_flag(f, this[s][f.name]))
+        for s, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+        if (s, f.name) not in RESUMABLE_SETTINGS
+        and f.name in (run.get(s) or {})
+        and run[s][f.name] != this[s][f.name]
+    ]
 
 
 def _as_flag(f: dataclasses.Field, value: Any) -> str:

@@ -1,10 +1,6 @@
-"""The exceptions the command line turns into one line on stderr, and its exit codes (the
-README's table, which the tests check, says what each means)."""
+"""The exceptions the command line turns into one line on stderr, and its exit codes."""
 
-import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -15,16 +11,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells say
 
 
 class MnistDistError(Exception):
-    """An error whose message is complete on its own (it names the flag or file and what is
-    wrong); the command line prints it as a single line and exits with ``exit_code``."""
+    """An error whose message is complete on its own line; the command exits with exit_code."""
 
     exit_code = 1
     label = "error"  # printed as "mnist-dist: <label>: <message>"
 
 
 class UsageError(MnistDistError):
-    """Bad input from the user or the disk: a flag, a config file, a dataset, a weights file or
-    a checkpoint."""
+    """Bad input: a flag, a config file, a dataset, a weights file or a checkpoint."""
 
     exit_code = EXIT_USAGE
 
@@ -49,8 +43,7 @@ class Stopped(MnistDistError):
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (libraries add stack dumps and hints below it),
-    or its type name when the message is empty."""
+    """The first line of an exception's message, or its type name when the message is empty."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -66,20 +59,3 @@ def write_failure(error: Exception, folder: Path) -> str:
         if free < 16 << 20:
             return f"No space left on device ({free:,} bytes free; {reason})"
     return reason
-
-
-def leave_for_launcher(line: str) -> None:
-    """Hand the line that ends this process to the launcher that started it, if any.
-
-    ``accelerate launch`` (torchrun's elastic agent) ends a failed run with a summary block per
-    failed rank that otherwise says only "To enable traceback see: ...". It prints instead what
-    the rank wrote into ``TORCHELASTIC_ERROR_FILE``, a JSON ``{"message": str, "timestamp":
-    int}``: the summary then ends with the line. The launcher still exits 1."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:  # not under the elastic agent, or it keeps no logs ("" then)
-        return
-    try:
-        with open(path, "w") as f:
-            json.dump({"message": line, "timestamp": int(time.time())}, f)
-    except OSError:
-        pass  # the line is on stderr already; the summary is a convenience
