@@ -7,8 +7,11 @@ the wrong number of processes. These checks run in seconds, before any process g
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import socket
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,53 +21,67 @@ from mnist_dist import claim
 from mnist_dist.claim import Holder
 from mnist_dist.config import Config
 from mnist_dist.errors import UsageError, first_line
-from mnist_dist.launch import (
-    MAIN_PORT_ENV,
-    PROCS_PER_NODE_ENV,
-    LaunchPlan,
-    collective_timeout,
-    main_addr,
-    main_port,
-    node_cpus,
-    port_is_free,
-    procs_per_node,
-    visible_gpus,
-    write_env,
-)
+from mnist_dist.launch import collective_timeout
 from mnist_dist.layout import RUNS_DIR, RunLayout
 
+PROCS_PER_NODE_ENV = "MNIST_DIST_PROCS_PER_NODE"
+MAIN_PORT_ENV = "MNIST_DIST_MAIN_PORT"
 WANDB_PROBE_SECONDS = 3.0
 
 
 @dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
+class LaunchPlan:
+    """What one job launches: ``nodes`` x ``procs_per_node`` processes meeting at
+    ``main_addr:main_port``, writing to ``run_dir``; each check that passes fills in its part."""
+
+    nodes: int
+    node_rank: int
+    procs_per_node: int = 1
+    main_addr: str = "127.0.0.1"
+    main_port: int = 29500
+    run_dir: Path = Path(RUNS_DIR)
+    wandb_mode: str | None = None  # None: tracking off
+
+    @property
+    def num_processes(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    def write_env(self, path: str) -> None:
+        """The plan as ``export NAME=value`` lines for ``slurm/launch-node.sh`` to source."""
+        env = {
+            "MNIST_DIST_RUN_DIR": str(self.run_dir),
+            PROCS_PER_NODE_ENV: str(self.procs_per_node),
+            "MNIST_DIST_NUM_PROCESSES": str(self.num_processes),
+            "MNIST_DIST_MAIN_ADDR": self.main_addr,
+            MAIN_PORT_ENV: str(self.main_port),
+        }
+        if self.wandb_mode:
+            env["WANDB_MODE"] = self.wandb_mode
+        try:
+            Path(path).write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
+        except OSError as e:
+            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 class Doctor:
-    """Runs every check, collecting results instead of stopping at the first failure, so one
-    run shows everything that is wrong."""
+    """The checks of one launch; each that passes fills in its part of ``plan``."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.in_slurm = bool(os.environ.get("SLURM_JOB_ID"))
-        self.gpus = visible_gpus()
+        self.gpus = _visible_gpus()
         nodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1
         self.plan = LaunchPlan(int(nodes), int(os.environ.get("SLURM_NODEID") or 0))
-        self.checks: list[Check] = []
+        self.layout = RunLayout(self.plan.run_dir)
 
-    def run(self) -> list[Check]:
-        """Every check, in order; each that passes has filled in its part of ``self.plan``."""
+    def checks(self) -> list[tuple[str, Callable[[], str]]]:
+        """Every check, in order, by name."""
         launcher = "`accelerate` is not on PATH: activate the environment mnist-dist is in"
-        checks: list[tuple[str, Callable[[], str]]] = [
-            ("launcher", lambda: _on_path("accelerate", launcher))
-        ]
-        if self.in_slurm:
+        checks = [("launcher", lambda: _on_path("accelerate", launcher))]
+        if os.environ.get("SLURM_JOB_ID"):
             srun = "`srun` is not on PATH inside the job"
             checks += [("srun", lambda: _on_path("srun", srun)), ("tasks", self._tasks)]
-        checks += [
+        return [
+            *checks,
             ("processes", self._processes),
             ("precision", self._precision),
             ("batch", self._batch),
@@ -73,12 +90,6 @@ class Doctor:
             ("output", self._output),
             ("wandb", self._wandb),
         ]
-        for name, check in checks:
-            try:
-                self.checks.append(Check(name, True, check()))
-            except UsageError as e:
-                self.checks.append(Check(name, False, str(e)))
-        return self.checks
 
     def _tasks(self) -> str:
         nodes = self.plan.nodes
@@ -94,24 +105,22 @@ class Doctor:
 
     def _processes(self) -> str:
         plan, gpus = self.plan, self.gpus
-        plan.procs_per_node = procs_per_node(gpus)
-        layout = (
-            f"{plan.procs_per_node} per node x {plan.nodes} node(s) = world size "
-            f"{plan.num_processes}"
-        )
+        override = os.environ.get(PROCS_PER_NODE_ENV)
+        per_node = _positive_int(PROCS_PER_NODE_ENV, override) if override else max(gpus, 1)
+        plan.procs_per_node = per_node
+        layout = f"{per_node} per node x {plan.nodes} node(s) = world size {plan.num_processes}"
         if gpus:
-            if plan.procs_per_node > gpus:
+            if per_node > gpus:
                 raise UsageError(
-                    f"{PROCS_PER_NODE_ENV}={plan.procs_per_node} but this node has {gpus} GPU(s); "
+                    f"{PROCS_PER_NODE_ENV}={per_node} but this node has {gpus} GPU(s); "
                     "ask for more with --gpus-per-node or start fewer processes"
                 )
             return f"{layout}, one per GPU ({gpus} on this node)"
-        cpus = node_cpus()
-        if plan.procs_per_node > cpus:
+        cpus = _node_cpus()
+        if per_node > cpus:
             raise UsageError(
-                f"{PROCS_PER_NODE_ENV}={plan.procs_per_node} CPU processes but this node has "
-                f"{cpus} CPU(s) for the job; ask for more with --cpus-per-task or start fewer "
-                "processes"
+                f"{PROCS_PER_NODE_ENV}={per_node} CPU processes but this node has {cpus} CPU(s) "
+                "for the job; ask for more with --cpus-per-task or start fewer processes"
             )
         return f"{layout}, on CPU (no GPU on this node; {cpus} CPU(s))"
 
@@ -128,14 +137,21 @@ class Doctor:
         )
 
     def _batch(self) -> str:
-        world_size = self.plan.num_processes
-        per_device = self.config.train.per_device_batch_size(world_size)
+        per_device = self.config.train.per_device_batch_size(self.plan.num_processes)
         return f"{self.config.train.global_batch_size} per step = {per_device} per process"
 
     def _rendezvous(self) -> str:
         plan = self.plan
-        plan.main_port = main_port()
-        plan.main_addr = main_addr()
+        if port := os.environ.get(MAIN_PORT_ENV):
+            if _positive_int(MAIN_PORT_ENV, port) > 65535:
+                raise UsageError(f"{MAIN_PORT_ENV} must be a port (1-65535), got {port}")
+            plan.main_port = int(port)
+        elif (job_id := os.environ.get("SLURM_JOB_ID", "")).isdigit():
+            plan.main_port = 15000 + int(job_id) % 10000  # two jobs on one node: two ports
+        nodelist = os.environ.get("SLURM_JOB_NODELIST")
+        plan.main_addr = os.environ.get("MNIST_DIST_MAIN_ADDR") or (
+            _first_host(nodelist) if nodelist else "127.0.0.1"
+        )
         try:
             socket.getaddrinfo(plan.main_addr, plan.main_port)
         except OSError as e:
@@ -146,10 +162,15 @@ class Doctor:
             where += f" (collectives time out after {timeout.total_seconds():g}s)"
         if plan.node_rank != 0:
             return f"{where}, checked on node 0"
-        if not port_is_free(plan.main_port):
-            raise UsageError(
-                f"port {plan.main_port} is in use on this node; set {MAIN_PORT_ENV} to a free port"
-            )
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's TCPStore
+            try:
+                s.bind(("", plan.main_port))
+            except OSError:
+                raise UsageError(
+                    f"port {plan.main_port} is in use on this node; set {MAIN_PORT_ENV} to a "
+                    "free port"
+                ) from None
         return f"{where}, port free"
 
     def _data(self) -> str:
@@ -176,15 +197,15 @@ class Doctor:
 
         output_dir = self.config.train.output_dir
         if not output_dir:
-            self.plan.run_dir = Path(RUNS_DIR)
             return (
                 f"{RUNS_DIR}/<timestamp>: a new run per launch (--output-dir makes one resumable)"
             )
         path = self.plan.run_dir = Path(output_dir)
+        self.layout = RunLayout(path)
         check_output_dir(path)
         # A held directory is refused.
-        taking_over = claim.check(RunLayout(path), Holder.this_process())
-        plan = what_train_does(path, self.config)
+        taking_over = claim.check(self.layout, Holder.this_process())
+        plan = what_train_does(self.layout, self.config)
         return f"{path}: writable; {plan}" + (f" ({taking_over})" if taking_over else "")
 
     def _wandb(self) -> str:
@@ -195,18 +216,18 @@ class Doctor:
             return "off (--tracker none)"
         mode = wandb_mode(tracking)
         chosen = tracking.wandb_mode or os.environ.get("WANDB_MODE")
-        sync = f"afterwards: wandb sync {RunLayout(self.plan.run_dir).wandb}/offline-run-*"
+        sync = f"afterwards: wandb sync {self.layout.wandb}/offline-run-*"
         if mode == "online" and not chosen:
             url = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
             host = url.hostname or "api.wandb.ai"
             port = url.port or (80 if url.scheme == "http" else 443)
-            where = f"{host}:{port}"
             try:
                 socket.create_connection((host, port), timeout=WANDB_PROBE_SECONDS).close()
             except OSError:
-                mode = "offline"
-                self.plan.wandb_mode = mode
-                return f"offline: credentials found but {where} is unreachable from here; {sync}"
+                self.plan.wandb_mode = "offline"
+                return (
+                    f"offline: credentials found but {host}:{port} is unreachable from here; {sync}"
+                )
         self.plan.wandb_mode = mode
         if mode == "offline":
             why = "as asked" if chosen else "no W&B credentials on this node"
@@ -216,22 +237,52 @@ class Doctor:
         return f"online ({'as asked' if chosen else 'credentials found'})"
 
 
-def what_train_does(path: Path, config: Config) -> str:
-    """What ``train`` would do in the run directory ``path``, in words, through the checks
-    ``train`` itself makes there (raising the same ``UsageError`` it would refuse with)."""
+def what_train_does(layout: RunLayout, config: Config) -> str:
+    """What ``train`` would do in ``layout``, in words, through the checks ``train`` itself
+    makes there (raising the same ``UsageError`` it would refuse with)."""
     from mnist_dist.resume import decide
     from mnist_dist.rundir import RunDir
 
     notes: list[str] = []
-    resumption = decide(RunDir(RunLayout(path), False), config, tell=notes.append)
+    resumption = decide(RunDir(layout, False), config, tell=notes.append)
     finished, found = resumption.finished, resumption.checkpoint
     if finished is not None:
         return f"holds a finished run ({finished.epochs_completed} epoch(s)): nothing to train"
+    said = "".join(f"; {note}" for note in notes)
     if found is None:
-        return "new run" + "".join(f"; {note}" for note in notes)
-    verb = "branches from" if resumption.branch else "resumes from"
-    where = found.path if resumption.branch else found.path.name
-    return f"{verb} {where}" + "".join(f"; {n}" for n in notes)
+        return "new run" + said
+    if resumption.branch:
+        return f"branches from {found.path}{said}"
+    return f"resumes from {found.path.name}{said}"
+
+
+def doctor(config: Config, env_file: str | None = None) -> LaunchPlan:
+    """Run every check and print each; raise ``UsageError`` naming the failures, if any. A
+    failure does not stop the others, so one run shows everything that is wrong."""
+    checkup = Doctor(config)
+    checks = checkup.checks()
+    job = os.environ.get("SLURM_JOB_ID")
+    print(f"mnist-dist doctor: {'SLURM job ' + job if job else 'this machine'}", flush=True)
+    width = max(len(name) for name, _ in checks)
+    failed = []
+    for name, check in checks:
+        try:
+            ok, detail = "ok", check()
+        except UsageError as e:
+            ok, detail = "FAIL", str(e)
+            failed.append(f"{name}: {detail}")
+        print(f"  {ok:4}  {name:{width}}  {detail}", flush=True)
+    if failed:
+        raise UsageError("pre-flight check failed: " + "; ".join(failed))
+    if env_file:
+        checkup.plan.write_env(env_file)
+    return checkup.plan
+
+
+def _positive_int(name: str, value: str) -> int:
+    if not re.fullmatch(r"[0-9]+", value.strip()) or int(value) < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _on_path(program: str, missing: str) -> str:
@@ -240,20 +291,37 @@ def _on_path(program: str, missing: str) -> str:
     return path
 
 
-def doctor(config: Config, env_file: str | None = None) -> LaunchPlan:
-    """Run every check and print them; raise ``UsageError`` naming the failures, if any."""
-    checkup = Doctor(config)
-    checks = checkup.run()
-    job = os.environ.get("SLURM_JOB_ID")
-    print(f"mnist-dist doctor: {'SLURM job ' + job if job else 'this machine'}", flush=True)
-    width = max(len(c.name) for c in checks)
-    for c in checks:
-        print(f"  {'ok' if c.ok else 'FAIL':4}  {c.name:{width}}  {c.detail}", flush=True)
-    failed = [c for c in checks if not c.ok]
-    if failed:
+def _visible_gpus() -> int:
+    """GPUs this node can use: the scheduler's figure (``SLURM_GPUS_ON_NODE``, else
+    ``SLURM_GPUS_PER_NODE``: ``2`` or ``a100:2``), else what CUDA sees."""
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        count = os.environ.get(name, "").rsplit(":", 1)[-1]
+        if count.isdigit():
+            return int(count)
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _node_cpus() -> int:
+    """CPUs this job may use on this node."""
+    for name in ("SLURM_CPUS_ON_NODE", "SLURM_JOB_CPUS_PER_NODE"):
+        value = os.environ.get(name, "").split("(")[0].split(",")[0]
+        if value.isdigit():
+            return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``node[03-05,07]`` -> ``node03``), by ``scontrol``."""
+    try:
+        command = ["scontrol", "show", "hostnames", nodelist]
+        out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30)
+        hosts = out.stdout.split()
+    except (OSError, subprocess.SubprocessError) as e:
         raise UsageError(
-            "pre-flight check failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed)
-        )
-    if env_file:
-        write_env(checkup.plan, env_file)
-    return checkup.plan
+            f"cannot expand SLURM_JOB_NODELIST {nodelist!r}: {first_line(e)}"
+        ) from None
+    if not hosts:
+        raise UsageError(f"SLURM_JOB_NODELIST {nodelist!r} names no host")
+    return hosts[0]
