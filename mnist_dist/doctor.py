@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,14 +32,17 @@ WANDB_PROBE_SECONDS = 3.0
 @dataclass
 class LaunchPlan:
     """What one job launches: ``nodes`` x ``procs_per_node`` processes meeting at
-    ``main_addr:main_port``, writing to ``run_dir``; each check that passes fills in its part."""
+    ``main_addr:main_port``, writing to ``layout``; each of its checks that passes fills in
+    its part."""
 
+    config: Config
+    gpus: int  # on this node
     nodes: int
     node_rank: int
     procs_per_node: int = 1
     main_addr: str = "127.0.0.1"
     main_port: int = 29500
-    run_dir: Path = Path(RUNS_DIR)
+    layout: RunLayout = field(default_factory=lambda: RunLayout(Path(RUNS_DIR)))
     wandb_mode: str | None = None  # None: tracking off
 
     @property
@@ -49,7 +52,7 @@ class LaunchPlan:
     def write_env(self, path: str) -> None:
         """The plan as ``export NAME=value`` lines for ``slurm/launch-node.sh`` to source."""
         env = {
-            "MNIST_DIST_RUN_DIR": str(self.run_dir),
+            "MNIST_DIST_RUN_DIR": str(self.layout.root),
             PROCS_PER_NODE_ENV: str(self.procs_per_node),
             "MNIST_DIST_NUM_PROCESSES": str(self.num_processes),
             "MNIST_DIST_MAIN_ADDR": self.main_addr,
@@ -61,17 +64,6 @@ class LaunchPlan:
             Path(path).write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
         except OSError as e:
             raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-class Doctor:
-    """The checks of one launch; each that passes fills in its part of ``plan``."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.gpus = _visible_gpus()
-        nodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1
-        self.plan = LaunchPlan(int(nodes), int(os.environ.get("SLURM_NODEID") or 0))
-        self.layout = RunLayout(self.plan.run_dir)
 
     def checks(self) -> list[tuple[str, Callable[[], str]]]:
         """Every check, in order, by name."""
@@ -92,7 +84,7 @@ class Doctor:
         ]
 
     def _tasks(self) -> str:
-        nodes = self.plan.nodes
+        nodes = self.nodes
         per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
         tasks = os.environ.get("SLURM_NTASKS")
         if (per_node and per_node != "1") or (tasks and int(tasks) != nodes):
@@ -104,25 +96,24 @@ class Doctor:
         return f"1 per node on {nodes} node(s)"
 
     def _processes(self) -> str:
-        plan, gpus = self.plan, self.gpus
         override = os.environ.get(PROCS_PER_NODE_ENV)
-        per_node = _positive_int(PROCS_PER_NODE_ENV, override) if override else max(gpus, 1)
-        plan.procs_per_node = per_node
-        layout = f"{per_node} per node x {plan.nodes} node(s) = world size {plan.num_processes}"
-        if gpus:
-            if per_node > gpus:
+        per_node = _positive_int(PROCS_PER_NODE_ENV, override) if override else max(self.gpus, 1)
+        self.procs_per_node = per_node
+        shape = f"{per_node} per node x {self.nodes} node(s) = world size {self.num_processes}"
+        if self.gpus:
+            if per_node > self.gpus:
                 raise UsageError(
-                    f"{PROCS_PER_NODE_ENV}={per_node} but this node has {gpus} GPU(s); "
+                    f"{PROCS_PER_NODE_ENV}={per_node} but this node has {self.gpus} GPU(s); "
                     "ask for more with --gpus-per-node or start fewer processes"
                 )
-            return f"{layout}, one per GPU ({gpus} on this node)"
+            return f"{shape}, one per GPU ({self.gpus} on this node)"
         cpus = _node_cpus()
         if per_node > cpus:
             raise UsageError(
                 f"{PROCS_PER_NODE_ENV}={per_node} CPU processes but this node has {cpus} CPU(s) "
                 "for the job; ask for more with --cpus-per-task or start fewer processes"
             )
-        return f"{layout}, on CPU (no GPU on this node; {cpus} CPU(s))"
+        return f"{shape}, on CPU (no GPU on this node; {cpus} CPU(s))"
 
     def _precision(self) -> str:
         from mnist_dist.distributed import precision_supported
@@ -137,38 +128,37 @@ class Doctor:
         )
 
     def _batch(self) -> str:
-        per_device = self.config.train.per_device_batch_size(self.plan.num_processes)
+        per_device = self.config.train.per_device_batch_size(self.num_processes)
         return f"{self.config.train.global_batch_size} per step = {per_device} per process"
 
     def _rendezvous(self) -> str:
-        plan = self.plan
         if port := os.environ.get(MAIN_PORT_ENV):
             if _positive_int(MAIN_PORT_ENV, port) > 65535:
                 raise UsageError(f"{MAIN_PORT_ENV} must be a port (1-65535), got {port}")
-            plan.main_port = int(port)
+            self.main_port = int(port)
         elif (job_id := os.environ.get("SLURM_JOB_ID", "")).isdigit():
-            plan.main_port = 15000 + int(job_id) % 10000  # two jobs on one node: two ports
+            self.main_port = 15000 + int(job_id) % 10000  # two jobs on one node: two ports
         nodelist = os.environ.get("SLURM_JOB_NODELIST")
-        plan.main_addr = os.environ.get("MNIST_DIST_MAIN_ADDR") or (
+        self.main_addr = os.environ.get("MNIST_DIST_MAIN_ADDR") or (
             _first_host(nodelist) if nodelist else "127.0.0.1"
         )
         try:
-            socket.getaddrinfo(plan.main_addr, plan.main_port)
+            socket.getaddrinfo(self.main_addr, self.main_port)
         except OSError as e:
-            raise UsageError(f"main address {plan.main_addr} does not resolve: {e}") from None
-        where = f"{plan.main_addr}:{plan.main_port}"
+            raise UsageError(f"main address {self.main_addr} does not resolve: {e}") from None
+        where = f"{self.main_addr}:{self.main_port}"
         timeout = collective_timeout()  # a bad value fails here, before anything starts
         if timeout is not None:
             where += f" (collectives time out after {timeout.total_seconds():g}s)"
-        if plan.node_rank != 0:
+        if self.node_rank != 0:
             return f"{where}, checked on node 0"
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's TCPStore
             try:
-                s.bind(("", plan.main_port))
+                s.bind(("", self.main_port))
             except OSError:
                 raise UsageError(
-                    f"port {plan.main_port} is in use on this node; set {MAIN_PORT_ENV} to a "
+                    f"port {self.main_port} is in use on this node; set {MAIN_PORT_ENV} to a "
                     "free port"
                 ) from None
         return f"{where}, port free"
@@ -193,20 +183,35 @@ class Doctor:
         return f"{folder}: MNIST verified"
 
     def _output(self) -> str:
-        from mnist_dist.rundir import check_output_dir
+        """The run directory, and what ``train`` would do there in words, through the checks
+        ``train`` itself makes (refusing with the same ``UsageError``)."""
+        from mnist_dist.resume import decide
+        from mnist_dist.rundir import RunDir, check_output_dir
 
         output_dir = self.config.train.output_dir
         if not output_dir:
             return (
                 f"{RUNS_DIR}/<timestamp>: a new run per launch (--output-dir makes one resumable)"
             )
-        path = self.plan.run_dir = Path(output_dir)
-        self.layout = RunLayout(path)
-        check_output_dir(path)
-        # A held directory is refused.
-        taking_over = claim.check(self.layout, Holder.this_process())
-        plan = what_train_does(self.layout, self.config)
-        return f"{path}: writable; {plan}" + (f" ({taking_over})" if taking_over else "")
+        self.layout = RunLayout(Path(output_dir))
+        check_output_dir(self.layout.root)
+        taking_over = claim.check(self.layout, Holder.this_process())  # refuses a held one
+        notes: list[str] = []
+        resumption = decide(RunDir(self.layout, False), self.config, tell=notes.append)
+        found, finished = resumption.checkpoint, resumption.finished
+        does = "new run"
+        if found is not None:
+            does = (
+                f"branches from {found.path}"
+                if resumption.branch
+                else f"resumes from {found.path.name}"
+            )
+        does += "".join(f"; {note}" for note in notes)
+        if finished is not None:
+            does = f"holds a finished run ({finished.epochs_completed} epoch(s)): nothing to train"
+        return f"{self.layout.root}: writable; {does}" + (
+            f" ({taking_over})" if taking_over else ""
+        )
 
     def _wandb(self) -> str:
         from mnist_dist.wandb_tracker import wandb_mode
@@ -224,11 +229,11 @@ class Doctor:
             try:
                 socket.create_connection((host, port), timeout=WANDB_PROBE_SECONDS).close()
             except OSError:
-                self.plan.wandb_mode = "offline"
+                self.wandb_mode = "offline"
                 return (
                     f"offline: credentials found but {host}:{port} is unreachable from here; {sync}"
                 )
-        self.plan.wandb_mode = mode
+        self.wandb_mode = mode
         if mode == "offline":
             why = "as asked" if chosen else "no W&B credentials on this node"
             return f"offline ({why}); {sync}"
@@ -237,30 +242,12 @@ class Doctor:
         return f"online ({'as asked' if chosen else 'credentials found'})"
 
 
-def what_train_does(layout: RunLayout, config: Config) -> str:
-    """What ``train`` would do in ``layout``, in words, through the checks ``train`` itself
-    makes there (raising the same ``UsageError`` it would refuse with)."""
-    from mnist_dist.resume import decide
-    from mnist_dist.rundir import RunDir
-
-    notes: list[str] = []
-    resumption = decide(RunDir(layout, False), config, tell=notes.append)
-    finished, found = resumption.finished, resumption.checkpoint
-    if finished is not None:
-        return f"holds a finished run ({finished.epochs_completed} epoch(s)): nothing to train"
-    said = "".join(f"; {note}" for note in notes)
-    if found is None:
-        return "new run" + said
-    if resumption.branch:
-        return f"branches from {found.path}{said}"
-    return f"resumes from {found.path.name}{said}"
-
-
 def doctor(config: Config, env_file: str | None = None) -> LaunchPlan:
     """Run every check and print each; raise ``UsageError`` naming the failures, if any. A
     failure does not stop the others, so one run shows everything that is wrong."""
-    checkup = Doctor(config)
-    checks = checkup.checks()
+    nodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1
+    plan = LaunchPlan(config, _visible_gpus(), int(nodes), int(os.environ.get("SLURM_NODEID") or 0))
+    checks = plan.checks()
     job = os.environ.get("SLURM_JOB_ID")
     print(f"mnist-dist doctor: {'SLURM job ' + job if job else 'this machine'}", flush=True)
     width = max(len(name) for name, _ in checks)
@@ -275,8 +262,8 @@ def doctor(config: Config, env_file: str | None = None) -> LaunchPlan:
     if failed:
         raise UsageError("pre-flight check failed: " + "; ".join(failed))
     if env_file:
-        checkup.plan.write_env(env_file)
-    return checkup.plan
+        plan.write_env(env_file)
+    return plan
 
 
 def _positive_int(name: str, value: str) -> int:
