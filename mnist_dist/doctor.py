@@ -1,8 +1,7 @@
 """``mnist-dist doctor``: the pre-flight checks of a launch, which fill in its launch plan.
-
-A multi-node job that is wrong usually does not fail: it hangs at the rendezvous, or trains on
-the wrong number of processes. These checks run in seconds, before any process group exists;
-``slurm/train.sbatch`` runs them on every job and launches from the plan they write."""
+A wrong multi-node job seldom fails: it hangs at the rendezvous or trains on the wrong number
+of processes. The checks take seconds, before any process group exists; ``slurm/train.sbatch``
+runs them on every job and launches from the plan they write."""
 
 from __future__ import annotations
 
@@ -32,8 +31,7 @@ WANDB_PROBE_SECONDS = 3.0
 @dataclass
 class LaunchPlan:
     """What one job launches: ``nodes`` x ``procs_per_node`` processes meeting at
-    ``main_addr:main_port``, writing to ``layout``; each of its checks that passes fills in
-    its part."""
+    ``main_addr:main_port``, writing to ``layout``; each of its checks fills in its part."""
 
     config: Config
     gpus: int  # on this node
@@ -57,23 +55,22 @@ class LaunchPlan:
             "MNIST_DIST_NUM_PROCESSES": str(self.num_processes),
             "MNIST_DIST_MAIN_ADDR": self.main_addr,
             MAIN_PORT_ENV: str(self.main_port),
+            "WANDB_MODE": self.wandb_mode,
         }
-        if self.wandb_mode:
-            env["WANDB_MODE"] = self.wandb_mode
+        lines = [f"export {k}={shlex.quote(v)}\n" for k, v in env.items() if v is not None]
         try:
-            Path(path).write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
+            Path(path).write_text("".join(lines))
         except OSError as e:
             raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
     def checks(self) -> list[tuple[str, Callable[[], str]]]:
         """Every check, in order, by name."""
         launcher = "`accelerate` is not on PATH: activate the environment mnist-dist is in"
-        checks = [("launcher", lambda: _on_path("accelerate", launcher))]
-        if os.environ.get("SLURM_JOB_ID"):
-            srun = "`srun` is not on PATH inside the job"
-            checks += [("srun", lambda: _on_path("srun", srun)), ("tasks", self._tasks)]
+        srun = "`srun` is not on PATH inside the job"
+        in_job = [("srun", lambda: _on_path("srun", srun)), ("tasks", self._tasks)]
         return [
-            *checks,
+            ("launcher", lambda: _on_path("accelerate", launcher)),
+            *(in_job if os.environ.get("SLURM_JOB_ID") else []),
             ("processes", self._processes),
             ("precision", self._precision),
             ("batch", self._batch),
@@ -84,16 +81,15 @@ class LaunchPlan:
         ]
 
     def _tasks(self) -> str:
-        nodes = self.nodes
         per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
         tasks = os.environ.get("SLURM_NTASKS")
-        if (per_node and per_node != "1") or (tasks and int(tasks) != nodes):
+        if (per_node and per_node != "1") or (tasks and int(tasks) != self.nodes):
             got = f"--ntasks-per-node={per_node}" if per_node else f"--ntasks={tasks}"
             raise UsageError(
                 f"one `accelerate launch` per node needs --ntasks-per-node=1, got {got} on "
-                f"{nodes} node(s): accelerate starts each node's processes itself"
+                f"{self.nodes} node(s): accelerate starts each node's processes itself"
             )
-        return f"1 per node on {nodes} node(s)"
+        return f"1 per node on {self.nodes} node(s)"
 
     def _processes(self) -> str:
         override = os.environ.get(PROCS_PER_NODE_ENV)
@@ -119,13 +115,13 @@ class LaunchPlan:
         from mnist_dist.distributed import precision_supported
 
         precision = self.config.train.mixed_precision
-        if precision_supported(precision, self.gpus):
-            return precision
-        if precision == "fp16":
-            raise UsageError("--mixed-precision fp16 needs GPUs and this node has none; use bf16")
-        raise UsageError(
-            "--mixed-precision bf16 is not supported by this node's GPUs; use fp16 or no"
-        )
+        if not precision_supported(precision, self.gpus):
+            raise UsageError(
+                "--mixed-precision fp16 needs GPUs and this node has none; use bf16"
+                if precision == "fp16"
+                else "--mixed-precision bf16 is not supported by this node's GPUs; use fp16 or no"
+            )
+        return precision
 
     def _batch(self) -> str:
         per_device = self.config.train.per_device_batch_size(self.num_processes)
@@ -183,8 +179,7 @@ class LaunchPlan:
         return f"{folder}: MNIST verified"
 
     def _output(self) -> str:
-        """The run directory, and what ``train`` would do there in words, through the checks
-        ``train`` itself makes (refusing with the same ``UsageError``)."""
+        """The run directory, and what ``train`` would do there, by ``train``'s own checks."""
         from mnist_dist.resume import decide
         from mnist_dist.rundir import RunDir, check_output_dir
 
@@ -279,8 +274,7 @@ def _on_path(program: str, missing: str) -> str:
 
 
 def _visible_gpus() -> int:
-    """GPUs this node can use: the scheduler's figure (``SLURM_GPUS_ON_NODE``, else
-    ``SLURM_GPUS_PER_NODE``: ``2`` or ``a100:2``), else what CUDA sees."""
+    """GPUs this node may use: SLURM's count (``2`` or ``a100:2``), else what CUDA sees."""
     for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
         count = os.environ.get(name, "").rsplit(":", 1)[-1]
         if count.isdigit():
