@@ -29,9 +29,8 @@ def collective_timeout() -> timedelta | None:
 
 def continue_command(run_dir: Path, resume_auto: bool) -> str:
     """The command that continues this run, shell-quoted: the one the user ran (the launcher's
-    under ``accelerate launch``; the resubmission of ``slurm/train.sbatch`` in its jobs) with
-    ``--output-dir run_dir`` in place of any given, and ``--resume auto`` where asked. The run
-    directory keeps the form the user gave (relative or not), like ``--data-dir ./data``."""
+    under ``accelerate launch``; a resubmission of ``slurm/train.sbatch`` in its jobs) with
+    ``--output-dir run_dir`` (in the form the user gave) and, where asked, ``--resume auto``."""
     prefix, args = _invocation()
     args = _with_option(args, "--output-dir", str(run_dir))
     if resume_auto:
@@ -47,10 +46,9 @@ def _invocation() -> tuple[list[str], list[str]]:
     in_sbatch_job = os.environ.get("SLURM_JOB_ID") and os.environ.get("MNIST_DIST_RUN_DIR")
     if in_sbatch_job and args[:1] == ["train"]:
         return ["sbatch", "slurm/train.sbatch"], args[1:]
-    pids = [os.getpid()]
-    if os.environ.get("LOCAL_RANK") is not None:  # a rank of accelerate launch / torchrun
-        pids.insert(0, os.getppid())
-    for pid in pids:  # the process's argv as it was started (Linux)
+    # A rank of accelerate launch / torchrun: its launcher's argv first, then its own (Linux).
+    pids = [os.getppid(), os.getpid()] if "LOCAL_RANK" in os.environ else [os.getpid()]
+    for pid in pids:
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
