@@ -194,19 +194,18 @@ class LaunchPlan:
         notes: list[str] = []
         resumption = decide(RunDir(self.layout, False), self.config, tell=notes.append)
         found, finished = resumption.checkpoint, resumption.finished
-        does = "new run"
-        if found is not None:
-            does = (
-                f"branches from {found.path}"
-                if resumption.branch
-                else f"resumes from {found.path.name}"
-            )
+        if found is None:
+            does = "new run"
+        elif resumption.branch:
+            does = f"branches from {found.path}"
+        else:
+            does = f"resumes from {found.path.name}"
         does += "".join(f"; {note}" for note in notes)
         if finished is not None:
             does = f"holds a finished run ({finished.epochs_completed} epoch(s)): nothing to train"
-        return f"{self.layout.root}: writable; {does}" + (
-            f" ({taking_over})" if taking_over else ""
-        )
+        if taking_over:
+            does += f" ({taking_over})"
+        return f"{self.layout.root}: writable; {does}"
 
     def _wandb(self) -> str:
         from mnist_dist.wandb_tracker import wandb_mode
