@@ -1,16 +1,18 @@
 """``mnist-dist doctor``: the pre-flight checks of a launch, which fill in its launch plan.
-
-A multi-node job that is wrong usually does not fail: it hangs at the rendezvous, or trains on
-the wrong number of processes. These checks run in seconds, before any process group exists;
-``slurm/train.sbatch`` runs them on every job and launches from the plan they write."""
+A wrong multi-node job seldom fails: it hangs at the rendezvous or trains on the wrong number
+of processes. The checks take seconds, before any process group exists; ``slurm/train.sbatch``
+runs them on every job and launches from the plan they write."""
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import socket
+import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,53 +20,57 @@ from mnist_dist import claim
 from mnist_dist.claim import Holder
 from mnist_dist.config import Config
 from mnist_dist.errors import UsageError, first_line
-from mnist_dist.launch import (
-    MAIN_PORT_ENV,
-    PROCS_PER_NODE_ENV,
-    LaunchPlan,
-    collective_timeout,
-    main_addr,
-    main_port,
-    node_cpus,
-    port_is_free,
-    procs_per_node,
-    visible_gpus,
-    write_env,
-)
+from mnist_dist.launch import collective_timeout
 from mnist_dist.layout import RUNS_DIR, RunLayout
 
+PROCS_PER_NODE_ENV = "MNIST_DIST_PROCS_PER_NODE"
+MAIN_PORT_ENV = "MNIST_DIST_MAIN_PORT"
 WANDB_PROBE_SECONDS = 3.0
 
 
 @dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
+class LaunchPlan:
+    """What one job launches: ``nodes`` x ``procs_per_node`` processes meeting at
+    ``main_addr:main_port``, writing to ``layout``; each of its checks fills in its part."""
 
+    config: Config
+    gpus: int  # on this node
+    nodes: int
+    node_rank: int
+    procs_per_node: int = 1
+    main_addr: str = "127.0.0.1"
+    main_port: int = 29500
+    layout: RunLayout = field(default_factory=lambda: RunLayout(Path(RUNS_DIR)))
+    wandb_mode: str | None = None  # None: tracking off
 
-class Doctor:
-    """Runs every check, collecting results instead of stopping at the first failure, so one
-    run shows everything that is wrong."""
+    @property
+    def num_processes(self) -> int:
+        return self.nodes * self.procs_per_node
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.in_slurm = bool(os.environ.get("SLURM_JOB_ID"))
-        self.gpus = visible_gpus()
-        nodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1
-        self.plan = LaunchPlan(int(nodes), int(os.environ.get("SLURM_NODEID") or 0))
-        self.checks: list[Check] = []
+    def write_env(self, path: str) -> None:
+        """The plan as ``export NAME=value`` lines for ``slurm/launch-node.sh`` to source."""
+        env = {
+            "MNIST_DIST_RUN_DIR": str(self.layout.root),
+            PROCS_PER_NODE_ENV: str(self.procs_per_node),
+            "MNIST_DIST_NUM_PROCESSES": str(self.num_processes),
+            "MNIST_DIST_MAIN_ADDR": self.main_addr,
+            MAIN_PORT_ENV: str(self.main_port),
+            "WANDB_MODE": self.wandb_mode,
+        }
+        lines = [f"export {k}={shlex.quote(v)}\n" for k, v in env.items() if v is not None]
+        try:
+            Path(path).write_text("".join(lines))
+        except OSError as e:
+            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
-    def run(self) -> list[Check]:
-        """Every check, in order; each that passes has filled in its part of ``self.plan``."""
+    def checks(self) -> list[tuple[str, Callable[[], str]]]:
+        """Every check, in order, by name."""
         launcher = "`accelerate` is not on PATH: activate the environment mnist-dist is in"
-        checks: list[tuple[str, Callable[[], str]]] = [
-            ("launcher", lambda: _on_path("accelerate", launcher))
-        ]
-        if self.in_slurm:
-            srun = "`srun` is not on PATH inside the job"
-            checks += [("srun", lambda: _on_path("srun", srun)), ("tasks", self._tasks)]
-        checks += [
+        srun = "`srun` is not on PATH inside the job"
+        in_job = [("srun", lambda: _on_path("srun", srun)), ("tasks", self._tasks)]
+        return [
+            ("launcher", lambda: _on_path("accelerate", launcher)),
+            *(in_job if os.environ.get("SLURM_JOB_ID") else []),
             ("processes", self._processes),
             ("precision", self._precision),
             ("batch", self._batch),
@@ -73,83 +79,84 @@ class Doctor:
             ("output", self._output),
             ("wandb", self._wandb),
         ]
-        for name, check in checks:
-            try:
-                self.checks.append(Check(name, True, check()))
-            except UsageError as e:
-                self.checks.append(Check(name, False, str(e)))
-        return self.checks
 
     def _tasks(self) -> str:
-        nodes = self.plan.nodes
         per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
         tasks = os.environ.get("SLURM_NTASKS")
-        if (per_node and per_node != "1") or (tasks and int(tasks) != nodes):
+        if (per_node and per_node != "1") or (tasks and int(tasks) != self.nodes):
             got = f"--ntasks-per-node={per_node}" if per_node else f"--ntasks={tasks}"
             raise UsageError(
                 f"one `accelerate launch` per node needs --ntasks-per-node=1, got {got} on "
-                f"{nodes} node(s): accelerate starts each node's processes itself"
+                f"{self.nodes} node(s): accelerate starts each node's processes itself"
             )
-        return f"1 per node on {nodes} node(s)"
+        return f"1 per node on {self.nodes} node(s)"
 
     def _processes(self) -> str:
-        plan, gpus = self.plan, self.gpus
-        plan.procs_per_node = procs_per_node(gpus)
-        layout = (
-            f"{plan.procs_per_node} per node x {plan.nodes} node(s) = world size "
-            f"{plan.num_processes}"
-        )
-        if gpus:
-            if plan.procs_per_node > gpus:
+        override = os.environ.get(PROCS_PER_NODE_ENV)
+        per_node = _positive_int(PROCS_PER_NODE_ENV, override) if override else max(self.gpus, 1)
+        self.procs_per_node = per_node
+        shape = f"{per_node} per node x {self.nodes} node(s) = world size {self.num_processes}"
+        if self.gpus:
+            if per_node > self.gpus:
                 raise UsageError(
-                    f"{PROCS_PER_NODE_ENV}={plan.procs_per_node} but this node has {gpus} GPU(s); "
+                    f"{PROCS_PER_NODE_ENV}={per_node} but this node has {self.gpus} GPU(s); "
                     "ask for more with --gpus-per-node or start fewer processes"
                 )
-            return f"{layout}, one per GPU ({gpus} on this node)"
-        cpus = node_cpus()
-        if plan.procs_per_node > cpus:
+            return f"{shape}, one per GPU ({self.gpus} on this node)"
+        cpus = _node_cpus()
+        if per_node > cpus:
             raise UsageError(
-                f"{PROCS_PER_NODE_ENV}={plan.procs_per_node} CPU processes but this node has "
-                f"{cpus} CPU(s) for the job; ask for more with --cpus-per-task or start fewer "
-                "processes"
+                f"{PROCS_PER_NODE_ENV}={per_node} CPU processes but this node has {cpus} CPU(s) "
+                "for the job; ask for more with --cpus-per-task or start fewer processes"
             )
-        return f"{layout}, on CPU (no GPU on this node; {cpus} CPU(s))"
+        return f"{shape}, on CPU (no GPU on this node; {cpus} CPU(s))"
 
     def _precision(self) -> str:
         from mnist_dist.distributed import precision_supported
 
         precision = self.config.train.mixed_precision
-        if precision_supported(precision, self.gpus):
-            return precision
-        if precision == "fp16":
-            raise UsageError("--mixed-precision fp16 needs GPUs and this node has none; use bf16")
-        raise UsageError(
-            "--mixed-precision bf16 is not supported by this node's GPUs; use fp16 or no"
-        )
+        if not precision_supported(precision, self.gpus):
+            raise UsageError(
+                "--mixed-precision fp16 needs GPUs and this node has none; use bf16"
+                if precision == "fp16"
+                else "--mixed-precision bf16 is not supported by this node's GPUs; use fp16 or no"
+            )
+        return precision
 
     def _batch(self) -> str:
-        world_size = self.plan.num_processes
-        per_device = self.config.train.per_device_batch_size(world_size)
+        per_device = self.config.train.per_device_batch_size(self.num_processes)
         return f"{self.config.train.global_batch_size} per step = {per_device} per process"
 
     def _rendezvous(self) -> str:
-        plan = self.plan
-        plan.main_port = main_port()
-        plan.main_addr = main_addr()
+        if port := os.environ.get(MAIN_PORT_ENV):
+            if _positive_int(MAIN_PORT_ENV, port) > 65535:
+                raise UsageError(f"{MAIN_PORT_ENV} must be a port (1-65535), got {port}")
+            self.main_port = int(port)
+        elif (job_id := os.environ.get("SLURM_JOB_ID", "")).isdigit():
+            self.main_port = 15000 + int(job_id) % 10000  # two jobs on one node: two ports
+        nodelist = os.environ.get("SLURM_JOB_NODELIST")
+        self.main_addr = os.environ.get("MNIST_DIST_MAIN_ADDR") or (
+            _first_host(nodelist) if nodelist else "127.0.0.1"
+        )
         try:
-            socket.getaddrinfo(plan.main_addr, plan.main_port)
+            socket.getaddrinfo(self.main_addr, self.main_port)
         except OSError as e:
-            raise UsageError(f"main address {plan.main_addr} does not resolve: {e}") from None
-        where = f"{plan.main_addr}:{plan.main_port}"
+            raise UsageError(f"main address {self.main_addr} does not resolve: {e}") from None
+        where = f"{self.main_addr}:{self.main_port}"
         timeout = collective_timeout()  # a bad value fails here, before anything starts
         if timeout is not None:
             where += f" (collectives time out after {timeout.total_seconds():g}s)"
-        if plan.node_rank != 0:
+        if self.node_rank != 0:
             return f"{where}, checked on node 0"
-        if not port_is_free(plan.main_port):
-            raise UsageError(
-                f"port {plan.main_port} is in use on this node; set {MAIN_PORT_ENV} to a free port"
-            )
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's TCPStore
+            try:
+                s.bind(("", self.main_port))
+            except OSError:
+                raise UsageError(
+                    f"port {self.main_port} is in use on this node; set {MAIN_PORT_ENV} to a "
+                    "free port"
+                ) from None
         return f"{where}, port free"
 
     def _data(self) -> str:
@@ -172,20 +179,33 @@ class Doctor:
         return f"{folder}: MNIST verified"
 
     def _output(self) -> str:
-        from mnist_dist.rundir import check_output_dir
+        """The run directory, and what ``train`` would do there, by ``train``'s own checks."""
+        from mnist_dist.resume import decide
+        from mnist_dist.rundir import RunDir, check_output_dir
 
         output_dir = self.config.train.output_dir
         if not output_dir:
-            self.plan.run_dir = Path(RUNS_DIR)
             return (
                 f"{RUNS_DIR}/<timestamp>: a new run per launch (--output-dir makes one resumable)"
             )
-        path = self.plan.run_dir = Path(output_dir)
-        check_output_dir(path)
-        # A held directory is refused.
-        taking_over = claim.check(RunLayout(path), Holder.this_process())
-        plan = what_train_does(path, self.config)
-        return f"{path}: writable; {plan}" + (f" ({taking_over})" if taking_over else "")
+        self.layout = RunLayout(Path(output_dir))
+        check_output_dir(self.layout.root)
+        taking_over = claim.check(self.layout, Holder.this_process())  # refuses a held one
+        notes: list[str] = []
+        resumption = decide(RunDir(self.layout, False), self.config, tell=notes.append)
+        found, finished = resumption.checkpoint, resumption.finished
+        if found is None:
+            does = "new run"
+        elif resumption.branch:
+            does = f"branches from {found.path}"
+        else:
+            does = f"resumes from {found.path.name}"
+        does += "".join(f"; {note}" for note in notes)
+        if finished is not None:
+            does = f"holds a finished run ({finished.epochs_completed} epoch(s)): nothing to train"
+        if taking_over:
+            does += f" ({taking_over})"
+        return f"{self.layout.root}: writable; {does}"
 
     def _wandb(self) -> str:
         from mnist_dist.wandb_tracker import wandb_mode
@@ -195,19 +215,19 @@ class Doctor:
             return "off (--tracker none)"
         mode = wandb_mode(tracking)
         chosen = tracking.wandb_mode or os.environ.get("WANDB_MODE")
-        sync = f"afterwards: wandb sync {RunLayout(self.plan.run_dir).wandb}/offline-run-*"
+        sync = f"afterwards: wandb sync {self.layout.wandb}/offline-run-*"
         if mode == "online" and not chosen:
             url = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
             host = url.hostname or "api.wandb.ai"
             port = url.port or (80 if url.scheme == "http" else 443)
-            where = f"{host}:{port}"
             try:
                 socket.create_connection((host, port), timeout=WANDB_PROBE_SECONDS).close()
             except OSError:
-                mode = "offline"
-                self.plan.wandb_mode = mode
-                return f"offline: credentials found but {where} is unreachable from here; {sync}"
-        self.plan.wandb_mode = mode
+                self.wandb_mode = "offline"
+                return (
+                    f"offline: credentials found but {host}:{port} is unreachable from here; {sync}"
+                )
+        self.wandb_mode = mode
         if mode == "offline":
             why = "as asked" if chosen else "no W&B credentials on this node"
             return f"offline ({why}); {sync}"
@@ -216,22 +236,34 @@ class Doctor:
         return f"online ({'as asked' if chosen else 'credentials found'})"
 
 
-def what_train_does(path: Path, config: Config) -> str:
-    """What ``train`` would do in the run directory ``path``, in words, through the checks
-    ``train`` itself makes there (raising the same ``UsageError`` it would refuse with)."""
-    from mnist_dist.resume import decide
-    from mnist_dist.rundir import RunDir
+def doctor(config: Config, env_file: str | None = None) -> LaunchPlan:
+    """Run every check and print each; raise ``UsageError`` naming the failures, if any. A
+    failure does not stop the others, so one run shows everything that is wrong."""
+    nodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1
+    plan = LaunchPlan(config, _visible_gpus(), int(nodes), int(os.environ.get("SLURM_NODEID") or 0))
+    checks = plan.checks()
+    job = os.environ.get("SLURM_JOB_ID")
+    print(f"mnist-dist doctor: {'SLURM job ' + job if job else 'this machine'}", flush=True)
+    width = max(len(name) for name, _ in checks)
+    failed = []
+    for name, check in checks:
+        try:
+            ok, detail = "ok", check()
+        except UsageError as e:
+            ok, detail = "FAIL", str(e)
+            failed.append(f"{name}: {detail}")
+        print(f"  {ok:4}  {name:{width}}  {detail}", flush=True)
+    if failed:
+        raise UsageError("pre-flight check failed: " + "; ".join(failed))
+    if env_file:
+        plan.write_env(env_file)
+    return plan
 
-    notes: list[str] = []
-    resumption = decide(RunDir(RunLayout(path), False), config, tell=notes.append)
-    finished, found = resumption.finished, resumption.checkpoint
-    if finished is not None:
-        return f"holds a finished run ({finished.epochs_completed} epoch(s)): nothing to train"
-    if found is None:
-        return "new run" + "".join(f"; {note}" for note in notes)
-    verb = "branches from" if resumption.branch else "resumes from"
-    where = found.path if resumption.branch else found.path.name
-    return f"{verb} {where}" + "".join(f"; {n}" for n in notes)
+
+def _positive_int(name: str, value: str) -> int:
+    if not re.fullmatch(r"[0-9]+", value.strip()) or int(value) < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _on_path(program: str, missing: str) -> str:
@@ -240,20 +272,36 @@ def _on_path(program: str, missing: str) -> str:
     return path
 
 
-def doctor(config: Config, env_file: str | None = None) -> LaunchPlan:
-    """Run every check and print them; raise ``UsageError`` naming the failures, if any."""
-    checkup = Doctor(config)
-    checks = checkup.run()
-    job = os.environ.get("SLURM_JOB_ID")
-    print(f"mnist-dist doctor: {'SLURM job ' + job if job else 'this machine'}", flush=True)
-    width = max(len(c.name) for c in checks)
-    for c in checks:
-        print(f"  {'ok' if c.ok else 'FAIL':4}  {c.name:{width}}  {c.detail}", flush=True)
-    failed = [c for c in checks if not c.ok]
-    if failed:
+def _visible_gpus() -> int:
+    """GPUs this node may use: SLURM's count (``2`` or ``a100:2``), else what CUDA sees."""
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        count = os.environ.get(name, "").rsplit(":", 1)[-1]
+        if count.isdigit():
+            return int(count)
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _node_cpus() -> int:
+    """CPUs this job may use on this node."""
+    for name in ("SLURM_CPUS_ON_NODE", "SLURM_JOB_CPUS_PER_NODE"):
+        value = os.environ.get(name, "").split("(")[0].split(",")[0]
+        if value.isdigit():
+            return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``node[03-05,07]`` -> ``node03``), by ``scontrol``."""
+    try:
+        command = ["scontrol", "show", "hostnames", nodelist]
+        out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30)
+        hosts = out.stdout.split()
+    except (OSError, subprocess.SubprocessError) as e:
         raise UsageError(
-            "pre-flight check failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed)
-        )
-    if env_file:
-        write_env(checkup.plan, env_file)
-    return checkup.plan
+            f"cannot expand SLURM_JOB_NODELIST {nodelist!r}: {first_line(e)}"
+        ) from None
+    if not hosts:
+        raise UsageError(f"SLURM_JOB_NODELIST {nodelist!r} names no host")
+    return hosts[0]

@@ -1,14 +1,12 @@
-"""``mnist-dist report``: look at runs without W&B, from their run directories' records
-(``metrics.jsonl``; ``status.json`` and ``steps.jsonl`` before the first epoch ends), and with
-matplotlib draw their curves into a PNG."""
+"""``mnist-dist report``: runs without W&B, from the records in their run directories, as a
+table and (with matplotlib) their curves in a PNG."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from mnist_dist import claim
 from mnist_dist.errors import UsageError
@@ -26,10 +24,8 @@ EPOCH_COLUMNS = (
     ("seconds", "epoch_seconds", "{:.1f}"),
     ("images/s", "images_per_second", "{:,.0f}"),
 )
-# Side by side, each run shows these after the shared epoch column.
-SIDE_BY_SIDE = tuple(
-    c for c in EPOCH_COLUMNS if c[0] in ("lr", "train loss", "test loss", "test acc")
-)
+# Side by side, each run shows lr, train loss, test loss and test acc after the epoch column.
+SIDE_BY_SIDE = tuple(EPOCH_COLUMNS[i] for i in (1, 2, 4, 5))
 # A run that has not finished an epoch shows its newest step records.
 STEP_COLUMNS = (
     ("global step", "global_step", "{}"),
@@ -38,54 +34,21 @@ STEP_COLUMNS = (
     ("train loss", "train_loss", "{:.4f}"),
     ("images/s", "images_per_second", "{:,.0f}"),
 )
-STEP_ROWS = 10
 _R = TypeVar("_R", EpochRecord, StepRecord)
 
 
-@dataclass
-class RunRecords:
-    """What a run directory tells: its epoch records, status and step records."""
+class RunRecords(NamedTuple):
+    """What a run directory tells: its epoch records, status, step records and state."""
 
-    layout: RunLayout
     epochs: list[EpochRecord]
     status: dict[str, Any]  # status.json
     steps: list[StepRecord]  # steps.jsonl
-
-    def state(self) -> str:
-        """The run's state; "running" only while the run shows signs of life."""
-        state = self.status.get("state")
-        if state is None:
-            return "state unknown (no status.json)"
-        dead = state == "running" and claim.dead_because(self.layout, self.status)
-        return f"not running ({dead})" if dead else str(state)
-
-    def state_lines(self) -> list[str]:
-        """What the status adds to the state: when the run was last seen, where, the message
-        it ended with, and the command that continues it."""
-        status, state = self.status, self.state()
-        if not status or state == "finished":
-            return []
-        lines = []
-        if "heartbeat" in status:
-            seen = claim.seconds_since(str(status["heartbeat"]))
-            ago = f" ({seen:.0f} s ago)" if state == "running" else ""  # a live run's age
-            lines.append(
-                f"  last heartbeat {status['heartbeat']}{ago} at epoch "
-                f"{status.get('epoch', '?')}, step {status.get('step', '?')}; newest "
-                f"checkpoint {status.get('checkpoint') or 'none'}"
-            )
-        if status.get("message"):
-            lines.append("  " + str(status["message"]).split("; to continue: ")[0])
-        if state != "running" and status.get("continue"):
-            lines.append(f"  to continue: {status['continue']}")
-        return lines
+    state: str  # "running" only while the run shows signs of life
 
 
 def load_run(run_dir: str | Path) -> RunRecords:
-    """The records of a run directory. Raises ``UsageError`` when it holds none of a run's
-    files, or unreadable ones."""
-    run_dir = Path(run_dir)
-    layout = RunLayout(run_dir)
+    """The records of a run directory; ``UsageError`` when it holds none, or unreadable ones."""
+    layout = RunLayout(Path(run_dir))
     epochs = _read_jsonl(layout.metrics, EpochRecord, strict=True)
     steps = _read_jsonl(layout.steps, StepRecord, strict=False)
     try:
@@ -93,13 +56,17 @@ def load_run(run_dir: str | Path) -> RunRecords:
     except (OSError, ValueError):  # absent, or caught mid-write
         status = {}
     status = status if isinstance(status, dict) else {}
-    if epochs or status or steps or layout.config.exists():
-        return RunRecords(layout, epochs, status, steps)
-    if layout.metrics.exists():
-        raise UsageError(f"{run_dir} has no finished epoch yet ({METRICS_FILE} is empty)")
-    raise UsageError(
-        f"{run_dir} is not a run directory (no {METRICS_FILE}, {STEPS_FILE} or {STATUS_FILE})"
-    )
+    if not (epochs or status or steps or layout.config.exists()):
+        if layout.metrics.exists():
+            raise UsageError(f"{run_dir} has no finished epoch yet ({METRICS_FILE} is empty)")
+        raise UsageError(
+            f"{run_dir} is not a run directory (no {METRICS_FILE}, {STEPS_FILE} or {STATUS_FILE})"
+        )
+    state = status.get("state")
+    state = "state unknown (no status.json)" if state is None else str(state)
+    if state == "running" and (dead := claim.dead_because(layout, status)):
+        state = f"not running ({dead})"
+    return RunRecords(epochs, status, steps, state)
 
 
 def _read_jsonl(path: Path, kind: type[_R], strict: bool) -> list[_R]:
@@ -107,66 +74,36 @@ def _read_jsonl(path: Path, kind: type[_R], strict: bool) -> list[_R]:
     ``strict``: any other bad line is a ``UsageError``; otherwise it is skipped."""
     try:
         lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
     except OSError as e:
-        if not strict:
-            return []
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+        if strict and not isinstance(e, FileNotFoundError):
+            raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+        return []
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
-        except ValueError:
-            if strict and number < len(lines):
-                raise UsageError(f"{path}, line {number}: not a JSON record") from None
-            continue
-        try:
-            records.append(kind.from_dict(raw))
+            records.append(kind.from_dict(json.loads(line)))
         except RecordError as e:
             if strict:
                 raise UsageError(f"{path}, line {number}: {e}") from None
+        except ValueError:  # not JSON: a last line is still being written
+            if strict and number < len(lines):
+                raise UsageError(f"{path}, line {number}: not a JSON record") from None
     return records
 
 
-def _labels(run_dirs: Sequence[str | Path]) -> list[str]:
-    """Folder names, or the paths as given where two runs share a name."""
-    names = [Path(d).name or str(d) for d in run_dirs]
-    return [n if names.count(n) == 1 else str(d) for n, d in zip(names, run_dirs, strict=True)]
-
-
-def _render(headers: list[str], rows: list[list[str]], groups: list[tuple[str, int]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = []
-    if groups:  # a line naming each run above its columns
-        cells, col = [], 0
-        for label, span in groups:
-            width = sum(widths[col : col + span]) + 2 * (span - 1)
-            cells.append(label[:width].ljust(width))
-            col += span
-        lines.append("  ".join(cells).rstrip())
-    lines.append("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
-
-
-def _cells(
-    record: EpochRecord | StepRecord | None, columns: Sequence[tuple[str, ...]]
-) -> list[str]:
+def _cells(record: EpochRecord | StepRecord | None, columns: Sequence[tuple]) -> list[str]:
     return [fmt.format(getattr(record, key)) if record else "-" for _, key, fmt in columns]
 
 
 def _table(runs: dict[str, RunRecords]) -> str:
-    """The per-epoch table of one run (its newest steps before an epoch ends), or of several
-    side by side under a line naming each run."""
+    """The per-epoch table of one run (its newest steps before an epoch ends), or of several."""
     if len(runs) == 1:
         (run,) = runs.values()
         columns = EPOCH_COLUMNS if run.epochs else STEP_COLUMNS
         headers = [title for title, _, _ in columns]
-        rows = [_cells(r, columns) for r in run.epochs or run.steps[-STEP_ROWS:]]
-        groups = []
+        rows = [_cells(r, columns) for r in run.epochs or run.steps[-10:]]  # newest steps
     else:
         by_epoch = [{r.epoch: r for r in run.epochs} for run in runs.values()]
         headers = ["epoch"] + [title for _ in runs for title, _, _ in SIDE_BY_SIDE]
@@ -175,39 +112,62 @@ def _table(runs: dict[str, RunRecords]) -> str:
             + [c for records in by_epoch for c in _cells(records.get(epoch), SIDE_BY_SIDE)]
             for epoch in sorted({epoch for records in by_epoch for epoch in records})
         ]
-        groups = [("", 1)] + [(label, len(SIDE_BY_SIDE)) for label in runs]
-    return _render(headers, rows, groups) if rows else ""
+    if not rows:
+        return ""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = []
+    if len(runs) > 1:  # a line naming each run above its columns
+        span = len(SIDE_BY_SIDE)
+        cells = [" " * widths[0]]
+        for i, label in enumerate(runs):
+            width = sum(widths[1 + i * span : 1 + (i + 1) * span]) + 2 * (span - 1)
+            cells.append(label[:width].ljust(width))
+        lines.append("  ".join(cells).rstrip())
+    lines.append("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
 
 
 def format_report(runs: dict[str, RunRecords]) -> str:
-    """The table of the runs, and each run's result."""
+    """The table of the runs, and each run's result and, unless finished, its status."""
     results = []
     for label, run in runs.items():
-        if not run.epochs:
-            results.append(_first_epoch_result(label, run))
-            continue
-        last, best = run.epochs[-1], max(run.epochs, key=lambda r: r.test_accuracy)
-        results.append(
-            f"{label}: test accuracy {last.test_accuracy:.2%} "
-            f"({last.test_correct}/{last.test_total}) after epoch "
-            f"{last.epoch}; best {best.test_accuracy:.2%} at epoch {best.epoch}"
-        )
-        if run.status and run.state() != "finished":
-            results.append("\n".join([f"{label}: {run.state()}", *run.state_lines()]))
+        if run.epochs:
+            last, best = run.epochs[-1], max(run.epochs, key=lambda r: r.test_accuracy)
+            results.append(
+                f"{label}: test accuracy {last.test_accuracy:.2%} "
+                f"({last.test_correct}/{last.test_total}) after epoch "
+                f"{last.epoch}; best {best.test_accuracy:.2%} at epoch {best.epoch}"
+            )
+            if not run.status or run.state == "finished":
+                continue
+            text = f"{label}: {run.state}"
+        else:
+            step = run.steps[-1] if run.steps else None
+            where = "no step recorded yet"
+            if step:
+                where = (
+                    f"at global step {step.global_step}: train loss {step.train_loss:.4f}, "
+                    f"{step.images_per_second:,.0f} images/s"
+                )
+            epoch = step.epoch if step else run.status.get("epoch", 1)
+            text = f"{label}: {run.state} in epoch {epoch}, no epoch finished yet; {where}"
+        status, lines = run.status, [text]
+        if status and run.state != "finished":  # when it was last seen, how it ended
+            if "heartbeat" in status:
+                seen = claim.seconds_since(str(status["heartbeat"]))
+                ago = f" ({seen:.0f} s ago)" if run.state == "running" else ""  # a live run's age
+                lines.append(
+                    f"  last heartbeat {status['heartbeat']}{ago} at epoch "
+                    f"{status.get('epoch', '?')}, step {status.get('step', '?')}; newest "
+                    f"checkpoint {status.get('checkpoint') or 'none'}"
+                )
+            if status.get("message"):
+                lines.append("  " + str(status["message"]).split("; to continue: ")[0])
+            if run.state != "running" and status.get("continue"):
+                lines.append(f"  to continue: {status['continue']}")
+        results.append("\n".join(lines))
     return "\n\n".join(part for part in (_table(runs), "\n".join(results)) if part)
-
-
-def _first_epoch_result(label: str, run: RunRecords) -> str:
-    last = run.steps[-1] if run.steps else None
-    epoch = last.epoch if last else run.status.get("epoch", 1)
-    where = "no step recorded yet"
-    if last:
-        where = (
-            f"at global step {last.global_step}: train loss {last.train_loss:.4f}, "
-            f"{last.images_per_second:,.0f} images/s"
-        )
-    text = f"{label}: {run.state()} in epoch {epoch}, no epoch finished yet; {where}"
-    return "\n".join([text, *run.state_lines()])
 
 
 def _pyplot() -> Any:
@@ -262,30 +222,26 @@ def draw_curves(runs: dict[str, RunRecords]) -> Any:
     loss_ax.set_yscale("log")
     lr_ax.set_yscale("log")
     acc_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    if limits := _moving_range(accuracies):
-        acc_ax.set_ylim(*limits)
-        acc_ax.set_title(f"accuracy (zoomed to {limits[0]:.1%}–{limits[1]:.1%})")
+    # Zoomed to where the curves move: from the lowest value after each run's first epoch (the
+    # first starts far below and would flatten the rest), with a margin.
+    later = [v for values in accuracies for v in (values[1:] if len(values) > 1 else values)]
+    if later:
+        margin = max((max(later) - min(later)) * 0.15, 0.0005)
+        low, high = max(0.0, min(later) - margin), min(1.0, max(later) + margin)
+        acc_ax.set_ylim(low, high)
+        acc_ax.set_title(f"accuracy (zoomed to {low:.1%}–{high:.1%})")
     fig.tight_layout()
     return fig
-
-
-def _moving_range(series: list[list[float]]) -> tuple[float, float] | None:
-    """The accuracy range where the curves move: from the lowest value after each run's first
-    epoch (the first one starts far below and would flatten the rest), with a margin; a first
-    epoch below it leaves the axis at the bottom. None when there is nothing to zoom to."""
-    later = [v for values in series for v in (values[1:] if len(values) > 1 else values)]
-    if not later:
-        return None
-    low, high = min(later), max(later)
-    margin = max((high - low) * 0.15, 0.0005)
-    return max(0.0, low - margin), min(1.0, high + margin)
 
 
 def report(run_dirs: Sequence[str | Path], png: str | Path | None = None) -> str:
     """The text report of ``run_dirs``; with ``png``, the curves are also written there."""
     if png is not None:
         _pyplot()  # before reading anything
-    runs = dict(zip(_labels(run_dirs), (load_run(d) for d in run_dirs), strict=True))
+    # Folder names, or the paths as given where two runs share a name.
+    names = [Path(d).name or str(d) for d in run_dirs]
+    labels = [n if names.count(n) == 1 else str(d) for n, d in zip(names, run_dirs, strict=True)]
+    runs = dict(zip(labels, (load_run(d) for d in run_dirs), strict=True))
     if png is not None:
         fig = draw_curves(runs)
         try:

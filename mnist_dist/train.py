@@ -41,7 +41,7 @@ from mnist_dist.resume import Resumption, decide, needs_resume_auto
 from mnist_dist.rundir import RunDir, claimed, resolve_run_dir
 from mnist_dist.schedule import build_schedule
 from mnist_dist.stopping import StopControl
-from mnist_dist.wandb_tracker import MAX_TABLE_ROWS, Tracker, make_tracker, wants_wandb
+from mnist_dist.wandb_tracker import MAX_TABLE_ROWS, Tracker, wants_wandb
 from mnist_dist.weights import export_model
 
 
@@ -260,7 +260,7 @@ def record_start(
     launch["branched_from"] = state.branched_from
     settings = config.to_dict()
     run_dir.write_config(settings, launch)
-    tracker = make_tracker(
+    tracker = Tracker(
         config.tracking, accelerator, run_dir.layout, {**settings, "provenance": launch},
         run_id=state.tracker_run_id,
     )  # fmt: skip

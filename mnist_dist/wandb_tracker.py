@@ -6,7 +6,6 @@ import contextlib
 import netrc
 import os
 import secrets
-import string
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,43 +25,20 @@ from mnist_dist.rundir import check_writable
 MAX_TABLE_ROWS = 100  # misclassified test images sent to W&B at the end of a run
 
 
-class Tracker:
-    """What the training loop needs from an experiment tracker. This one tracks nothing:
-    ``--tracker none``, a disabled mode and every non-main rank."""
-
-    run_id: str | None = None  # the W&B run id to store in checkpoints
-
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        pass
-
-    def log_final(self, summary: Summary, final: EvalResult, model_path: Path) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-def has_wandb_credentials() -> bool:
-    """Whether W&B would find an API key (``WANDB_API_KEY``, an identity token file, or the
-    ``.netrc`` entry of ``wandb login``), without reading it."""
+def wandb_mode(config: TrackingConfig) -> str:
+    """``--wandb-mode``, else a non-empty ``WANDB_MODE``, else online with W&B credentials (an API
+    key or identity token in the environment, or ``wandb login``'s ``.netrc`` entry)."""
+    if mode := config.wandb_mode or os.environ.get("WANDB_MODE"):
+        return mode
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
+        return "online"
     host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
     path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
     try:
-        return host is not None and netrc.netrc(path).authenticators(host) is not None
+        logged_in = host is not None and netrc.netrc(path).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def wandb_mode(config: TrackingConfig) -> str:
-    """``--wandb-mode``, else a non-empty ``WANDB_MODE``, else online with credentials and
-    offline without."""
-    return (
-        config.wandb_mode
-        or os.environ.get("WANDB_MODE")
-        or ("online" if has_wandb_credentials() else "offline")
-    )
+        logged_in = False
+    return "online" if logged_in else "offline"
 
 
 def wants_wandb(config: TrackingConfig) -> bool:
@@ -75,45 +51,51 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:300]}"
 
 
-class WandbTracker(Tracker):
-    """W&B through Accelerate's tracker API, on the main process only (one run per job,
-    huggingface/accelerate#644).
+class Tracker:
+    """W&B through Accelerate's tracker API when the config asks for it, on the main process
+    only (one run per job, huggingface/accelerate#644); no calls at all elsewhere.
 
     The run id comes from ``run_id``, else the run directory's ``wandb-run-id.txt``, else
     ``WANDB_RUN_ID``, else a new one, always opened with ``resume="allow"``: a resumed or
     requeued job continues its W&B run (Lightning-AI/pytorch-lightning#13524). Records carry
     ``global_step`` and W&B plots against it, not its own ``_step``, which a resumed run cannot
-    rewind (wandb/wandb#4482). A W&B failure prints one warning and turns tracking off.
-    """
+    rewind (wandb/wandb#4482). A W&B failure prints one warning and turns tracking off."""
 
     def __init__(
         self,
-        accelerator: Accelerator,
         config: TrackingConfig,
+        accelerator: Accelerator,
         layout: RunLayout,
         run_config: dict[str, Any],
         run_id: str | None = None,
     ) -> None:
         self.accelerator, self.config, self.layout = accelerator, config, layout
-        self.active, self.run_id = False, None
+        self.active = False
+        self.run_id: str | None = None  # the W&B run id to store in checkpoints
         self.run: Any = None  # the wandb Run, once started
+        if not (wants_wandb(config) and accelerator.is_main_process):
+            return
         # W&B would silently fall back to a temporary folder when WANDB_DIR is not writable; a
         # run that vanishes with the node's /tmp is worse than a warning, so check it ourselves.
         self.wandb_dir = Path(os.environ.get("WANDB_DIR") or layout.root)
         with contextlib.suppress(OSError):
             run_id = run_id or layout.wandb_run_id.read_text().strip()
-        run_id = run_id or os.environ.get("WANDB_RUN_ID")
+        # A new id: eight lower-case characters, like W&B's own.
+        run_id = run_id or os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
         mode = wandb_mode(config)
         try:
             check_writable(self.wandb_dir / WANDB_DIR)
-            run_id = run_id or _new_run_id()
             try:
                 self._start(mode, run_id, run_config)
             except Exception as e:
                 if mode != "online":
                     raise
                 # An unreachable server raises CommError after the init timeout; record offline.
-                self._abandon()
+                import wandb
+
+                self.accelerator.trackers = []  # or end_training() would finish a failed start
+                self.run, self.run_id, self.active = None, None, False
+                wandb.teardown()  # else W&B refuses the same run id: "run ID ... is in use"
                 self._start("offline", run_id, run_config)
                 say(
                     f"warning: W&B could not start online ({_one_line(e)}); recording offline "
@@ -123,7 +105,11 @@ class WandbTracker(Tracker):
             self._stop(e)
 
     def _start(self, mode: str, run_id: str, run_config: dict[str, Any]) -> None:
-        _prepare_wandb_environ(mode)
+        # wandb 0.31 rejects an empty WANDB_* variable (job templates export NAME=), even one
+        # given to wandb.init: empty is unset. WANDB_MODE is set, so that --wandb-mode wins.
+        for name in [k for k, v in os.environ.items() if k.startswith("WANDB_") and v == ""]:
+            del os.environ[name]
+        os.environ["WANDB_MODE"] = mode
         import wandb
 
         c = self.config
@@ -137,8 +123,7 @@ class WandbTracker(Tracker):
             "name": c.run_name,
             "group": c.wandb_group,
             "tags": list(c.wandb_tags) or None,
-            # W&B's own banner would interleave with the progress display; we print the run's
-            # place (URL or `wandb sync` command) ourselves.
+            # W&B's banner would break the progress display; we say where the run is ourselves.
             "settings": wandb.Settings(silent=True) if quiet else None,
         }
         self.accelerator.init_trackers(
@@ -152,26 +137,13 @@ class WandbTracker(Tracker):
         self.active, self.run_id = True, self.run.id
         self.layout.wandb_run_id.write_text(self.run.id + "\n")
 
-    def _abandon(self) -> None:
-        """Forget a run that failed to start, so that another can start in this process."""
-        import wandb
-
-        self.accelerator.trackers = []  # or end_training() would finish a run that never began
-        self.run = None
-        wandb.teardown()  # else W&B refuses the same run id: "run ID ... is in use"
-
     def _stop(self, error: BaseException) -> None:
         """Turn tracking off for the rest of the run with one warning."""
-        was_active, self.active = self.active, False
-        if self.run is None:
-            self.run_id = None  # nothing was recorded under it
         say(
             f"warning: W&B tracking stopped ({_one_line(error)}); training goes on, "
             "metrics.jsonl and summary.json stay complete"
         )
-        if was_active:
-            self._finish_run(report=False)
-        self.accelerator.trackers = []
+        self.finish(report=False)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.active:
@@ -192,27 +164,38 @@ class WandbTracker(Tracker):
                 k: v for k, v in summary.to_dict().items() if isinstance(v, (int, float, str))
             }
             self.run.summary.update({f"final/{k}": v for k, v in figures.items()})
-            faults.point("wandb.log")
-            self.accelerator.log(
-                {"global_step": summary.global_step, **_final_charts(wandb, final)}
+            # W&B's chart wants one (true, predicted) pair per image; the matrix holds counts.
+            counts, classes = np.asarray(final.confusion).ravel(), len(final.confusion)
+            confusion = wandb.plot.confusion_matrix(
+                y_true=np.repeat(np.arange(counts.size) // classes, counts).tolist(),
+                preds=np.repeat(np.arange(counts.size) % classes, counts).tolist(),
+                class_names=[str(d) for d in range(classes)],
+                title="Test set confusion matrix",
             )
+            columns = ["index", "image", "true", "predicted", "p_predicted", "p_true"]
+            table = wandb.Table(columns=columns)
+            for m in final.misclassified[:MAX_TABLE_ROWS]:
+                image, p = wandb.Image(np.asarray(m.image, dtype=np.uint8)), m.probabilities
+                table.add_data(
+                    m.index, image, m.true_label, m.predicted, p[m.predicted], p[m.true_label]
+                )
+            charts = {"test/confusion_matrix": confusion, "test/misclassified": table}
+            faults.point("wandb.log")
+            self.accelerator.log({"global_step": summary.global_step, **charts})
             artifact = wandb.Artifact(f"mnist-cnn-{self.run.id}", type="model", metadata=figures)
             artifact.add_file(str(model_path))
             self.run.log_artifact(artifact, aliases=["latest", "final"])
         except Exception as e:
             self._stop(e)
 
-    def finish(self) -> None:
-        # Not accelerator.end_training(): that also destroys the process group, which every
-        # rank does at the very end of a run.
-        if self.active:
-            self.active = False
-            self._finish_run(report=True)
+    def finish(self, report: bool = True) -> None:
+        """Finish an active W&B run within ``--wandb-finish-timeout`` (an upload over a dead
+        network must not hold the job); ``report``: say where the run is, or warn of a failure.
+        Not ``accelerator.end_training()``: that also destroys the process group."""
+        was_active, self.active = self.active, False
         self.accelerator.trackers = []
-
-    def _finish_run(self, report: bool) -> None:
-        """Finish the W&B run, waiting at most ``--wandb-finish-timeout`` (an upload over a dead
-        network must not hold the job; an unfinished run can hang the job at exit)."""
+        if not was_active:
+            return
         run, errors = self.run, []
 
         def target() -> None:
@@ -237,66 +220,6 @@ class WandbTracker(Tracker):
             say(f"W&B run {run.id} recorded offline; upload it with: wandb sync {place}")
         elif report:
             say(f"W&B run {run.id}: {run.url}")
-
-
-def _final_charts(wandb: Any, final: EvalResult) -> dict[str, Any]:
-    """The test set's confusion matrix and a table of misclassified images, as W&B objects."""
-    # W&B's chart wants one (true, predicted) pair per image; the matrix holds the counts.
-    pairs = [
-        (true, predicted)
-        for true, row in enumerate(final.confusion)
-        for predicted, count in enumerate(row)
-        for _ in range(count)
-    ]
-    table = wandb.Table(columns=["index", "image", "true", "predicted", "p_predicted", "p_true"])
-    for m in final.misclassified[:MAX_TABLE_ROWS]:
-        table.add_data(
-            m.index,
-            wandb.Image(np.asarray(m.image, dtype=np.uint8)),
-            m.true_label,
-            m.predicted,
-            m.probabilities[m.predicted],
-            m.probabilities[m.true_label],
-        )
-    return {
-        "test/confusion_matrix": wandb.plot.confusion_matrix(
-            y_true=[t for t, _ in pairs],
-            preds=[p for _, p in pairs],
-            class_names=[str(d) for d in range(len(final.confusion))],
-            title="Test set confusion matrix",
-        ),
-        "test/misclassified": table,
-    }
-
-
-def _prepare_wandb_environ(mode: str) -> None:
-    """Make the environment say what this run decided, before W&B reads it. wandb validates
-    every ``WANDB_*`` variable itself, also one passed to ``wandb.init``: with wandb 0.31 an
-    empty one (job templates often export ``NAME=``) fails validation and the run never
-    starts. An empty variable counts as unset, so it is removed; ``WANDB_MODE`` is set to the
-    resolved mode, so that ``--wandb-mode`` wins over an invalid value there."""
-    for name in [k for k, v in os.environ.items() if k.startswith("WANDB_") and v == ""]:
-        del os.environ[name]
-    os.environ["WANDB_MODE"] = mode
-
-
-def _new_run_id() -> str:
-    """Eight random base-36 characters, the shape of W&B's own run ids."""
-    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-
-
-def make_tracker(
-    config: TrackingConfig,
-    accelerator: Accelerator,
-    layout: RunLayout,
-    run_config: dict[str, Any],
-    run_id: str | None = None,
-) -> Tracker:
-    """W&B on the main process when the config asks for it and its mode is not disabled;
-    otherwise a tracker that makes no calls at all. ``run_id`` continues that W&B run."""
-    if wants_wandb(config) and accelerator.is_main_process:
-        return WandbTracker(accelerator, config, layout, run_config, run_id=run_id)
-    return Tracker()
 
 
 def namespaced(prefix: str, record: dict[str, Any]) -> dict[str, Any]:
