@@ -16,8 +16,6 @@ from mnist_dist.errors import UsageError, WriteError, first_line, write_failure
 from mnist_dist.layout import CHECKPOINT_MODEL_FILE
 from mnist_dist.model import MnistCNN, ModelConfig
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile, in Accelerate's checkpoints
-
 
 def export_model(model: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:
     """Write the final weights as safetensors, with the model config in the header, atomically."""
@@ -109,14 +107,12 @@ def _safetensors_truncation(path: Path, header_end: int, size: int) -> str | Non
         return f"it is truncated: {size} bytes, its header alone announces {header_end}"
     try:
         with open(path, "rb") as f:
-            f.seek(8)
-            header = json.loads(f.read(header_end - 8))
+            header = json.loads(f.read(header_end)[8:])
         ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None
-    if size < header_end + max(ends, default=0):
-        return f"it is truncated: {size} bytes, its header describes {header_end + max(ends)}"
-    return None
+    end = header_end + max(ends, default=0)
+    return f"it is truncated: {size} bytes, its header describes {end}" if size < end else None
 
 
 def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
@@ -144,9 +140,5 @@ def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
 
 
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.removeprefix(prefix)
-        out[key] = value
-    return out
+    """Keys without the prefixes of DDP and torch.compile, as in Accelerate's checkpoints."""
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
