@@ -35,6 +35,8 @@ def load_model(path: str | Path) -> MnistCNN:
     """Rebuild the CNN from a safetensors export, a checkpoint folder or a torch state_dict
     file, strictly: every key and shape must match."""
     state, config = _read_weights(Path(path))
+    # Without the key prefixes of DDP and torch.compile, as in Accelerate's checkpoints.
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     model = MnistCNN(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -99,7 +101,7 @@ def _read_safetensors(
         config = ModelConfig(**json.loads(header.get("model_config", "{}")))
     except (TypeError, ValueError):
         raise UsageError(f"{path} has an invalid model_config in its header") from None
-    return _strip_wrappers(state), config
+    return state, config
 
 
 def _safetensors_truncation(path: Path, header_end: int, size: int) -> str | None:
@@ -136,9 +138,4 @@ def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UsageError(f"{path} is not a state_dict (a mapping of parameter names to tensors)")
-    return _strip_wrappers(obj)
-
-
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys without the prefixes of DDP and torch.compile, as in Accelerate's checkpoints."""
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    return obj
