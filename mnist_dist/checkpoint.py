@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +60,10 @@ class TrainerState:
     def position(self) -> str:
         return f"epoch {self.epoch}, step {self.step} (global step {self.global_step})"
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
-
     @classmethod
     def from_json(cls, text: str) -> TrainerState:
         raw = json.loads(text)
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in fields(cls)}
         if not isinstance(raw, dict) or not names <= set(raw):
             raise ValueError(f"missing fields {sorted(names - set(raw or {}))}")
         return cls(**{k: raw[k] for k in names})
@@ -82,15 +78,10 @@ class Checkpoint:
 
 
 class Checkpointer:
-    """Saves checkpoints atomically into ``<run dir>/checkpoints`` and keeps the newest ``keep``.
-
-    Accelerate's ``save_state`` is neither atomic nor careful with old checkpoints (its
-    ``total_limit`` deletes before writing, huggingface/accelerate#1171, #3662), so every rank
-    writes into a hidden ``.partial-*`` folder; the main process then adds the trainer state
-    and a manifest with every file's size and sha256, renames the folder into place, and only
-    then deletes checkpoints beyond ``keep``. It decides when a mid-epoch checkpoint is due
-    (every ``every`` optimizer steps; 0: only at epoch ends). Call ``save`` on every rank.
-    """
+    """Saves checkpoints atomically into ``<run dir>/checkpoints`` and keeps the newest ``keep``;
+    a mid-epoch one is due every ``every`` optimizer steps (0: never). Call ``save`` on every
+    rank. Accelerate's ``save_state`` is not atomic, and its ``total_limit`` deletes before
+    writing (huggingface/accelerate#1171, #3662): hence a partial folder, renamed when whole."""
 
     def __init__(
         self,
@@ -103,9 +94,8 @@ class Checkpointer:
         self.accelerator, self.keep, self.every = accelerator, keep, every
         self.last_saved: Path | None = None  # by this process
         self.root = layout.checkpoints
-        # Every checkpoint records the run's wall time so far: this process's since ``started``
-        # (a ``time.perf_counter()`` reading) plus that of the processes before it, which a
-        # resumed run takes from its checkpoint.
+        # The run's wall time: this process's since ``started`` (a ``time.perf_counter()``
+        # reading) plus that of the processes before it, which a resumed run sets.
         self.started = time.perf_counter() if started is None else started
         self.earlier_wall_seconds = 0.0
 
@@ -124,36 +114,33 @@ class Checkpointer:
 
     def save(self, state: TrainerState) -> Path:
         state.run_wall_seconds = self.earlier_wall_seconds + time.perf_counter() - self.started
-        acc = self.accelerator
         final = self.root / state.name
         partial = partial_checkpoint(final)
         # Three phases, each followed by an agreement, so every rank runs the same collectives
         # and a failure on one rank ends the save on all of them instead of a rendezvous hang.
-        self._agree(partial, final, self._on_main(lambda: _fresh_dir(partial)))
-        try:
-            acc.save_state(str(partial), safe_serialization=True)
-            faults.point("checkpoint.save_state", path=partial)
-            error = None
-        # torch.save reports a full disk as RuntimeError, safetensors (the model file) as
-        # SafetensorError ("Error while serializing: I/O error: ...").
-        except (OSError, RuntimeError, SafetensorError) as e:
-            error = e
-        self._agree(partial, final, error)
-        self._agree(partial, final, self._on_main(lambda: self._complete(state, partial, final)))
+        self._together(partial, final, lambda: _fresh_dir(partial))
+        self._together(partial, final, lambda: self._save_state(partial), every_rank=True)
+        self._together(partial, final, lambda: self._complete(state, partial, final))
         self.last_saved = final
         return final
 
-    def _on_main(self, work: Callable[[], None]) -> OSError | None:
-        if self.accelerator.is_main_process:
+    def _save_state(self, partial: Path) -> None:
+        self.accelerator.save_state(str(partial), safe_serialization=True)
+        faults.point("checkpoint.save_state", path=partial)
+
+    def _together(
+        self, partial: Path, final: Path, work: Callable[[], None], every_rank: bool = False
+    ) -> None:
+        """Run ``work`` on the main process (or ``every_rank``); if it failed on any rank, raise
+        ``WriteError`` on all, the partial folder gone (it may hold a full disk's last space)."""
+        error = None
+        if every_rank or self.accelerator.is_main_process:
             try:
                 work()
-            except OSError as e:
-                return e
-        return None
-
-    def _agree(self, partial: Path, final: Path, error: Exception | None) -> None:
-        """Raise ``WriteError`` on every rank if any rank failed (and drop the partial folder,
-        which may hold the last free space of a full disk)."""
+            # torch.save reports a full disk as RuntimeError, safetensors (the model file) as
+            # SafetensorError ("Error while serializing: I/O error: ...").
+            except (OSError, RuntimeError, SafetensorError) as e:
+                error = e
         failed = torch.tensor([error is not None], device=self.accelerator.device)
         if self.accelerator.reduce(failed.int(), reduction="sum").item():
             reason = write_failure(error, self.root) if error else "it failed on another rank"
@@ -162,30 +149,31 @@ class Checkpointer:
             raise WriteError(f"cannot write checkpoint {final}: {reason}")
 
     def _complete(self, state: TrainerState, partial: Path, final: Path) -> None:
-        _write_synced(partial / STATE_FILE, state.to_json().encode())
+        _write_synced(partial / STATE_FILE, json.dumps(asdict(state), indent=1).encode())
         manifest = {p.name: _file_digest(p) for p in sorted(partial.iterdir())}
         _write_synced(partial / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
-        _replace_dir(partial, final)
-        self._prune()
-
-    def _prune(self) -> None:
-        """Delete checkpoints beyond the newest ``keep``, and partial folders of killed writes."""
+        if final.exists():  # saved before at this position: it goes once the new one is there
+            old = final.with_name(f"{PARTIAL_PREFIX}old-{final.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(partial, final)
+        dir_fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+        # Only now: checkpoints beyond the newest ``keep``, partial and replaced folders.
         for stale in self.root.glob(f"{PARTIAL_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
-        for old in complete_checkpoints(self.root)[: -self.keep]:
-            shutil.rmtree(old)
+        for surplus in complete_checkpoints(self.root)[: -self.keep]:
+            shutil.rmtree(surplus)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Checkpoint folders under ``root`` that were completely written, oldest first."""
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        position = parse_checkpoint_name(path.name)
-        if position and (path / MANIFEST_FILE).exists():
-            found.append((position, path))
-    return [path for _, path in sorted(found)]
+    found = root.iterdir() if root.is_dir() else ()
+    done = [p for p in found if parse_checkpoint_name(p.name) and (p / MANIFEST_FILE).exists()]
+    return sorted(done, key=lambda p: (parse_checkpoint_name(p.name), p))
 
 
 def read_checkpoint(path: str | Path) -> TrainerState:
@@ -225,19 +213,13 @@ def read_checkpoint(path: str | Path) -> TrainerState:
 
 
 def _fresh_dir(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)  # left by a write that was killed
+    shutil.rmtree(path, ignore_errors=True)  # left by a write that was killed
     path.mkdir(parents=True)
 
 
 def _file_digest(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": digest.hexdigest()}
+    data = path.read_bytes()  # the largest file of a checkpoint, Adam's state, is under 1 MB
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -245,22 +227,3 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _replace_dir(partial: Path, final: Path) -> None:
-    """Move a finished checkpoint folder into place (a folder of the same name, from an
-    earlier save at the same position, goes only once the new one is there)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f"{PARTIAL_PREFIX}old-{final.name}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(partial, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
-    if old is not None:
-        shutil.rmtree(old)

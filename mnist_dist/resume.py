@@ -1,12 +1,11 @@
-"""The resume policy: what ``--resume`` finds in a run directory, what a training there is
-refused, and how a checkpoint is restored. ``decide`` answers before anything is written
-(``doctor`` asks it the same); ``Resumption.restore`` loads the checkpoint it chose."""
+"""The resume policy: what ``--resume`` finds, what a training is refused, and the restore."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -34,24 +33,28 @@ class Resumption:
         self, accelerator: Accelerator, fresh: TrainerState, schedule: LRScheduler
     ) -> TrainerState:
         """Load the checkpoint into the prepared model, optimizer and ``schedule``; return its
-        trainer state with this run's settings (``fresh``). A branch keeps the weights and
-        position, not the first run's start."""
-        assert self.checkpoint is not None
+        state with this run's settings (``fresh``), and for a branch this run's start."""
         path, state = self.checkpoint.path, self.checkpoint.state
-        check_mid_epoch(self.checkpoint, fresh)
+        # A mid-epoch checkpoint continues the epoch's permutation, fixed by the seed, global
+        # batch and training set; one at an epoch boundary continues with any world size.
+        for name, flag in (
+            ("seed", "--seed"),
+            ("global_batch_size", "--batch-size"),
+            ("num_samples", "--max-train-samples"),
+        ):
+            if state.step and getattr(state, name) != getattr(fresh, name):
+                raise UsageError(
+                    f"checkpoint {path} was taken mid-epoch with {name} {getattr(state, name)}, "
+                    f"this run has {getattr(fresh, name)}: resume with the same {flag}, or from "
+                    "a checkpoint at an epoch boundary"
+                )
         try:
             accelerator.load_state(str(path))
         except Exception as e:  # torch and safetensors raise many types for damaged files
             raise UsageError(f"cannot load checkpoint {path}: {first_line(e)}") from None
-        # load_state only logs (at INFO) when the RNG states fail to load
-        # (huggingface/accelerate#4283): say so when this rank had none in the checkpoint.
-        rank = accelerator.process_index
-        if not (path / f"random_states_{rank}.pkl").exists():
-            say(
-                f"note: {path.name} was saved by {state.world_size} process(es); "
-                f"rank {rank} keeps freshly seeded RNG states"
-            )
         restore_schedule(schedule, state.scheduler, self.branch)
+        # Ranks the checkpoint has no RNG states for keep fresh ones, which load_state only
+        # logs at INFO (huggingface/accelerate#4283): the note below covers it.
         if state.world_size != fresh.world_size:
             say(
                 f"note: {path.name} was saved by {state.world_size} process(es), "
@@ -74,16 +77,11 @@ def decide(
     tell: Callable[[str], None] = say,
 ) -> Resumption:
     """What training with ``config`` does in ``run_dir``, the same on every rank of
-    ``accelerator``. Raises ``UsageError`` for what it refuses: a run directory that holds
-    records but no checkpoint to continue them from, a continuation with settings that
-    change the run's math, a checkpoint past the end of ``--epochs``. Notes go to ``tell``."""
+    ``accelerator``; raises ``UsageError`` for what it refuses. Notes go to ``tell``."""
     path, resume, epochs = run_dir.path, config.checkpoint.resume, config.train.epochs
     root = run_dir.layout.checkpoints
-    found = _agreed(accelerator, lambda: locate(root, resume, tell))
-    checkpoint = None
-    if found is not None:
-        checkpoint = Checkpoint(found, TrainerState.from_json((found / STATE_FILE).read_text()))
-    branch = found is not None and found.resolve().parent != root.resolve()
+    checkpoint = _located(root, resume, accelerator, tell)
+    branch = checkpoint is not None and checkpoint.path.resolve().parent != root.resolve()
     if (checkpoint is None or branch) and run_dir.layout.metrics.exists():
         if resume == "never":  # it looked at no checkpoint: whether any is intact is unknown
             raise UsageError(
@@ -99,7 +97,7 @@ def decide(
         changed = changed_math_settings(checkpoint.state.config, config.to_dict())
         was, now = " ".join(old for old, _ in changed), " ".join(new for _, new in changed)
         if changed and branch:
-            tell(f"note: branching from {found}, trained with {was}; this run has {now}")
+            tell(f"note: branching from {checkpoint.path}, trained with {was}; this run has {now}")
         elif changed:
             raise UsageError(
                 f"{path} was trained with {was}; this command has {now}: resume with the "
@@ -121,26 +119,29 @@ def decide(
         trained = state.epoch - 1 if state.step == 0 else state.epoch  # whole or partial epochs
         if epochs < trained:
             raise UsageError(
-                f"checkpoint {found} has trained past --epochs {epochs} (it resumes at "
+                f"checkpoint {checkpoint.path} has trained past --epochs {epochs} (it resumes at "
                 f"epoch {state.epoch}, step {state.step}): pass --epochs {trained} or more"
             )
     return Resumption(checkpoint, branch, None)
 
 
-def _agreed(accelerator: Accelerator | None, find: Callable[[], Path | None]) -> Path | None:
-    """``find``'s answer (or its ``UsageError``), found on the main process, on every rank."""
-    found: list[str | None] = [None, None]  # path, error
+def _located(
+    root: Path, resume: str, accelerator: Accelerator | None, tell: Callable[[str], None]
+) -> Checkpoint | None:
+    """``locate``'s checkpoint (or its ``UsageError``), found on the main process, on every rank."""
+    found: list[Any] = [None, None]  # path, error
     if accelerator is None or accelerator.is_main_process:
         try:
-            path = find()
-            found[0] = None if path is None else str(path)
+            found[0] = locate(root, resume, tell)
         except UsageError as e:
             found[1] = str(e)
     if accelerator is not None and accelerator.num_processes > 1:
         broadcast_object_list(found)
     if found[1] is not None:
         raise UsageError(found[1])
-    return None if found[0] is None else Path(found[0])
+    if (path := found[0]) is None:
+        return None
+    return Checkpoint(path, TrainerState.from_json((path / STATE_FILE).read_text()))
 
 
 def locate(root: Path, resume: str, tell: Callable[[str], None]) -> Path | None:
@@ -154,12 +155,11 @@ def locate(root: Path, resume: str, tell: Callable[[str], None]) -> Path | None:
         path = choice.path
         read_checkpoint(path)  # raises with the reason
         if path.resolve().parent == root.resolve():
-            newer = complete_checkpoints(root)
-            newer = newer[[p.name for p in newer].index(path.name) + 1 :]
-            if newer:
+            newest = next(reversed(complete_checkpoints(root)), path)
+            if newest.name != path.name:
                 raise UsageError(
                     f"{root} holds checkpoints newer than {path.name} "
-                    f"({newer[-1].name}); resume into another --output-dir"
+                    f"({newest.name}); resume into another --output-dir"
                 )
             return path
         own = locate(root, "auto", tell)
@@ -181,32 +181,9 @@ def locate(root: Path, resume: str, tell: Callable[[str], None]) -> Path | None:
     return None
 
 
-def check_mid_epoch(checkpoint: Checkpoint, fresh: TrainerState) -> None:
-    """Refuse a mid-epoch checkpoint whose next batch this run would not draw the same: it
-    continues the epoch's permutation, fixed by the seed, global batch and training set. One
-    taken at an epoch boundary continues with any world size (the global batch fixes the
-    math)."""
-    state = checkpoint.state
-    if state.step == 0:
-        return
-    for name, flag in (
-        ("seed", "--seed"),
-        ("global_batch_size", "--batch-size"),
-        ("num_samples", "--max-train-samples"),
-    ):
-        if getattr(state, name) != getattr(fresh, name):
-            raise UsageError(
-                f"checkpoint {checkpoint.path} was taken mid-epoch with {name} "
-                f"{getattr(state, name)}, this run has {getattr(fresh, name)}: resume with "
-                f"the same {flag}, or from a checkpoint at an epoch boundary"
-            )
-
-
 def needs_resume_auto(resume: str, run_dir: Path) -> bool:
     """Whether the command that continues a run in ``run_dir`` must say ``--resume auto``
-    instead of the ``resume`` it started with: ``never`` (a fresh start would be refused
-    once the run holds records), or one of the run's own checkpoints (the run has newer ones
-    by then). A checkpoint of another run (a branch) continues as given."""
+    instead of ``resume``: for ``never`` or one of the run's own checkpoints, not a branch's."""
     choice = parse_resume(resume)
     if choice.path is None:
         return choice.never

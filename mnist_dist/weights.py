@@ -16,8 +16,6 @@ from mnist_dist.errors import UsageError, WriteError, first_line, write_failure
 from mnist_dist.layout import CHECKPOINT_MODEL_FILE
 from mnist_dist.model import MnistCNN, ModelConfig
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile, in Accelerate's checkpoints
-
 
 def export_model(model: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:
     """Write the final weights as safetensors, with the model config in the header, atomically."""
@@ -37,6 +35,8 @@ def load_model(path: str | Path) -> MnistCNN:
     """Rebuild the CNN from a safetensors export, a checkpoint folder or a torch state_dict
     file, strictly: every key and shape must match."""
     state, config = _read_weights(Path(path))
+    # Without the key prefixes of DDP and torch.compile, as in Accelerate's checkpoints.
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     model = MnistCNN(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -101,7 +101,7 @@ def _read_safetensors(
         config = ModelConfig(**json.loads(header.get("model_config", "{}")))
     except (TypeError, ValueError):
         raise UsageError(f"{path} has an invalid model_config in its header") from None
-    return _strip_wrappers(state), config
+    return state, config
 
 
 def _safetensors_truncation(path: Path, header_end: int, size: int) -> str | None:
@@ -109,14 +109,12 @@ def _safetensors_truncation(path: Path, header_end: int, size: int) -> str | Non
         return f"it is truncated: {size} bytes, its header alone announces {header_end}"
     try:
         with open(path, "rb") as f:
-            f.seek(8)
-            header = json.loads(f.read(header_end - 8))
+            header = json.loads(f.read(header_end)[8:])
         ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None
-    if size < header_end + max(ends, default=0):
-        return f"it is truncated: {size} bytes, its header describes {header_end + max(ends)}"
-    return None
+    end = header_end + max(ends, default=0)
+    return f"it is truncated: {size} bytes, its header describes {end}" if size < end else None
 
 
 def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
@@ -140,13 +138,4 @@ def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UsageError(f"{path} is not a state_dict (a mapping of parameter names to tensors)")
-    return _strip_wrappers(obj)
-
-
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.removeprefix(prefix)
-        out[key] = value
-    return out
+    return obj
