@@ -87,24 +87,11 @@ def steady_images_per_second(epochs: Sequence[EpochTiming]) -> float:
 
 
 def finished(
-    row: str,
-    wall_seconds: float,
-    timings: list[EpochTiming],
-    correct: int,
-    total: int,
-    **extra: Any,
+    row: str, wall: float, timings: list[EpochTiming], correct: int, total: int, **extra: Any
 ) -> RunResult:
     """A run's result, ``correct`` of ``total`` test images right after its last epoch."""
-    return RunResult(
-        row=row,
-        images_per_second=steady_images_per_second(timings),
-        test_accuracy=correct / total,
-        test_correct=correct,
-        test_total=total,
-        wall_seconds=wall_seconds,
-        epochs=timings,
-        extra=extra,
-    )
+    ips = steady_images_per_second(timings)
+    return RunResult(row, ips, correct / total, correct, total, wall, epochs=timings, extra=extra)
 
 
 def run_plain(
@@ -155,13 +142,15 @@ def run_plain(
 
 
 def bare_model_and_optimizer(
-    device: torch.device, channels_last: bool = TRAIN.channels_last
+    device: torch.device, channels_last: bool = TRAIN.channels_last, capturable: bool = False
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Row (b)'s model and optimizer: mnist-dist's default speed options, no Accelerate."""
+    """Row (b)'s model and fused Adam, no Accelerate. ``capturable`` (row (c)): the LR a device
+    tensor, which MultiStepLR changes in place, so the schedule needs no new capture."""
     model = MnistCNN().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, torch.optim.Adam(model.parameters(), lr=OPTIM.lr, fused=True)
+    lr = torch.tensor(OPTIM.lr, device=device) if capturable else OPTIM.lr
+    return model, torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=capturable)
 
 
 def bare_step(
@@ -244,14 +233,6 @@ class CapturableStep:
         self.step_index += 1
 
 
-def captured_model_and_optimizer(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Row (b)'s model and fused Adam, made capturable: the LR is a device tensor, which
-    MultiStepLR changes in place, so the schedule needs no new capture."""
-    model = MnistCNN().to(device).to(memory_format=torch.channels_last)
-    lr = torch.tensor(OPTIM.lr, device=device)
-    return model, torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=True)
-
-
 def capture(step: CapturableStep, warmup_steps: int = 3) -> torch.cuda.CUDAGraph:
     """``step`` as one CUDA graph, ready to replay from the loaded epoch's first step."""
     model, optimizer = step.model, step.optimizer
@@ -300,8 +281,7 @@ def run_device_tensors(
     # Preprocessed as mnist-dist's tensor loader does, resident on the device.
     images, labels = split_tensors(load_split(data_dir, train=True), max_train_samples, device)
     test_images, test_labels = split_tensors(load_split(data_dir, train=False), None, device)
-    build = captured_model_and_optimizer if captured else bare_model_and_optimizer
-    model, optimizer = build(device)
+    model, optimizer = bare_model_and_optimizer(device, capturable=captured)
     scheduler = MultiStepLR(optimizer, milestones=OPTIM.lr_milestones, gamma=OPTIM.lr_gamma)
     if captured:
         step = CapturableStep(model, optimizer, images, labels, TRAIN.global_batch_size)

@@ -12,6 +12,7 @@ is recorded with a one-line reason and the check goes on. A target whose figure 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -41,25 +42,20 @@ RECIPE_EPOCHS = TrainConfig().epochs
 MNIST_TRAIN_IMAGES = 60_000  # the whole training split (mnist_dist.data would import torch here)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How much each part trains."""
-
-    recipe_epochs: int
-    recipe_max_train_samples: int | None  # None: all 60,000
-    repro_epochs: int  # the determinism runs
-    repro_max_train_samples: int
-    repro_checkpoint_every: int  # a global step inside the last epoch: the mid-epoch checkpoint
-    throughput_epochs: int
-    throughput_max_train_samples: int | None
-    profile_steps: int
-    profile_warmup: int
-    profile_versus_plain: int  # interleaved rounds against the bare step (0: none)
-
-
-# 16,000 images = 250 steps per epoch, so global step 300 is epoch 2's 50th step.
-GPU_SETTINGS = Settings(RECIPE_EPOCHS, None, 2, 16_000, 300, 2, None, 200, 30, 5)
-SMOKE_SETTINGS = Settings(1, 256, 2, 320, 7, 1, 256, 5, 2, 0)
+# How much each part trains: on a GPU, and in a smoke run. 16,000 images are 250 steps per epoch,
+# so global step 300 is epoch 2's 50th step.
+SETTINGS: dict[str, tuple[int | None, int | None]] = {
+    "recipe_epochs": (RECIPE_EPOCHS, 1),
+    "recipe_max_train_samples": (None, 256),  # None: all 60,000
+    "repro_epochs": (2, 2),  # the determinism runs
+    "repro_max_train_samples": (16_000, 320),
+    "repro_checkpoint_every": (300, 7),  # a global step inside the last epoch
+    "throughput_epochs": (2, 1),
+    "throughput_max_train_samples": (None, 256),
+    "profile_steps": (200, 5),
+    "profile_warmup": (30, 2),
+    "profile_versus_plain": (5, 0),  # interleaved rounds against the bare step (0: none)
+}
 
 # Part name -> (what it does, time-out in seconds on a GPU).
 PARTS: dict[str, tuple[str, int]] = {
@@ -80,6 +76,10 @@ RECIPE_RUNS = {  # item id -> (throughput.py row, label)
 THROUGHPUT_ROWS = [
     "plain", "plain-tensor", "captured", "tensor", "eager", "nondeterministic", "compile",
 ]  # fmt: skip
+RESULT_FIGURES = ("images_per_second", "wall_seconds", "process_seconds", "test_accuracy",
+                  "test_correct", "test_total")  # fmt: skip
+EXTRA = ("train_seconds", "step_engine", "deterministic", "mixed_precision")  # from the summary
+MNIST_DIST = [sys.executable, "-m", "mnist_dist"]
 VERSIONED = ("torch", "torchvision", "accelerate", "rich", "safetensors", "wandb", "pytest")
 
 
@@ -87,8 +87,7 @@ VERSIONED = ("torch", "torchvision", "accelerate", "rich", "safetensors", "wandb
 
 
 class PartRecorder:
-    """A part's items, rewritten to its JSON file after each so the parent sees them even if the
-    part is killed."""
+    """A part's items, its JSON file rewritten after each: the parent reads it while it runs."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.items = path, []
@@ -112,10 +111,6 @@ def run_command(command: list[str], env: dict[str, str] | None = None) -> tuple[
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def mnist_dist(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mnist_dist", *args]
-
-
 def json_of(rec: PartRecorder, item_id: str, command: list[str]) -> dict[str, Any] | None:
     """The JSON that ``command`` prints last; None, with the item failed, if it fails."""
     code, out, err = run_command(command)
@@ -124,7 +119,7 @@ def json_of(rec: PartRecorder, item_id: str, command: list[str]) -> dict[str, An
     return json.loads(out.strip().splitlines()[-1])
 
 
-def part_env(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_env(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     import torch
 
     from mnist_dist.provenance import git_commit
@@ -161,13 +156,13 @@ def nvidia_driver() -> str | None:
         return None
 
 
-def part_evaluate(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_evaluate(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     import torch
 
     if not args.reference_weights:
         return rec.record("evaluate", "no --reference-weights given")
     command = ["evaluate", "--weights", args.reference_weights, "--data-dir", args.data_dir]
-    if (report := json_of(rec, "evaluate", mnist_dist(*command, "--json"))) is None:
+    if (report := json_of(rec, "evaluate", [*MNIST_DIST, *command, "--json"])) is None:
         return None
     # mnist-dist takes a GPU whenever one is visible, and it saw what this process sees.
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -180,7 +175,7 @@ def throughput_args(args: argparse.Namespace, epochs: int, limit: int | None) ->
     return ["--data-dir", args.data_dir, "--epochs", str(epochs), *extra]
 
 
-def part_recipe(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_recipe(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     import throughput
 
     argv = throughput_args(args, s.recipe_epochs, s.recipe_max_train_samples)
@@ -192,23 +187,12 @@ def part_recipe(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> Non
             print(e, flush=True)
             rec.record(item_id, one_line(str(e)))
             continue
-        extra = ("train_seconds", "step_engine", "deterministic", "mixed_precision")
-        rec.record(
-            item_id,
-            flags=throughput.ROWS[row][1],
-            images_per_second=r.images_per_second,
-            wall_seconds=r.wall_seconds,
-            process_seconds=r.process_seconds,
-            test_accuracy=r.test_accuracy,
-            test_correct=r.test_correct,
-            test_total=r.test_total,
-            epochs=len(r.epochs),
-            train_images=sum(e.images for e in r.epochs),
-            **{k: r.extra[k] for k in extra},
-        )
+        figures = {k: getattr(r, k) for k in RESULT_FIGURES} | {k: r.extra[k] for k in EXTRA}
+        figures |= {"epochs": len(r.epochs), "train_images": sum(e.images for e in r.epochs)}
+        rec.record(item_id, flags=throughput.ROWS[row][1], **figures)
 
 
-def part_determinism(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_determinism(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     base = [
         "train", "--data-dir", args.data_dir, "--tracker", "none",
         "--epochs", str(s.repro_epochs), "--max-train-samples", str(s.repro_max_train_samples),
@@ -236,23 +220,15 @@ def part_determinism(args: argparse.Namespace, s: Settings, rec: PartRecorder) -
                 identical, largest = compare_weights(run["first"].model, run[name].model)
                 figures |= {f"{key}_identical": identical, f"{key}_max_abs_difference": largest}
         first = summaries["first"]
-        rec.record(
-            f"determinism:{mode}",
-            flags=flags,
-            epochs=s.repro_epochs,
-            train_images=s.repro_max_train_samples,
-            step_engine=first.get("step_engine"),
-            step_engines=sorted({str(x.get("step_engine")) for x in summaries.values()}),
-            deterministic=first.get("deterministic"),
-            images_per_second=first["images_per_second"],
-            **figures,
-        )
+        figures |= {k: first.get(k) for k in ("step_engine", "deterministic", "images_per_second")}
+        figures["step_engines"] = sorted({str(x.get("step_engine")) for x in summaries.values()})
+        sizes = {"epochs": s.repro_epochs, "train_images": s.repro_max_train_samples}
+        rec.record(f"determinism:{mode}", flags=flags, **sizes, **figures)
 
 
 def train_run(args: list[str], layout: RunLayout) -> dict[str, Any]:
-    """``mnist-dist train ARGS`` into ``layout``; its summary. Raises ``RuntimeError`` with the
-    failure's one line."""
-    code, out, err = run_command(mnist_dist(*args, "--output-dir", str(layout.root)))
+    """``mnist-dist train ARGS`` into ``layout``; its summary, else ``RuntimeError`` saying why."""
+    code, out, err = run_command([*MNIST_DIST, *args, "--output-dir", str(layout.root)])
     if code != 0:
         raise RuntimeError(one_line(err or out))
     return json.loads(layout.summary.read_text())
@@ -260,12 +236,13 @@ def train_run(args: list[str], layout: RunLayout) -> dict[str, Any]:
 
 def mid_epoch_checkpoint(layout: RunLayout) -> Path:
     """The run's last checkpoint taken inside an epoch (a step above 0 in its name)."""
-    folder = layout.checkpoints
     found = sorted(
-        (at, p) for p in folder.iterdir() if (at := parse_checkpoint_name(p.name)) and at[1] > 0
+        (at, p)
+        for p in layout.checkpoints.iterdir()
+        if (at := parse_checkpoint_name(p.name)) and at[1] > 0
     )
     if not found:
-        raise RuntimeError(f"no mid-epoch checkpoint in {folder}")
+        raise RuntimeError(f"no mid-epoch checkpoint in {layout.checkpoints}")
     return found[-1][1]
 
 
@@ -284,7 +261,7 @@ def compare_weights(a_path: Path, b_path: Path) -> tuple[bool, float | None]:
     return identical, largest
 
 
-def part_throughput(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_throughput(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     import throughput
 
     out = args.logs / "throughput-rows.json"
@@ -306,7 +283,7 @@ def part_throughput(args: argparse.Namespace, s: Settings, rec: PartRecorder) ->
         rec.record(f"throughput:{row}", why, name=throughput.ROWS[row][0])
 
 
-def part_profile(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_profile(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     command = [
         sys.executable, str(Path(__file__).with_name("profile_step.py")), "--json",
         "--data-dir", args.data_dir, "--steps", str(s.profile_steps),
@@ -316,7 +293,7 @@ def part_profile(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> No
         rec.record("profile", **summary)
 
 
-def part_pytest(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_pytest(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     junit = args.logs / "pytest-gpu.xml"
     env = {**os.environ, "MNIST_DIST_DATA_DIR": args.data_dir}
     if args.reference_weights:
@@ -326,21 +303,18 @@ def part_pytest(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> Non
     if not junit.exists():
         return rec.record("pytest", one_line(err or out))
     cases = list(ET.parse(junit).getroot().iter("testcase"))
-    count = {tag: sum(c.find(tag) is not None for c in cases) for tag in ("failure", "error")}
     skipped = [x for c in cases if (x := c.find("skipped")) is not None]
-    failed = [
-        c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None
-    ]
+    counts = {"failed": sum(c.find("failure") is not None for c in cases)}
+    counts |= {"errors": sum(c.find("error") is not None for c in cases), "skipped": len(skipped)}
+    failed = [c.get("name") for c in cases if not {"failure", "error"}.isdisjoint(x.tag for x in c)]
     # Exit 5: no test was selected, which the counts show.
     reason = None if code in (0, 5) else f"{len(failed)} failed or in error: {', '.join(failed)}"
     rec.record(
         "pytest",
         reason,
         exit_code=code,
-        passed=len(cases) - count["failure"] - count["error"] - len(skipped),
-        failed=count["failure"],
-        errors=count["error"],
-        skipped=len(skipped),
+        passed=len(cases) - sum(counts.values()),
+        **counts,
         skip_reasons=sorted({str(x.get("message")) for x in skipped}),
         failed_tests=failed,
     )
@@ -350,23 +324,61 @@ def part_pytest(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> Non
 
 
 def run_parts(args: argparse.Namespace, report: dict[str, Any], save: Callable[[], None]) -> None:
+    """Each part in a child process of its own, its items copied into ``report`` as they come."""
     deadline = time.monotonic() + args.max_minutes * 60
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.smoke:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run never uses a GPU, even where one is
+    # W&B is never needed here; an empty or stray WANDB_MODE must not reach the runs.
+    env = {k: v for k, v in env.items() if not k.startswith("WANDB_")}
     for name in args.parts:
         what, timeout = PARTS[name]
-        left = deadline - time.monotonic()
-        if left < 5:
+        started, status, reason = time.monotonic(), "running", None
+        limit = min(timeout * (2.0 if args.smoke else 1.0), deadline - started)  # smoke: slow CPU
+        if limit < 5:
             report["parts"][name] = part_record(
                 "not run", f"--max-minutes {args.max_minutes} ran out"
             )
             save()
             continue
-        limit = min(timeout * (2.0 if args.smoke else 1.0), left)  # smoke: a slow CPU
         print(f"[{name}] {what} (time-out {limit:.0f}s) ...", file=sys.stderr, flush=True)
-        record = run_part(args, name, limit, report, save)
-        because = f": {record['reason']}" if record["reason"] else ""
-        print(f"[{name}] {record['status']} in {record['seconds']:.0f}s{because}", file=sys.stderr)
-        env = [i["figures"] for i in record["items"] if i["id"] == "env" and i["status"] == "ok"]
-        if env and not env[0]["gpu"] and not args.smoke:
+        part_json, log_path = args.logs / f"{name}.json", args.logs / f"{name}.log"
+        part_json.unlink(missing_ok=True)
+        command = [
+            sys.executable, str(Path(__file__).resolve()), "--part", name,
+            "--data-dir", args.data_dir, "--logs", str(args.logs),
+            *(["--reference-weights", args.reference_weights] if args.reference_weights else []),
+            *(["--smoke"] if args.smoke else []),
+        ]  # fmt: skip
+        with open(log_path, "w") as log:
+            # A session of its own, so that a time-out ends the part's own children too.
+            proc = subprocess.Popen(
+                command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+            try:
+                while status == "running":
+                    try:
+                        status = "ok" if proc.wait(timeout=POLL_SECONDS) == 0 else "failed"
+                    except subprocess.TimeoutExpired:
+                        if time.monotonic() - started > limit:
+                            stop_group(proc)
+                            status, reason = "timed out", f"ran out of its {limit:.0f}s"
+                    if status == "failed":
+                        reason = one_line(log_path.read_text(errors="replace"))
+                    seconds, items = time.monotonic() - started, []
+                    if part_json.exists():  # written whole by the part after each item
+                        items = json.loads(part_json.read_text())["items"]
+                    report["parts"][name] = part_record(status, reason, seconds, items)
+                    save()
+            except BaseException:  # Ctrl-C or a kill: take the part's processes with us
+                stop_group(proc)
+                raise
+        print(
+            f"[{name}] {status} in {seconds:.0f}s{f': {reason}' if reason else ''}", file=sys.stderr
+        )
+        env_ok = [i["figures"] for i in items if i["id"] == "env" and i["status"] == "ok"]
+        if env_ok and not env_ok[0]["gpu"] and not args.smoke:
             report["stopped"] = "no CUDA GPU is visible: use --smoke to run the check on a CPU"
             return save()
 
@@ -375,65 +387,14 @@ def part_record(status: str, reason: str | None, seconds: float = 0.0, items=Non
     return {"status": status, "reason": reason, "seconds": seconds, "items": items or []}
 
 
-def run_part(args, name: str, limit: float, report: dict, save: Callable[[], None]) -> dict:
-    """Run part ``name`` in a child process, copying its items into ``report`` as they come."""
-    part_json, log_path = args.logs / f"{name}.json", args.logs / f"{name}.log"
-    part_json.unlink(missing_ok=True)
-    command = [
-        sys.executable, str(Path(__file__).resolve()), "--part", name,
-        "--data-dir", args.data_dir, "--logs", str(args.logs),
-        *(["--reference-weights", args.reference_weights] if args.reference_weights else []),
-        *(["--smoke"] if args.smoke else []),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if args.smoke:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run never uses a GPU, even where one is
-    # W&B is never needed here; an empty or stray WANDB_MODE must not reach the runs.
-    env = {k: v for k, v in env.items() if not k.startswith("WANDB_")}
-    started, status, reason = time.monotonic(), "running", None
-    with open(log_path, "w") as log:
-        # A session of its own, so that a time-out ends the part's own children too.
-        proc = subprocess.Popen(
-            command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            while status == "running":
-                try:
-                    status = "ok" if proc.wait(timeout=POLL_SECONDS) == 0 else "failed"
-                except subprocess.TimeoutExpired:
-                    if time.monotonic() - started > limit:
-                        stop_group(proc)
-                        status, reason = "timed out", f"ran out of its {limit:.0f}s"
-                if status == "failed":
-                    reason = one_line(log_path.read_text(errors="replace"))
-                seconds = time.monotonic() - started
-                report["parts"][name] = part_record(status, reason, seconds, read_items(part_json))
-                save()
-        except BaseException:  # Ctrl-C or a kill: take the part's processes with us
-            stop_group(proc)
-            raise
-    return report["parts"][name]
-
-
 def stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM to the part's process group, then SIGKILL if it lingers."""
     for sig, wait in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, 10)):
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone already
             os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=wait)
             return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def read_items(part_json: Path) -> list[dict[str, Any]]:
-    try:
-        return json.loads(part_json.read_text())["items"]
-    except (OSError, ValueError, KeyError):
-        return []
 
 
 @dataclass
@@ -447,29 +408,27 @@ class Line:
 
 
 class Findings:
-    """A report's figures by item id, why any missing one is missing, and the verdicts."""
+    """A report's items by id, why a missing one is missing, and the verdicts."""
 
     def __init__(self, report: dict[str, Any]) -> None:
         self.smoke = report["smoke"]
-        self.figures: dict[str, dict[str, Any]] = {}
-        self.reasons: dict[str, str] = {}
-        self.of_failed: dict[str, dict[str, Any]] = {}  # what a failed item still measured
-        for name, record in report["parts"].items():
-            for item in record["items"]:
-                if item["status"] == "ok":
-                    self.figures[item["id"]] = item["figures"]
-                else:
-                    self.reasons[item["id"]] = item["reason"] or "failed"
-                    self.of_failed[item["id"]] = item["figures"]
-            if record["status"] != "ok":
-                self.reasons[name] = " ".join(filter(None, [record["status"], record["reason"]]))
+        self.items = {i["id"]: i for part in report["parts"].values() for i in part["items"]}
+        self.reasons = {  # why a part did not end well
+            name: " ".join(filter(None, [part["status"], part["reason"]]))
+            for name, part in report["parts"].items()
+            if part["status"] != "ok"
+        }
 
-    def get(self, item_id: str) -> dict[str, Any] | None:
-        return self.figures.get(item_id)
+    def get(self, item_id: str, failed_too: bool = False) -> dict[str, Any] | None:
+        """An item's figures, if it was measured (or ``failed_too``)."""
+        item = self.items.get(item_id)
+        return item["figures"] if item and (failed_too or item["status"] == "ok") else None
 
     def missing(self, item_id: str) -> str:
         """The figure column of an item that has no figures."""
-        reason = self.reasons.get(item_id) or self.reasons.get(item_id.split(":")[0])
+        item = self.items.get(item_id)
+        reason = item and (item["reason"] or "failed")
+        reason = reason or self.reasons.get(item_id.split(":")[0])
         return f"failed: {reason}" if reason else "not run"
 
     def judge(
@@ -559,7 +518,7 @@ def determinism_lines(f: Findings) -> list[Line]:
         if (d := f.get(f"determinism:{mode}")) is None:
             lines.append(Line(f"{label}: rerun, resume", f.missing(f"determinism:{mode}")))
             continue
-        engines = d.get("step_engines") or [d["step_engine"]]
+        engines = d["step_engines"]
         captured = engines == ["cuda-graph"]
         for key, what in (
             ("rerun", "rerun"),
@@ -567,10 +526,9 @@ def determinism_lines(f: Findings) -> list[Line]:
             ("resume", f"resume from {d['resumed_from']}"),
         ):
             identical = d[f"{key}_identical"]
-            figure = "bit-identical" if identical else (
-                f"differs by up to {d[f'{key}_max_abs_difference']}"
-            )  # fmt: skip
-            figure += f" to the uninterrupted run (engines {', '.join(engines)})"
+            differs = f"differs by up to {d[f'{key}_max_abs_difference']}"
+            figure = f"{'bit-identical' if identical else differs} to the uninterrupted run"
+            figure += f" (engines {', '.join(engines)})"
             target = "bit-identical, captured" if mode == "on" else "captured"
             met = captured and (identical or mode == "off")
             lines.append(f.judge(f"{label}: {what}", figure, target, met))
@@ -578,31 +536,30 @@ def determinism_lines(f: Findings) -> list[Line]:
 
 
 def throughput_lines(f: Findings) -> list[Line]:
-    rows = {row: f.get(f"throughput:{row}") for row in THROUGHPUT_ROWS}
+    rows = {row: f.get(f"throughput:{row}") or {} for row in THROUGHPUT_ROWS}
     lines = []
     for row, r in rows.items():
-        if r is None:
-            name = f.of_failed.get(f"throughput:{row}", {}).get("name", row)
-            lines.append(Line(f"throughput: {name}", f.missing(f"throughput:{row}")))
-        else:
-            figure = f"{r['images_per_second']:,.0f} img/s, {r['test_accuracy']:.2%}"
-            lines.append(Line(f"throughput: {r['name']}", figure))
+        name = (r or f.get(f"throughput:{row}", failed_too=True) or {}).get("name", row)
+        figure = f"{r['images_per_second']:,.0f} img/s, {r['test_accuracy']:.2%}" if r else None
+        lines.append(Line(f"throughput: {name}", figure or f.missing(f"throughput:{row}")))
 
     def speed(a: str, b: str) -> float | None:
-        if rows[a] and rows[b]:
-            return rows[a]["images_per_second"] / rows[b]["images_per_second"]
-        return None
+        return (
+            rows[a]["images_per_second"] / rows[b]["images_per_second"]
+            if rows[a] and rows[b]
+            else None
+        )
 
     kept = speed("tensor", "nondeterministic")  # the images/s that determinism keeps
     # --compile inside the captured step earns its place if it is >10% faster than capture
     # alone (its compile time is in the row's process seconds).
     for what, value, form, target, ok in (
-        ("default / (a)", (rows["tensor"] or {}).get("ratio_to_plain"), "{:.2f}x", ">= 30x",
+        ("default / (a)", rows["tensor"].get("ratio_to_plain"), "{:.2f}x", ">= 30x",
          lambda v: v >= 30),
-        ("default / (c)", (rows["tensor"] or {}).get("ratio_to_captured"), "{:.2f}x",
-         ">= 0.95x", lambda v: v >= 0.95),
-        ("--cuda-graph off / (b)", (rows["eager"] or {}).get("ratio_to_plain_tensor"),
-         "{:.2f}x", ">= 0.9x", lambda v: v >= 0.9),
+        ("default / (c)", rows["tensor"].get("ratio_to_captured"), "{:.2f}x", ">= 0.95x",
+         lambda v: v >= 0.95),
+        ("--cuda-graph off / (b)", rows["eager"].get("ratio_to_plain_tensor"), "{:.2f}x",
+         ">= 0.9x", lambda v: v >= 0.9),
         ("--compile / default", speed("compile", "tensor"), "{:.2f}x capture alone",
          "> 1.10x to keep", lambda v: v > 1.1),
         ("determinism cost", None if kept is None else 1 - kept,
@@ -634,7 +591,7 @@ def profile_lines(f: Findings) -> list[Line]:
 
 def pytest_lines(f: Findings) -> list[Line]:
     what, target = "pytest -m gpu", "all pass, none skipped"
-    if not (t := f.get("pytest") or f.of_failed.get("pytest")):
+    if not (t := f.get("pytest", failed_too=True)):
         return [f.judge(what, f.missing("pytest"), target, None)]
     figure = f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
     figure += f"{t['skipped']} skipped"
@@ -647,10 +604,8 @@ def pytest_lines(f: Findings) -> list[Line]:
 def format_table(lines: list[Line]) -> str:
     """The table; a figure over 100 characters (a failure's reason) is cut, not in the JSON."""
 
-    def cut(text: str) -> str:
-        return text if len(text) <= 100 else text[:97] + "..."
-
-    rows = [[x.what, cut(x.figure), x.target, x.verdict] for x in lines]
+    cut = [x.figure if len(x.figure) <= 100 else x.figure[:97] + "..." for x in lines]
+    rows = [[x.what, figure, x.target, x.verdict] for x, figure in zip(lines, cut, strict=True)]
     return columns([["what", "figure", "target", "verdict"], *rows])
 
 
@@ -676,13 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", default="gpu_check.json", help="JSON results (default: gpu_check.json)")
     add("--smoke", action="store_true", help="every part on the CPU, tiny: judges nothing")
     add("--parts", type=parse_parts, default=list(PARTS), help=f"some of {','.join(PARTS)}")
-    add(
-        "--max-minutes",
-        type=float,
-        default=9.0,
-        help="the whole check's time limit: a part still running then is cut short, later "
-        "ones are not started (default: 9)",
-    )
+    add("--max-minutes", type=float, default=9.0, help="the whole check's time limit (default: 9)")
     add("--table-from", metavar="JSON", help="print an earlier --out's table")
     add("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # in a child: run one part
     add("--logs", type=Path, help=argparse.SUPPRESS)
@@ -697,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.data_dir = str(Path(args.data_dir).resolve())
     if args.reference_weights:
         args.reference_weights = str(Path(args.reference_weights).resolve())
-    settings = SMOKE_SETTINGS if args.smoke else GPU_SETTINGS
+    settings = argparse.Namespace(**{key: pair[args.smoke] for key, pair in SETTINGS.items()})
     if args.part:
         globals()[f"part_{args.part}"](
             args, settings, PartRecorder(args.logs / f"{args.part}.json")
@@ -711,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.logs.mkdir(parents=True, exist_ok=True)
     shown = {"data_dir": args.data_dir, "reference_weights": args.reference_weights}
     report: dict[str, Any] = {"started_at": now(), "command": [sys.executable, *sys.argv]}
-    report |= {"smoke": args.smoke, "settings": asdict(settings) | shown, "parts": {}}
+    report |= {"smoke": args.smoke, "settings": vars(settings) | shown, "parts": {}}
 
     def save() -> None:
         try:

@@ -76,10 +76,8 @@ def run_timed(command: list[str], what: str) -> float:
     proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-20:]
-        command_line = " ".join(command)
-        raise RuntimeError(
-            "\n".join([f"{what} exited with {proc.returncode}: {command_line}", *tail])
-        )
+        first = f"{what} exited with {proc.returncode}: {' '.join(command)}"
+        raise RuntimeError("\n".join([first, *tail]))
     return time.perf_counter() - started
 
 
@@ -156,10 +154,10 @@ def run_plain_subprocess(row: str, args: argparse.Namespace) -> RunResult:
             command += ["--max-train-samples", str(args.max_train_samples)]
         process_seconds = run_timed(command, f"row {row}")
         saved = json.loads(out.read_text())
-    return result_from_dict({**saved, "process_seconds": process_seconds})
+    return as_result({**saved, "process_seconds": process_seconds})
 
 
-def result_from_dict(saved: dict[str, Any]) -> RunResult:
+def as_result(saved: dict[str, Any]) -> RunResult:
     return RunResult(**{**saved, "epochs": [EpochTiming(**e) for e in saved["epochs"]]})
 
 
@@ -280,12 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--epochs", type=at_least(1), default=2, help="epochs per run")
     add("--repeats", type=at_least(1), default=1, help="runs per row; medians are reported")
     add("--max-train-samples", type=at_least(1), help="train on the first N images only")
-    add(
-        "--rows",
-        type=parse_rows,
-        default=parse_rows("plain,plain-tensor,tensor"),
-        help=f"'all' or a comma list from {','.join(ROWS)} (default: plain,plain-tensor,tensor)",
-    )
+    rows, default = ",".join(ROWS), "plain,plain-tensor,tensor"
+    add("--rows", type=parse_rows, default=parse_rows(default), help=f"'all' or some of {rows}")
     add("--plain-workers", type=at_least(0), default=0, help="DataLoader workers for row (a)")
     add(
         "--deterministic",
@@ -305,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.table_from:
-        saved = json.loads(Path(args.table_from).read_text())
-        runs = {r["row"]: [result_from_dict(x) for x in r["runs"]] for r in saved["rows"]}
+        saved = json.loads(Path(args.table_from).read_text())["rows"]
+        runs = {r["row"]: [as_result(x) for x in r["runs"]] for r in saved}
         print(format_table(summarize_rows(runs)))
         return 0
     args.data_dir = str(Path(args.data_dir).resolve())
@@ -336,9 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.repeats} repeat(s), images/s over {steady}, plain workers {args.plain_workers}, "
         f"deterministic (b), (c) {'on' if args.deterministic else 'off'}"
     )
-    unavailable: dict[str, str] = {}
-    if m["cuda"] is None:
-        unavailable = {row: CUDA_ONLY_ROWS[row] for row in args.rows if row in CUDA_ONLY_ROWS}
+    cuda_only = {} if m["cuda"] else CUDA_ONLY_ROWS
+    unavailable = {row: cuda_only[row] for row in args.rows if row in cuda_only}
     for row, why in unavailable.items():
         print(f"{ROW_NAMES[row]}: not available here: {why}")
     failed: dict[str, str] = {}
