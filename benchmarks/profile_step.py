@@ -57,8 +57,8 @@ def trace_totals(trace_path: Path) -> tuple[int, float]:
     return copied, kernel_us
 
 
-def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
-    """Profile ``args.steps`` training steps after ``args.warmup`` untimed ones."""
+def profile_steps(args: argparse.Namespace) -> tuple[dict[str, Any], str] | None:
+    """The summary and op table of ``args.steps`` profiled steps (None on ranks but the first)."""
     training = TrainConfig(
         global_batch_size=args.batch_size,
         mixed_precision=args.mixed_precision,
@@ -120,7 +120,7 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
     if args.versus_plain:
         result.update(versus_plain(args, training, data, step, device))
     accelerator.end_training()
-    return {"summary": result, "table": table, "main": accelerator.is_main_process}
+    return (result, table) if accelerator.is_main_process else None
 
 
 def timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
@@ -260,12 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.captured_ops:
-        summary, table = captured_step_op_counts(args.batch_size), None
-    else:
-        out = profile_steps(args)
-        if not out["main"]:
-            return 0
-        summary, table = out["summary"], out["table"]
+        out = captured_step_op_counts(args.batch_size), None
+    elif (out := profile_steps(args)) is None:
+        return 0
+    summary, table = out
     if args.json:
         print(json.dumps(summary))
         return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -139,22 +141,18 @@ def others_cpu_seconds() -> float | None:
     return busy - sum(u.ru_utime + u.ru_stime for u in usages)
 
 
-def run_plain_subprocess(row: str, args: argparse.Namespace) -> RunResult:
+def run_baseline(row: str, args: argparse.Namespace) -> RunResult:
     """Row (a), (b) or (c) in a new process, as the mnist-dist rows: a process warmed by other
     rows (allocator, caches, thread pools) made (b) up to 1.5x faster."""
-    with tempfile.TemporaryDirectory(prefix="mnist-dist-bench-") as tmp:
-        out = Path(tmp) / "result.json"
-        command = [
-            sys.executable, str(Path(__file__).resolve()), "--worker", row,
-            "--data-dir", args.data_dir, "--epochs", str(args.epochs),
-            "--plain-workers", str(args.plain_workers), "--result-json", str(out),
-            "--deterministic" if args.deterministic else "--no-deterministic",
-        ]  # fmt: skip
-        if args.max_train_samples is not None:
-            command += ["--max-train-samples", str(args.max_train_samples)]
-        process_seconds = run_timed(command, f"row {row}")
-        saved = json.loads(out.read_text())
-    return as_result({**saved, "process_seconds": process_seconds})
+    started, sizes = time.perf_counter(), (args.data_dir, args.epochs, args.max_train_samples)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        if row == "plain":
+            job = pool.submit(run_plain, *sizes, args.plain_workers)
+        else:
+            job = pool.submit(run_device_tensors, row, *sizes, args.deterministic)
+        result = job.result()
+    result.process_seconds = time.perf_counter() - started
+    return result
 
 
 def as_result(saved: dict[str, Any]) -> RunResult:
@@ -164,7 +162,7 @@ def as_result(saved: dict[str, Any]) -> RunResult:
 def run_row(row: str, args: argparse.Namespace) -> RunResult:
     """One row in a new process, with the CPU that other processes took meanwhile (steal too)."""
     others, started = others_cpu_seconds(), time.perf_counter()
-    result = (run_plain_subprocess if row in BASELINE_ROWS else run_mnist_dist)(row, args)
+    result = (run_baseline if row in BASELINE_ROWS else run_mnist_dist)(row, args)
     if others is not None and (after := others_cpu_seconds()) is not None:
         result.other_cpu_cores = max(0.0, after - others) / (time.perf_counter() - started)
     return result
@@ -290,9 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--json-out", metavar="PATH", help="also write the results as JSON (after every row)")
     add("--table-from", metavar="JSON", help="print the table of an earlier --json-out again")
-    # Internal: run one of the bare rows in this process and write its result as JSON.
-    add("--worker", choices=BASELINE_ROWS, help=argparse.SUPPRESS)
-    add("--result-json", help=argparse.SUPPRESS)
     return parser
 
 
@@ -307,16 +302,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
         print(f"throughput.py: no MNIST/raw under {args.data_dir}", file=sys.stderr)
         return 2
-    if args.worker:
-        limit = args.max_train_samples
-        if args.worker == "plain":
-            result = run_plain(args.data_dir, args.epochs, limit, args.plain_workers)
-        else:
-            result = run_device_tensors(
-                args.worker, args.data_dir, args.epochs, limit, args.deterministic
-            )
-        Path(args.result_json).write_text(json.dumps(asdict(result)))
-        return 0
 
     m = machine_info()
     print(
