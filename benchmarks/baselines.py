@@ -46,7 +46,6 @@ REFERENCE = ReferenceRecipe()
 # Rows (b) and (c): mnist-dist's defaults, whatever they are.
 TRAIN, OPTIM = TrainConfig(), OptimConfig()
 EVAL_BATCH_SIZE = DataConfig().eval_batch_size
-BASELINE_ROWS = ("plain", "plain-tensor", "captured")
 
 
 @dataclass
@@ -135,10 +134,8 @@ def run_plain(
                 images, labels = images.to(device), labels.to(device)
                 correct += int((model(images).argmax(dim=1) == labels).sum())
                 total += labels.numel()
-    wall_seconds = time.perf_counter() - started
-    return finished(
-        "plain", wall_seconds, timings, correct, total, device=str(device), num_workers=num_workers
-    )
+    extra = {"device": str(device), "num_workers": num_workers}
+    return finished("plain", time.perf_counter() - started, timings, correct, total, **extra)
 
 
 def bare_model_and_optimizer(
@@ -271,8 +268,7 @@ def capture(step: CapturableStep, warmup_steps: int = 3) -> torch.cuda.CUDAGraph
 def run_device_tensors(
     row: str, data_dir: str, epochs: int, max_train_samples: int | None, deterministic: bool
 ) -> RunResult:
-    """Row (b), the recipe as a bare loop over device-resident tensors, or (c), ``row``
-    "captured": the same with its whole step in one CUDA graph."""
+    """Row (b), a bare loop over device-resident tensors, or (c), "captured": one CUDA graph."""
     started = time.perf_counter()
     set_determinism(deterministic)
     set_seed(TRAIN.seed)

@@ -19,8 +19,7 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def one_line(text: str) -> str:
-    """Why a command failed: the last error line that mnist-dist, a script or Python printed
-    (``mnist-dist: error: ...``, ``ValueError: ...``), else the last line."""
+    """Why a command failed: the last error line mnist-dist or Python printed, else the last."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for pattern in (r"^mnist-dist: error:", r"^[\w.]*(Error|Exception)\b.*:", r"error:"):
         hits = [line for line in lines if re.search(pattern, line)]
@@ -36,8 +35,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def columns(rows: list[list[str]], right: bool = False) -> str:
-    """``rows``, the first a header, as columns under a rule; all but the first column are
-    right-aligned if ``right``."""
+    """``rows`` (the first a header) aligned under a rule; ``right``: all but column 1 right."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for row in [rows[0], ["-" * w for w in widths], *rows[1:]]:

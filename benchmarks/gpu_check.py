@@ -16,7 +16,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -132,7 +131,7 @@ def part_env(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder)
         driver=nvidia_driver() if cuda else None,
         cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version() if cuda else None,
-        python=platform.python_version(),
+        python=sys.version.split()[0],
         cpu_count=os.cpu_count(),
         git_commit=git_commit(),
         **{name: version(name) for name in VERSIONED},
@@ -247,8 +246,7 @@ def mid_epoch_checkpoint(layout: RunLayout) -> Path:
 
 
 def compare_weights(a_path: Path, b_path: Path) -> tuple[bool, float | None]:
-    """Whether two weight files are bit for bit the same, and their largest absolute difference
-    (None if they do not even hold the same tensors)."""
+    """Whether two weight files are bit for bit the same, and their largest difference (or None)."""
     import torch
     from safetensors.torch import load_file
 
@@ -434,8 +432,7 @@ class Findings:
     def judge(
         self, what: str, figure: str, target: str, met: bool | None, unjudged: str | None = None
     ) -> Line:
-        """A line with a target: met or NOT MET; "not measured" when ``met`` is None, in a smoke
-        run, or when ``unjudged`` says why the figure cannot count."""
+        """A line with a target: "not measured" if ``met`` is None, ``unjudged`` or smoke."""
         unjudged = "smoke run" if self.smoke else unjudged
         if unjudged or met is None:
             return Line(what, figure, target, f"not measured ({unjudged or 'no figure'})")
@@ -452,12 +449,10 @@ def table_lines(report: dict[str, Any]) -> list[Line]:
 def env_lines(f: Findings) -> list[Line]:
     if (env := f.get("env")) is None:
         return [Line("GPU and versions", f.missing("env"))]
-    gpu = f"none visible (torch built for CUDA {env['cuda']})"
-    if env["gpu"]:
-        gpu = (
-            f"{env['gpu']} (x{env['gpu_count']}), driver {env['driver'] or 'unknown'}, "
-            f"CUDA {env['cuda']}, cuDNN {env['cudnn']}"
-        )
+    gpu = f"{env['gpu']} (x{env['gpu_count']}), driver {env['driver'] or 'unknown'}, "
+    gpu += f"CUDA {env['cuda']}, cuDNN {env['cudnn']}"
+    if not env["gpu"]:
+        gpu = f"none visible (torch built for CUDA {env['cuda']})"
     versions = (
         f"torch {env['torch']}, torchvision {env['torchvision']}, accelerate "
         f"{env['accelerate']}, Python {env['python']}, commit {env['git_commit'] or 'unknown'}"
@@ -617,9 +612,7 @@ def parse_parts(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Measure mnist-dist on one CUDA GPU: one table, one JSON file."
-    )
+    parser = argparse.ArgumentParser(description="mnist-dist on one CUDA GPU, one table.")
     add_data_dir(parser)
     add = parser.add_argument
     add(

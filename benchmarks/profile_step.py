@@ -189,10 +189,8 @@ def count_ops(run: Callable[[], None]) -> tuple[list[str], int]:
 
 
 def captured_step_op_counts(batch_size: int = 64, warmup: int = 3) -> dict[str, Any]:
-    """The ops of one step of mnist-dist's captured step, run eagerly on the CPU (what its graph
-    records, op for op), against row (c)'s, on a full batch; mnist-dist's also on the short last
-    one. A replay launches one kernel per op that reaches the device: fewer ops, cheaper graph.
-    """
+    """The ops of one captured step of mnist-dist (full batch and short last one) and of row
+    (c), run eagerly on the CPU: what their graphs record, one kernel per op at each replay."""
     torch.use_deterministic_algorithms(True)
     try:
         num_samples = 3 * batch_size + batch_size // 8  # three full batches and a short one

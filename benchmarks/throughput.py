@@ -10,6 +10,7 @@ with its reason and the others still run (exit 1). See BENCHMARKS.md for the com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -30,15 +31,7 @@ from typing import Any
 
 import torch
 import yaml
-from baselines import (  # the plain PyTorch rows, in this folder
-    BASELINE_ROWS,
-    TRAIN,
-    EpochTiming,
-    RunResult,
-    finished,
-    run_device_tensors,
-    run_plain,
-)
+from baselines import TRAIN, EpochTiming, RunResult, finished, run_device_tensors, run_plain
 from common import add_data_dir, columns, one_line, write_json
 
 from mnist_dist.layout import RunLayout
@@ -129,8 +122,7 @@ def run_mnist_dist(row: str, args: argparse.Namespace) -> RunResult:
 
 
 def others_cpu_seconds() -> float | None:
-    """CPU seconds used since boot by all processes on this machine (Linux) but this one and its
-    finished children; None where unknown."""
+    """CPU seconds used since boot by other processes than this one and its children (Linux)."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
     except OSError:
@@ -162,7 +154,7 @@ def as_result(saved: dict[str, Any]) -> RunResult:
 def run_row(row: str, args: argparse.Namespace) -> RunResult:
     """One row in a new process, with the CPU that other processes took meanwhile (steal too)."""
     others, started = others_cpu_seconds(), time.perf_counter()
-    result = (run_baseline if row in BASELINE_ROWS else run_mnist_dist)(row, args)
+    result = (run_baseline if ROWS[row][1] is None else run_mnist_dist)(row, args)
     if others is not None and (after := others_cpu_seconds()) is not None:
         result.other_cpu_cores = max(0.0, after - others) / (time.perf_counter() - started)
     return result
@@ -170,13 +162,11 @@ def run_row(row: str, args: argparse.Namespace) -> RunResult:
 
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine() or "unknown"
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith(("model name", "hardware", "cpu model")):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     return {
         "cpu_model": cpu,
         "cpu_count": os.cpu_count(),
@@ -268,9 +258,7 @@ def at_least(low: int) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Training throughput of plain PyTorch (reference recipe) vs mnist-dist."
-    )
+    parser = argparse.ArgumentParser(description="Throughput: plain PyTorch vs mnist-dist.")
     add_data_dir(parser)
     add = parser.add_argument
     add("--epochs", type=at_least(1), default=2, help="epochs per run")
