@@ -1,33 +1,24 @@
 """The plain PyTorch baselines that ``throughput.py`` sets beside mnist-dist, each training and
-testing the recipe in the calling process:
-
-* (a) ``plain``: the reference recipe as its author wrote it (torchvision's MNIST, the reference
-  transform, ``DataLoader(batch_size=64, shuffle=True)``, Adam, MultiStepLR per epoch, a test
-  after every epoch). Its settings are written out here as a user would, not read from
-  mnist-dist (a test pins them to its defaults).
-* (b) ``plain-tensor``: mnist-dist's default recipe and speed options (device-resident tensors,
-  channels-last, fused Adam, its shuffle, deterministic kernels, no host sync per step) as a
-  bare loop with none of its machinery.
-* (c) ``captured``: (b) with the whole step captured in one CUDA graph and replayed; CUDA only.
-
-(b) and (c) take their settings, data and shuffle from mnist-dist itself, so that they cannot
-drift from what they are compared with.
+testing the recipe in the calling process: (a) ``plain``, the reference recipe as its author
+wrote it (its settings written out, not read from mnist-dist; a test pins them to its defaults);
+(b) ``plain-tensor``, mnist-dist's default recipe and speed options as a bare loop over device
+tensors; (c) ``captured``, (b) with the whole step in one CUDA graph (CUDA only). (b) and (c)
+take their settings, data and shuffle from mnist-dist itself, so they cannot drift from it.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import random
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 from torch import nn
 from torch.optim.lr_scheduler import MultiStepLR
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -55,7 +46,6 @@ REFERENCE = ReferenceRecipe()
 # Rows (b) and (c): mnist-dist's defaults, whatever they are.
 TRAIN, OPTIM = TrainConfig(), OptimConfig()
 EVAL_BATCH_SIZE = DataConfig().eval_batch_size
-BASELINE_ROWS = ("plain", "plain-tensor", "captured")
 
 
 @dataclass
@@ -83,12 +73,6 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so that the clock reads finished work."""
     if device.type == "cuda":
@@ -102,20 +86,11 @@ def steady_images_per_second(epochs: Sequence[EpochTiming]) -> float:
 
 
 def finished(
-    row: str, started: float, timings: list[EpochTiming], correct: int, total: int, **extra: Any
+    row: str, wall: float, timings: list[EpochTiming], correct: int, total: int, **extra: Any
 ) -> RunResult:
-    """The result of a row's run that began at ``started`` (``time.perf_counter()``) and ends
-    now, with ``correct`` of ``total`` test images right after its last epoch."""
-    return RunResult(
-        row=row,
-        images_per_second=steady_images_per_second(timings),
-        test_accuracy=correct / total,
-        test_correct=correct,
-        test_total=total,
-        wall_seconds=time.perf_counter() - started,
-        epochs=timings,
-        extra=extra,
-    )
+    """A run's result, ``correct`` of ``total`` test images right after its last epoch."""
+    ips = steady_images_per_second(timings)
+    return RunResult(row, ips, correct / total, correct, total, wall, epochs=timings, extra=extra)
 
 
 def run_plain(
@@ -123,7 +98,7 @@ def run_plain(
 ) -> RunResult:
     """Train and test the reference recipe in this process."""
     started, recipe, transform = time.perf_counter(), REFERENCE, reference_transform()
-    seed_everything(recipe.seed)
+    set_seed(recipe.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_set: Dataset = datasets.MNIST(data_dir, train=True, download=False, transform=transform)
     if max_train_samples is not None:
@@ -159,19 +134,20 @@ def run_plain(
                 images, labels = images.to(device), labels.to(device)
                 correct += int((model(images).argmax(dim=1) == labels).sum())
                 total += labels.numel()
-    return finished(
-        "plain", started, timings, correct, total, device=str(device), num_workers=num_workers
-    )
+    extra = {"device": str(device), "num_workers": num_workers}
+    return finished("plain", time.perf_counter() - started, timings, correct, total, **extra)
 
 
 def bare_model_and_optimizer(
-    device: torch.device, channels_last: bool = TRAIN.channels_last
+    device: torch.device, channels_last: bool = TRAIN.channels_last, capturable: bool = False
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Row (b)'s model and optimizer: mnist-dist's default speed options, no Accelerate."""
+    """Row (b)'s model and fused Adam, no Accelerate. ``capturable`` (row (c)): the LR a device
+    tensor, which MultiStepLR changes in place, so the schedule needs no new capture."""
     model = MnistCNN().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, torch.optim.Adam(model.parameters(), lr=OPTIM.lr, fused=True)
+    lr = torch.tensor(OPTIM.lr, device=device) if capturable else OPTIM.lr
+    return model, torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=capturable)
 
 
 def bare_step(
@@ -181,7 +157,7 @@ def bare_step(
     labels: torch.Tensor,
     autocast: AbstractContextManager[Any] | None = None,
 ) -> None:
-    """Row (b)'s training step (under ``autocast`` for the forward pass, if given)."""
+    """Row (b)'s training step, the forward pass under ``autocast`` if given."""
     with autocast or nullcontext():
         loss = F.cross_entropy(model(images), labels)
     loss.backward()
@@ -190,8 +166,7 @@ def bare_step(
 
 
 def epoch_order(num_samples: int, epoch: int) -> torch.Tensor:
-    """The epoch's order of training images: mnist-dist's shuffle seed, so rows (b), (c) and
-    mnist-dist see the same batches."""
+    """The epoch's order of training images, with mnist-dist's shuffle seed."""
     generator = torch.Generator().manual_seed(epoch_seed(TRAIN.seed, epoch))
     return torch.randperm(num_samples, generator=generator)
 
@@ -209,15 +184,10 @@ def bare_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -
 
 
 class CapturableStep:
-    """Row (c)'s training step, written so that CUDA can capture it whole and replay it.
-
-    An epoch's batches wait in static buffers: ``indices`` (one row of image indices per step)
-    and ``weights`` (the same shape: 1 / the batch's size for a real image, 0 for padding), and
-    a step counter on the device picks the row, so a replay needs no input from the host. The
-    short last batch (60,000 = 937 x 64 + 32) is padded to the full batch with image 0 at
-    weight 0: every step has one shape, and the loss, sum(weight x cross-entropy), is still the
-    mean over the real images, since padding adds exact zeros to the loss and the gradients.
-    """
+    """Row (c)'s training step, capturable whole: a device counter picks each step's row of the
+    epoch's ``indices`` and ``weights`` (1 / the batch's size), so a replay needs no host input.
+    The short last batch is padded to a full one with image 0 at weight 0: one shape for every
+    step, and sum(weight x cross-entropy) is still the mean over its real images."""
 
     def __init__(
         self,
@@ -237,8 +207,7 @@ class CapturableStep:
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
 
     def load_epoch(self, order: torch.Tensor) -> None:
-        """Fill the buffers, in place, with an epoch's ``order`` of images (a permutation of
-        the training set) and rewind the counter to its first step."""
+        """Load an epoch's ``order`` of images into the buffers, in place; rewind the counter."""
         n, b = self.num_samples, self.batch_size
         sizes = torch.full((self.steps_per_epoch,), b, dtype=torch.float32)
         sizes[-1] = n - (self.steps_per_epoch - 1) * b
@@ -251,8 +220,7 @@ class CapturableStep:
         self.step_index.zero_()
 
     def __call__(self) -> None:
-        """One optimizer step on the counter's batch, then advance the counter. No host sync,
-        no Python branch on a tensor: every op can be captured."""
+        """One optimizer step on the counter's batch; no host sync, so every op can be captured."""
         idx = self.indices.index_select(0, self.step_index).view(-1)
         weight = self.weights.index_select(0, self.step_index).view(-1)
         images, labels = self.images.index_select(0, idx), self.labels.index_select(0, idx)
@@ -262,27 +230,14 @@ class CapturableStep:
         self.step_index += 1
 
 
-def captured_model_and_optimizer(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Row (b)'s model and fused Adam, made capturable: Adam keeps its step count on the device
-    and reads the LR from a device tensor, which MultiStepLR changes in place (``fill_``), so
-    the schedule needs no new capture."""
-    model = MnistCNN().to(device).to(memory_format=torch.channels_last)
-    lr = torch.tensor(OPTIM.lr, device=device)
-    return model, torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=True)
-
-
 def capture(step: CapturableStep, warmup_steps: int = 3) -> torch.cuda.CUDAGraph:
-    """``step`` as one CUDA graph, ready to replay from the loaded epoch's first step.
-
-    Capture needs warm-up steps first, on a side stream (torch docs, "CUDA Graphs", whole-network
-    capture): cuDNN and cuBLAS set up their kernels and Adam creates its state. They must not
-    count as training, so afterwards the weights are put back and Adam's state zeroed (step 0,
-    zero moments: what a fresh Adam's first step starts from), both in place, because the graph
-    keeps these very tensors' addresses.
-    """
+    """``step`` as one CUDA graph, ready to replay from the loaded epoch's first step."""
     model, optimizer = step.model, step.optimizer
     if optimizer.state:
         raise ValueError("capture() needs an optimizer that has not stepped yet")
+    # Capture needs warm-up steps first, on a side stream (torch docs, "CUDA Graphs", whole-network
+    # capture). They must not count as training: afterwards the weights are put back and Adam's
+    # state zeroed (what a fresh Adam starts from), in place, since the graph keeps the addresses.
     tensors = list(itertools.chain(model.parameters(), model.buffers()))
     saved = [t.detach().clone() for t in tensors]
     side = torch.cuda.Stream()
@@ -313,18 +268,16 @@ def capture(step: CapturableStep, warmup_steps: int = 3) -> torch.cuda.CUDAGraph
 def run_device_tensors(
     row: str, data_dir: str, epochs: int, max_train_samples: int | None, deterministic: bool
 ) -> RunResult:
-    """(b): the recipe as a bare loop over device-resident tensors; or (c), ``row`` "captured":
-    the same with its whole step captured in one CUDA graph and replayed."""
+    """Row (b), a bare loop over device-resident tensors, or (c), "captured": one CUDA graph."""
     started = time.perf_counter()
     set_determinism(deterministic)
-    seed_everything(TRAIN.seed)
+    set_seed(TRAIN.seed)
     captured = row == "captured"
     device = torch.device("cuda" if captured or torch.cuda.is_available() else "cpu")
     # Preprocessed as mnist-dist's tensor loader does, resident on the device.
     images, labels = split_tensors(load_split(data_dir, train=True), max_train_samples, device)
     test_images, test_labels = split_tensors(load_split(data_dir, train=False), None, device)
-    build = captured_model_and_optimizer if captured else bare_model_and_optimizer
-    model, optimizer = build(device)
+    model, optimizer = bare_model_and_optimizer(device, capturable=captured)
     scheduler = MultiStepLR(optimizer, milestones=OPTIM.lr_milestones, gamma=OPTIM.lr_gamma)
     if captured:
         step = CapturableStep(model, optimizer, images, labels, TRAIN.global_batch_size)
@@ -353,19 +306,5 @@ def run_device_tensors(
         correct = bare_correct(model, test_images, test_labels)
     extra = {"capture_seconds": capture_seconds} if captured else {}
     figures = {"device": str(device), "deterministic": deterministic, **extra}
-    return finished(row, started, timings, correct, len(test_labels), **figures)
-
-
-def run_baseline(
-    row: str,
-    data_dir: str,
-    epochs: int,
-    max_train_samples: int | None,
-    plain_workers: int,
-    deterministic: bool,
-) -> RunResult:
-    """Row (a), (b) or (c) in this process; ``plain_workers`` is (a)'s DataLoader workers,
-    ``deterministic`` the kernels of (b) and (c)."""
-    if row == "plain":
-        return run_plain(data_dir, epochs, max_train_samples, plain_workers)
-    return run_device_tensors(row, data_dir, epochs, max_train_samples, deterministic)
+    wall_seconds = time.perf_counter() - started
+    return finished(row, wall_seconds, timings, correct, len(test_labels), **figures)

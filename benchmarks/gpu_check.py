@@ -1,34 +1,21 @@
-"""The GPU check: every GPU figure mnist-dist promises, measured in one command (about 5 minutes
-on one H100/H200), printed as one table of figures, targets and verdicts, and written as JSON.
+"""The GPU check: every GPU figure mnist-dist promises, measured in one command, printed as one
+table of figures, targets and verdicts and written as JSON (BENCHMARKS.md, "GPU", lists them).
 
-Its parts, each in a process of its own with its own time-out: ``env`` (GPU, driver, versions,
-commit); ``evaluate`` (the reference weights must score 9917/10000 on CUDA); ``recipe`` (the full
-recipe with the captured step in fp32, bf16 and fp16, and ``--cuda-graph off`` fp32 beside it);
-``determinism`` (a rerun, a run that checkpoints mid-epoch and one resumed from that checkpoint,
-each compared bit for bit with the first run; then all again with ``--no-deterministic``);
-``throughput`` (``throughput.py``'s plain PyTorch rows (a), (b), (c) beside mnist-dist's, with
-the ratios); ``profile`` (``profile_step.py``); ``pytest`` (``pytest -m gpu``).
-
-A part that fails or runs out of time is recorded with a one-line reason and the check goes on;
-a target whose figure is missing is "not measured", never met. The JSON (``--out``) is rewritten
-while parts run, so a check cut short keeps what it measured (``--table-from`` prints its table
-again); each part's full output goes to ``<out>-logs/``. ``--smoke`` runs every part on the CPU
-with tiny settings: its figures mean nothing and no target is judged, but every code path runs.
-Run from the repository root::
+Each part runs in a process of its own with its own time-out; one that fails or runs out of time
+is recorded with a one-line reason and the check goes on. A target whose figure is missing is
+"not measured", never met. ``--smoke`` runs every part on the CPU, tiny, and judges nothing::
 
     python benchmarks/gpu_check.py --data-dir ../shared/data \\
         --reference-weights ../shared/reference/seed_model.pth --out gpu_check.json
-    python benchmarks/gpu_check.py --smoke --data-dir TINY --reference-weights W --out smoke.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
-import platform
-import re
 import signal
 import subprocess
 import sys
@@ -42,36 +29,32 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from common import add_data_dir, columns, one_line, write_json
+
 from mnist_dist.config import TrainConfig
 from mnist_dist.layout import RunLayout, parse_checkpoint_name
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 2.0  # how often the JSON is rewritten while a part runs
 KILL_GRACE_SECONDS = 15  # after SIGTERM, before SIGKILL (a run checkpoints on SIGTERM)
 RECIPE_EPOCHS = TrainConfig().epochs
 MNIST_TRAIN_IMAGES = 60_000  # the whole training split (mnist_dist.data would import torch here)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How much each part trains: the real check's, or the smoke run's tiny ones."""
-
-    recipe_epochs: int
-    recipe_max_train_samples: int | None  # None: all 60,000
-    repro_epochs: int  # the determinism runs
-    repro_max_train_samples: int
-    repro_checkpoint_every: int  # a global step inside the last epoch: the mid-epoch checkpoint
-    throughput_epochs: int
-    throughput_max_train_samples: int | None
-    profile_steps: int
-    profile_warmup: int
-    profile_versus_plain: int  # interleaved rounds against the bare step (0: none)
-
-
-# 16,000 images = 250 steps per epoch, so global step 300 is epoch 2's 50th step.
-GPU_SETTINGS = Settings(RECIPE_EPOCHS, None, 2, 16_000, 300, 2, None, 200, 30, 5)
-SMOKE_SETTINGS = Settings(1, 256, 2, 320, 7, 1, 256, 5, 2, 0)
+# How much each part trains: on a GPU, and in a smoke run. 16,000 images are 250 steps per epoch,
+# so global step 300 is epoch 2's 50th step.
+SETTINGS: dict[str, tuple[int | None, int | None]] = {
+    "recipe_epochs": (RECIPE_EPOCHS, 1),
+    "recipe_max_train_samples": (None, 256),  # None: all 60,000
+    "repro_epochs": (2, 2),  # the determinism runs
+    "repro_max_train_samples": (16_000, 320),
+    "repro_checkpoint_every": (300, 7),  # a global step inside the last epoch
+    "throughput_epochs": (2, 1),
+    "throughput_max_train_samples": (None, 256),
+    "profile_steps": (200, 5),
+    "profile_warmup": (30, 2),
+    "profile_versus_plain": (5, 0),  # interleaved rounds against the bare step (0: none)
+}
 
 # Part name -> (what it does, time-out in seconds on a GPU).
 PARTS: dict[str, tuple[str, int]] = {
@@ -83,15 +66,19 @@ PARTS: dict[str, tuple[str, int]] = {
     "profile": ("profile_step.py's per-step summary", 240),
     "pytest": ("pytest -m gpu", 600),
 }
-RECIPE_RUNS = {  # item id -> throughput.py row
-    "recipe:fp32": "tensor",
-    "recipe:bf16": "bf16",
-    "recipe:fp16": "fp16",
-    "recipe:eager-fp32": "eager",
+RECIPE_RUNS = {  # item id -> (throughput.py row, label)
+    "recipe:fp32": ("tensor", "default fp32"),
+    "recipe:bf16": ("bf16", "default bf16"),
+    "recipe:fp16": ("fp16", "default fp16"),
+    "recipe:eager-fp32": ("eager", "--cuda-graph off fp32"),
 }
 THROUGHPUT_ROWS = [
     "plain", "plain-tensor", "captured", "tensor", "eager", "nondeterministic", "compile",
 ]  # fmt: skip
+RESULT_FIGURES = ("images_per_second", "wall_seconds", "process_seconds", "test_accuracy",
+                  "test_correct", "test_total")  # fmt: skip
+EXTRA = ("train_seconds", "step_engine", "deterministic", "mixed_precision")  # from the summary
+MNIST_DIST = [sys.executable, "-m", "mnist_dist"]
 VERSIONED = ("torch", "torchvision", "accelerate", "rich", "safetensors", "wandb", "pytest")
 
 
@@ -99,41 +86,20 @@ VERSIONED = ("torch", "torchvision", "accelerate", "rich", "safetensors", "wandb
 
 
 class PartRecorder:
-    """A part's items (``{"id", "status": "ok"|"failed", "reason", "figures"}``), written to
-    its JSON file after each one, so that the parent sees them even if the part is killed."""
+    """A part's items, its JSON file rewritten after each: the parent reads it while it runs."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.items = path, []
 
-    def ok(self, item_id: str, **figures: Any) -> None:
-        self.record(item_id, None, **figures)
-
-    def record(self, item_id: str, reason: str | None, **figures: Any) -> None:
+    def record(self, item_id: str, reason: str | None = None, **figures: Any) -> None:
         """An item, failed if there is a ``reason``."""
         status = "ok" if reason is None else "failed"
         self.items.append({"id": item_id, "status": status, "reason": reason, "figures": figures})
         write_json(self.path, {"items": self.items})
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    partial.replace(path)  # a reader never sees half a file
-
-
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def one_line(text: str) -> str:
-    """Why a command failed: the last error line that mnist-dist, a script or Python printed
-    (``mnist-dist: error: ...``, ``ValueError: ...``), else the last line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for pattern in (r"^mnist-dist: error:", r"^[\w.]*(Error|Exception)\b.*:", r"error:"):
-        hits = [line for line in lines if re.search(pattern, line)]
-        if hits:
-            return hits[-1][:300]
-    return lines[-1][:300] if lines else "no output"
 
 
 def run_command(command: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -144,10 +110,6 @@ def run_command(command: list[str], env: dict[str, str] | None = None) -> tuple[
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def mnist_dist(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mnist_dist", *args]
-
-
 def json_of(rec: PartRecorder, item_id: str, command: list[str]) -> dict[str, Any] | None:
     """The JSON that ``command`` prints last; None, with the item failed, if it fails."""
     code, out, err = run_command(command)
@@ -156,20 +118,20 @@ def json_of(rec: PartRecorder, item_id: str, command: list[str]) -> dict[str, An
     return json.loads(out.strip().splitlines()[-1])
 
 
-def part_env(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_env(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     import torch
 
     from mnist_dist.provenance import git_commit
 
     cuda = torch.cuda.is_available()
-    rec.ok(
+    rec.record(
         "env",
         gpu=torch.cuda.get_device_name(0) if cuda else None,
         gpu_count=torch.cuda.device_count() if cuda else 0,
         driver=nvidia_driver() if cuda else None,
         cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version() if cuda else None,
-        python=platform.python_version(),
+        python=sys.version.split()[0],
         cpu_count=os.cpu_count(),
         git_commit=git_commit(),
         **{name: version(name) for name in VERSIONED},
@@ -193,18 +155,18 @@ def nvidia_driver() -> str | None:
         return None
 
 
-def part_evaluate(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_evaluate(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     import torch
 
     if not args.reference_weights:
         return rec.record("evaluate", "no --reference-weights given")
     command = ["evaluate", "--weights", args.reference_weights, "--data-dir", args.data_dir]
-    if (report := json_of(rec, "evaluate", mnist_dist(*command, "--json"))) is None:
+    if (report := json_of(rec, "evaluate", [*MNIST_DIST, *command, "--json"])) is None:
         return None
     # mnist-dist takes a GPU whenever one is visible, and it saw what this process sees.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     keys = ("test_correct", "test_total", "test_accuracy")
-    rec.ok("evaluate", device=device, **{k: report[k] for k in keys})
+    rec.record("evaluate", device=device, **{k: report[k] for k in keys})
 
 
 def throughput_args(args: argparse.Namespace, epochs: int, limit: int | None) -> list[str]:
@@ -212,36 +174,24 @@ def throughput_args(args: argparse.Namespace, epochs: int, limit: int | None) ->
     return ["--data-dir", args.data_dir, "--epochs", str(epochs), *extra]
 
 
-def part_recipe(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_recipe(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     import throughput
 
-    targs = throughput.build_parser().parse_args(
-        throughput_args(args, s.recipe_epochs, s.recipe_max_train_samples)
-    )
-    for item_id, row in RECIPE_RUNS.items():
+    argv = throughput_args(args, s.recipe_epochs, s.recipe_max_train_samples)
+    targs = throughput.build_parser().parse_args(argv)
+    for item_id, (row, _) in RECIPE_RUNS.items():
         try:
             r = throughput.run_row(row, targs)
         except Exception as e:  # this run's failure is a figure; the others still run
             print(e, flush=True)
-            rec.record(item_id, throughput.failure_reason(e))
+            rec.record(item_id, one_line(str(e)))
             continue
-        extra = ("train_seconds", "step_engine", "deterministic", "mixed_precision")
-        rec.ok(
-            item_id,
-            flags=throughput.ROWS[row][1],
-            images_per_second=r.images_per_second,
-            wall_seconds=r.wall_seconds,
-            process_seconds=r.process_seconds,
-            test_accuracy=r.test_accuracy,
-            test_correct=r.test_correct,
-            test_total=r.test_total,
-            epochs=len(r.epochs),
-            train_images=sum(e.images for e in r.epochs),
-            **{k: r.extra[k] for k in extra},
-        )
+        figures = {k: getattr(r, k) for k in RESULT_FIGURES} | {k: r.extra[k] for k in EXTRA}
+        figures |= {"epochs": len(r.epochs), "train_images": sum(e.images for e in r.epochs)}
+        rec.record(item_id, flags=throughput.ROWS[row][1], **figures)
 
 
-def part_determinism(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_determinism(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     base = [
         "train", "--data-dir", args.data_dir, "--tracker", "none",
         "--epochs", str(s.repro_epochs), "--max-train-samples", str(s.repro_max_train_samples),
@@ -252,65 +202,55 @@ def part_determinism(args: argparse.Namespace, s: Settings, rec: PartRecorder) -
     compared = {"rerun": "rerun", "checkpointing": "checkpointed", "resume": "resumed"}
     for mode, flags in (("on", []), ("off", ["--no-deterministic"])):
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-            run = {name: Path(tmp) / name for name in ("first", *compared.values())}
+            run = {name: RunLayout(Path(tmp) / name) for name in ("first", *compared.values())}
             summaries = {}
             try:
-                for name in run:
+                for name, layout in run.items():
                     extra = [] if name in ("first", "rerun") else checkpointed
                     if name == "resumed":
                         mid_epoch = mid_epoch_checkpoint(run["checkpointed"])
                         extra = [*extra, "--resume", str(mid_epoch)]
-                    summaries[name] = train_run([*base, *flags, *extra], run[name])
+                    summaries[name] = train_run([*base, *flags, *extra], layout)
             except RuntimeError as e:
                 rec.record(f"determinism:{mode}", str(e))
                 continue
             figures: dict[str, Any] = {"resumed_from": mid_epoch.name}
             for key, name in compared.items():
-                identical, largest = compare_weights(run["first"], run[name])
+                identical, largest = compare_weights(run["first"].model, run[name].model)
                 figures |= {f"{key}_identical": identical, f"{key}_max_abs_difference": largest}
         first = summaries["first"]
-        rec.ok(
-            f"determinism:{mode}",
-            flags=flags,
-            epochs=s.repro_epochs,
-            train_images=s.repro_max_train_samples,
-            step_engine=first.get("step_engine"),
-            step_engines=sorted(
-                {str(summary.get("step_engine")) for summary in summaries.values()}
-            ),
-            deterministic=first.get("deterministic"),
-            images_per_second=first["images_per_second"],
-            **figures,
-        )
+        figures |= {k: first.get(k) for k in ("step_engine", "deterministic", "images_per_second")}
+        figures["step_engines"] = sorted({str(x.get("step_engine")) for x in summaries.values()})
+        sizes = {"epochs": s.repro_epochs, "train_images": s.repro_max_train_samples}
+        rec.record(f"determinism:{mode}", flags=flags, **sizes, **figures)
 
 
-def train_run(args: list[str], run_dir: Path) -> dict[str, Any]:
-    """``mnist-dist train ARGS --output-dir RUN_DIR``; its summary. Raises ``RuntimeError``
-    with the failure's one line."""
-    code, out, err = run_command(mnist_dist(*args, "--output-dir", str(run_dir)))
+def train_run(args: list[str], layout: RunLayout) -> dict[str, Any]:
+    """``mnist-dist train ARGS`` into ``layout``; its summary, else ``RuntimeError`` saying why."""
+    code, out, err = run_command([*MNIST_DIST, *args, "--output-dir", str(layout.root)])
     if code != 0:
         raise RuntimeError(one_line(err or out))
-    return json.loads(RunLayout(run_dir).summary.read_text())
+    return json.loads(layout.summary.read_text())
 
 
-def mid_epoch_checkpoint(run_dir: Path) -> Path:
+def mid_epoch_checkpoint(layout: RunLayout) -> Path:
     """The run's last checkpoint taken inside an epoch (a step above 0 in its name)."""
-    folder = RunLayout(run_dir).checkpoints
     found = sorted(
-        (at, p) for p in folder.iterdir() if (at := parse_checkpoint_name(p.name)) and at[1] > 0
+        (at, p)
+        for p in layout.checkpoints.iterdir()
+        if (at := parse_checkpoint_name(p.name)) and at[1] > 0
     )
     if not found:
-        raise RuntimeError(f"no mid-epoch checkpoint in {folder}")
+        raise RuntimeError(f"no mid-epoch checkpoint in {layout.checkpoints}")
     return found[-1][1]
 
 
-def compare_weights(run_a: Path, run_b: Path) -> tuple[bool, float | None]:
-    """Whether two runs' final weights are bit for bit the same, and their largest absolute
-    difference (None if they do not even hold the same tensors)."""
+def compare_weights(a_path: Path, b_path: Path) -> tuple[bool, float | None]:
+    """Whether two weight files are bit for bit the same, and their largest difference (or None)."""
     import torch
     from safetensors.torch import load_file
 
-    a, b = (load_file(str(RunLayout(r).model)) for r in (run_a, run_b))
+    a, b = load_file(str(a_path)), load_file(str(b_path))
     if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
         return False, None
     # Bytes, not values: -0.0 == 0.0 and NaN != NaN would hide or invent a difference.
@@ -319,10 +259,10 @@ def compare_weights(run_a: Path, run_b: Path) -> tuple[bool, float | None]:
     return identical, largest
 
 
-def part_throughput(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_throughput(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     import throughput
 
-    out = args.logs / "throughput.json"
+    out = args.logs / "throughput-rows.json"
     argv = throughput_args(args, s.throughput_epochs, s.throughput_max_train_samples)
     # The smoke run leaves out --compile: a CPU compile takes minutes and adds no code path here.
     chosen = [r for r in THROUGHPUT_ROWS if not (args.smoke and r == "compile")]
@@ -332,28 +272,26 @@ def part_throughput(args: argparse.Namespace, s: Settings, rec: PartRecorder) ->
     keys = ("name", "images_per_second", "ratio_to_plain", "ratio_to_plain_tensor",
             "ratio_to_captured", "test_accuracy", "wall_seconds")  # fmt: skip
     for row in chosen:
-        if row in rows:
-            r = rows[row]
+        if r := rows.get(row):
             step_engine = r["runs"][0]["extra"].get("step_engine")
-            rec.ok(f"throughput:{row}", step_engine=step_engine, **{k: r.get(k) for k in keys})
-        else:
-            why = saved.get("unavailable", {}).get(row) or saved.get("failed", {}).get(row)
-            why = why or f"throughput.py ended (exit {code}) before this row"
-            rec.record(f"throughput:{row}", why, name=throughput.ROW_NAMES[row])
+            rec.record(f"throughput:{row}", step_engine=step_engine, **{k: r.get(k) for k in keys})
+            continue
+        why = saved.get("unavailable", {}).get(row) or saved.get("failed", {}).get(row)
+        why = why or f"throughput.py ended (exit {code}) before this row"
+        rec.record(f"throughput:{row}", why, name=throughput.ROWS[row][0])
 
 
-def part_profile(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_profile(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     command = [
-        sys.executable, str(HERE / "profile_step.py"), "--data-dir", args.data_dir,
-        "--steps", str(s.profile_steps), "--warmup", str(s.profile_warmup), "--json",
+        sys.executable, str(Path(__file__).with_name("profile_step.py")), "--json",
+        "--data-dir", args.data_dir, "--steps", str(s.profile_steps),
+        "--warmup", str(s.profile_warmup), "--versus-plain", str(s.profile_versus_plain),
     ]  # fmt: skip
-    if s.profile_versus_plain:
-        command += ["--versus-plain", str(s.profile_versus_plain)]
     if (summary := json_of(rec, "profile", command)) is not None:
-        rec.ok("profile", **summary)
+        rec.record("profile", **summary)
 
 
-def part_pytest(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> None:
+def part_pytest(args: argparse.Namespace, s: argparse.Namespace, rec: PartRecorder) -> None:
     junit = args.logs / "pytest-gpu.xml"
     env = {**os.environ, "MNIST_DIST_DATA_DIR": args.data_dir}
     if args.reference_weights:
@@ -363,23 +301,18 @@ def part_pytest(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> Non
     if not junit.exists():
         return rec.record("pytest", one_line(err or out))
     cases = list(ET.parse(junit).getroot().iter("testcase"))
-    failures, errors, skipped = (
-        [c.find(tag) for c in cases if c.find(tag) is not None]
-        for tag in ("failure", "error", "skipped")
-    )
-    failed = [
-        c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None
-    ]
+    skipped = [x for c in cases if (x := c.find("skipped")) is not None]
+    counts = {"failed": sum(c.find("failure") is not None for c in cases)}
+    counts |= {"errors": sum(c.find("error") is not None for c in cases), "skipped": len(skipped)}
+    failed = [c.get("name") for c in cases if not {"failure", "error"}.isdisjoint(x.tag for x in c)]
     # Exit 5: no test was selected, which the counts show.
     reason = None if code in (0, 5) else f"{len(failed)} failed or in error: {', '.join(failed)}"
     rec.record(
         "pytest",
         reason,
         exit_code=code,
-        passed=len(cases) - len(failures) - len(errors) - len(skipped),
-        failed=len(failures),
-        errors=len(errors),
-        skipped=len(skipped),
+        passed=len(cases) - sum(counts.values()),
+        **counts,
         skip_reasons=sorted({str(x.get("message")) for x in skipped}),
         failed_tests=failed,
     )
@@ -388,100 +321,78 @@ def part_pytest(args: argparse.Namespace, s: Settings, rec: PartRecorder) -> Non
 # The parent: run the parts, keep the JSON current, judge the targets, print the table.
 
 
-def child_env(smoke: bool) -> dict[str, str]:
+def run_parts(args: argparse.Namespace, report: dict[str, Any], save: Callable[[], None]) -> None:
+    """Each part in a child process of its own, its items copied into ``report`` as they come."""
+    deadline = time.monotonic() + args.max_minutes * 60
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if smoke:
+    if args.smoke:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run never uses a GPU, even where one is
     # W&B is never needed here; an empty or stray WANDB_MODE must not reach the runs.
-    return {k: v for k, v in env.items() if not k.startswith("WANDB_")}
+    env = {k: v for k, v in env.items() if not k.startswith("WANDB_")}
+    for name in args.parts:
+        what, timeout = PARTS[name]
+        started, status, reason = time.monotonic(), "running", None
+        limit = min(timeout * (2.0 if args.smoke else 1.0), deadline - started)  # smoke: slow CPU
+        if limit < 5:
+            report["parts"][name] = part_record(
+                "not run", f"--max-minutes {args.max_minutes} ran out"
+            )
+            save()
+            continue
+        print(f"[{name}] {what} (time-out {limit:.0f}s) ...", file=sys.stderr, flush=True)
+        part_json, log_path = args.logs / f"{name}.json", args.logs / f"{name}.log"
+        part_json.unlink(missing_ok=True)
+        command = [
+            sys.executable, str(Path(__file__).resolve()), "--part", name,
+            "--data-dir", args.data_dir, "--logs", str(args.logs),
+            *(["--reference-weights", args.reference_weights] if args.reference_weights else []),
+            *(["--smoke"] if args.smoke else []),
+        ]  # fmt: skip
+        with open(log_path, "w") as log:
+            # A session of its own, so that a time-out ends the part's own children too.
+            proc = subprocess.Popen(
+                command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+            try:
+                while status == "running":
+                    try:
+                        status = "ok" if proc.wait(timeout=POLL_SECONDS) == 0 else "failed"
+                    except subprocess.TimeoutExpired:
+                        if time.monotonic() - started > limit:
+                            stop_group(proc)
+                            status, reason = "timed out", f"ran out of its {limit:.0f}s"
+                    if status == "failed":
+                        reason = one_line(log_path.read_text(errors="replace"))
+                    seconds, items = time.monotonic() - started, []
+                    if part_json.exists():  # written whole by the part after each item
+                        items = json.loads(part_json.read_text())["items"]
+                    report["parts"][name] = part_record(status, reason, seconds, items)
+                    save()
+            except BaseException:  # Ctrl-C or a kill: take the part's processes with us
+                stop_group(proc)
+                raise
+        print(
+            f"[{name}] {status} in {seconds:.0f}s{f': {reason}' if reason else ''}", file=sys.stderr
+        )
+        env_ok = [i["figures"] for i in items if i["id"] == "env" and i["status"] == "ok"]
+        if env_ok and not env_ok[0]["gpu"] and not args.smoke:
+            report["stopped"] = "no CUDA GPU is visible: use --smoke to run the check on a CPU"
+            return save()
 
 
 def part_record(status: str, reason: str | None, seconds: float = 0.0, items=None) -> dict:
     return {"status": status, "reason": reason, "seconds": seconds, "items": items or []}
 
 
-def run_parts(args: argparse.Namespace, report: dict[str, Any], save: Callable[[], None]) -> None:
-    deadline = time.monotonic() + args.max_minutes * 60
-    for name in args.parts:
-        what, timeout = PARTS[name]
-        left = deadline - time.monotonic()
-        if left < 5:
-            report["parts"][name] = part_record(
-                "not run", f"--max-minutes {args.max_minutes} ran out"
-            )
-            save()
-            continue
-        limit = min(timeout * (2.0 if args.smoke else 1.0), left)  # smoke: a slow CPU
-        print(f"[{name}] {what} (time-out {limit:.0f}s) ...", file=sys.stderr, flush=True)
-        record = run_one_part(args, name, limit, report, save)
-        because = f": {record['reason']}" if record["reason"] else ""
-        print(f"[{name}] {record['status']} in {record['seconds']:.0f}s{because}", file=sys.stderr)
-        env = [i["figures"] for i in record["items"] if i["id"] == "env" and i["status"] == "ok"]
-        if env and not env[0]["gpu"] and not args.smoke:
-            report["stopped"] = "no CUDA GPU is visible: use --smoke to run the check on a CPU"
-            return save()
-
-
-def run_one_part(args, name: str, limit: float, report: dict, save: Callable[[], None]) -> dict:
-    part_json, log_path = args.logs / f"{name}.json", args.logs / f"{name}.log"
-    part_json.unlink(missing_ok=True)
-    command = [
-        sys.executable, str(Path(__file__).resolve()), "--part", name,
-        "--part-json", str(part_json), "--data-dir", args.data_dir, "--logs", str(args.logs),
-        *(["--reference-weights", args.reference_weights] if args.reference_weights else []),
-        *(["--smoke"] if args.smoke else []),
-    ]  # fmt: skip
-    started, status = time.monotonic(), None
-    with open(log_path, "w") as log:
-        # A session of its own, so that a time-out ends the part's own children too.
-        proc = subprocess.Popen(
-            command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env=child_env(args.smoke), start_new_session=True,
-        )  # fmt: skip
-        try:
-            while status is None:
-                try:
-                    status = "ok" if proc.wait(timeout=POLL_SECONDS) == 0 else "failed"
-                except subprocess.TimeoutExpired:
-                    if time.monotonic() - started > limit:
-                        stop_group(proc)
-                        status = "timed out"
-                seconds = time.monotonic() - started
-                report["parts"][name] = part_record(
-                    status or "running", None, seconds, read_items(part_json)
-                )
-                save()
-        except BaseException:  # Ctrl-C or a kill: take the part's processes with us
-            stop_group(proc)
-            raise
-    reason = None
-    if status == "timed out":
-        reason = f"ran out of its {limit:.0f}s"
-    elif status == "failed":
-        reason = one_line(log_path.read_text(errors="replace"))
-    report["parts"][name] = part_record(status, reason, seconds, read_items(part_json))
-    save()
-    return report["parts"][name]
-
-
 def stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM to the part's process group, then SIGKILL if it lingers."""
     for sig, wait in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, 10)):
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone already
             os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=wait)
             return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def read_items(part_json: Path) -> list[dict[str, Any]]:
-    try:
-        return json.loads(part_json.read_text())["items"]
-    except (OSError, ValueError, KeyError):
-        return []
 
 
 @dataclass
@@ -495,41 +406,37 @@ class Line:
 
 
 class Findings:
-    """A report's figures by item id, why any missing one is missing, and the verdicts."""
+    """A report's items by id, why a missing one is missing, and the verdicts."""
 
     def __init__(self, report: dict[str, Any]) -> None:
         self.smoke = report["smoke"]
-        self.figures: dict[str, dict[str, Any]] = {}
-        self.reasons: dict[str, str] = {}
-        self.of_failed: dict[str, dict[str, Any]] = {}  # what a failed item still measured
-        for name, record in report["parts"].items():
-            for item in record["items"]:
-                if item["status"] == "ok":
-                    self.figures[item["id"]] = item["figures"]
-                else:
-                    self.reasons[item["id"]] = item["reason"] or "failed"
-                    self.of_failed[item["id"]] = item["figures"]
-            if record["status"] != "ok":
-                self.reasons[name] = " ".join(filter(None, [record["status"], record["reason"]]))
+        self.items = {i["id"]: i for part in report["parts"].values() for i in part["items"]}
+        self.reasons = {  # why a part did not end well
+            name: " ".join(filter(None, [part["status"], part["reason"]]))
+            for name, part in report["parts"].items()
+            if part["status"] != "ok"
+        }
 
-    def get(self, item_id: str) -> dict[str, Any] | None:
-        return self.figures.get(item_id)
+    def get(self, item_id: str, failed_too: bool = False) -> dict[str, Any] | None:
+        """An item's figures, if it was measured (or ``failed_too``)."""
+        item = self.items.get(item_id)
+        return item["figures"] if item and (failed_too or item["status"] == "ok") else None
 
     def missing(self, item_id: str) -> str:
         """The figure column of an item that has no figures."""
-        reason = self.reasons.get(item_id) or self.reasons.get(item_id.split(":")[0])
+        item = self.items.get(item_id)
+        reason = item and (item["reason"] or "failed")
+        reason = reason or self.reasons.get(item_id.split(":")[0])
         return f"failed: {reason}" if reason else "not run"
 
     def judge(
-        self, what: str, figure: str, target: str, value: float | None,
-        ok: Callable[[float], bool], unjudged: str | None = None,
-    ) -> Line:  # fmt: skip
-        """A line with a target: met or NOT MET from ``value``; "not measured" when there is
-        no value, in a smoke run, or when ``unjudged`` says why the figure cannot count."""
+        self, what: str, figure: str, target: str, met: bool | None, unjudged: str | None = None
+    ) -> Line:
+        """A line with a target: "not measured" if ``met`` is None, ``unjudged`` or smoke."""
         unjudged = "smoke run" if self.smoke else unjudged
-        if unjudged or value is None:
+        if unjudged or met is None:
             return Line(what, figure, target, f"not measured ({unjudged or 'no figure'})")
-        return Line(what, figure, target, "met" if ok(value) else "NOT MET")
+        return Line(what, figure, target, "met" if met else "NOT MET")
 
 
 def table_lines(report: dict[str, Any]) -> list[Line]:
@@ -540,15 +447,12 @@ def table_lines(report: dict[str, Any]) -> list[Line]:
 
 
 def env_lines(f: Findings) -> list[Line]:
-    env = f.get("env")
-    if env is None:
+    if (env := f.get("env")) is None:
         return [Line("GPU and versions", f.missing("env"))]
-    gpu = f"none visible (torch built for CUDA {env['cuda']})"
-    if env["gpu"]:
-        gpu = (
-            f"{env['gpu']} (x{env['gpu_count']}), driver {env['driver'] or 'unknown'}, "
-            f"CUDA {env['cuda']}, cuDNN {env['cudnn']}"
-        )
+    gpu = f"{env['gpu']} (x{env['gpu_count']}), driver {env['driver'] or 'unknown'}, "
+    gpu += f"CUDA {env['cuda']}, cuDNN {env['cudnn']}"
+    if not env["gpu"]:
+        gpu = f"none visible (torch built for CUDA {env['cuda']})"
     versions = (
         f"torch {env['torch']}, torchvision {env['torchvision']}, accelerate "
         f"{env['accelerate']}, Python {env['python']}, commit {env['git_commit'] or 'unknown'}"
@@ -557,22 +461,16 @@ def env_lines(f: Findings) -> list[Line]:
 
 
 def evaluate_lines(f: Findings) -> list[Line]:
-    ev, what, target = f.get("evaluate"), "evaluate reference weights", "9917/10000 on CUDA"
-    if ev is None:
-        return [f.judge(what, f.missing("evaluate"), target, None, bool)]
-    figure = f"{ev['test_correct']}/{ev['test_total']} on {ev['device']}"
-    exact = (ev["test_correct"], ev["test_total"], ev["device"]) == (9917, 10_000, "cuda")
-    return [f.judge(what, figure, target, float(exact), bool)]
+    what, target, figure, met = "evaluate reference weights", "9917/10000 on CUDA", None, None
+    if ev := f.get("evaluate"):
+        figure = f"{ev['test_correct']}/{ev['test_total']} on {ev['device']}"
+        met = (ev["test_correct"], ev["test_total"], ev["device"]) == (9917, 10_000, "cuda")
+    return [f.judge(what, figure or f.missing("evaluate"), target, met)]
 
 
 def recipe_lines(f: Findings) -> list[Line]:
     lines = []
-    for item_id, label in (
-        ("recipe:fp32", "default fp32"),
-        ("recipe:bf16", "default bf16"),
-        ("recipe:fp16", "default fp16"),
-        ("recipe:eager-fp32", "--cuda-graph off fp32"),
-    ):
+    for item_id, (_, label) in RECIPE_RUNS.items():
         r, figure = f.get(item_id), f.missing(item_id)
         if r is not None:
             figure = (
@@ -581,47 +479,41 @@ def recipe_lines(f: Findings) -> list[Line]:
                 f"engine {r['step_engine']}, deterministic {r['deterministic']}"
             )
         lines.append(Line(f"recipe, {label}", figure))
-    fp32 = f.get("recipe:fp32")
-    if fp32 is None:
+    if (fp32 := f.get("recipe:fp32")) is None:
         return lines
     full = (fp32["epochs"], fp32["train_images"]) == (
         RECIPE_EPOCHS, RECIPE_EPOCHS * MNIST_TRAIN_IMAGES,
     )  # fmt: skip
     partial = None if full else f"not the full {RECIPE_EPOCHS}-epoch recipe"
-    engine, ips = fp32["step_engine"], fp32["images_per_second"]
-    train_s, process_s = fp32["train_seconds"], fp32["process_seconds"]
-    accuracy = fp32["test_accuracy"]
-    judged = [
-        ("step engine", str(engine), "cuda-graph", float(engine == "cuda-graph"), bool),
-        ("images/s", f"{ips:,.0f}", ">= 250,000", ips, lambda v: v >= 250_000),
-        ("training s", f"{train_s:.2f}", "<= 3", train_s, lambda v: v <= 3.0),
-        ("process s", f"{process_s:.1f}", "<= 15", process_s, lambda v: v <= 15.0),
-        ("test accuracy", f"{accuracy:.2%}", ">= 99.0%", accuracy, lambda v: v >= 0.99),
+    engine, ips, train_s = fp32["step_engine"], fp32["images_per_second"], fp32["train_seconds"]
+    process_s, accuracy = fp32["process_seconds"], fp32["test_accuracy"]
+    checks = [
+        ("step engine", str(engine), "cuda-graph", engine == "cuda-graph"),
+        ("images/s", f"{ips:,.0f}", ">= 250,000", ips >= 250_000),
+        ("training s", f"{train_s:.2f}", "<= 3", train_s <= 3.0),
+        ("process s", f"{process_s:.1f}", "<= 15", process_s <= 15.0),
+        ("test accuracy", f"{accuracy:.2%}", ">= 99.0%", accuracy >= 0.99),
     ]
-    lines += [f.judge(f"  default fp32: {what}", *rest, partial) for what, *rest in judged]
-    for item_id, label in (("recipe:bf16", "bf16"), ("recipe:fp16", "fp16")):
-        r = f.get(item_id)
-        ratio = r["images_per_second"] / ips if r else None
-        figure = "-" if r is None else f"{ratio:.2f}x, engine {r['step_engine']}"
-        captured = r is not None and r["step_engine"] == "cuda-graph"
-        lines.append(
-            f.judge(f"  {label} / fp32 images/s", figure, ">= 1.00x, captured", ratio,
-                    lambda v, captured=captured: v >= 1.0 and captured, partial)
-        )  # fmt: skip
+    lines += [f.judge(f"  default fp32: {what}", *rest, partial) for what, *rest in checks]
+    for precision in ("bf16", "fp16"):
+        r, figure, met = f.get(f"recipe:{precision}"), "-", None
+        if r is not None:
+            ratio, engine = r["images_per_second"] / ips, r["step_engine"]
+            figure, met = f"{ratio:.2f}x, engine {engine}", ratio >= 1.0 and engine == "cuda-graph"
+        what = f"  {precision} / fp32 images/s"
+        lines.append(f.judge(what, figure, ">= 1.00x, captured", met, partial))
     return lines
 
 
 def determinism_lines(f: Findings) -> list[Line]:
-    """Rerun, checkpointing and resume, each bit for bit against the uninterrupted run. With
-    the deterministic default each must be identical and every run captured; without it no
-    identity is promised, but every run must still capture."""
+    """With the deterministic default each run must be bit-identical to the uninterrupted one and
+    captured; without it no identity is promised, but every run must still capture."""
     lines = []
     for mode, label in (("on", "deterministic"), ("off", "--no-deterministic")):
-        d = f.get(f"determinism:{mode}")
-        if d is None:
+        if (d := f.get(f"determinism:{mode}")) is None:
             lines.append(Line(f"{label}: rerun, resume", f.missing(f"determinism:{mode}")))
             continue
-        engines = d.get("step_engines") or [d["step_engine"]]
+        engines = d["step_engines"]
         captured = engines == ["cuda-graph"]
         for key, what in (
             ("rerun", "rerun"),
@@ -629,107 +521,87 @@ def determinism_lines(f: Findings) -> list[Line]:
             ("resume", f"resume from {d['resumed_from']}"),
         ):
             identical = d[f"{key}_identical"]
-            figure = f"differs by up to {d[f'{key}_max_abs_difference']}"
-            figure = "bit-identical" if identical else figure
-            figure += f" to the uninterrupted run (engines {', '.join(engines)})"
-            if mode == "on":
-                target, met = "bit-identical, captured", identical and captured
-            else:
-                target, met = "captured", captured
-            lines.append(f.judge(f"{label}: {what}", figure, target, float(met), bool))
+            differs = f"differs by up to {d[f'{key}_max_abs_difference']}"
+            figure = f"{'bit-identical' if identical else differs} to the uninterrupted run"
+            figure += f" (engines {', '.join(engines)})"
+            target = "bit-identical, captured" if mode == "on" else "captured"
+            met = captured and (identical or mode == "off")
+            lines.append(f.judge(f"{label}: {what}", figure, target, met))
     return lines
 
 
 def throughput_lines(f: Findings) -> list[Line]:
-    rows = {row: f.get(f"throughput:{row}") for row in THROUGHPUT_ROWS}
+    rows = {row: f.get(f"throughput:{row}") or {} for row in THROUGHPUT_ROWS}
     lines = []
     for row, r in rows.items():
-        if r is None:
-            name = f.of_failed.get(f"throughput:{row}", {}).get("name", row)
-            lines.append(Line(f"throughput: {name}", f.missing(f"throughput:{row}")))
-        else:
-            figure = f"{r['images_per_second']:,.0f} img/s, {r['test_accuracy']:.2%}"
-            lines.append(Line(f"throughput: {r['name']}", figure))
-
-    def ratio(row: str, key: str) -> float | None:
-        return (rows[row] or {}).get(key)
+        name = (r or f.get(f"throughput:{row}", failed_too=True) or {}).get("name", row)
+        figure = f"{r['images_per_second']:,.0f} img/s, {r['test_accuracy']:.2%}" if r else None
+        lines.append(Line(f"throughput: {name}", figure or f.missing(f"throughput:{row}")))
 
     def speed(a: str, b: str) -> float | None:
-        if rows[a] and rows[b]:
-            return rows[a]["images_per_second"] / rows[b]["images_per_second"]
-        return None
+        return (
+            rows[a]["images_per_second"] / rows[b]["images_per_second"]
+            if rows[a] and rows[b]
+            else None
+        )
 
+    kept = speed("tensor", "nondeterministic")  # the images/s that determinism keeps
     # --compile inside the captured step earns its place if it is >10% faster than capture
     # alone (its compile time is in the row's process seconds).
-    gain = speed("compile", "tensor")
-    kept = speed("tensor", "nondeterministic")  # the images/s that determinism keeps
-    cost = None if kept is None else 1 - kept
-    x2 = "{:.2f}x"
     for what, value, form, target, ok in (
-        ("default / (a)", ratio("tensor", "ratio_to_plain"), x2, ">= 30x", lambda v: v >= 30),
-        ("default / (c)", ratio("tensor", "ratio_to_captured"), x2, ">= 0.95x",
+        ("default / (a)", rows["tensor"].get("ratio_to_plain"), "{:.2f}x", ">= 30x",
+         lambda v: v >= 30),
+        ("default / (c)", rows["tensor"].get("ratio_to_captured"), "{:.2f}x", ">= 0.95x",
          lambda v: v >= 0.95),
-        ("--cuda-graph off / (b)", ratio("eager", "ratio_to_plain_tensor"), x2, ">= 0.9x",
-         lambda v: v >= 0.9),
-        ("--compile / default", gain, x2 + " capture alone", "> 1.10x to keep", lambda v: v > 1.1),
-        ("determinism cost", cost, "{:.1%} of the images/s without it", "<= 10%",
-         lambda v: v <= 0.1),
+        ("--cuda-graph off / (b)", rows["eager"].get("ratio_to_plain_tensor"), "{:.2f}x",
+         ">= 0.9x", lambda v: v >= 0.9),
+        ("--compile / default", speed("compile", "tensor"), "{:.2f}x capture alone",
+         "> 1.10x to keep", lambda v: v > 1.1),
+        ("determinism cost", None if kept is None else 1 - kept,
+         "{:.1%} of the images/s without it", "<= 10%", lambda v: v <= 0.1),
     ):  # fmt: skip
         figure = "-" if value is None else form.format(value)
-        lines.append(f.judge(f"throughput: {what}", figure, target, value, ok))
+        met = None if value is None else ok(value)
+        lines.append(f.judge(f"throughput: {what}", figure, target, met))
     return lines
 
 
 def profile_lines(f: Findings) -> list[Line]:
-    p = f.get("profile")
-    if p is None:
+    if (p := f.get("profile")) is None:
         return [Line("profile, eager step", f.missing("profile"))]
-
-    def shown(key: str, form: str) -> str:
-        return "-" if p.get(key) is None else format(p[key], form)
-
-    figure = (
-        f"{shown('host_ms_per_step', '.2f')} ms host, "
-        f"{shown('gpu_kernel_ms_per_step', '.3f')} ms GPU kernels, "
-        f"{shown('cuda_kernels_per_step', '.0f')} CUDA kernels, "
-        f"{shown('aten_ops_per_step', '.0f')} ATen ops per step"
-    )
+    shown = [
+        ("-" if p.get(key) is None else format(p[key], form)) + unit
+        for key, form, unit in (
+            ("host_ms_per_step", ".2f", " ms host"),
+            ("gpu_kernel_ms_per_step", ".3f", " ms GPU kernels"),
+            ("cuda_kernels_per_step", ".0f", " CUDA kernels"),
+            ("aten_ops_per_step", ".0f", " ATen ops per step"),
+        )
+    ]
+    figure = ", ".join(shown)
     if p.get("harness_speed_vs_plain") is not None:
         figure += f"; {p['harness_speed_vs_plain']:.2f}x the bare step's speed"
     return [Line("profile, eager step", figure)]
 
 
 def pytest_lines(f: Findings) -> list[Line]:
-    target = "all pass, none skipped"
-    t = f.get("pytest") or f.of_failed.get("pytest")
-    if not t:
-        return [f.judge("pytest -m gpu", f.missing("pytest"), target, None, bool)]
-    figure = (
-        f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped"
-    )
+    what, target = "pytest -m gpu", "all pass, none skipped"
+    if not (t := f.get("pytest", failed_too=True)):
+        return [f.judge(what, f.missing("pytest"), target, None)]
+    figure = f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
+    figure += f"{t['skipped']} skipped"
     if t["skip_reasons"]:
         figure += f" ({'; '.join(t['skip_reasons'])})"
     clean = t["passed"] > 0 and not (t["failed"] or t["errors"] or t["skipped"])
-    return [f.judge("pytest -m gpu", figure, target, float(clean), bool)]
-
-
-FIGURE_WIDTH = 100  # longer figures (a failure's reason) are cut in the table, not in the JSON
+    return [f.judge(what, figure, target, clean)]
 
 
 def format_table(lines: list[Line]) -> str:
-    def cut(text: str) -> str:
-        return text if len(text) <= FIGURE_WIDTH else text[: FIGURE_WIDTH - 3] + "..."
+    """The table; a figure over 100 characters (a failure's reason) is cut, not in the JSON."""
 
-    rows = [Line("what", "figure", "target", "verdict")]
-    rows += [Line(x.what, cut(x.figure), x.target, x.verdict) for x in lines]
-    widths = [max(len(getattr(r, f)) for r in rows) for f in ("what", "figure", "target")]
-    cells = [[r.what, r.figure, r.target] for r in rows]
-    text = [
-        "  ".join([*(c.ljust(w) for c, w in zip(cs, widths, strict=True)), r.verdict]).rstrip()
-        for cs, r in zip(cells, rows, strict=True)
-    ]
-    rule = "  ".join("-" * w for w in [*widths, len("verdict")])
-    return "\n".join([text[0], rule, *text[1:]])
+    cut = [x.figure if len(x.figure) <= 100 else x.figure[:97] + "..." for x in lines]
+    rows = [[x.what, figure, x.target, x.verdict] for x, figure in zip(lines, cut, strict=True)]
+    return columns([["what", "figure", "target", "verdict"], *rows])
 
 
 def parse_parts(text: str) -> list[str]:
@@ -740,35 +612,21 @@ def parse_parts(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Measure mnist-dist on one CUDA GPU: one table, one JSON file."
-    )
-    add, env = parser.add_argument, os.environ.get
-    add(
-        "--data-dir",
-        default=env("MNIST_DIST_DATA_DIR") or "./data",
-        help="folder holding MNIST/raw/*-ubyte (default: env MNIST_DIST_DATA_DIR or ./data)",
-    )
+    parser = argparse.ArgumentParser(description="mnist-dist on one CUDA GPU, one table.")
+    add_data_dir(parser)
+    add = parser.add_argument
     add(
         "--reference-weights",
-        default=env("MNIST_DIST_REFERENCE_WEIGHTS"),
+        default=os.environ.get("MNIST_DIST_REFERENCE_WEIGHTS"),
         metavar="PTH",
         help="the reference's seed_model.pth (default: env MNIST_DIST_REFERENCE_WEIGHTS)",
     )
     add("--out", default="gpu_check.json", help="JSON results (default: gpu_check.json)")
     add("--smoke", action="store_true", help="every part on the CPU, tiny: judges nothing")
     add("--parts", type=parse_parts, default=list(PARTS), help=f"some of {','.join(PARTS)}")
-    add(
-        "--max-minutes",
-        type=float,
-        default=9.0,
-        help="the whole check's time limit: a part still running then is cut short, later "
-        "ones are not started (default: 9)",
-    )
+    add("--max-minutes", type=float, default=9.0, help="the whole check's time limit (default: 9)")
     add("--table-from", metavar="JSON", help="print an earlier --out's table")
-    # Internal: run one part in this process.
-    add("--part", choices=list(PARTS), help=argparse.SUPPRESS)
-    add("--part-json", help=argparse.SUPPRESS)
+    add("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # in a child: run one part
     add("--logs", type=Path, help=argparse.SUPPRESS)
     return parser
 
@@ -781,10 +639,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.data_dir = str(Path(args.data_dir).resolve())
     if args.reference_weights:
         args.reference_weights = str(Path(args.reference_weights).resolve())
-    settings = SMOKE_SETTINGS if args.smoke else GPU_SETTINGS
-    if args.part:  # in a child: run one part
-        sys.path.insert(0, str(HERE))  # throughput.py, as when this file runs as a script
-        globals()[f"part_{args.part}"](args, settings, PartRecorder(Path(args.part_json)))
+    settings = argparse.Namespace(**{key: pair[args.smoke] for key, pair in SETTINGS.items()})
+    if args.part:
+        globals()[f"part_{args.part}"](
+            args, settings, PartRecorder(args.logs / f"{args.part}.json")
+        )
         return 0
     if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
         print(f"gpu_check.py: error: no MNIST/raw under {args.data_dir}", file=sys.stderr)
@@ -792,10 +651,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out).resolve()
     args.logs = out.with_name(out.stem + "-logs")
     args.logs.mkdir(parents=True, exist_ok=True)
-    settings = {**asdict(settings), "data_dir": args.data_dir}
-    settings["reference_weights"] = args.reference_weights
+    shown = {"data_dir": args.data_dir, "reference_weights": args.reference_weights}
     report: dict[str, Any] = {"started_at": now(), "command": [sys.executable, *sys.argv]}
-    report |= {"smoke": args.smoke, "settings": settings, "parts": {}}
+    report |= {"smoke": args.smoke, "settings": vars(settings) | shown, "parts": {}}
 
     def save() -> None:
         try:

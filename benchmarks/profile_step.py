@@ -1,21 +1,12 @@
 """Per-step cost of mnist-dist's training step, so that a regression is visible.
 
-Builds the model, optimizer and input pipeline with the functions ``mnist-dist train`` uses,
-evaluates once (as a run has by its second epoch), runs ``--warmup`` steps, then profiles
-``--steps`` steps of ``train_step`` with ``torch.profiler`` and prints the host time per step,
-the ATen ops per step (top level, and all), on a GPU the CUDA kernels per step, their GPU time
-(far less than the host time: launch-bound) and the host-to-device bytes, and the ops that take
-the most host time.
-
-``--versus-plain R`` then times this step against row (b)'s bare PyTorch step (``baselines.py``:
-the same options and input, no Accelerate) in R interleaved rounds in one process, which cancels
-the machine's drift: the median per-round ratio is the harness's per-step cost to within a few
-percent. ``--captured-ops`` instead counts the ATen ops of one step of the CUDA graph that the
-default engine captures, run eagerly on the CPU (a graph records exactly those ops), against row
-(c)'s captured step. Run from the repository root, e.g.::
+Profiles ``--steps`` steps of ``train_step``, built as ``mnist-dist train`` builds it, and prints
+host ms, ATen ops and (on a GPU) CUDA kernels, kernel ms and host-to-device bytes per step.
+``--versus-plain R`` then times it against row (b)'s bare step (``baselines.py``) in R
+interleaved rounds; ``--captured-ops`` instead counts the ATen ops of one step of the CUDA graph
+that the default engine captures, run eagerly on the CPU, against row (c)'s. E.g.::
 
     python benchmarks/profile_step.py --data-dir ../shared/data --steps 100 --versus-plain 10
-    python benchmarks/profile_step.py --captured-ops
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml benchmarks/profile_step.py
 """
 
@@ -34,13 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from baselines import (  # rows (b) and (c), this folder
-    CapturableStep,
-    bare_model_and_optimizer,
-    bare_step,
-    captured_model_and_optimizer,
-    synchronize,
-)
+
+# Rows (b) and (c), from this folder.
+from baselines import CapturableStep, bare_model_and_optimizer, bare_step, synchronize
 from torch.profiler import ProfilerActivity, profile
 
 from mnist_dist.config import DataConfig, OptimConfig, TrainConfig
@@ -59,8 +46,7 @@ from mnist_dist.train import build_model_and_optimizer
 
 
 def trace_totals(trace_path: Path) -> tuple[int, float]:
-    """Bytes copied host-to-device, and microseconds of GPU kernels, in a profiler (Chrome)
-    trace."""
+    """Bytes copied host-to-device, and microseconds of GPU kernels, in a Chrome trace."""
     events = json.loads(trace_path.read_text()).get("traceEvents", [])
     copied = sum(
         int(e.get("args", {}).get("bytes", 0))
@@ -71,8 +57,8 @@ def trace_totals(trace_path: Path) -> tuple[int, float]:
     return copied, kernel_us
 
 
-def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
-    """Profile ``args.steps`` training steps after ``args.warmup`` untimed ones."""
+def profile_steps(args: argparse.Namespace) -> tuple[dict[str, Any], str] | None:
+    """The summary and op table of ``args.steps`` profiled steps (None on ranks but the first)."""
     training = TrainConfig(
         global_batch_size=args.batch_size,
         mixed_precision=args.mixed_precision,
@@ -115,12 +101,11 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     steps = args.steps
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
+    options = ("mixed_precision", "channels_last", "compile")
     result = {
         "device": str(device),
         "world_size": world,
-        "mixed_precision": training.mixed_precision,
-        "channels_last": training.channels_last,
-        "compile": training.compile,
+        **{k: getattr(training, k) for k in options},
         "loader": data_settings.loader,
         "global_batch_size": training.global_batch_size,
         "steps": steps,
@@ -135,7 +120,7 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
     if args.versus_plain:
         result.update(versus_plain(args, training, data, step, device))
     accelerator.end_training()
-    return {"summary": result, "table": table, "main": accelerator.is_main_process}
+    return (result, table) if accelerator.is_main_process else None
 
 
 def timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
@@ -162,8 +147,7 @@ def versus_plain(
     harness_step: Callable[[], None],
     device: torch.device,
 ) -> dict[str, Any]:
-    """Per-step time of ``harness_step`` and of the bare step of row (b) (baselines.py), in
-    ``args.versus_plain`` interleaved rounds of ``args.steps`` steps."""
+    """Per-step time of ``harness_step`` and row (b)'s bare step, in interleaved rounds."""
     model, optimizer = bare_model_and_optimizer(device, training.channels_last)
     autocast = torch.autocast(
         device.type, dtype=torch.bfloat16, enabled=training.mixed_precision == "bf16"
@@ -174,11 +158,10 @@ def versus_plain(
         images, labels, _ = next(plain_batches)
         bare_step(model, optimizer, images, labels, autocast)
 
-    plain_per_step: list[float] = []
-    harness_per_step: list[float] = []
+    plain_per_step, harness_per_step = [], []
     for _ in range(args.versus_plain):
-        for per_step, one_step in ((plain_per_step, plain_step), (harness_per_step, harness_step)):
-            per_step.append(timed(one_step, args.steps, device) / args.steps)
+        plain_per_step.append(timed(plain_step, args.steps, device) / args.steps)
+        harness_per_step.append(timed(harness_step, args.steps, device) / args.steps)
     ratios = [p / h for p, h in zip(plain_per_step, harness_per_step, strict=True)]
     return {
         "versus_plain_rounds": args.versus_plain,
@@ -205,19 +188,9 @@ def count_ops(run: Callable[[], None]) -> tuple[list[str], int]:
     return aten_ops(prof)
 
 
-def difference(ops: list[str], other: list[str]) -> dict[str, int]:
-    """How many more of each op ``ops`` has than ``other`` (negative: fewer)."""
-    counts = {name: ops.count(name) - other.count(name) for name in sorted({*ops, *other})}
-    return {name: n for name, n in counts.items() if n}
-
-
 def captured_step_op_counts(batch_size: int = 64, warmup: int = 3) -> dict[str, Any]:
-    """The ops of one step of the CUDA graph mnist-dist captures, run eagerly on the CPU (what
-    the graph records, op for op), against row (c)'s captured step (``baselines.py``), both on
-    a full batch of ``batch_size``; mnist-dist's also on the short last batch. fp32, fused
-    capturable Adam, deterministic algorithms on (the defaults). No GPU needed: a replay
-    launches one kernel per ATen op that reaches the device, so fewer ops is a cheaper graph.
-    """
+    """The ops of one captured step of mnist-dist (full batch and short last one) and of row
+    (c), run eagerly on the CPU: what their graphs record, one kernel per op at each replay."""
     torch.use_deterministic_algorithms(True)
     try:
         num_samples = 3 * batch_size + batch_size // 8  # three full batches and a short one
@@ -226,7 +199,7 @@ def captured_step_op_counts(batch_size: int = 64, warmup: int = 3) -> dict[str, 
         labels = torch.randint(0, 10, (num_samples,), generator=generator)
         device = torch.device("cpu")
 
-        model, optimizer = captured_model_and_optimizer(device)
+        model, optimizer = bare_model_and_optimizer(device, capturable=True)
         bare = CapturableStep(model, optimizer, images, labels, batch_size)
         bare.load_epoch(torch.arange(num_samples))
         for _ in range(warmup):
@@ -254,17 +227,14 @@ def captured_step_op_counts(batch_size: int = 64, warmup: int = 3) -> dict[str, 
         ours_short = count_ops(lambda: next(steps))
     finally:
         torch.use_deterministic_algorithms(False)
-    return {
-        "device": "cpu",
-        "torch": torch.__version__,
-        "row_c_top_level_ops": len(row_c[0]),
-        "row_c_aten_ops": row_c[1],
-        "captured_top_level_ops": len(ours_full[0]),
-        "captured_aten_ops": ours_full[1],
-        "captured_short_batch_top_level_ops": len(ours_short[0]),
-        "captured_short_batch_aten_ops": ours_short[1],
-        "captured_minus_row_c": difference(ours_full[0], row_c[0]),
+    counts: dict[str, Any] = {"device": "cpu", "torch": torch.__version__}
+    for name, (top, every) in (("row_c", row_c), ("captured", ours_full),
+                               ("captured_short_batch", ours_short)):  # fmt: skip
+        counts |= {f"{name}_top_level_ops": len(top), f"{name}_aten_ops": every}
+    more = {
+        op: ours_full[0].count(op) - row_c[0].count(op) for op in sorted({*ours_full[0], *row_c[0]})
     }
+    return counts | {"captured_minus_row_c": {op: n for op, n in more.items() if n}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,13 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", action="store_true")
     add("--loader", choices=["tensor", "torchvision"], default="tensor")
     add("--top", type=int, default=12, help="ops listed by host time")
-    add(
-        "--versus-plain",
-        type=int,
-        default=0,
-        metavar="ROUNDS",
-        help="then time this step against a bare PyTorch step, in ROUNDS interleaved rounds",
-    )
+    add("--versus-plain", type=int, default=0, metavar="N", help="N rounds against the bare step")
     add("--captured-ops", action="store_true", help="count a captured step's ops against (c)")
     add("--json", action="store_true", help="print the summary as JSON only")
     return parser
@@ -294,12 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.captured_ops:
-        summary, table = captured_step_op_counts(args.batch_size), None
-    else:
-        out = profile_steps(args)
-        if not out["main"]:
-            return 0
-        summary, table = out["summary"], out["table"]
+        out = captured_step_op_counts(args.batch_size), None
+    elif (out := profile_steps(args)) is None:
+        return 0
+    summary, table = out
     if args.json:
         print(json.dumps(summary))
         return 0

@@ -1,30 +1,18 @@
 """Training throughput and time-to-accuracy: plain PyTorch next to mnist-dist, side by side.
 
-Rows (``--rows``, a comma list, or ``all``): the plain PyTorch baselines of ``baselines.py``,
-(a) ``plain`` (the reference recipe as written: DataLoader, PIL transform, ``--plain-workers``),
-(b) ``plain-tensor`` (mnist-dist's default recipe and speed options as a bare loop over device
-tensors: (b) vs ``tensor`` is the harness's own overhead) and (c) ``captured`` ((b) with the
-whole step in one CUDA graph; CUDA only, elsewhere reported as not available); then mnist-dist
-rows, each ``python -m mnist_dist train`` in a subprocess with the flags in ``ROWS`` (``ddp2``
-and ``ddp2-weak`` run 2 ranks under ``accelerate launch``). (b) and (c) use deterministic
-kernels as mnist-dist does by default; ``--no-deterministic`` turns them off everywhere.
-
-Every row runs in a new Python process, so that none gains from a process warmed by the rows
-before it. A row that fails is reported with its reason and the others still run (exit code 1).
-The JSON (``--json-out``) is rewritten after every row. images/s counts training only and is
-steady state: the first epoch (and any compile time) is left out when there are two or more.
-"recipe s" is the training function with its evaluations; "process s" adds interpreter start
-and imports. With ``--repeats`` the rows take turns, each repeat starting one row later, and the
-table shows medians; a run during which other processes took CPU is flagged. E.g.::
-
-    python benchmarks/throughput.py --data-dir /data --epochs 10 --repeats 3 --rows all \\
-        --json-out throughput.json
+Rows (``--rows``): the plain PyTorch baselines (a), (b), (c) of ``baselines.py``, and mnist-dist
+with the flags in ``ROWS``. Every row runs in a new process; with ``--repeats`` the rows take
+turns, each repeat starting one row later, and the table shows medians. images/s counts training
+only, over the epochs after the first when there are two or more. A row that fails is reported
+with its reason and the others still run (exit 1). See BENCHMARKS.md for the commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -35,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -42,14 +31,8 @@ from typing import Any
 
 import torch
 import yaml
-from baselines import (  # the plain PyTorch rows, in this folder
-    BASELINE_ROWS,
-    TRAIN,
-    EpochTiming,
-    RunResult,
-    run_baseline,
-    steady_images_per_second,
-)
+from baselines import TRAIN, EpochTiming, RunResult, finished, run_device_tensors, run_plain
+from common import add_data_dir, columns, one_line, write_json
 
 from mnist_dist.layout import RunLayout
 
@@ -83,16 +66,13 @@ CUDA_ONLY_ROWS = {
 
 
 def run_timed(command: list[str], what: str) -> float:
-    """Run ``command`` from the repository root and return its wall seconds; raise with the
-    tail of its output if it fails."""
+    """Wall seconds of ``command`` run from the repository root; raises with its output's tail."""
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-20:]
-        command_line = " ".join(command)
-        raise RuntimeError(
-            "\n".join([f"{what} exited with {proc.returncode}: {command_line}", *tail])
-        )
+        first = f"{what} exited with {proc.returncode}: {' '.join(command)}"
+        raise RuntimeError("\n".join([first, *tail]))
     return time.perf_counter() - started
 
 
@@ -127,91 +107,66 @@ def run_mnist_dist(row: str, args: argparse.Namespace) -> RunResult:
         )
         for r in records
     ]
-    return RunResult(
-        row=row,
-        images_per_second=steady_images_per_second(timings),
-        test_accuracy=float(summary["test_accuracy"]),
-        test_correct=summary["test_correct"],
-        test_total=summary["test_total"],
-        wall_seconds=summary["segment_wall_seconds"],
-        process_seconds=process_seconds,
-        epochs=timings,
-        extra={
-            **{
-                k: summary[k]
-                for k in ("world_size", "mixed_precision", "step_engine", "deterministic")
-            },
-            "train_seconds": sum(t.train_seconds for t in timings),
-            "num_workers": resolved.get("data", {}).get("num_workers"),
-            "summary_images_per_second": summary["images_per_second"],
-            "epoch_seconds": [r["epoch_seconds"] for r in records],
-            "test_accuracy_per_epoch": [r["test_accuracy"] for r in records],
-        },
-    )
+    keys = ("world_size", "mixed_precision", "step_engine", "deterministic")
+    result = finished(
+        row, summary["segment_wall_seconds"], timings, summary["test_correct"],
+        summary["test_total"], **{k: summary[k] for k in keys},
+        train_seconds=sum(t.train_seconds for t in timings),
+        num_workers=resolved.get("data", {}).get("num_workers"),
+        summary_images_per_second=summary["images_per_second"],
+        epoch_seconds=[r["epoch_seconds"] for r in records],
+        test_accuracy_per_epoch=[r["test_accuracy"] for r in records],
+    )  # fmt: skip
+    result.process_seconds = process_seconds
+    return result
 
 
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all processes on this machine have used since boot (Linux), or None."""
+def others_cpu_seconds() -> float | None:
+    """CPU seconds used since boot by other processes than this one and its children (Linux)."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
     except OSError:
         return None
     ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds used by this process and its finished (waited-for) children."""
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
     usages = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    return sum(u.ru_utime + u.ru_stime for u in usages)
+    return busy - sum(u.ru_utime + u.ru_stime for u in usages)
 
 
-def run_plain_subprocess(row: str, args: argparse.Namespace) -> RunResult:
-    """Row (a), (b) or (c) in a new Python process, like the mnist-dist rows: a fresh process
-    (allocator, caches, thread pools) is not the harness's cost, so no row runs in a warm one.
-    In-process, a (b) after other rows measured 17,000-18,000 images/s where new processes
-    gave 11,000-17,000."""
-    with tempfile.TemporaryDirectory(prefix="mnist-dist-bench-") as tmp:
-        out = Path(tmp) / "result.json"
-        command = [
-            sys.executable, str(Path(__file__).resolve()), "--worker", row,
-            "--data-dir", args.data_dir, "--epochs", str(args.epochs),
-            "--plain-workers", str(args.plain_workers), "--result-json", str(out),
-            "--deterministic" if args.deterministic else "--no-deterministic",
-        ]  # fmt: skip
-        if args.max_train_samples is not None:
-            command += ["--max-train-samples", str(args.max_train_samples)]
-        process_seconds = run_timed(command, f"row {row}")
-        saved = json.loads(out.read_text())
-    return result_from_dict({**saved, "process_seconds": process_seconds})
+def run_baseline(row: str, args: argparse.Namespace) -> RunResult:
+    """Row (a), (b) or (c) in a new process, as the mnist-dist rows: a process warmed by other
+    rows (allocator, caches, thread pools) made (b) up to 1.5x faster."""
+    started, sizes = time.perf_counter(), (args.data_dir, args.epochs, args.max_train_samples)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        if row == "plain":
+            job = pool.submit(run_plain, *sizes, args.plain_workers)
+        else:
+            job = pool.submit(run_device_tensors, row, *sizes, args.deterministic)
+        result = job.result()
+    result.process_seconds = time.perf_counter() - started
+    return result
 
 
-def result_from_dict(saved: dict[str, Any]) -> RunResult:
+def as_result(saved: dict[str, Any]) -> RunResult:
     return RunResult(**{**saved, "epochs": [EpochTiming(**e) for e in saved["epochs"]]})
 
 
 def run_row(row: str, args: argparse.Namespace) -> RunResult:
-    """Run one row in a new process and note how much CPU other processes took meanwhile
-    (steal included)."""
-    busy, own, started = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
-    run = run_plain_subprocess if row in BASELINE_ROWS else run_mnist_dist
-    result = run(row, args)
-    busy_after = machine_busy_seconds()
-    if busy is not None and busy_after is not None:
-        other = (busy_after - busy) - (own_cpu_seconds() - own)
-        result.other_cpu_cores = max(0.0, other) / (time.perf_counter() - started)
+    """One row in a new process, with the CPU that other processes took meanwhile (steal too)."""
+    others, started = others_cpu_seconds(), time.perf_counter()
+    result = (run_baseline if ROWS[row][1] is None else run_mnist_dist)(row, args)
+    if others is not None and (after := others_cpu_seconds()) is not None:
+        result.other_cpu_cores = max(0.0, after - others) / (time.perf_counter() - started)
     return result
 
 
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine() or "unknown"
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith(("model name", "hardware", "cpu model")):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     return {
         "cpu_model": cpu,
         "cpu_count": os.cpu_count(),
@@ -225,22 +180,8 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def ratio_fields(name: str, runs: list[RunResult], baseline: list[RunResult] | None) -> dict:
-    """The median and range, as ``ratio_to_NAME`` and ``..._range``, of each repeat's rate over
-    the baseline's in the same repeat: the rows take turns, so pairing by repeat cancels the
-    machine's drift between repeats. (Written mid-way, one may hold one more repeat than the
-    other; that one is left unpaired.)"""
-    pairs = zip(runs, baseline or [], strict=False)
-    ratios = [r.images_per_second / b.images_per_second for r, b in pairs]
-    return {
-        f"ratio_to_{name}": statistics.median(ratios) if ratios else None,
-        f"ratio_to_{name}_range": [min(ratios), max(ratios)] if ratios else None,
-    }
-
-
 def summarize_rows(runs: dict[str, list[RunResult]]) -> list[dict[str, Any]]:
-    """Per row with runs: medians over its repeats, and its ratios to rows (a), (b) and (c)."""
-    baselines = {"plain": "plain", "plain_tensor": "plain-tensor", "captured": "captured"}
+    """Per row that ran: medians over its repeats, and its ratios to rows (a), (b) and (c)."""
     summaries = []
     for row, row_runs in ((row, r) for row, r in runs.items() if r):
         process = [r.process_seconds for r in row_runs if r.process_seconds is not None]
@@ -252,8 +193,14 @@ def summarize_rows(runs: dict[str, list[RunResult]]) -> list[dict[str, Any]]:
             "images_per_second": statistics.median(speeds),
             "images_per_second_range": [min(speeds), max(speeds)],
         }
-        for name, baseline in baselines.items():
-            summary |= ratio_fields(name, row_runs, runs.get(baseline))
+        # Each repeat over the baseline in the same repeat, which cancels the machine's drift
+        # between repeats (a repeat that only one of them has run yet is left out).
+        for name, baseline in (("plain", "plain"), ("plain_tensor", "plain-tensor"),
+                               ("captured", "captured")):  # fmt: skip
+            pairs = zip(row_runs, runs.get(baseline) or [], strict=False)
+            ratios = [r.images_per_second / b.images_per_second for r, b in pairs]
+            summary[f"ratio_to_{name}"] = statistics.median(ratios) if ratios else None
+            summary[f"ratio_to_{name}_range"] = [min(ratios), max(ratios)] if ratios else None
         summaries.append(
             summary
             | {
@@ -272,36 +219,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     with_c = any(r.get("ratio_to_captured") is not None for r in rows)
     ratio_keys = ["ratio_to_plain", "ratio_to_plain_tensor"] + ["ratio_to_captured"] * with_c
     header = ["row", "images/s", "vs (a)", "vs (b)", *["vs (c)"] * with_c]
-    header += ["test acc", "recipe s", "process s"]
 
     def shown(value: float | None, form: str) -> str:
         return "-" if value is None else format(value, form)
-
-    def ratio(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}x"
 
     lines = [
         [
             r["name"],
             f"{r['images_per_second']:,.0f}",
-            *(ratio(r.get(key)) for key in ratio_keys),
+            *(shown(r.get(key), ".2f") + "x" * (r.get(key) is not None) for key in ratio_keys),
             f"{r['test_accuracy']:.2%}",
             f"{r['wall_seconds']:.1f}",
             shown(r["process_seconds"], ".1f"),
         ]
         for r in rows
     ]
-    widths = [max(len(x) for x in column) for column in zip(header, *lines, strict=True)]
-    text = [
-        "  ".join(
-            [
-                cells[0].ljust(widths[0]),
-                *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)),
-            ]
-        )
-        for cells in [header, ["-" * w for w in widths], *lines]
-    ]
-    return "\n".join(text)
+    return columns([[*header, "test acc", "recipe s", "process s"], *lines], right=True)
 
 
 def parse_rows(text: str) -> list[str]:
@@ -325,24 +258,14 @@ def at_least(low: int) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Training throughput of plain PyTorch (reference recipe) vs mnist-dist."
-    )
+    parser = argparse.ArgumentParser(description="Throughput: plain PyTorch vs mnist-dist.")
+    add_data_dir(parser)
     add = parser.add_argument
-    add(
-        "--data-dir",
-        default=os.environ.get("MNIST_DIST_DATA_DIR") or "./data",
-        help="folder holding MNIST/raw/*-ubyte (default: env MNIST_DIST_DATA_DIR or ./data)",
-    )
     add("--epochs", type=at_least(1), default=2, help="epochs per run")
     add("--repeats", type=at_least(1), default=1, help="runs per row; medians are reported")
     add("--max-train-samples", type=at_least(1), help="train on the first N images only")
-    add(
-        "--rows",
-        type=parse_rows,
-        default=parse_rows("plain,plain-tensor,tensor"),
-        help=f"'all' or a comma list from {','.join(ROWS)} (default: plain,plain-tensor,tensor)",
-    )
+    rows, default = ",".join(ROWS), "plain,plain-tensor,tensor"
+    add("--rows", type=parse_rows, default=parse_rows(default), help=f"'all' or some of {rows}")
     add("--plain-workers", type=at_least(0), default=0, help="DataLoader workers for row (a)")
     add(
         "--deterministic",
@@ -353,38 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--json-out", metavar="PATH", help="also write the results as JSON (after every row)")
     add("--table-from", metavar="JSON", help="print the table of an earlier --json-out again")
-    # Internal: run one of the bare rows in this process and write its result as JSON.
-    add("--worker", choices=BASELINE_ROWS, help=argparse.SUPPRESS)
-    add("--result-json", help=argparse.SUPPRESS)
     return parser
-
-
-def failure_reason(error: BaseException) -> str:
-    """One line for a failed row: mnist-dist's own error line if its output has one, else the
-    last line of the output (``run_timed`` puts the output's tail in its message)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    ours = [line for line in lines if line.startswith("mnist-dist: error:")]
-    return (ours or lines or [type(error).__name__])[-1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.table_from:
-        saved = json.loads(Path(args.table_from).read_text())
-        runs = {r["row"]: [result_from_dict(x) for x in r["runs"]] for r in saved["rows"]}
+        saved = json.loads(Path(args.table_from).read_text())["rows"]
+        runs = {r["row"]: [as_result(x) for x in r["runs"]] for r in saved}
         print(format_table(summarize_rows(runs)))
         return 0
     args.data_dir = str(Path(args.data_dir).resolve())
     if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
         print(f"throughput.py: no MNIST/raw under {args.data_dir}", file=sys.stderr)
         return 2
-    if args.worker:
-        result = run_baseline(
-            args.worker, args.data_dir, args.epochs, args.max_train_samples,
-            args.plain_workers, args.deterministic,
-        )  # fmt: skip
-        Path(args.result_json).write_text(json.dumps(asdict(result)))
-        return 0
 
     m = machine_info()
     print(
@@ -398,27 +303,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.repeats} repeat(s), images/s over {steady}, plain workers {args.plain_workers}, "
         f"deterministic (b), (c) {'on' if args.deterministic else 'off'}"
     )
-    unavailable: dict[str, str] = {}
-    if m["cuda"] is None:
-        unavailable = {row: CUDA_ONLY_ROWS[row] for row in args.rows if row in CUDA_ONLY_ROWS}
+    cuda_only = {} if m["cuda"] else CUDA_ONLY_ROWS
+    unavailable = {row: cuda_only[row] for row in args.rows if row in cuda_only}
     for row, why in unavailable.items():
         print(f"{ROW_NAMES[row]}: not available here: {why}")
     failed: dict[str, str] = {}
     rows_to_run = [row for row in args.rows if row not in unavailable]
     runs: dict[str, list[RunResult]] = {row: [] for row in rows_to_run}
 
-    def write_json() -> None:
-        settings = {k: getattr(args, k) for k in ("data_dir", "epochs", "repeats", "rows")}
-        settings |= {k: getattr(args, k) for k in ("max_train_samples", "plain_workers")}
-        settings |= {"deterministic": args.deterministic, "seed": TRAIN.seed}
-        out = {
-            "machine": {**m, "load_average_1min_after": os.getloadavg()[0]},
-            "settings": {**settings, "batch_size": TRAIN.global_batch_size},
-            "rows": summarize_rows(runs),
-            "unavailable": unavailable,
-            "failed": failed,
-        }
-        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+    def save() -> None:
+        keys = ("data_dir", "epochs", "repeats", "rows", "max_train_samples", "plain_workers")
+        settings = {k: getattr(args, k) for k in (*keys, "deterministic")}
+        settings |= {"seed": TRAIN.seed, "batch_size": TRAIN.global_batch_size}
+        machine = {**m, "load_average_1min_after": os.getloadavg()[0]}
+        out = {"machine": machine, "settings": settings, "rows": summarize_rows(runs)}
+        write_json(Path(args.json_out), out | {"unavailable": unavailable, "failed": failed})
 
     for repeat in range(1, args.repeats + 1):
         # Rows take turns so that drift hits them alike, and each repeat starts one row later
@@ -431,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 result = run_row(row, args)
             except Exception as e:  # any row's failure: report it, run the others
-                failed[row] = failure_reason(e)
+                failed[row] = one_line(str(e))
                 print(f"failed: {failed[row]}")
                 print(str(e), file=sys.stderr)
                 continue
@@ -444,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     file=sys.stderr,
                 )
             if args.json_out:
-                write_json()
+                save()
 
     rows = summarize_rows(runs)
     if rows:
@@ -455,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"failed: {', '.join(ROW_NAMES[row] for row in failed)}", file=sys.stderr)
     if args.json_out:
-        write_json()
+        save()
         print(f"\nresults written to {args.json_out}")
     return 1 if failed else 0
 

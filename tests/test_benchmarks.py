@@ -39,6 +39,8 @@ def without_module(module: str, folder: Path) -> dict[str, str]:
 
 def load_benchmark(name: str):
     """A script of benchmarks/ (a folder of scripts, not a package) as a module."""
+    if str(ROOT / "benchmarks") not in sys.path:  # as for a script: its siblings importable
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(
         f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py"
     )
