@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext, suppress
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -46,14 +45,6 @@ class StepFigures:
         return torch.stack([bad.any().long(), bad.long().argmax()])
 
 
-class StepEngine(Protocol):
-    name: str
-
-    def run_epoch(self, epoch: int, start_step: int) -> Iterator[int]:
-        """Launch the steps of ``epoch`` from ``start_step`` on, yielding each one's index."""
-        ...
-
-
 def lr_value(lr: float | torch.Tensor) -> float:
     """An LR (a captured step's is a device tensor) as a float; a float32 one as its shortest
     decimal, so 1e-3 reads 0.001 and not 0.0010000000474974513."""
@@ -65,9 +56,8 @@ def lr_value(lr: float | torch.Tensor) -> float:
 
 
 def lr_tensor(lr: float, device: torch.device) -> torch.Tensor:
-    """The LR of a capturable optimizer, a device tensor the scheduler fills in place. Its dtype
-    is what the fused kernels read a float LR as (float on CUDA, double on the CPU), so the step
-    equals the one with a float LR bit for bit."""
+    """The LR of a capturable optimizer, in the dtype fused Adam reads a float LR as (float on
+    CUDA, double on the CPU), so the step equals the one with a float LR bit for bit."""
     dtype = torch.float32 if device.type == "cuda" else torch.float64
     return torch.tensor(lr, dtype=dtype, device=device)
 
@@ -117,10 +107,8 @@ class CudaUnusableError(MnistDistError):
 
 
 class CapturedStep:
-    """The whole optimizer step as a CUDA graph per batch size (the short last batch of an
-    epoch has its own), replayed once per step in one process. The graph reads the epoch's
-    order and a step counter from device buffers, and Adam (``capturable``) reads its LR from a
-    device tensor the scheduler fills in place. Before ``capture`` the same steps run eagerly."""
+    """The optimizer step as one CUDA graph per batch size, replayed once per step (one process),
+    reading the epoch's order, the step and the LR from device tensors. Eager until ``capture``."""
 
     name = "cuda-graph"
 
@@ -139,10 +127,10 @@ class CapturedStep:
         self.model, self.scaler, self.backward = model, scaler, _backward(scaler)
         self.prepared_optimizer, self.optimizer = optimizer, _inner(optimizer)
         self.data, self.stats, self.grad_accum = data, stats, grad_accum
-        device = data.images.device
-        steps = sharding.steps_per_epoch
-        batch = sharding.global_batch_size
-        self.order = torch.zeros(steps, batch, dtype=torch.int64, device=device)
+        device, steps = data.images.device, sharding.steps_per_epoch
+        self.order = torch.zeros(
+            steps, sharding.global_batch_size, dtype=torch.int64, device=device
+        )
         self.position = torch.zeros(1, dtype=torch.int64, device=device)
         # Training forward passes of this process, counted on the device for a fault handler
         # at ``train.loss`` (a replay runs no Python); counted only while one is installed.
@@ -175,9 +163,7 @@ class CapturedStep:
 
     def step(self, size: int) -> None:
         """One optimizer step on the first ``size`` images of the batch at ``position``."""
-        indices = self.order.index_select(0, self.position).view(-1)
-        if size < len(indices):
-            indices = indices[:size]
+        indices = self.order.index_select(0, self.position).view(-1)[:size]
         images = self.data.images.index_select(0, indices)
         labels = self.data.labels.index_select(0, indices)
         figures = forward_backward(
@@ -207,7 +193,19 @@ class CapturedStep:
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
         failure: Exception | None = None
         try:
-            self._warm_up(torch.cuda.Stream() if cuda else None)
+            side = torch.cuda.Stream() if cuda else None
+            if side is not None:  # warm up off the default stream, as capture requires
+                side.wait_stream(torch.cuda.current_stream())
+            try:
+                with torch.cuda.stream(side) if side is not None else nullcontext():
+                    for size, step in self.shapes.items():
+                        for _ in range(WARMUP_STEPS):
+                            self.position.fill_(step)
+                            self.optimizer.zero_grad(set_to_none=True)
+                            self.step(size)
+            finally:
+                if side is not None:
+                    torch.cuda.current_stream().wait_stream(side)
             for size, step in self.shapes.items():
                 self.position.fill_(step)
                 # Gradients allocated inside the capture live in the graph's memory pool, and
@@ -233,20 +231,8 @@ class CapturedStep:
             raise failure
         self.graphs = graphs
 
-    def _warm_up(self, side: torch.cuda.Stream | None) -> None:
-        """``WARMUP_STEPS`` steps of each batch size, off the default stream as capture needs."""
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream())
-        try:
-            with torch.cuda.stream(side) if side is not None else nullcontext():
-                for size, step in self.shapes.items():
-                    for _ in range(WARMUP_STEPS):
-                        self.position.fill_(step)
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.step(size)
-        finally:
-            if side is not None:
-                torch.cuda.current_stream().wait_stream(side)
+
+StepEngine = EagerStep | CapturedStep  # run_epoch yields each step's index once launched
 
 
 def record_graph(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
@@ -319,10 +305,9 @@ def forward_backward(
     out: torch.Tensor | None = None,
     loss_fault: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Forward and backward of a batch in ``grad_accum`` micro-batches, for both engines: the
-    gradient is that of ``scale`` times the summed cross-entropy, whose float32 value passes
-    the ``train.loss`` fault point (or ``loss_fault``). ``no_sync``: the context of every
-    micro-batch but the last. Returns (summed loss, correct), float32 (into ``out`` if given)."""
+    """Forward and backward of a batch in ``grad_accum`` micro-batches (``no_sync`` around all but
+    the last), for the gradient of ``scale`` times the summed cross-entropy. Returns (summed
+    loss, correct), float32, into ``out`` if given."""
     micro_batches = [(images, labels)]
     if grad_accum > 1:
         micro_batches = list(
@@ -383,9 +368,8 @@ def build_engine(
     data: TrainData,
     grad_accum: int,
 ) -> tuple[StepEngine, StepFigures, str]:
-    """The step engine ``--cuda-graph MODE`` asks for, its ``StepFigures`` and why it was
-    chosen. A capture that fails leaves one warning and eager steps (unless it left CUDA
-    unusable: ``CudaUnusableError``)."""
+    """The step engine ``--cuda-graph MODE`` asks for, its ``StepFigures`` and why; a failed
+    capture leaves a warning and eager steps."""
     figures = StepFigures(data.sharding.steps_per_epoch, accelerator.device)
     why = "the whole optimizer step replays as one CUDA graph per batch size"
     if mode == "off":
