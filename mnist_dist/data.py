@@ -1,9 +1,8 @@
 """MNIST on disk, the reference preprocessing, and the two input pipelines.
 
-Both shard alike: each epoch's seeded permutation of the training set is cut into global
-batches, and each rank takes a contiguous slice of every one, so the results depend neither on
-the world size nor on the pipeline. We never ``prepare`` a DataLoader (double sharding:
-huggingface/accelerate#4075).
+Both cut each epoch's seeded permutation into global batches and give each rank a contiguous
+slice of every one, so results depend on neither the world size nor the pipeline. We never
+``prepare`` a DataLoader (double sharding: huggingface/accelerate#4075).
 """
 
 from __future__ import annotations
@@ -77,8 +76,7 @@ def as_light_on_dark(image: Image.Image) -> tuple[Image.Image, bool]:
 
 def download_mnist(data_dir: str | Path, splits: tuple[str, ...] = ALL_SPLITS) -> None:
     """Fetch the splits with torchvision into ``data_dir``/MNIST/raw, then verify them."""
-    misplaced = misplaced_mnist(data_dir)
-    if misplaced:
+    if misplaced := misplaced_mnist(data_dir):
         # Downloading here would nest a second MNIST/raw inside the user's copy.
         raise UsageError(f"not downloading into {raw_dir(data_dir)}: {misplaced}")
     try:

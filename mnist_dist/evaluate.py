@@ -107,9 +107,7 @@ def _gather_misclassified(
     order). Collective when ``limit`` > 0."""
     if limit <= 0:
         return []
-    shards = [(seen, wrong)]
-    if accelerator.num_processes > 1:
-        shards = gather_object(shards)
+    shards = gather_object([(seen, wrong)]) if accelerator.num_processes > 1 else [(seen, wrong)]
     merged, offset = [], 0
     for shard_size, examples in shards:
         for example in examples:
