@@ -1,11 +1,8 @@
 """MNIST on disk, the reference preprocessing, and the two input pipelines.
 
-Both pipelines shard the same way: each epoch draws one seeded permutation of the training set
-(identical on every rank), cuts it into global batches of ``global_batch_size`` and gives each
-rank a contiguous slice of every global batch. So the global batches, and therefore the results,
-do not depend on the world size or on which pipeline is used, and across ranks every training
-image is seen exactly once per epoch. We shard ourselves and never ``prepare`` a DataLoader
-(double sharding: huggingface/accelerate#4075).
+Both cut each epoch's seeded permutation into global batches and give each rank a contiguous
+slice of every one, so results depend on neither the world size nor the pipeline. We never
+``prepare`` a DataLoader (double sharding: huggingface/accelerate#4075).
 """
 
 from __future__ import annotations
@@ -33,16 +30,10 @@ _IMAGE_MAGIC = 2051  # IDX: unsigned bytes, 3 dimensions
 _LABEL_MAGIC = 2049  # IDX: unsigned bytes, 1 dimension
 
 
-@dataclass(frozen=True)
-class _SplitFiles:
-    images: str
-    labels: str
-    full_count: int
-
-
+# Each split's IDX files, images and labels, and its full size.
 SPLITS = {
-    "train": _SplitFiles("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60_000),
-    "test": _SplitFiles("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60_000),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
 }
 # The published md5 of each uncompressed file, checked when it claims the full split.
 _MD5 = {
@@ -51,7 +42,7 @@ _MD5 = {
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
-EXPECTED_FILES = [name for s in SPLITS.values() for name in (s.images, s.labels)]
+EXPECTED_FILES = [name for split in SPLITS.values() for name in split[:2]]
 ALL_SPLITS = ("train", "test")  # what training reads; evaluation reads only "test"
 
 
@@ -72,10 +63,8 @@ def reference_transform() -> transforms.Compose:
 
 
 def as_light_on_dark(image: Image.Image) -> tuple[Image.Image, bool]:
-    """``image`` in grayscale with MNIST's polarity, light strokes on a dark background, and
-    whether it had to be inverted for that. The border is taken for the background (a digit is
-    drawn or cropped inside its image): a border brighter on average than mid-grey is a light
-    background, such as a photo or scan of a digit written on paper."""
+    """``image`` in grayscale with MNIST's light strokes on a dark background, and whether it
+    was inverted for that: a border brighter on average than mid-grey is a light background."""
     gray = image.convert("L")
     pixels = np.asarray(gray, dtype=np.float64)
     frame = max(1, min(pixels.shape) // 10)  # the outer tenth of the shorter side
@@ -87,8 +76,7 @@ def as_light_on_dark(image: Image.Image) -> tuple[Image.Image, bool]:
 
 def download_mnist(data_dir: str | Path, splits: tuple[str, ...] = ALL_SPLITS) -> None:
     """Fetch the splits with torchvision into ``data_dir``/MNIST/raw, then verify them."""
-    misplaced = misplaced_mnist(data_dir)
-    if misplaced:
+    if misplaced := misplaced_mnist(data_dir):
         # Downloading here would nest a second MNIST/raw inside the user's copy.
         raise UsageError(f"not downloading into {raw_dir(data_dir)}: {misplaced}")
     try:
@@ -105,12 +93,20 @@ def prepare_raw_files(
     data_dir: str | Path, download: bool, splits: tuple[str, ...] = ALL_SPLITS
 ) -> None:
     """Make the raw files of ``splits`` usable: unpack ``.gz`` copies, download if allowed,
-    verify. Files of other splits are neither needed nor checked."""
+    verify."""
     folder = raw_dir(data_dir)
     for name in _split_files(splits):
         target, archive = folder / name, folder / f"{name}.gz"
-        if not target.exists() and archive.exists():
-            _gunzip(archive, target)
+        if target.exists() or not archive.exists():
+            continue
+        partial = target.with_name(target.name + ".partial")
+        try:
+            with gzip.open(archive, "rb") as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            partial.replace(target)
+        except (OSError, EOFError) as e:
+            partial.unlink(missing_ok=True)
+            raise UsageError(f"cannot unpack {archive}: {e}") from None
     if download and any(not (folder / name).exists() for name in _split_files(splits)):
         download_mnist(data_dir, splits)
         return
@@ -120,14 +116,12 @@ def prepare_raw_files(
 def ensure_raw_files(
     accelerator: Accelerator, config: DataConfig, splits: tuple[str, ...] = ALL_SPLITS
 ) -> None:
-    """``prepare_raw_files`` on the main process first, then on the other ranks, which find the
-    files in place and verify them. Missing or damaged files raise the same one-line error on
-    every rank: each rank first leaves its turn, so that none waits at the barrier for a rank
-    that has failed."""
+    """``prepare_raw_files`` on the main process first, then on the others. A failure is raised
+    after the rank's turn, so that no rank waits at the barrier for one that failed."""
     failure: UsageError | None = None
+    download = config.download and accelerator.is_main_process  # only it may download
     with accelerator.main_process_first():
         try:
-            download = config.download and accelerator.is_main_process  # only it may download
             prepare_raw_files(config.data_dir, download, splits)
         except UsageError as e:
             failure = e
@@ -136,15 +130,14 @@ def ensure_raw_files(
 
 
 def misplaced_mnist(data_dir: str | Path) -> str | None:
-    """What to do instead, when ``data_dir`` is not the folder that holds MNIST/raw but the
-    MNIST files are right there: ``data_dir`` is itself ``MNIST/raw`` (or ``MNIST``), or holds
-    the files loose. None when ``data_dir``/MNIST/raw holds any of them (or nothing is near)."""
+    """What to do instead when ``data_dir``/MNIST/raw holds no MNIST file but ``data_dir`` or
+    ``data_dir``/raw does; else None."""
     data_dir = Path(data_dir)
-    if _holds_mnist_files(raw_dir(data_dir)):
-        return None
-    for found in (data_dir, data_dir / "raw"):
-        if not _holds_mnist_files(found):
+    for found in (raw_dir(data_dir), data_dir, data_dir / "raw"):
+        if not any((found / n).exists() or (found / f"{n}.gz").exists() for n in EXPECTED_FILES):
             continue
+        if found == raw_dir(data_dir):
+            return None
         if found.name == "raw" and found.parent.name == "MNIST":
             return (
                 f"{found} itself holds the MNIST files; pass the folder that contains MNIST/raw: "
@@ -157,57 +150,40 @@ def misplaced_mnist(data_dir: str | Path) -> str | None:
     return None
 
 
-def _holds_mnist_files(folder: Path) -> bool:
-    return any((folder / n).exists() or (folder / f"{n}.gz").exists() for n in EXPECTED_FILES)
-
-
 def _split_files(splits: tuple[str, ...]) -> list[str]:
-    return [name for split in splits for name in (SPLITS[split].images, SPLITS[split].labels)]
-
-
-def _gunzip(archive: Path, target: Path) -> None:
-    partial = target.with_name(target.name + ".partial")
-    try:
-        with gzip.open(archive, "rb") as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        partial.replace(target)
-    except (OSError, EOFError) as e:
-        partial.unlink(missing_ok=True)
-        raise UsageError(f"cannot unpack {archive}: {e}") from None
+    return [name for split in splits for name in SPLITS[split][:2]]
 
 
 def verify_raw_files(data_dir: str | Path, splits: tuple[str, ...] = ALL_SPLITS) -> None:
     """Check that the IDX files of ``splits`` are there, and each one's header, size, shape and
-    labels; md5 too for the full splits. (torchvision only checks that they exist: a flipped
-    byte would load silently, a truncated file fail with a reshape error deep in its reader.)"""
+    labels; md5 too for the full splits (torchvision checks only that they exist)."""
     folder = raw_dir(data_dir)
     missing = [name for name in _split_files(splits) if not (folder / name).exists()]
     if missing:
-        misplaced = misplaced_mnist(data_dir)
-        if misplaced:
-            raise UsageError(f"MNIST not found in {folder}: {misplaced}")
-        raise UsageError(
-            f"MNIST not found in {folder}: missing {', '.join(missing)}; "
+        hint = misplaced_mnist(data_dir) or (
+            f"missing {', '.join(missing)}; "
             f"run `mnist-dist download --data-dir {data_dir}` or pass --download"
         )
-    for split in (SPLITS[name] for name in splits):
-        n_images = _check_idx(folder / split.images, _IMAGE_MAGIC, (IMAGE_SIZE, IMAGE_SIZE))
-        n_labels = _check_idx(folder / split.labels, _LABEL_MAGIC, ())
+        raise UsageError(f"MNIST not found in {folder}: {hint}")
+    for images, labels, full_count in (SPLITS[split] for split in splits):
+        n_images = _check_idx(folder / images, _IMAGE_MAGIC, (IMAGE_SIZE, IMAGE_SIZE))
+        n_labels = _check_idx(folder / labels, _LABEL_MAGIC, ())
         if n_images != n_labels:
             raise UsageError(
-                f"{folder / split.images} holds {n_images} images but "
-                f"{folder / split.labels} holds {n_labels} labels"
+                f"{folder / images} holds {n_images} images but "
+                f"{folder / labels} holds {n_labels} labels"
             )
-        labels = np.fromfile(folder / split.labels, dtype=np.uint8, offset=8)
-        if labels.size and labels.max() > 9:
-            bad = int(np.argmax(labels > 9))
+        values = np.fromfile(folder / labels, dtype=np.uint8, offset=8)
+        if values.size and values.max() > 9:
+            bad = int(np.argmax(values > 9))
             raise UsageError(
-                f"{folder / split.labels} is corrupt: label {labels[bad]} at index {bad} "
+                f"{folder / labels} is corrupt: label {values[bad]} at index {bad} "
                 "(labels must be 0-9)"
             )
-        if n_images == split.full_count:
-            for name in (split.images, split.labels):
-                actual, md5 = _md5(folder / name), _MD5[name]
+        if n_images == full_count:
+            for name in (images, labels):
+                data = (folder / name).read_bytes()
+                actual, md5 = hashlib.md5(data, usedforsecurity=False).hexdigest(), _MD5[name]
                 if actual != md5:
                     raise UsageError(
                         f"{folder / name} is corrupt: md5 {actual} differs from the published "
@@ -244,17 +220,8 @@ def _check_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> int:
     return count
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class _SplitReader(datasets.MNIST):
-    """torchvision's MNIST reader, needing only the two files of the split it reads (its own
-    check wants all four, so a copy with only the test files would be "not found")."""
+    """torchvision's MNIST reader, needing only the two files of the split it reads."""
 
     @property
     def raw_folder(self) -> str:  # torchvision derives it from the class name
@@ -265,8 +232,8 @@ class _SplitReader(datasets.MNIST):
         return str(Path(self.root) / "MNIST" / "processed")
 
     def _check_exists(self) -> bool:
-        split = SPLITS["train" if self.train else "test"]
-        return all((raw_dir(self.root) / name).exists() for name in (split.images, split.labels))
+        files = _split_files(("train" if self.train else "test",))
+        return all((raw_dir(self.root) / name).exists() for name in files)
 
 
 def load_split(
@@ -279,17 +246,15 @@ def load_split(
 def split_tensors(
     dataset: datasets.MNIST, limit: int | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference preprocessing applied to a whole split at once, resident on ``device``:
-    Grayscale and Resize(28x28) are identities on MNIST and ToTensor is ``uint8 / 255``, so this
-    equals ``reference_transform()`` image for image (a test checks)."""
+    """``reference_transform()`` of the first ``limit`` images at once, on ``device`` (on MNIST
+    it is ``uint8 / 255``)."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     images = dataset.data[:n].to(device).unsqueeze(1).float().div_(255)
     return images, dataset.targets[:n].to(device)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of ``epoch``'s shuffle in a run seeded with ``seed``: a different one for every
-    seed and every epoch below 100,003, so no two runs or epochs share an order by accident."""
+    """The seed of ``epoch``'s shuffle, distinct for every seed and every epoch below 100,003."""
     return seed * 100_003 + epoch
 
 
@@ -317,8 +282,7 @@ class Sharding:
         return torch.randperm(self.num_samples, generator=generator)
 
     def rank_indices(self, epoch: int) -> list[torch.Tensor]:
-        """This rank's image indices for every step of ``epoch`` (contiguous slices, sizes
-        differing by at most one when a short last batch does not split evenly)."""
+        """This rank's image indices for every step of ``epoch``."""
         perm = self.permutation(epoch)
         batches = torch.split(perm, self.global_batch_size)
         return [torch.tensor_split(b, self.world_size)[self.rank] for b in batches]
@@ -341,29 +305,17 @@ class TensorTrainData:
             yield self.images[idx], self.labels[idx]
 
 
-class _RankBatchSampler(Sampler[list[int]]):
-    def __init__(self, sharding: Sharding) -> None:
-        self.sharding, self.epoch, self.start_step = sharding, 0, 0
-
-    def __iter__(self) -> Iterator[list[int]]:
-        steps = self.sharding.rank_indices(self.epoch)[self.start_step :]
-        return (idx.tolist() for idx in steps)
-
-    def __len__(self) -> int:
-        return self.sharding.steps_per_epoch - self.start_step
-
-
-class LoaderTrainData:
-    """A standard DataLoader with the PIL transforms, fed by the same sharding."""
+class LoaderTrainData(Sampler[list[int]]):
+    """A standard DataLoader with the PIL transforms, fed by the same sharding: this is its
+    batch sampler."""
 
     def __init__(
         self, dataset: datasets.MNIST, sharding: Sharding, num_workers: int, device: torch.device
     ) -> None:
-        self.sharding = sharding
-        self.sampler, self.device = _RankBatchSampler(sharding), device
+        self.sharding, self.device, self.steps = sharding, device, []
         self.loader = DataLoader(
             dataset,
-            batch_sampler=self.sampler,
+            batch_sampler=self,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
@@ -371,12 +323,18 @@ class LoaderTrainData:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches of ``epoch``, from step ``start_step`` on (a resumed epoch)."""
-        self.sampler.epoch, self.sampler.start_step = epoch, start_step
+        self.steps = self.sharding.rank_indices(epoch)[start_step:]
         for images, labels in self.loader:
             yield (
                 images.to(self.device, non_blocking=True),
                 labels.to(self.device, non_blocking=True),
             )
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (idx.tolist() for idx in self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
 
 
 TrainData = TensorTrainData | LoaderTrainData

@@ -1,14 +1,11 @@
-"""The step engines: ``EagerStep`` runs the step from Python (DDP, CPUs, the torchvision
-loader); ``CapturedStep`` records it once as a CUDA graph and launches it with one call per
-step, since a small model on a fast GPU is otherwise bound by the host's launches (7-9 us
-each, ~70 per step). Both write each step's (summed loss, correct) into ``StepFigures`` on the
-device, so the loop waits for the device only where it syncs anyway."""
+"""The step engines: ``EagerStep`` runs the step from Python; ``CapturedStep`` replays it as
+one CUDA graph per step, since a small model on a fast GPU is otherwise bound by the host's
+launches (~70 per step). Both write each step's figures into ``StepFigures`` on the device."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext, suppress
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,19 +23,16 @@ WARMUP_STEPS = 3
 
 
 class StepFigures:
-    """This rank's figures per step of the current epoch, on the device: (summed loss, correct
-    predictions), float32 (counts are exact below 2**24 per step)."""
+    """This rank's (summed loss, correct) per step of the epoch, float32, on the device."""
 
     def __init__(self, steps_per_epoch: int, device: torch.device) -> None:
         self.values = torch.zeros(steps_per_epoch, 2, dtype=torch.float32, device=device)
         self.rows = torch.arange(steps_per_epoch, device=device).unsqueeze(1)
 
     def write(self, position: torch.Tensor, figures: torch.Tensor) -> None:
-        """Write ``figures`` into the row ``position`` (a one-element device tensor) names: two
-        element-wise kernels, deterministic and capturable. An indexed write would not be:
-        under deterministic algorithms ``index_copy_`` on CUDA becomes ``index_put_`` with a
-        sort (about ten more kernels), and on some torch versions a host sync that fails the
-        capture (fixed upstream by pytorch/pytorch#125952)."""
+        """Write ``figures`` into the row ``position`` (a one-element device tensor) names."""
+        # Not an indexed write: under deterministic algorithms that is a sort on CUDA, and on
+        # some torch versions a host sync that fails a capture (pytorch/pytorch#125952).
         torch.where(self.rows == position, figures, self.values, out=self.values)
 
     def sums(self, start: int, stop: int) -> torch.Tensor:
@@ -51,21 +45,9 @@ class StepFigures:
         return torch.stack([bad.any().long(), bad.long().argmax()])
 
 
-class StepEngine(Protocol):
-    """Runs the optimizer steps of an epoch, writing each step's figures into ``StepFigures``."""
-
-    name: str
-
-    def run_epoch(self, epoch: int, start_step: int) -> Iterator[int]:
-        """Take the steps of ``epoch`` from ``start_step`` on, yielding each step's index after
-        it was launched (not necessarily finished on the device)."""
-        ...
-
-
 def lr_value(lr: float | torch.Tensor) -> float:
-    """An LR as a Python float. A captured step keeps it in a tensor on the device (reading it
-    is a host sync). A float32 one is given as its shortest decimal, so 1e-3 reads 0.001 and
-    not 0.0010000000474974513."""
+    """An LR (a captured step's is a device tensor) as a float; a float32 one as its shortest
+    decimal, so 1e-3 reads 0.001 and not 0.0010000000474974513."""
     if isinstance(lr, torch.Tensor):
         if lr.dtype == torch.float32:
             return float(np.format_float_positional(np.float32(lr.item()), unique=True))
@@ -74,10 +56,8 @@ def lr_value(lr: float | torch.Tensor) -> float:
 
 
 def lr_tensor(lr: float, device: torch.device) -> torch.Tensor:
-    """The LR of a capturable optimizer: a tensor on ``device`` the scheduler fills in place.
-    On CUDA float32, as the fused kernels read a tensor LR as float (the value a float LR
-    becomes there too); elsewhere float64, since the CPU's fused kernel reads it as a double
-    (so the step equals the one with a float LR bit for bit)."""
+    """The LR of a capturable optimizer, in the dtype fused Adam reads a float LR as (float on
+    CUDA, double on the CPU), so the step equals the one with a float LR bit for bit."""
     dtype = torch.float32 if device.type == "cuda" else torch.float64
     return torch.tensor(lr, dtype=dtype, device=device)
 
@@ -87,12 +67,9 @@ def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def stepped_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer whose ``step`` a training step calls, of a prepared ``optimizer``: with
-    fp16's grad scaler, Accelerate's (the scaler's step and update, no host sync: a fused
-    optimizer takes the scale and the inf check on the device and skips the update of a step
-    with inf gradients); otherwise the inner one, since ``AcceleratedOptimizer.step`` would
-    only forward the call after an uncached package look-up (``is_lomo_available``, twice,
-    about 30 us each)."""
+    """The optimizer a step calls: with fp16's grad scaler Accelerate's (the scaler's step and
+    update, without a host sync for a fused optimizer); otherwise the inner one, as
+    ``AcceleratedOptimizer.step`` first looks a package up uncached (about 60 us)."""
     return optimizer if getattr(optimizer, "scaler", None) is not None else _inner(optimizer)
 
 
@@ -130,15 +107,8 @@ class CudaUnusableError(MnistDistError):
 
 
 class CapturedStep:
-    """The whole optimizer step as a CUDA graph, replayed once per step (one process).
-
-    The graph reads fixed buffers: the epoch's permutation padded to whole batches and a step
-    counter on the device that picks its row. Every batch of an epoch is full but the last one
-    may be short: it has a graph of its own, for its size, so no step pays for masking padded
-    images. The optimizer is Adam with ``capturable=True`` and its LR in a device tensor, which
-    the LR scheduler fills in place, so the schedule needs no new capture. Without graphs (before
-    ``capture``) the same steps run eagerly.
-    """
+    """The optimizer step as one CUDA graph per batch size, replayed once per step (one process),
+    reading the epoch's order, the step and the LR from device tensors. Eager until ``capture``."""
 
     name = "cuda-graph"
 
@@ -154,13 +124,13 @@ class CapturedStep:
         sharding = data.sharding
         if sharding.world_size != 1:
             raise ValueError("a captured step runs in one process")
-        self.model, self.scaler = model, scaler
+        self.model, self.scaler, self.backward = model, scaler, _backward(scaler)
         self.prepared_optimizer, self.optimizer = optimizer, _inner(optimizer)
         self.data, self.stats, self.grad_accum = data, stats, grad_accum
-        device = data.images.device
-        steps = sharding.steps_per_epoch
-        batch = sharding.global_batch_size
-        self.order = torch.zeros(steps, batch, dtype=torch.int64, device=device)
+        device, steps = data.images.device, sharding.steps_per_epoch
+        self.order = torch.zeros(
+            steps, sharding.global_batch_size, dtype=torch.int64, device=device
+        )
         self.position = torch.zeros(1, dtype=torch.int64, device=device)
         # Training forward passes of this process, counted on the device for a fault handler
         # at ``train.loss`` (a replay runs no Python); counted only while one is installed.
@@ -192,16 +162,12 @@ class CapturedStep:
             yield step
 
     def step(self, size: int) -> None:
-        """One optimizer step on the first ``size`` images of the batch at ``position`` (all of
-        them but in the short last batch); advances ``position``."""
-        indices = self.order.index_select(0, self.position).view(-1)
-        if size < len(indices):
-            indices = indices[:size]
+        """One optimizer step on the first ``size`` images of the batch at ``position``."""
+        indices = self.order.index_select(0, self.position).view(-1)[:size]
         images = self.data.images.index_select(0, indices)
         labels = self.data.labels.index_select(0, indices)
-        backward = (lambda t: self.scaler.scale(t).backward()) if self.scaler else _backward
         figures = forward_backward(
-            self.model, images, labels, self.grad_accum, 1.0 / size, backward,
+            self.model, images, labels, self.grad_accum, 1.0 / size, self.backward,
             loss_fault=self.loss_fault,
         )  # fmt: skip
         self.stats.write(self.position, figures)
@@ -210,24 +176,22 @@ class CapturedStep:
         self.position.add_(1)
 
     def loss_fault(self, loss: torch.Tensor) -> torch.Tensor:
-        """The ``train.loss`` fault point of the captured step. Its handler also gets
-        ``forwards``, this process's training forward passes so far (1 in the first), as a
-        device tensor: a graph records what the handler did once, so a handler that changes
-        one forward pass's loss does it with tensor ops that every replay evaluates anew, e.g.
-        ``loss + torch.where(forwards == n, nan, 0.0)``. Adds nothing to a graph without one."""
+        """The ``train.loss`` fault point, whose handler also gets ``forwards`` (1 in the first
+        forward pass). A graph replays what the handler did once, so a handler that changes one
+        pass's loss uses tensor ops, e.g. ``loss + torch.where(forwards == n, nan, 0.0)``."""
         if not faults.installed("train.loss"):
             return loss
         self.forwards.add_(1)
         return faults.value("train.loss", loss, forwards=self.forwards)
 
     def capture(self) -> None:
-        """Record a graph per batch size. The warm-up steps this needs leave no trace: the
-        weights, the optimizer's and the scaler's state are put back as they were. Raises
-        whatever the capture raised; then the step stays eager, on the default stream, as it
-        was, unless the failure left CUDA unusable: then ``CudaUnusableError``."""
-        saved = _TrainingState(self.model, self.optimizer, self.scaler)
+        """Record a graph per batch size; the warm-up steps leave no trace. If the capture
+        raises, the step stays eager, on the default stream, and the error is raised again (as
+        ``CudaUnusableError`` if it left CUDA unusable)."""
+        restore = _snapshot(self.model, self.optimizer, self.scaler)
         cuda = self.data.images.device.type == "cuda"
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        failure: Exception | None = None
         try:
             side = torch.cuda.Stream() if cuda else None
             if side is not None:  # warm up off the default stream, as capture requires
@@ -254,31 +218,27 @@ class CapturedStep:
                     f"the CUDA graph capture failed ({type(e).__name__}: {first_line(e)}) and "
                     "left the GPU unusable; rerun with --cuda-graph off"
                 ) from e
-            self._restore(saved, eager=True)
-            raise
-        self._restore(saved, eager=False)
-        self.graphs = graphs
-
-    def _restore(self, saved: _TrainingState, eager: bool) -> None:
-        saved.restore()
+            failure = e
+        restore()
         self.position.zero_()
         self.forwards.zero_()
-        if eager:  # leave the optimizer as the eager step expects it
+        if failure is not None:  # leave the optimizer as the eager step expects it
             self.optimizer.zero_grad(set_to_none=True)
             for group, (lr, capturable) in zip(
                 self.optimizer.param_groups, self.eager_settings, strict=True
             ):
                 group["lr"], group["capturable"] = lr, capturable
+            raise failure
+        self.graphs = graphs
+
+
+StepEngine = EagerStep | CapturedStep  # run_epoch yields each step's index once launched
 
 
 def record_graph(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
-    """``step`` recorded as a CUDA graph, on a side stream (capture needs one).
-
-    ``torch.cuda.graph``'s exit ends the capture before it leaves the stream context: after an
-    op failed inside, ``capture_end`` raises "operation failed due to a previous error during
-    capture", which replaces the real cause, and the stream context is never left, so
-    everything after runs on the side stream. Here the stream context is always left, and the
-    error raised is the op's."""
+    """``step`` recorded as a CUDA graph, on a side stream; raises the error of a failed op."""
+    # Not ``torch.cuda.graph``: after a failed op its exit raises capture_end's error in place
+    # of the op's, and never leaves the side stream, so everything after would run there.
     torch.cuda.synchronize()  # as torch.cuda.graph does: free what can be freed first
     torch.cuda.empty_cache()
     graph = torch.cuda.CUDAGraph()
@@ -287,9 +247,7 @@ def record_graph(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
         try:
             step()
         except BaseException:
-            # End the stream's capture. After a failed op this raises too; the op's error,
-            # raised below, is the cause.
-            with suppress(Exception):
+            with suppress(Exception):  # ends the capture; after a failed op it raises too
                 graph.capture_end()
             raise
         graph.capture_end()
@@ -308,51 +266,32 @@ def cuda_usable(device: torch.device) -> bool:
     return True
 
 
-class _TrainingState:
-    """Copies of everything an optimizer step changes, to undo the warm-up steps in place (the
-    graph keeps the addresses of these tensors)."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler | None,
-    ) -> None:
-        self.model, self.optimizer, self.scaler = model, optimizer, scaler
-        self.params = [p.detach().clone() for p in model.parameters()]
-        self.optimizer_state = {
-            p: {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
-            for p, state in optimizer.state.items()
-        }
-        self.scaler_state = scaler.state_dict() if scaler is not None else None
+def _snapshot(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> Callable[[], None]:
+    """A function that puts back everything an optimizer step changes, in place (a graph keeps
+    the addresses of these tensors)."""
+    params = [p.detach().clone() for p in model.parameters()]
+    optimizer_state = {
+        p: {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        for p, state in optimizer.state.items()
+    }
+    scaler_state = scaler.state_dict() if scaler is not None else None
 
     @torch.no_grad()
-    def restore(self) -> None:
-        for p, saved in zip(self.model.parameters(), self.params, strict=True):
+    def restore() -> None:
+        for p, saved in zip(model.parameters(), params, strict=True):
             p.copy_(saved)
-        for p, state in self.optimizer.state.items():
-            saved = self.optimizer_state.get(p)
+        for p, state in optimizer.state.items():
+            saved = optimizer_state.get(p)
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     # A state the warm-up created is Adam's initial one: all zeros, step 0.
                     value.copy_(saved[key]) if saved is not None else value.zero_()
-        if self.scaler is not None and self.scaler_state:
-            self.scaler.load_state_dict(self.scaler_state)  # fills its tensors in place
+        if scaler is not None and scaler_state:
+            scaler.load_state_dict(scaler_state)  # fills its tensors in place
 
-
-def forward_loss(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    loss_fault: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward pass of a training batch: its summed cross-entropy (float32, through the
-    ``train.loss`` fault point, or ``loss_fault``) and its correct predictions (float32)."""
-    logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-    loss = loss_fault(loss) if loss_fault is not None else faults.value("train.loss", loss)
-    correct = (logits.argmax(dim=1) == labels).sum(dtype=loss.dtype)
-    return loss, correct
+    return restore
 
 
 def forward_backward(
@@ -366,26 +305,27 @@ def forward_backward(
     out: torch.Tensor | None = None,
     loss_fault: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Forward and backward of a batch in ``grad_accum`` micro-batches, the one definition of
-    both step engines: the gradient is that of ``scale`` times the summed cross-entropy
-    (``backward`` runs on that product). ``no_sync``: the context for every micro-batch but
-    the last (DDP's, so that gradients are all-reduced once). Returns (summed loss, correct
-    predictions), float32 (written into ``out`` if given)."""
-    if grad_accum == 1:  # the common case, without the split and the sum
-        loss, correct = forward_loss(model, images, labels, loss_fault)
-        backward(loss * scale)
-        return torch.stack([loss.detach(), correct], out=out)
+    """Forward and backward of a batch in ``grad_accum`` micro-batches (``no_sync`` around all but
+    the last), for the gradient of ``scale`` times the summed cross-entropy. Returns (summed
+    loss, correct), float32, into ``out`` if given."""
+    micro_batches = [(images, labels)]
+    if grad_accum > 1:
+        micro_batches = list(
+            zip(images.tensor_split(grad_accum), labels.tensor_split(grad_accum), strict=True)
+        )
     figures = []
-    micro_batches = list(
-        zip(images.tensor_split(grad_accum), labels.tensor_split(grad_accum), strict=True)
-    )
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with nullcontext() if last or no_sync is None else no_sync():
-            loss, correct = forward_loss(model, x, y, loss_fault)
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            loss = loss_fault(loss) if loss_fault is not None else faults.value("train.loss", loss)
+            correct = (logits.argmax(dim=1) == y).sum(dtype=loss.dtype)
             backward(loss * scale)
-        figures.append(torch.stack([loss.detach(), correct]))
-    return torch.sum(torch.stack(figures), dim=0, out=out)
+        figures.append((loss.detach(), correct))
+    if len(figures) == 1:  # the common case, without the sum
+        return torch.stack(figures[0], out=out)
+    return torch.sum(torch.stack([torch.stack(f) for f in figures]), dim=0, out=out)
 
 
 def train_step(
@@ -404,7 +344,7 @@ def train_step(
     size, the accumulation or an uneven last batch. Returns (summed loss, correct), float32."""
     figures = forward_backward(
         model, images, labels, grad_accum, accelerator.num_processes / global_batch_size,
-        lambda loss: backward(accelerator, loss), lambda: accelerator.no_sync(model), out,
+        _backward(getattr(accelerator, "scaler", None)), lambda: accelerator.no_sync(model), out,
     )  # fmt: skip
     faults.point("train.step")
     stepped_optimizer(optimizer).step()
@@ -412,19 +352,12 @@ def train_step(
     return figures
 
 
-def _backward(loss: torch.Tensor) -> None:
-    loss.backward()
-
-
-def backward(accelerator: Accelerator, loss: torch.Tensor) -> None:
-    """``accelerator.backward(loss)`` without its division of the loss by the accumulation
-    steps, which the loss scale already covers: with ``gradient_accumulation_steps`` left at 1
-    it adds a division, forward and backward, to every step. Only fp16's grad scaler needs
-    Accelerate's path."""
-    if getattr(accelerator, "scaler", None) is None:
-        loss.backward()
-    else:
-        accelerator.backward(loss)
+def _backward(scaler: torch.amp.GradScaler | None) -> Callable[[torch.Tensor], None]:
+    """``loss.backward``, through fp16's grad scaler if there is one. (``accelerator.backward``
+    would also divide the loss by the accumulation steps, which the loss scale covers.)"""
+    if scaler is None:
+        return torch.Tensor.backward
+    return lambda loss: scaler.scale(loss).backward()
 
 
 def build_engine(
@@ -435,9 +368,8 @@ def build_engine(
     data: TrainData,
     grad_accum: int,
 ) -> tuple[StepEngine, StepFigures, str]:
-    """The step engine ``--cuda-graph MODE`` asks for, its ``StepFigures`` and why it was
-    chosen. A capture that fails leaves one warning and eager steps (unless it left CUDA
-    unusable: ``CudaUnusableError``)."""
+    """The step engine ``--cuda-graph MODE`` asks for, its ``StepFigures`` and why; a failed
+    capture leaves a warning and eager steps."""
     figures = StepFigures(data.sharding.steps_per_epoch, accelerator.device)
     why = "the whole optimizer step replays as one CUDA graph per batch size"
     if mode == "off":

@@ -48,14 +48,9 @@ def evaluate(
     num_classes: int = 10,
     max_misclassified: int = 0,
 ) -> EvalResult:
-    """Evaluate this rank's shard and sum the counts over ranks.
-
-    Each rank holds a disjoint, unpadded shard of the split, so summing per-rank counts counts
-    every image exactly once (the padding that ``even_batches`` adds to prepared loaders, and
-    that ``gather_for_metrics`` must drop, never arises). Counts stay on the device until the
-    one reduction at the end. With ``max_misclassified`` > 0 the first wrong images, with their
-    probabilities, are gathered to the main process as well (a host sync per batch).
-    """
+    """Evaluate this rank's shard and sum the counts over ranks (the shards are disjoint and
+    unpadded, so every image counts once). With ``max_misclassified`` > 0 the first wrong
+    images are gathered to the main process too (a host sync per batch)."""
     was_training = model.training
     model.eval()
     device = accelerator.device
@@ -108,13 +103,11 @@ def _misclassified(
 def _gather_misclassified(
     wrong: list[Misclassified], seen: int, limit: int, accelerator: Accelerator
 ) -> list[Misclassified]:
-    """Every rank's examples on the main process, in split order (shards are contiguous in rank
-    order), re-indexed within the whole split. Collective when ``limit`` > 0."""
+    """Every rank's examples, re-indexed within the whole split (shards are contiguous in rank
+    order). Collective when ``limit`` > 0."""
     if limit <= 0:
         return []
-    shards = [(seen, wrong)]
-    if accelerator.num_processes > 1:
-        shards = gather_object(shards)
+    shards = gather_object([(seen, wrong)]) if accelerator.num_processes > 1 else [(seen, wrong)]
     merged, offset = [], 0
     for shard_size, examples in shards:
         for example in examples:

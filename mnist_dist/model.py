@@ -35,8 +35,7 @@ class MnistCNN(nn.Module):
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
-        self.config = config or ModelConfig()
-        c = self.config
+        c = self.config = config or ModelConfig()
         self.conv_layer1 = nn.Sequential(nn.Conv2d(1, c.conv1_channels, kernel_size=5), nn.ReLU())
         self.maxpool1 = nn.MaxPool2d(kernel_size=2)
         self.conv_layer2 = nn.Sequential(
@@ -59,7 +58,3 @@ class MnistCNN(nn.Module):
         x = relu2(self.maxpool2(conv2(x)))
         x = torch.flatten(self.conv_layer3(x), 1)
         return self.fc_layer2(self.fc_layer1(x))
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

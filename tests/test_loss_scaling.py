@@ -2,7 +2,7 @@
 
 Accelerate makes a GradScaler for CUDA only, so the Accelerator gets an enabled CPU one, before
 ``prepare`` as fp16 runs have it. The captured step's path (a skipped step under the scaler) is
-tested in test_engine.py; this is the path every DDP and CPU run takes: ``accelerator.backward``
+tested in test_engine.py; this is the path every DDP and CPU run takes: the Accelerator's scaler
 scales the loss, ``AcceleratedOptimizer.step`` runs the scaler's step and update.
 """
 
