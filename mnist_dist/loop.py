@@ -1,6 +1,6 @@
-"""The epoch/step loop: train an epoch, evaluate it, save, stop when asked. The step itself
-belongs to the step engine; the loop acts only at step boundaries where the host may wait for
-the device: a logging window, a checkpoint due, a stop every rank agreed on, an epoch's end."""
+"""The epoch/step loop: train an epoch, evaluate it, save, stop when asked. The step itself is
+the step engine's; the loop waits for the device only at a log step, a checkpoint, a stop, and
+an epoch's end."""
 
 from __future__ import annotations
 
@@ -37,24 +37,27 @@ class Loop:
     test_data: Iterable[tuple[torch.Tensor, torch.Tensor]]
     checkpointer: Checkpointer
     stop: StopControl
-    outputs: RunOutputs
+    files: RunDir
+    tracker: Tracker
+    console: RunConsole
     log_every: int  # optimizer steps per step record
 
     def fit(self, state: TrainerState, epochs: int) -> None:
-        """Train from ``state`` to the end of epoch ``epochs``. Raises ``Stopped`` after a stop
-        every rank agreed on (its checkpoint saved) and ``DivergedError`` on a non-finite loss."""
+        """Train from ``state`` to the end of epoch ``epochs``; raises ``Stopped`` (checkpoint
+        saved) or ``DivergedError``."""
         with self.stop.handling_signals():
             while state.epoch <= epochs:
-                self.outputs.console.start_epoch(state.epoch, completed=state.step)
+                self.console.start_epoch(state.epoch, completed=state.step)
                 lr = current_lr(self.schedule)  # the LR this epoch trains with
                 self.train_epoch(state)
                 eval_start = time.perf_counter()
                 result = evaluate(self.model, self.test_data, self.accelerator)
                 self.schedule.step()
                 eval_seconds = time.perf_counter() - eval_start
-                self.outputs.record_epoch(
-                    self.recorder.close_epoch(state, result, lr, eval_seconds)
-                )
+                record = self.recorder.close_epoch(state, result, lr, eval_seconds)
+                self.files.append_epoch(record)
+                self.tracker.log(namespaced("epoch", record.to_dict()), step=record.global_step)
+                self.console.end_epoch(record.to_dict())
                 self.save(state)
                 if state.epoch <= epochs and self.stop.now():  # not after the last epoch
                     raise self.stop.stopped(state.position, self.checkpointer.last_saved)
@@ -66,12 +69,14 @@ class Loop:
         for _ in self.engine.run_epoch(state.epoch, state.step):
             state.step += 1
             state.global_step += 1
-            self.outputs.console.advance()
+            self.console.advance()
             self.beat(state)
             if state.global_step % self.log_every == 0:
                 self.check_finite(state)
-                lr = current_lr(self.schedule)
-                self.outputs.record_step(self.recorder.step_record(state, *window, lr))
+                record = self.recorder.step_record(state, *window, current_lr(self.schedule))
+                self.files.append_step(record)
+                self.tracker.log(namespaced("train", record.to_dict()), step=record.global_step)
+                self.console.show_step(record.train_loss, record.images_per_second)
                 window = (state.step, time.perf_counter())
             if self.checkpointer.due(state, self.recorder.sharding.steps_per_epoch):
                 self.save(state, mid_epoch=True)
@@ -84,8 +89,8 @@ class Loop:
         self.recorder.bank_train_seconds(state)
 
     def save(self, state: TrainerState, mid_epoch: bool = False) -> None:
-        """Checkpoint ``state`` (``mid_epoch``: the epoch's figures so far go with it). Never
-        saves a state that follows a non-finite loss."""
+        """Checkpoint ``state`` (``mid_epoch``: with the epoch's figures so far), never one
+        that follows a non-finite loss."""
         if mid_epoch:
             self.check_finite(state)
             self.recorder.fold(state)
@@ -94,12 +99,11 @@ class Loop:
         self.beat(state, force=True)
 
     def beat(self, state: TrainerState, force: bool = False) -> None:
-        """The run's heartbeat in ``status.json`` (``RunDir.beat``): a clock read per step,
-        a write at most every minute, and one after every checkpoint (``force``). It beats
-        from the loop, not from a thread of its own: a run stuck in a collective or a hung
-        device stops beating, so a silent run is one that makes no progress."""
+        """The heartbeat in ``status.json``, at most every minute and after every checkpoint.
+        From the loop, not a thread: a run stuck in a collective or on a hung device stops
+        beating."""
         where = (state.epoch, state.step, state.global_step, self.checkpointer.last_saved)
-        self.outputs.files.beat(*where, force=force)
+        self.files.beat(*where, force=force)
 
     def check_finite(self, state: TrainerState) -> None:
         """Raise ``DivergedError`` on every rank if any rank saw a non-finite loss this epoch."""
@@ -121,10 +125,9 @@ class Loop:
 
 @dataclass
 class EpochRecorder:
-    """Makes the epoch's records from the step engine's device figures since ``first_step``,
-    the sums a mid-epoch checkpoint folded into the trainer state before that, and the training
-    clock. Reading the device figures is a host sync and a collective: the loop does it only at
-    log steps, checkpoints and the end of an epoch, on every rank."""
+    """The epoch's records from the device figures since ``first_step``, the sums a mid-epoch
+    checkpoint folded into the state, and the training clock. Reading the figures is a host
+    sync and a collective: every rank at the same steps."""
 
     accelerator: Accelerator
     stats: StepFigures
@@ -137,15 +140,15 @@ class EpochRecorder:
 
     def reduced(self, start: int, stop: int, prior: list[float] | None = None) -> list[float]:
         """(summed loss, correct) of steps ``start`` to ``stop`` over all ranks, plus ``prior``
-        (figures from before a checkpoint, held once)."""
+        (held once)."""
         sums = self.stats.sums(start, stop)
         if prior is not None and self.accelerator.is_main_process:
             sums += torch.tensor(prior, dtype=sums.dtype).to(sums.device)
         return self.accelerator.reduce(sums, reduction="sum").tolist()
 
     def first_non_finite(self, state: TrainerState) -> int | None:
-        """The step (1-based, of this epoch) of the first non-finite loss any rank saw since
-        ``first_step``, or None."""
+        """The step (1-based, of this epoch) of the first non-finite loss on any rank, or
+        None."""
         if state.step == self.first_step:
             return None  # no step taken yet (the same on every rank)
         local = self.stats.first_non_finite(self.first_step, state.step)
@@ -157,8 +160,7 @@ class EpochRecorder:
     def step_record(
         self, state: TrainerState, since_step: int, since: float, lr: float
     ) -> StepRecord:
-        """The record of the steps from ``since_step`` (at ``time.perf_counter()`` ``since``)
-        to now."""
+        """The record of the steps since ``since_step`` (at perf_counter ``since``)."""
         loss_sum = self.reduced(since_step, state.step)[0]
         images = sum(map(self.sharding.global_batch_size_at, range(since_step, state.step)))
         return StepRecord(
@@ -170,13 +172,12 @@ class EpochRecorder:
         )
 
     def fold(self, state: TrainerState) -> None:
-        """Move the figures so far into ``state`` (before a mid-epoch checkpoint saves it)."""
+        """Move the figures so far into ``state``, for a mid-epoch checkpoint."""
         state.epoch_sums = self.reduced(self.first_step, state.step, state.epoch_sums)
         self.first_step = state.step
         self.bank_train_seconds(state)
 
     def bank_train_seconds(self, state: TrainerState) -> None:
-        """Add the training time since the segment started to the epoch's; start a new one."""
         now = time.perf_counter()
         state.epoch_train_seconds += now - self.segment_start
         self.segment_start = now
@@ -184,8 +185,7 @@ class EpochRecorder:
     def close_epoch(
         self, state: TrainerState, result: EvalResult, lr: float, eval_seconds: float
     ) -> EpochRecord:
-        """The epoch's record, appended to ``state.history``; ``state`` moves to the next
-        epoch."""
+        """The epoch's record, appended to ``state.history``; ``state`` moves to the next."""
         num_samples = self.sharding.num_samples
         loss_sum, correct = self.reduced(self.first_step, state.step, state.epoch_sums)
         train_seconds = state.epoch_train_seconds
@@ -207,22 +207,3 @@ class EpochRecorder:
         state.epoch, state.step = state.epoch + 1, 0
         state.epoch_sums, state.epoch_train_seconds = [0.0, 0.0], 0.0
         return record
-
-
-@dataclass
-class RunOutputs:
-    """Everywhere a run's records go: its files, the tracker and the console."""
-
-    files: RunDir
-    tracker: Tracker
-    console: RunConsole
-
-    def record_step(self, record: StepRecord) -> None:
-        self.files.append_step(record)
-        self.tracker.log(namespaced("train", record.to_dict()), step=record.global_step)
-        self.console.show_step(record.train_loss, record.images_per_second)
-
-    def record_epoch(self, record: EpochRecord) -> None:
-        self.files.append_epoch(record)
-        self.tracker.log(namespaced("epoch", record.to_dict()), step=record.global_step)
-        self.console.end_epoch(record.to_dict())

@@ -33,7 +33,7 @@ from mnist_dist.errors import DivergedError, Stopped, WriteError
 from mnist_dist.evaluate import evaluate
 from mnist_dist.launch import continue_command
 from mnist_dist.layout import RunLayout
-from mnist_dist.loop import EpochRecorder, Loop, RunOutputs
+from mnist_dist.loop import EpochRecorder, Loop
 from mnist_dist.model import MnistCNN
 from mnist_dist.provenance import provenance
 from mnist_dist.records import EpochRecord, Summary
@@ -47,11 +47,7 @@ from mnist_dist.weights import export_model
 
 def train(config: Config) -> Summary:
     """Train as ``config`` says and return the summary (also written to ``summary.json``).
-
-    Raises ``Stopped`` after a stop request (checkpoint saved, resumable), ``DivergedError`` on
-    a non-finite loss, ``WriteError`` when run state cannot be written, ``UsageError`` for bad
-    input.
-    """
+    Raises ``Stopped`` (resumable), ``DivergedError``, ``WriteError`` or ``UsageError``."""
     started = time.perf_counter()
     determinism = set_determinism(config.train.deterministic)  # before the first CUDA call
     log_with = "wandb" if wants_wandb(config.tracking) else None
@@ -70,7 +66,14 @@ def train(config: Config) -> Summary:
             with run.status():
                 run.loop.fit(run.state, config.train.epochs)
                 summary = finish(run)
-            run.say_done(summary)
+            say(
+                f"done: test accuracy {summary.test_accuracy:.2%} ({summary.test_correct}/"
+                f"{summary.test_total}) after {summary.epochs_completed} epoch(s), "
+                f"{summary.images_per_second:,.0f} images/s, "
+                f"{summary.segment_wall_seconds:.0f}s"
+                + (f" ({summary.run_wall_seconds:.0f}s over the run)" if run.resumed else "")
+                + f"; weights in {layout.model}"
+            )
             return summary
 
 
@@ -87,10 +90,8 @@ class Run:
 
     @contextmanager
     def status(self) -> Iterator[None]:
-        """Owns the run's ``status.json``: running inside the block (with heartbeats from the
-        loop); then finished, stopped (resumable), diverged or failed, and the messages of the
-        last three end with the command that continues the run. Ends the tracker and, on every
-        rank, leaves together after a stop or divergence."""
+        """``status.json`` says running inside the block, then finished, stopped, diverged or
+        failed (the last three with the command that continues the run); ends the tracker."""
         state, run_dir = self.state, self.run_dir
         newest = self.loop.checkpointer.newest()
         run_dir.beat(state.epoch, state.step, state.global_step, newest, force=True)
@@ -102,7 +103,7 @@ class Run:
             name = {Stopped: "stopped", DivergedError: "diverged"}.get(type(e), "failed")
             e.args = (f"{e}; to continue: {run_dir.command}",)
             run_dir.write_status(name, message=str(e), exit_code=e.exit_code)
-            self.loop.outputs.tracker.finish()
+            self.loop.tracker.finish()
             if isinstance(e, (Stopped, DivergedError)):
                 # Every rank raised this at the same step: leave together, so that the first
                 # launcher to exit (srun --kill-on-bad-exit ends the job's other nodes) cannot
@@ -116,19 +117,9 @@ class Run:
             raise
         finally:
             self.loop.stop.close()
-            self.loop.outputs.console.close()
+            self.loop.console.close()
         run_dir.write_status("finished", epoch=state.epoch - 1, global_step=state.global_step)
-        self.loop.outputs.tracker.finish()
-
-    def say_done(self, summary: Summary) -> None:
-        say(
-            f"done: test accuracy {summary.test_accuracy:.2%} ({summary.test_correct}/"
-            f"{summary.test_total}) after {summary.epochs_completed} epoch(s), "
-            f"{summary.images_per_second:,.0f} images/s, "
-            f"{summary.segment_wall_seconds:.0f}s"
-            + (f" ({summary.run_wall_seconds:.0f}s over the run)" if self.resumed else "")
-            + f"; weights in {self.run_dir.layout.model}"
-        )
+        self.loop.tracker.finish()
 
 
 def build(
@@ -139,9 +130,8 @@ def build(
     started: float,
     determinism: dict[str, Any],
 ) -> Run | Summary:
-    """Everything a run needs, restored from its checkpoint if it has one; or the summary of
-    the finished run its directory holds when there is nothing left to train. ``holder`` is
-    the main process's claim on the run directory."""
+    """The run, restored from its checkpoint if it has one; or the summary of the finished run
+    its directory holds when there is nothing left to train."""
     training, checkpointing = config.train, config.checkpoint
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     command = continue_command(layout.root, needs_resume_auto(checkpointing.resume, layout.root))
@@ -175,8 +165,7 @@ def build(
     tracking = wants_wandb(config.tracking)
     console.status("starting the tracker" if tracking else "writing config.yaml")
     launch = {**provenance(accelerator), **determinism, "step_engine": engine.name}
-    tracker = record_start(accelerator, config, run_dir, state, checkpoint, launch)
-    announce(accelerator, training, train_data.sharding.num_samples, run_dir, engine.name, reason)
+    tracker = start(accelerator, config, run_dir, state, checkpoint, launch, reason)
     console.status("loading the test set")
     loop = Loop(
         accelerator=accelerator,
@@ -187,7 +176,9 @@ def build(
         test_data=eval_batches(config.data, world, rank, device),
         checkpointer=checkpointer,
         stop=StopControl(accelerator, run_dir.layout.stop),
-        outputs=RunOutputs(run_dir, tracker, console),
+        files=run_dir,
+        tracker=tracker,
+        console=console,
         log_every=training.log_every,
     )
     return Run(config, accelerator, run_dir, state, loop, resumed=checkpoint is not None)
@@ -221,37 +212,17 @@ def build_training(
     return model, optimizer, schedule, state
 
 
-def announce(
-    accelerator: Accelerator,
-    training: TrainConfig,
-    num_samples: int,
-    run_dir: RunDir,
-    engine: str,
-    reason: str,
-) -> None:
-    """The start-up lines: processes, device, precision, batch, data, run dir, step engine."""
-    world = accelerator.num_processes
-    say(
-        f"mnist-dist: {describe_processes(accelerator)}, "
-        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
-        f"global batch {training.global_batch_size} "
-        f"({training.per_device_batch_size(world)} per process), "
-        f"{num_samples} training images, run dir {run_dir.path}"
-    )
-    deterministic = "on" if training.deterministic else "off (--no-deterministic)"
-    say(f"step engine: {engine} ({reason}); deterministic algorithms {deterministic}")
-
-
-def record_start(
+def start(
     accelerator: Accelerator,
     config: Config,
     run_dir: RunDir,
     state: TrainerState,
     checkpoint: Checkpoint | None,
     launch: dict[str, Any],
+    reason: str,
 ) -> Tracker:
-    """Write ``config.yaml`` (settings and provenance) and start the tracker. A resumed run
-    continues its W&B run: the id comes from the checkpoint (or the run directory)."""
+    """Write ``config.yaml`` (settings and provenance), start the tracker (a resumed run
+    continues its W&B run) and print the start-up lines."""
     if checkpoint is not None:
         launch["resumed_at"] = launch["started_at"]
     # The first start's time describes the run; a branch is a run of its own.
@@ -265,37 +236,32 @@ def record_start(
         run_id=state.tracker_run_id,
     )  # fmt: skip
     state.tracker_run_id = tracker.run_id or state.tracker_run_id
+    training, world = config.train, accelerator.num_processes
+    say(
+        f"mnist-dist: {describe_processes(accelerator)}, "
+        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
+        f"global batch {training.global_batch_size} "
+        f"({training.per_device_batch_size(world)} per process), "
+        f"{state.num_samples} training images, run dir {run_dir.path}"
+    )
+    deterministic = "on" if training.deterministic else "off (--no-deterministic)"
+    say(
+        f"step engine: {launch['step_engine']} ({reason}); deterministic algorithms {deterministic}"
+    )
     return tracker
 
 
 def finish(run: Run) -> Summary:
     """Write the summary and the final weights, and send the final W&B pass."""
-    accelerator, model = run.accelerator, run.loop.model
-    run.loop.outputs.console.close()  # the bar goes before the final lines
-    summary = summarize(run)
-    if accelerator.is_main_process:
-        export_model(
-            accelerator.unwrap_model(model),
-            run.run_dir.layout.model,
-            {"mnist_dist_version": metadata.version("mnist-dist"), "summary": summary.to_dict()},
-        )
-    run.run_dir.write_summary(summary)
-    if wants_wandb(run.config.tracking):  # the same on every rank: the final pass is collective
-        final = evaluate(model, run.loop.test_data, accelerator, max_misclassified=MAX_TABLE_ROWS)
-        run.loop.outputs.tracker.log_final(summary, final, run.run_dir.layout.model)
-    return summary
-
-
-def summarize(run: Run) -> Summary:
-    """The final figures of a run, for ``summary.json``."""
     accelerator, state, training = run.accelerator, run.state, run.config.train
+    run.loop.console.close()  # the bar goes before the final lines
     history = [EpochRecord.from_dict(r) for r in state.history]
     last, best = history[-1], max(history, key=lambda r: r.test_accuracy)
     train_seconds = sum(r.train_seconds for r in history)
     # This command's time, and the run's: summed over every process that trained it (each up
     # to its last checkpoint: work lost to a kill is not counted).
     segment_wall_seconds = time.perf_counter() - run.loop.checkpointer.started
-    return Summary(
+    summary = Summary(
         test_accuracy=last.test_accuracy,
         test_correct=last.test_correct,
         test_total=last.test_total,
@@ -319,6 +285,16 @@ def summarize(run: Run) -> Summary:
         started_at=state.started_at,
         run_dir=str(run.run_dir.path),
     )
+    model, weights = run.loop.model, run.run_dir.layout.model
+    if accelerator.is_main_process:
+        version = metadata.version("mnist-dist")
+        meta = {"mnist_dist_version": version, "summary": summary.to_dict()}
+        export_model(accelerator.unwrap_model(model), weights, meta)
+    run.run_dir.write_summary(summary)
+    if wants_wandb(run.config.tracking):  # the same on every rank: the final pass is collective
+        final = evaluate(model, run.loop.test_data, accelerator, max_misclassified=MAX_TABLE_ROWS)
+        run.loop.tracker.log_final(summary, final, weights)
+    return summary
 
 
 def build_model_and_optimizer(
