@@ -19,14 +19,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopControl:
-    """Turns this rank's stop requests (SIGTERM, SIGINT, SIGUSR1, the stop file) into one
-    decision for all ranks at the same step boundary, so they save one consistent checkpoint.
-
-    Ranks agree through an asynchronous all-reduce on a small gloo group: the answer at boundary
-    ``k`` is the agreement started at ``k - 1``, so checking never waits on the network or the
-    GPU. ``accelerate launch`` forwards SIGTERM and SIGINT to every rank but SIGUSR1 kills the
-    launcher itself; the stop file works everywhere.
-    """
+    """Turns this rank's stop requests (signals, the stop file) into one decision for all ranks
+    at the same step boundary. The answer at boundary ``k`` is an all-reduce started at ``k - 1``,
+    so checking never waits. (``accelerate launch`` forwards SIGTERM and SIGINT to every rank,
+    but SIGUSR1 kills the launcher itself; the stop file works everywhere.)"""
 
     def __init__(
         self, accelerator: Accelerator, stop_file: Path, poll_seconds: float = 0.5
@@ -42,7 +38,6 @@ class StopControl:
 
     @contextmanager
     def handling_signals(self) -> Iterator[StopControl]:
-        """Route the stop signals to this object for the duration of the block."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         try:
             yield self
@@ -65,7 +60,7 @@ class StopControl:
         return self.reason is not None
 
     def at_step_boundary(self) -> bool:
-        """Whether every rank stops now. Call at every step boundary on every rank."""
+        """Whether every rank stops now; call at every step boundary on every rank."""
         local = self._requested_here()
         if self._group is None:
             return local
@@ -87,19 +82,17 @@ class StopControl:
         return bool(flag.item())
 
     def stopped(self, position: str, checkpoint: Path | None) -> Stopped:
-        """The error that ends the run after an agreed stop at ``position``. Removes the stop
-        file, or the resumed run would stop at once."""
+        """The error that ends the run; removes the stop file, or a resume would stop at once."""
         if self._is_main:
             self.stop_file.unlink(missing_ok=True)
         return Stopped(f"{self.describe()}: stopped at {position}; checkpoint {checkpoint}")
 
     def describe(self) -> str:
-        """Why the run stops, as this rank knows it."""
         self._requested_here(force_poll=True)
         return self.reason or "another rank asked to stop"
 
     def _collect(self) -> bool:
-        """The result of the agreement in flight, if any (waits for it)."""
+        """The result of the agreement in flight, if any."""
         if self._pending is None:
             return False
         work, flag = self._pending
@@ -108,5 +101,5 @@ class StopControl:
         return bool(flag.item())
 
     def close(self) -> None:
-        """Finish any agreement in flight (before the process group goes away)."""
+        """Finish any agreement in flight, before the process group goes away."""
         self._collect()
