@@ -15,14 +15,11 @@ from accelerate import Accelerator
 
 from mnist_dist.errors import Stopped
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
 
 class StopControl:
     """Turns this rank's stop requests (signals, the stop file) into one decision for all ranks
-    at the same step boundary. The answer at boundary ``k`` is an all-reduce started at ``k - 1``,
-    so checking never waits. (``accelerate launch`` forwards SIGTERM and SIGINT to every rank,
-    but SIGUSR1 kills the launcher itself; the stop file works everywhere.)"""
+    at the same step boundary: the answer at boundary ``k`` is an all-reduce started at ``k - 1``.
+    ``accelerate launch`` forwards SIGTERM and SIGINT, but SIGUSR1 kills the launcher itself."""
 
     def __init__(
         self, accelerator: Accelerator, stop_file: Path, poll_seconds: float = 0.5
@@ -38,7 +35,8 @@ class StopControl:
 
     @contextmanager
     def handling_signals(self) -> Iterator[StopControl]:
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in stop_signals}
         try:
             yield self
         finally:
@@ -64,7 +62,7 @@ class StopControl:
         local = self._requested_here()
         if self._group is None:
             return local
-        stop = self._collect()
+        stop = self.close()
         if not stop:
             flag = torch.tensor([int(local)], dtype=torch.int32)
             work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
@@ -76,7 +74,7 @@ class StopControl:
         local = self._requested_here(force_poll=True)
         if self._group is None:
             return local
-        earlier = self._collect()
+        earlier = self.close()
         flag = torch.tensor([int(local or earlier)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
@@ -91,15 +89,10 @@ class StopControl:
         self._requested_here(force_poll=True)
         return self.reason or "another rank asked to stop"
 
-    def _collect(self) -> bool:
-        """The result of the agreement in flight, if any."""
-        if self._pending is None:
+    def close(self) -> bool:
+        """Wait for the agreement in flight, if any, and return its result."""
+        pending, self._pending = self._pending, None
+        if pending is None:
             return False
-        work, flag = self._pending
-        work.wait()
-        self._pending = None
-        return bool(flag.item())
-
-    def close(self) -> None:
-        """Finish any agreement in flight, before the process group goes away."""
-        self._collect()
+        pending[0].wait()
+        return bool(pending[1].item())
