@@ -15,8 +15,7 @@ from mnist_dist.launch import collective_timeout
 
 
 def precision_supported(mixed_precision: str, cuda_gpus: int) -> bool:
-    """Whether a node with ``cuda_gpus`` CUDA GPUs can train in ``mixed_precision`` (the rule
-    of both training and ``doctor``)."""
+    """Whether a node with ``cuda_gpus`` CUDA GPUs can train in ``mixed_precision``."""
     if mixed_precision == "fp16":
         # Autocast to fp16 is silently ignored on CPU (native AMP needs a non-CPU device), so
         # a run would report fp16 while training in fp32.
@@ -30,8 +29,7 @@ def make_accelerator(
     mixed_precision: str, log_with: str | None = None, static_graph: bool = False
 ) -> Accelerator:
     """An Accelerator on the best available device whose world size is proven to be the
-    launcher's; ``UsageError`` for a mis-configured launch. ``static_graph``: every step runs
-    the same graph (no gradient accumulation)."""
+    launcher's; ``UsageError`` for a mis-configured launch."""
     # `accelerate launch --cpu --num_processes N` (and MULTI_CPU configs) start ONE process
     # without WORLD_SIZE, expecting mpirun; its only trace is MASTER_ADDR, which the launcher
     # sets only when asked for more than one process (seen with accelerate 1.15).
@@ -56,9 +54,8 @@ def make_accelerator(
         gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
         static_graph=static_graph,
     )
-    # Autocast's cache of cast weights must be off for a forward captured in a CUDA graph (the
-    # CUDA graphs notes of PyTorch); each weight is cast once per forward here, so it saves
-    # nothing anyway.
+    # Autocast's weight cache must be off for a forward captured in a CUDA graph (PyTorch's
+    # CUDA graphs notes); each weight is cast once per forward here, so it saves nothing.
     autocast = AutocastKwargs(cache_enabled=False)
     handlers: list = [ddp, autocast]
     xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
@@ -82,10 +79,8 @@ def make_accelerator(
 def lost_peer(error: BaseException) -> bool:
     """Whether ``error`` says that another rank vanished (its process, node or network). Gloo
     reports it as a plain RuntimeError from its TCP transport, c10d as ``DistError``."""
-    dist_error = getattr(torch.distributed, "DistError", None)
-    if dist_error is not None and isinstance(error, dist_error):
-        return True
-    return isinstance(error, RuntimeError) and "gloo/transport/" in str(error)
+    gloo = isinstance(error, RuntimeError) and "gloo/transport/" in str(error)
+    return gloo or isinstance(error, getattr(torch.distributed, "DistError", ()))
 
 
 def check_world_size(accelerator: Accelerator) -> None:
@@ -111,11 +106,8 @@ def describe_processes(accelerator: Accelerator) -> str:
     kind = accelerator.distributed_type.value
     kind = "DDP" if kind.startswith("MULTI_") else kind  # MULTI_GPU, MULTI_CPU, ...: plain DDP
     # A backend per device type reads "cuda:nccl,cpu:gloo": name the one of our device.
-    backends = dict(
-        part.split(":", 1) if ":" in part else (accelerator.device.type, part)
-        for part in (getattr(accelerator.state, "backend", None) or "").split(",")
-        if part
-    )
+    parts = (getattr(accelerator.state, "backend", None) or "").split(",")
+    backends = dict(p.split(":", 1) if ":" in p else (accelerator.device.type, p) for p in parts)
     backend = backends.get(accelerator.device.type)
     return f"{world} processes ({kind}{', ' + backend if backend else ''})"
 
