@@ -1,6 +1,5 @@
-"""The LR schedule (MultiStepLR, stepped once per epoch): the one place that builds, saves and
-restores it. We step it ourselves and never ``prepare`` it: a prepared scheduler steps once per
-process (huggingface/accelerate#2926)."""
+"""The LR schedule (MultiStepLR, stepped once per epoch, never prepared: ``make_accelerator``
+says why): the one place that builds, saves and restores it."""
 
 from __future__ import annotations
 
