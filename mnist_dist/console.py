@@ -18,6 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from mnist_dist.config import TrainConfig
 from mnist_dist.report import EPOCH_COLUMNS
 
 # In a log (not a terminal) a progress line comes every progress_every seconds, and at each
@@ -48,16 +49,10 @@ class RunConsole:
     """Progress and per-epoch results on the main process; silent elsewhere. On a terminal:
     a status line, then bars for the epoch and the run under an epoch table; otherwise lines."""
 
-    def __init__(
-        self,
-        enabled: bool,
-        epochs: int,
-        steps_per_epoch: int,
-        progress_every: float = 30.0,
-        global_batch_size: int = 0,
-    ) -> None:
-        self.enabled, self.epochs, self.steps_per_epoch = enabled, epochs, steps_per_epoch
-        self.progress_every, self.global_batch_size = progress_every, global_batch_size
+    def __init__(self, enabled: bool, training: TrainConfig, steps_per_epoch: int) -> None:
+        self.enabled, self.epochs, self.steps_per_epoch = enabled, training.epochs, steps_per_epoch
+        self.progress_every = training.progress_every
+        self.global_batch_size = training.global_batch_size
         self.console = Console(file=sys.stdout)
         self.interactive = enabled and self.console.is_terminal
         self._live: Live | None = None
@@ -84,7 +79,7 @@ class RunConsole:
                 "starting…", total=steps_per_epoch, details="", start=False
             )
             self._run_task = self.progress.add_task(
-                "whole run", total=epochs * steps_per_epoch, details="", start=False
+                "whole run", total=self.epochs * steps_per_epoch, details="", start=False
             )
             self._live = Live(Group(self.table, self.progress), console=self.console)
             self._live.start()
@@ -111,13 +106,11 @@ class RunConsole:
             self._live.refresh()  # every epoch's bar is drawn, however short the epoch
 
     def advance(self) -> None:
-        if not self.enabled:
-            return
         self._step += 1
         if self.interactive:
             self.progress.advance(self._task, 1)
             self.progress.advance(self._run_task, 1)
-        elif self.progress_every > 0 and self._step < self.steps_per_epoch:
+        elif self.enabled and self.progress_every > 0 and self._step < self.steps_per_epoch:
             now = time.monotonic()
             since = now - self._last_line
             quarter = MILESTONES * self._step // self.steps_per_epoch
@@ -138,7 +131,7 @@ class RunConsole:
         """Where the epoch is, the newest loss, the epoch's speed, and the time left."""
         total, step = self.steps_per_epoch, self._step
         line = f"epoch {self._epoch}/{self.epochs}  step {step}/{total} ({step / total:.0%})"
-        line += self._loss
+        line += self._loss  # the newest step record's
         epoch_rate = _rate(self._epoch_clock, now, step)
         done = (self._epoch - 1) * total + step
         run_rate = _rate(self._run_clock or self._epoch_clock, now, done)  # evaluations included
@@ -151,12 +144,10 @@ class RunConsole:
         return line
 
     def end_epoch(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
         if self.interactive:
             self._live.refresh()  # the epoch's last step, loss and img/s, however short it was
             self.table.add_row(*(fmt.format(record[key]) for _, key, fmt in EPOCH_COLUMNS))
-        else:
+        elif self.enabled:
             print(format_epoch_line(record, self.epochs), flush=True)
             self._last_line = time.monotonic()
 
