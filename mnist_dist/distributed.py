@@ -120,10 +120,9 @@ def say(line: str) -> None:
 
 @contextmanager
 def process_group(accelerator: Accelerator) -> Iterator[Accelerator]:
-    """Run the block, then destroy the process group on every rank. A block that ends normally
-    first passes a barrier, so every gloo worker thread is idle: in torch 2.6 a gloo group's
-    destructor holds the GIL while it joins workers that may need it, and about one two-rank
-    CPU run in seven hung after its last line (pytorch/pytorch#56297)."""
+    """Run the block, then destroy the process group on every rank, after a barrier if the block
+    ended normally: in torch 2.6 a gloo group's destructor holds the GIL while it joins worker
+    threads that may need it; about one two-rank CPU run in seven hung (pytorch/pytorch#56297)."""
     try:
         yield accelerator
         accelerator.wait_for_everyone()

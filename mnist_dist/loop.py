@@ -83,9 +83,9 @@ class Loop:
         run_dir.write_status("finished", epoch=state.epoch - 1, global_step=state.global_step)
         self.tracker.finish()
 
-    def fit(self, state: TrainerState, epochs: int) -> None:
-        """Train from ``state`` to the end of epoch ``epochs``; raises ``Stopped`` or a diverged
-        run's ``DivergedError``."""
+    def fit(self, epochs: int) -> None:
+        """Train on to the end of epoch ``epochs``; raises ``Stopped`` or ``DivergedError``."""
+        state = self.state
         with self.stop.handling_signals():
             while state.epoch <= epochs:
                 self.console.start_epoch(state.epoch, completed=state.step)

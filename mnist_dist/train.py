@@ -54,7 +54,7 @@ def train(config: Config) -> Summary:
             if isinstance(run, Summary):
                 return run  # the run directory holds a finished run: nothing to do
             with run.status():
-                run.fit(run.state, config.train.epochs)
+                run.fit(config.train.epochs)
                 summary = finish(run, config)
             say(
                 f"done: test accuracy {summary.test_accuracy:.2%} ({summary.test_correct}/"

@@ -49,9 +49,9 @@ def test_a_stop_between_two_fits_then_a_resume_gives_the_uninterrupted_weights(
             # at the first boundary after the request, whatever this machine's speed.
             run.stop = StopControl(accelerator, layout.stop, poll_seconds=0)
             with pytest.raises(Stopped) as stopped, run.status():
-                run.fit(run.state, 1)  # the first epoch, then a stop during the second
+                run.fit(1)  # the first epoch, then a stop during the second
                 layout.stop.write_text("")
-                run.fit(run.state, 2)
+                run.fit(2)
                 finish(run, config)
     finally:
         accelerator.end_training()
