@@ -1,11 +1,4 @@
-"""The console on the main process: a rich progress bar and epoch table, or plain lines.
-
-In a log (not a terminal: SLURM, ``| tee``, CI) a progress line is printed inside an epoch every
-``progress_every`` seconds (30 by default), and at 25%, 50% and 75% of the epoch if a sixth of
-that time (5 s) has passed since the last line: at most one line per 5 s, and at least one per
-30 s while training moves. Time-based, like tqdm's ``mininterval``, so the rate does not depend
-on how fast the machine is.
-"""
+"""The console on the main process: a rich progress bar and epoch table, or plain lines."""
 
 from __future__ import annotations
 
@@ -25,10 +18,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from mnist_dist.config import TrainConfig
 from mnist_dist.report import EPOCH_COLUMNS
 
-MILESTONES = 4  # progress lines at each quarter of an epoch (25%, 50%, 75%)
-MILESTONE_GAP = 1 / 6  # ... when this share of progress_every has passed since the last line
+# In a log (not a terminal) a progress line comes every progress_every seconds, and at each
+# quarter of an epoch once a sixth of that has passed: timed like tqdm's mininterval.
+MILESTONES = 4
+MILESTONE_GAP = 1 / 6
 
 
 def format_epoch_line(record: dict[str, Any], epochs: int) -> str:
@@ -51,19 +47,12 @@ def clock(seconds: float) -> str:
 
 class RunConsole:
     """Progress and per-epoch results on the main process; silent elsewhere. On a terminal:
-    a status line until training starts, then progress bars for the epoch and the whole run
-    under a growing epoch table. Otherwise: plain progress lines and one line per epoch."""
+    a status line, then bars for the epoch and the run under an epoch table; otherwise lines."""
 
-    def __init__(
-        self,
-        enabled: bool,
-        epochs: int,
-        steps_per_epoch: int,
-        progress_every: float = 30.0,
-        global_batch_size: int = 0,
-    ) -> None:
-        self.enabled, self.epochs, self.steps_per_epoch = enabled, epochs, steps_per_epoch
-        self.progress_every, self.global_batch_size = progress_every, global_batch_size
+    def __init__(self, enabled: bool, training: TrainConfig, steps_per_epoch: int) -> None:
+        self.enabled, self.epochs, self.steps_per_epoch = enabled, training.epochs, steps_per_epoch
+        self.progress_every = training.progress_every
+        self.global_batch_size = training.global_batch_size
         self.console = Console(file=sys.stdout)
         self.interactive = enabled and self.console.is_terminal
         self._live: Live | None = None
@@ -90,15 +79,10 @@ class RunConsole:
                 "starting…", total=steps_per_epoch, details="", start=False
             )
             self._run_task = self.progress.add_task(
-                "whole run", total=epochs * steps_per_epoch, details="", start=False
+                "whole run", total=self.epochs * steps_per_epoch, details="", start=False
             )
             self._live = Live(Group(self.table, self.progress), console=self.console)
             self._live.start()
-
-    def print(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
-            self._last_line = time.monotonic()
 
     def status(self, text: str) -> None:
         """Say what the run is doing before its first step (on a terminal: in the bar)."""
@@ -121,15 +105,21 @@ class RunConsole:
                 self.progress.start_task(self._run_task)
             self._live.refresh()  # every epoch's bar is drawn, however short the epoch
 
-    def advance(self, steps: int = 1) -> None:
-        if not self.enabled:
-            return
-        before, self._step = self._step, self._step + steps
+    def advance(self) -> None:
+        self._step += 1
         if self.interactive:
-            self.progress.advance(self._task, steps)
-            self.progress.advance(self._run_task, steps)
-        elif self.progress_every > 0 and self._step < self.steps_per_epoch:
-            self._maybe_print_progress(before)
+            self.progress.advance(self._task, 1)
+            self.progress.advance(self._run_task, 1)
+        elif self.enabled and self.progress_every > 0 and self._step < self.steps_per_epoch:
+            now = time.monotonic()
+            since = now - self._last_line
+            quarter = MILESTONES * self._step // self.steps_per_epoch
+            passed_milestone = quarter > MILESTONES * (self._step - 1) // self.steps_per_epoch
+            if since >= self.progress_every or (
+                passed_milestone and since >= self.progress_every * MILESTONE_GAP
+            ):
+                print(self.progress_line(now), flush=True)
+                self._last_line = now
 
     def show_step(self, loss: float, images_per_second: float) -> None:
         self._loss = f"  loss {loss:.4f}"
@@ -137,23 +127,11 @@ class RunConsole:
             details = f"loss {loss:.4f}  {images_per_second:,.0f} img/s"
             self.progress.update(self._task, details=details)
 
-    def _maybe_print_progress(self, before: int) -> None:
-        now = time.monotonic()
-        since = now - self._last_line
-        quarter = MILESTONES * self._step // self.steps_per_epoch
-        passed_milestone = quarter > MILESTONES * before // self.steps_per_epoch
-        if since >= self.progress_every or (
-            passed_milestone and since >= self.progress_every * MILESTONE_GAP
-        ):
-            print(self.progress_line(now), flush=True)
-            self._last_line = now
-
     def progress_line(self, now: float) -> str:
-        """Where training is inside the epoch, the newest step record's loss, how fast the
-        epoch goes, and the time left in it and in the run."""
+        """Where the epoch is, the newest loss, the epoch's speed, and the time left."""
         total, step = self.steps_per_epoch, self._step
         line = f"epoch {self._epoch}/{self.epochs}  step {step}/{total} ({step / total:.0%})"
-        line += self._loss
+        line += self._loss  # the newest step record's
         epoch_rate = _rate(self._epoch_clock, now, step)
         done = (self._epoch - 1) * total + step
         run_rate = _rate(self._run_clock or self._epoch_clock, now, done)  # evaluations included
@@ -166,12 +144,10 @@ class RunConsole:
         return line
 
     def end_epoch(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
         if self.interactive:
             self._live.refresh()  # the epoch's last step, loss and img/s, however short it was
             self.table.add_row(*(fmt.format(record[key]) for _, key, fmt in EPOCH_COLUMNS))
-        else:
+        elif self.enabled:
             print(format_epoch_line(record, self.epochs), flush=True)
             self._last_line = time.monotonic()
 

@@ -14,19 +14,8 @@ from mnist_dist.errors import UsageError
 from mnist_dist.launch import collective_timeout
 
 
-def has_accelerator() -> bool:
-    """A GPU (or other device) Accelerate can train on; otherwise we train on CPU."""
-    xpu = getattr(torch, "xpu", None)
-    return (
-        torch.cuda.is_available()
-        or torch.backends.mps.is_available()
-        or bool(xpu and xpu.is_available())
-    )
-
-
 def precision_supported(mixed_precision: str, cuda_gpus: int) -> bool:
-    """Whether a node with ``cuda_gpus`` CUDA GPUs can train in ``mixed_precision`` (the rule
-    of both training and ``doctor``)."""
+    """Whether a node with ``cuda_gpus`` CUDA GPUs can train in ``mixed_precision``."""
     if mixed_precision == "fp16":
         # Autocast to fp16 is silently ignored on CPU (native AMP needs a non-CPU device), so
         # a run would report fp16 while training in fp32.
@@ -36,66 +25,11 @@ def precision_supported(mixed_precision: str, cuda_gpus: int) -> bool:
     return True
 
 
-def check_mixed_precision(mixed_precision: str) -> None:
-    """Reject precisions the hardware cannot run instead of silently training in fp32."""
-    if precision_supported(mixed_precision, torch.cuda.device_count()):
-        return
-    if mixed_precision == "fp16":
-        raise UsageError(
-            "--mixed-precision fp16 needs a CUDA GPU and none is available; "
-            "use --mixed-precision bf16 (works on CPU) or no"
-        )
-    raise UsageError(
-        f"--mixed-precision bf16 is not supported by {torch.cuda.get_device_name()}; use fp16 or no"
-    )
-
-
 def make_accelerator(
     mixed_precision: str, log_with: str | None = None, static_graph: bool = False
 ) -> Accelerator:
     """An Accelerator on the best available device whose world size is proven to be the
-    launcher's; ``UsageError`` for a mis-configured launch. ``static_graph``: every step runs
-    the same graph (no gradient accumulation), so DDP can skip per-step bookkeeping."""
-    _check_launcher_env()
-    check_mixed_precision(mixed_precision)
-    ddp = DistributedDataParallelKwargs(
-        gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
-        static_graph=static_graph,
-    )
-    # Autocast's cache of cast weights must be off for a forward captured in a CUDA graph (the
-    # CUDA graphs notes of PyTorch); each weight is cast once per forward here, so it saves
-    # nothing anyway.
-    autocast = AutocastKwargs(cache_enabled=False)
-    handlers: list = [ddp, autocast]
-    if (timeout := collective_timeout()) is not None:
-        handlers.append(InitProcessGroupKwargs(timeout=timeout))
-    accelerator = Accelerator(
-        kwargs_handlers=handlers,
-        # Without cpu=True, `accelerate launch --multi_gpu` on a machine without GPUs starts N
-        # lone rank-0 processes (DistributedType.NO) that train independently.
-        cpu=not has_accelerator(),
-        mixed_precision=mixed_precision,
-        log_with=log_with,
-        # We step the epoch scheduler ourselves and never prepare it: a prepared scheduler steps
-        # num_processes times per call (huggingface/accelerate#2926).
-        step_scheduler_with_optimizer=False,
-    )
-    check_world_size(accelerator)
-    return accelerator
-
-
-def lost_peer(error: BaseException) -> bool:
-    """Whether ``error`` says that another rank vanished (its process, node or network),
-    rather than a fault of this rank's own. Gloo reports a lost or silent peer as a plain
-    RuntimeError from its TCP transport ("Connection reset by peer", "Timed out waiting ...
-    for recv operation"); PyTorch's own c10d errors are ``torch.distributed.DistError``."""
-    dist_error = getattr(torch.distributed, "DistError", None)
-    if dist_error is not None and isinstance(error, dist_error):
-        return True
-    return isinstance(error, RuntimeError) and "gloo/transport/" in str(error)
-
-
-def _check_launcher_env() -> None:
+    launcher's; ``UsageError`` for a mis-configured launch."""
     # `accelerate launch --cpu --num_processes N` (and MULTI_CPU configs) start ONE process
     # without WORLD_SIZE, expecting mpirun; its only trace is MASTER_ADDR, which the launcher
     # sets only when asked for more than one process (seen with accelerate 1.15).
@@ -108,6 +42,45 @@ def _check_launcher_env() -> None:
             "multi-process path needs mpirun); launch with --config_file "
             "accelerate_configs/cpu_ddp.yaml instead"
         )
+    if not precision_supported(mixed_precision, torch.cuda.device_count()):
+        if mixed_precision == "fp16":
+            raise UsageError(
+                "--mixed-precision fp16 needs a CUDA GPU and none is available; "
+                "use --mixed-precision bf16 (works on CPU) or no"
+            )
+        name = torch.cuda.get_device_name()
+        raise UsageError(f"--mixed-precision bf16 is not supported by {name}; use fp16 or no")
+    ddp = DistributedDataParallelKwargs(
+        gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
+        static_graph=static_graph,
+    )
+    # Autocast's weight cache must be off for a forward captured in a CUDA graph (PyTorch's
+    # CUDA graphs notes); each weight is cast once per forward here, so it saves nothing.
+    autocast = AutocastKwargs(cache_enabled=False)
+    handlers: list = [ddp, autocast]
+    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    if (timeout := collective_timeout()) is not None:
+        handlers.append(InitProcessGroupKwargs(timeout=timeout))
+    accelerator = Accelerator(
+        kwargs_handlers=handlers,
+        # Without cpu=True, `accelerate launch --multi_gpu` on a machine without GPUs starts N
+        # lone rank-0 processes (DistributedType.NO) that train independently.
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available() or xpu),
+        mixed_precision=mixed_precision,
+        log_with=log_with,
+        # We step the epoch scheduler ourselves and never prepare it: a prepared scheduler steps
+        # num_processes times per call (huggingface/accelerate#2926).
+        step_scheduler_with_optimizer=False,
+    )
+    check_world_size(accelerator)
+    return accelerator
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` says that another rank vanished (its process, node or network). Gloo
+    reports it as a plain RuntimeError from its TCP transport, c10d as ``DistError``."""
+    gloo = isinstance(error, RuntimeError) and "gloo/transport/" in str(error)
+    return gloo or isinstance(error, getattr(torch.distributed, "DistError", ()))
 
 
 def check_world_size(accelerator: Accelerator) -> None:
@@ -133,11 +106,8 @@ def describe_processes(accelerator: Accelerator) -> str:
     kind = accelerator.distributed_type.value
     kind = "DDP" if kind.startswith("MULTI_") else kind  # MULTI_GPU, MULTI_CPU, ...: plain DDP
     # A backend per device type reads "cuda:nccl,cpu:gloo": name the one of our device.
-    backends = dict(
-        part.split(":", 1) if ":" in part else (accelerator.device.type, part)
-        for part in (getattr(accelerator.state, "backend", None) or "").split(",")
-        if part
-    )
+    parts = (getattr(accelerator.state, "backend", None) or "").split(",")
+    backends = dict(p.split(":", 1) if ":" in p else (accelerator.device.type, p) for p in parts)
     backend = backends.get(accelerator.device.type)
     return f"{world} processes ({kind}{', ' + backend if backend else ''})"
 
@@ -150,11 +120,9 @@ def say(line: str) -> None:
 
 @contextmanager
 def process_group(accelerator: Accelerator) -> Iterator[Accelerator]:
-    """Run the block, then destroy the process group on every rank. After a block that ends
-    normally every rank first passes a barrier, with every gloo worker thread idle: in torch
-    2.6 a gloo group's destructor holds the GIL while it joins worker threads that may still
-    need the GIL to free the last collective's tensors, and the process hung after its last
-    line in about one two-rank CPU run in seven (pytorch/pytorch#56297)."""
+    """Run the block, then destroy the process group on every rank, after a barrier if the block
+    ended normally: in torch 2.6 a gloo group's destructor holds the GIL while it joins worker
+    threads that may need it; about one two-rank CPU run in seven hung (pytorch/pytorch#56297)."""
     try:
         yield accelerator
         accelerator.wait_for_everyone()

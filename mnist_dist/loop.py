@@ -1,11 +1,12 @@
-"""The epoch/step loop: train an epoch, evaluate it, save, stop when asked. The step itself
-belongs to the step engine; the loop acts only at step boundaries where the host may wait for
-the device: a logging window, a checkpoint due, a stop every rank agreed on, an epoch's end."""
+"""The epoch/step loop: train an epoch, evaluate it, save, stop when asked. The step itself is
+the step engine's. Reading its device figures is a host sync and a collective: every rank does
+it at the same steps, only at a log step, a checkpoint, a stop and an epoch's end."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -13,10 +14,12 @@ from accelerate import Accelerator
 from torch.optim.lr_scheduler import LRScheduler
 
 from mnist_dist.checkpoint import Checkpointer, TrainerState
+from mnist_dist.claim import ClaimLost
 from mnist_dist.console import RunConsole
 from mnist_dist.data import Sharding
+from mnist_dist.distributed import lost_peer
 from mnist_dist.engine import StepEngine, StepFigures
-from mnist_dist.errors import DivergedError
+from mnist_dist.errors import DivergedError, Stopped, WriteError
 from mnist_dist.evaluate import EvalResult, evaluate
 from mnist_dist.records import EpochRecord, StepRecord
 from mnist_dist.rundir import RunDir
@@ -27,53 +30,96 @@ from mnist_dist.wandb_tracker import Tracker, namespaced
 
 @dataclass
 class Loop:
-    """Everything the loop acts on, built by ``train.build``."""
+    """A built run: everything the loop acts on, made by ``train.build``."""
 
     accelerator: Accelerator
     model: torch.nn.Module
     schedule: LRScheduler
     engine: StepEngine
-    recorder: EpochRecorder
+    figures: StepFigures
+    sharding: Sharding
     test_data: Iterable[tuple[torch.Tensor, torch.Tensor]]
     checkpointer: Checkpointer
     stop: StopControl
-    outputs: RunOutputs
+    files: RunDir
+    tracker: Tracker
+    console: RunConsole
     log_every: int  # optimizer steps per step record
+    state: TrainerState
+    resumed: bool  # from a checkpoint
+    first_step: int = 0  # the first step of the epoch whose figures are still on the device
+    segment_start: float = field(default_factory=time.perf_counter)  # of the training clock
 
-    def fit(self, state: TrainerState, epochs: int) -> None:
-        """Train from ``state`` to the end of epoch ``epochs``. Raises ``Stopped`` after a stop
-        every rank agreed on (its checkpoint saved) and ``DivergedError`` on a non-finite loss."""
+    @contextmanager
+    def status(self) -> Iterator[None]:
+        """``status.json`` says running inside the block, then finished, stopped, diverged or
+        failed (the last three with the command that continues the run); ends the tracker."""
+        state, run_dir = self.state, self.files
+        newest = self.checkpointer.newest()
+        run_dir.beat(state.epoch, state.step, state.global_step, newest, force=True)
+        try:
+            yield
+        except ClaimLost:
+            raise  # the directory is another training's now: not a word more into it
+        except (Stopped, DivergedError, WriteError) as e:
+            name = {Stopped: "stopped", DivergedError: "diverged"}.get(type(e), "failed")
+            e.args = (f"{e}; to continue: {run_dir.command}",)
+            run_dir.write_status(name, message=str(e), exit_code=e.exit_code)
+            self.tracker.finish()
+            if isinstance(e, (Stopped, DivergedError)):
+                # Every rank raised this at the same step: leave together, so that the first
+                # launcher to exit (srun --kill-on-bad-exit ends the job's other nodes) cannot
+                # cut the main process's status.json and W&B writes short.
+                self.accelerator.wait_for_everyone()
+            raise
+        except BaseException as e:  # a second Ctrl-C, or a bug: say so to whoever watches
+            # lost_peer: another rank vanished (its node died); a retry may well succeed.
+            details = {"lost_peer": True} if lost_peer(e) else {}
+            run_dir.write_status("failed", message=f"{type(e).__name__}: {e}", **details)
+            raise
+        finally:
+            self.stop.close()
+            self.console.close()
+        run_dir.write_status("finished", epoch=state.epoch - 1, global_step=state.global_step)
+        self.tracker.finish()
+
+    def fit(self, epochs: int) -> None:
+        """Train on to the end of epoch ``epochs``; raises ``Stopped`` or ``DivergedError``."""
+        state = self.state
         with self.stop.handling_signals():
             while state.epoch <= epochs:
-                self.outputs.console.start_epoch(state.epoch, completed=state.step)
+                self.console.start_epoch(state.epoch, completed=state.step)
                 lr = current_lr(self.schedule)  # the LR this epoch trains with
                 self.train_epoch(state)
                 eval_start = time.perf_counter()
                 result = evaluate(self.model, self.test_data, self.accelerator)
                 self.schedule.step()
                 eval_seconds = time.perf_counter() - eval_start
-                self.outputs.record_epoch(
-                    self.recorder.close_epoch(state, result, lr, eval_seconds)
-                )
+                record = self.close_epoch(state, result, lr, eval_seconds)
+                self.files.append_epoch(record)
+                self.tracker.log(namespaced("epoch", record.to_dict()), step=record.global_step)
+                self.console.end_epoch(record.to_dict())
                 self.save(state)
                 if state.epoch <= epochs and self.stop.now():  # not after the last epoch
                     raise self.stop.stopped(state.position, self.checkpointer.last_saved)
 
     def train_epoch(self, state: TrainerState) -> None:
         self.model.train()
-        self.recorder.start(state)
+        self.first_step, self.segment_start = state.step, time.perf_counter()
         window = (state.step, time.perf_counter())  # the steps the next step record covers
         for _ in self.engine.run_epoch(state.epoch, state.step):
             state.step += 1
             state.global_step += 1
-            self.outputs.console.advance()
+            self.console.advance()
             self.beat(state)
             if state.global_step % self.log_every == 0:
                 self.check_finite(state)
-                lr = current_lr(self.schedule)
-                self.outputs.record_step(self.recorder.step_record(state, *window, lr))
+                record = self.step_record(state, *window)
+                self.files.append_step(record)
+                self.tracker.log(namespaced("train", record.to_dict()), step=record.global_step)
+                self.console.show_step(record.train_loss, record.images_per_second)
                 window = (state.step, time.perf_counter())
-            if self.checkpointer.due(state, self.recorder.sharding.steps_per_epoch):
+            if self.checkpointer.due(state, self.sharding.steps_per_epoch):
                 self.save(state, mid_epoch=True)
             if self.stop.at_step_boundary():
                 if not self.checkpointer.saved(state):
@@ -81,102 +127,63 @@ class Loop:
                 raise self.stop.stopped(state.position, self.checkpointer.last_saved)
         self.check_finite(state)  # a host sync: the epoch's device work is done
         # The clock stops here, before the evaluation: images/s is training throughput.
-        self.recorder.bank_train_seconds(state)
+        self.bank_train_seconds(state)
 
     def save(self, state: TrainerState, mid_epoch: bool = False) -> None:
-        """Checkpoint ``state`` (``mid_epoch``: the epoch's figures so far go with it). Never
-        saves a state that follows a non-finite loss."""
+        """Checkpoint ``state`` (``mid_epoch``: with the epoch's figures so far) unless diverged."""
         if mid_epoch:
             self.check_finite(state)
-            self.recorder.fold(state)
+            state.epoch_sums = self.reduced(self.first_step, state.step, state.epoch_sums)
+            self.first_step = state.step
+            self.bank_train_seconds(state)
         state.scheduler = schedule_state(self.schedule)
         self.checkpointer.save(state)
         self.beat(state, force=True)
 
     def beat(self, state: TrainerState, force: bool = False) -> None:
-        """The run's heartbeat in ``status.json`` (``RunDir.beat``): a clock read per step,
-        a write at most every minute, and one after every checkpoint (``force``). It beats
-        from the loop, not from a thread of its own: a run stuck in a collective or a hung
-        device stops beating, so a silent run is one that makes no progress."""
+        """The heartbeat in ``status.json``, at most every minute and after every checkpoint;
+        from the loop, not a thread, so that a stuck run stops beating."""
         where = (state.epoch, state.step, state.global_step, self.checkpointer.last_saved)
-        self.outputs.files.beat(*where, force=force)
+        self.files.beat(*where, force=force)
 
     def check_finite(self, state: TrainerState) -> None:
         """Raise ``DivergedError`` on every rank if any rank saw a non-finite loss this epoch."""
-        step = self.recorder.first_non_finite(state)
-        if step is None:
+        if state.step == self.first_step:
+            return  # no step taken yet (the same on every rank)
+        local = self.figures.first_non_finite(self.first_step, state.step)
+        flags = self.accelerator.gather(local).view(-1, 2)
+        if not flags[:, 0].any():
             return
+        step = self.first_step + int(flags[flags[:, 0] == 1, 1].min()) + 1  # of this epoch
         global_step = state.global_step - (state.step - step)
         newest = self.checkpointer.newest()
-        where = (
-            f"the newest checkpoint, {newest}, holds the last good state"
-            if newest
-            else "no checkpoint was saved before it"
-        )
+        where = f"the newest checkpoint, {newest}, holds the last good state"
         raise DivergedError(
             f"non-finite training loss at epoch {state.epoch}, step {step} (global step "
-            f"{global_step}); training stopped and {where}"
+            f"{global_step}); training stopped and "
+            + (where if newest else "no checkpoint was saved before it")
         )
 
-
-@dataclass
-class EpochRecorder:
-    """Makes the epoch's records from the step engine's device figures since ``first_step``,
-    the sums a mid-epoch checkpoint folded into the trainer state before that, and the training
-    clock. Reading the device figures is a host sync and a collective: the loop does it only at
-    log steps, checkpoints and the end of an epoch, on every rank."""
-
-    accelerator: Accelerator
-    stats: StepFigures
-    sharding: Sharding
-    first_step: int = 0  # the first step whose figures are still on the device
-    segment_start: float = field(default_factory=time.perf_counter)
-
-    def start(self, state: TrainerState) -> None:
-        self.first_step, self.segment_start = state.step, time.perf_counter()
-
     def reduced(self, start: int, stop: int, prior: list[float] | None = None) -> list[float]:
-        """(summed loss, correct) of steps ``start`` to ``stop`` over all ranks, plus ``prior``
-        (figures from before a checkpoint, held once)."""
-        sums = self.stats.sums(start, stop)
+        """(summed loss, correct) of steps ``start`` to ``stop`` over all ranks, plus ``prior``."""
+        sums = self.figures.sums(start, stop)
         if prior is not None and self.accelerator.is_main_process:
             sums += torch.tensor(prior, dtype=sums.dtype).to(sums.device)
         return self.accelerator.reduce(sums, reduction="sum").tolist()
 
-    def first_non_finite(self, state: TrainerState) -> int | None:
-        """The step (1-based, of this epoch) of the first non-finite loss any rank saw since
-        ``first_step``, or None."""
-        if state.step == self.first_step:
-            return None  # no step taken yet (the same on every rank)
-        local = self.stats.first_non_finite(self.first_step, state.step)
-        flags = self.accelerator.gather(local).view(-1, 2)
-        if not flags[:, 0].any():
-            return None
-        return self.first_step + int(flags[flags[:, 0] == 1, 1].min()) + 1
-
-    def step_record(
-        self, state: TrainerState, since_step: int, since: float, lr: float
-    ) -> StepRecord:
-        """The record of the steps from ``since_step`` (at ``time.perf_counter()`` ``since``)
-        to now."""
+    def step_record(self, state: TrainerState, since_step: int, since: float) -> StepRecord:
+        """The record of the steps since ``since_step`` (at perf_counter ``since``)."""
         loss_sum = self.reduced(since_step, state.step)[0]
         images = sum(map(self.sharding.global_batch_size_at, range(since_step, state.step)))
         return StepRecord(
             global_step=state.global_step,
             epoch=state.epoch,
             train_loss=loss_sum / images,
-            lr=lr,
+            lr=current_lr(self.schedule),
             images_per_second=images / (time.perf_counter() - since),
         )
 
-    def fold(self, state: TrainerState) -> None:
-        """Move the figures so far into ``state`` (before a mid-epoch checkpoint saves it)."""
-        state.epoch_sums = self.reduced(self.first_step, state.step, state.epoch_sums)
-        self.first_step = state.step
-        self.bank_train_seconds(state)
-
     def bank_train_seconds(self, state: TrainerState) -> None:
-        """Add the training time since the segment started to the epoch's; start a new one."""
         now = time.perf_counter()
         state.epoch_train_seconds += now - self.segment_start
         self.segment_start = now
@@ -184,8 +191,7 @@ class EpochRecorder:
     def close_epoch(
         self, state: TrainerState, result: EvalResult, lr: float, eval_seconds: float
     ) -> EpochRecord:
-        """The epoch's record, appended to ``state.history``; ``state`` moves to the next
-        epoch."""
+        """The epoch's record, appended to ``state.history``; ``state`` moves to the next."""
         num_samples = self.sharding.num_samples
         loss_sum, correct = self.reduced(self.first_step, state.step, state.epoch_sums)
         train_seconds = state.epoch_train_seconds
@@ -207,22 +213,3 @@ class EpochRecorder:
         state.epoch, state.step = state.epoch + 1, 0
         state.epoch_sums, state.epoch_train_seconds = [0.0, 0.0], 0.0
         return record
-
-
-@dataclass
-class RunOutputs:
-    """Everywhere a run's records go: its files, the tracker and the console."""
-
-    files: RunDir
-    tracker: Tracker
-    console: RunConsole
-
-    def record_step(self, record: StepRecord) -> None:
-        self.files.append_step(record)
-        self.tracker.log(namespaced("train", record.to_dict()), step=record.global_step)
-        self.console.show_step(record.train_loss, record.images_per_second)
-
-    def record_epoch(self, record: EpochRecord) -> None:
-        self.files.append_epoch(record)
-        self.tracker.log(namespaced("epoch", record.to_dict()), step=record.global_step)
-        self.console.end_epoch(record.to_dict())

@@ -1,11 +1,5 @@
-"""The LR schedule, the one place that builds, steps, saves and restores it: Adam's LR
-multiplied by ``--lr-gamma`` after each of ``--lr-milestones`` (MultiStepLR), stepped once per
-epoch. Another schedule changes this module and its options in ``OptimConfig``.
-
-We step the scheduler ourselves and never ``prepare`` it: a prepared scheduler steps once per
-process (huggingface/accelerate#2926). A captured step keeps each LR in a device tensor that
-the graph reads (``engine.lr_tensor``); torch's schedulers fill it in place.
-"""
+"""The LR schedule (MultiStepLR, stepped once per epoch, never prepared: ``make_accelerator``
+says why): the one place that builds, saves and restores it."""
 
 from __future__ import annotations
 
@@ -20,25 +14,18 @@ from mnist_dist.engine import lr_value, stepped_optimizer
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> LRScheduler:
-    """The per-epoch schedule of a prepared ``optimizer``.
-
-    torch wraps the ``step`` of the optimizer it is given, to warn when the scheduler steps
-    before the optimizer; it must wrap the ``step`` that the training step calls
-    (``stepped_optimizer``). With fp16's scaler that is ``AcceleratedOptimizer.step``, which
-    replaces the inner optimizer's ``step`` during each call and then restores the method it
-    saved in ``prepare``, from before any scheduler existed: a wrapper put on the inner
-    optimizer is gone after the first step, and torch warns that
-    "``optimizer.step()`` has been overridden after learning rate scheduler
-    initialization".
-    """
+    """The per-epoch schedule of a prepared ``optimizer``."""
+    # torch wraps the optimizer's step to warn of a scheduler step before it: it must wrap the
+    # step the training step calls. With fp16's scaler, AcceleratedOptimizer.step swaps the
+    # inner step per call and restores the one from before the scheduler, so a wrapper on the
+    # inner optimizer would be lost and torch would warn "optimizer.step() has been overridden".
     return MultiStepLR(
         stepped_optimizer(optimizer), milestones=list(optim.lr_milestones), gamma=optim.lr_gamma
     )
 
 
 def current_lr(schedule: LRScheduler) -> float:
-    """The LR of the first parameter group (a host sync under a captured step: read it only
-    where the loop syncs anyway)."""
+    """The LR of the first parameter group (a host sync under a captured step)."""
     return lr_value(schedule.optimizer.param_groups[0]["lr"])
 
 
@@ -51,9 +38,8 @@ def schedule_state(schedule: LRScheduler) -> dict[str, Any]:
 
 
 def restore_schedule(schedule: LRScheduler, saved: dict[str, Any], branch: bool) -> None:
-    """Put ``schedule`` where ``schedule_state`` left it; the optimizer's LRs come back with
-    the checkpoint. A ``branch`` follows its own settings instead: from the base LRs, the same
-    steps as a run that trained with them from the start, so the same LRs bit for bit."""
+    """Put ``schedule`` where ``schedule_state`` left it. A ``branch`` replays its own
+    settings' steps from the base LRs instead: the same LRs, bit for bit, as from the start."""
     if not branch:
         schedule.load_state_dict({**schedule.state_dict(), **saved})
         return

@@ -15,18 +15,11 @@ from accelerate import Accelerator
 
 from mnist_dist.errors import Stopped
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
 
 class StopControl:
-    """Turns this rank's stop requests (SIGTERM, SIGINT, SIGUSR1, the stop file) into one
-    decision for all ranks at the same step boundary, so they save one consistent checkpoint.
-
-    Ranks agree through an asynchronous all-reduce on a small gloo group: the answer at boundary
-    ``k`` is the agreement started at ``k - 1``, so checking never waits on the network or the
-    GPU. ``accelerate launch`` forwards SIGTERM and SIGINT to every rank but SIGUSR1 kills the
-    launcher itself; the stop file works everywhere.
-    """
+    """Turns this rank's stop requests (signals, the stop file) into one decision for all ranks
+    at the same step boundary: the answer at boundary ``k`` is an all-reduce started at ``k - 1``.
+    ``accelerate launch`` forwards SIGTERM and SIGINT, but SIGUSR1 kills the launcher itself."""
 
     def __init__(
         self, accelerator: Accelerator, stop_file: Path, poll_seconds: float = 0.5
@@ -42,8 +35,8 @@ class StopControl:
 
     @contextmanager
     def handling_signals(self) -> Iterator[StopControl]:
-        """Route the stop signals to this object for the duration of the block."""
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in stop_signals}
         try:
             yield self
         finally:
@@ -65,11 +58,11 @@ class StopControl:
         return self.reason is not None
 
     def at_step_boundary(self) -> bool:
-        """Whether every rank stops now. Call at every step boundary on every rank."""
+        """Whether every rank stops now; call at every step boundary on every rank."""
         local = self._requested_here()
         if self._group is None:
             return local
-        stop = self._collect()
+        stop = self.close()
         if not stop:
             flag = torch.tensor([int(local)], dtype=torch.int32)
             work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
@@ -81,32 +74,25 @@ class StopControl:
         local = self._requested_here(force_poll=True)
         if self._group is None:
             return local
-        earlier = self._collect()
+        earlier = self.close()
         flag = torch.tensor([int(local or earlier)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
 
     def stopped(self, position: str, checkpoint: Path | None) -> Stopped:
-        """The error that ends the run after an agreed stop at ``position``. Removes the stop
-        file, or the resumed run would stop at once."""
+        """The error that ends the run; removes the stop file, or a resume would stop at once."""
         if self._is_main:
             self.stop_file.unlink(missing_ok=True)
         return Stopped(f"{self.describe()}: stopped at {position}; checkpoint {checkpoint}")
 
     def describe(self) -> str:
-        """Why the run stops, as this rank knows it."""
         self._requested_here(force_poll=True)
         return self.reason or "another rank asked to stop"
 
-    def _collect(self) -> bool:
-        """The result of the agreement in flight, if any (waits for it)."""
-        if self._pending is None:
+    def close(self) -> bool:
+        """Wait for the agreement in flight, if any, and return its result."""
+        pending, self._pending = self._pending, None
+        if pending is None:
             return False
-        work, flag = self._pending
-        work.wait()
-        self._pending = None
-        return bool(flag.item())
-
-    def close(self) -> None:
-        """Finish any agreement in flight (before the process group goes away)."""
-        self._collect()
+        pending[0].wait()
+        return bool(pending[1].item())

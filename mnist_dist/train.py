@@ -4,9 +4,6 @@ loop (``loop.py``), ``finish`` it: summary, final weights, the last W&B pass."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
@@ -16,24 +13,17 @@ from accelerate.utils import set_seed
 from torch.optim.lr_scheduler import LRScheduler
 
 from mnist_dist.checkpoint import Checkpoint, Checkpointer, TrainerState
-from mnist_dist.claim import ClaimLost, Holder
+from mnist_dist.claim import Holder
 from mnist_dist.config import Config, TrainConfig
 from mnist_dist.console import RunConsole
 from mnist_dist.data import build_train_data, ensure_raw_files, eval_batches
 from mnist_dist.determinism import set_determinism
-from mnist_dist.distributed import (
-    describe_processes,
-    lost_peer,
-    make_accelerator,
-    process_group,
-    say,
-)
+from mnist_dist.distributed import describe_processes, make_accelerator, process_group, say
 from mnist_dist.engine import build_engine
-from mnist_dist.errors import DivergedError, Stopped, WriteError
 from mnist_dist.evaluate import evaluate
 from mnist_dist.launch import continue_command
 from mnist_dist.layout import RunLayout
-from mnist_dist.loop import EpochRecorder, Loop, RunOutputs
+from mnist_dist.loop import Loop
 from mnist_dist.model import MnistCNN
 from mnist_dist.provenance import provenance
 from mnist_dist.records import EpochRecord, Summary
@@ -47,11 +37,7 @@ from mnist_dist.weights import export_model
 
 def train(config: Config) -> Summary:
     """Train as ``config`` says and return the summary (also written to ``summary.json``).
-
-    Raises ``Stopped`` after a stop request (checkpoint saved, resumable), ``DivergedError`` on
-    a non-finite loss, ``WriteError`` when run state cannot be written, ``UsageError`` for bad
-    input.
-    """
+    Raises ``Stopped`` (resumable), ``DivergedError``, ``WriteError`` or ``UsageError``."""
     started = time.perf_counter()
     determinism = set_determinism(config.train.deterministic)  # before the first CUDA call
     log_with = "wandb" if wants_wandb(config.tracking) else None
@@ -68,67 +54,17 @@ def train(config: Config) -> Summary:
             if isinstance(run, Summary):
                 return run  # the run directory holds a finished run: nothing to do
             with run.status():
-                run.loop.fit(run.state, config.train.epochs)
-                summary = finish(run)
-            run.say_done(summary)
+                run.fit(config.train.epochs)
+                summary = finish(run, config)
+            say(
+                f"done: test accuracy {summary.test_accuracy:.2%} ({summary.test_correct}/"
+                f"{summary.test_total}) after {summary.epochs_completed} epoch(s), "
+                f"{summary.images_per_second:,.0f} images/s, "
+                f"{summary.segment_wall_seconds:.0f}s"
+                + (f" ({summary.run_wall_seconds:.0f}s over the run)" if run.resumed else "")
+                + f"; weights in {layout.model}"
+            )
             return summary
-
-
-@dataclass
-class Run:
-    """A built run: what ``fit`` and ``finish`` act on."""
-
-    config: Config
-    accelerator: Accelerator
-    run_dir: RunDir
-    state: TrainerState
-    loop: Loop
-    resumed: bool
-
-    @contextmanager
-    def status(self) -> Iterator[None]:
-        """Owns the run's ``status.json``: running inside the block (with heartbeats from the
-        loop); then finished, stopped (resumable), diverged or failed, and the messages of the
-        last three end with the command that continues the run. Ends the tracker and, on every
-        rank, leaves together after a stop or divergence."""
-        state, run_dir = self.state, self.run_dir
-        newest = self.loop.checkpointer.newest()
-        run_dir.beat(state.epoch, state.step, state.global_step, newest, force=True)
-        try:
-            yield
-        except ClaimLost:
-            raise  # the directory is another training's now: not a word more into it
-        except (Stopped, DivergedError, WriteError) as e:
-            name = {Stopped: "stopped", DivergedError: "diverged"}.get(type(e), "failed")
-            e.args = (f"{e}; to continue: {run_dir.command}",)
-            run_dir.write_status(name, message=str(e), exit_code=e.exit_code)
-            self.loop.outputs.tracker.finish()
-            if isinstance(e, (Stopped, DivergedError)):
-                # Every rank raised this at the same step: leave together, so that the first
-                # launcher to exit (srun --kill-on-bad-exit ends the job's other nodes) cannot
-                # cut the main process's status.json and W&B writes short.
-                self.accelerator.wait_for_everyone()
-            raise
-        except BaseException as e:  # a second Ctrl-C, or a bug: say so to whoever watches
-            # lost_peer: another rank vanished (its node died); a retry may well succeed.
-            details = {"lost_peer": True} if lost_peer(e) else {}
-            run_dir.write_status("failed", message=f"{type(e).__name__}: {e}", **details)
-            raise
-        finally:
-            self.loop.stop.close()
-            self.loop.outputs.console.close()
-        run_dir.write_status("finished", epoch=state.epoch - 1, global_step=state.global_step)
-        self.loop.outputs.tracker.finish()
-
-    def say_done(self, summary: Summary) -> None:
-        say(
-            f"done: test accuracy {summary.test_accuracy:.2%} ({summary.test_correct}/"
-            f"{summary.test_total}) after {summary.epochs_completed} epoch(s), "
-            f"{summary.images_per_second:,.0f} images/s, "
-            f"{summary.segment_wall_seconds:.0f}s"
-            + (f" ({summary.run_wall_seconds:.0f}s over the run)" if self.resumed else "")
-            + f"; weights in {self.run_dir.layout.model}"
-        )
 
 
 def build(
@@ -138,10 +74,8 @@ def build(
     holder: Holder | None,
     started: float,
     determinism: dict[str, Any],
-) -> Run | Summary:
-    """Everything a run needs, restored from its checkpoint if it has one; or the summary of
-    the finished run its directory holds when there is nothing left to train. ``holder`` is
-    the main process's claim on the run directory."""
+) -> Loop | Summary:
+    """The run, restored from its checkpoint if any; or the finished run's summary if done."""
     training, checkpointing = config.train, config.checkpoint
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     command = continue_command(layout.root, needs_resume_auto(checkpointing.resume, layout.root))
@@ -149,13 +83,8 @@ def build(
     train_data = build_train_data(
         config.data, training.global_batch_size, world, rank, training.seed, device
     )
-    console = RunConsole(
-        accelerator.is_main_process,
-        training.epochs,
-        train_data.sharding.steps_per_epoch,
-        training.progress_every,
-        training.global_batch_size,
-    )
+    steps_per_epoch = train_data.sharding.steps_per_epoch
+    console = RunConsole(accelerator.is_main_process, training, steps_per_epoch)
     console.status("looking for a checkpoint")
     resumption = decide(run_dir, config, accelerator)
     if resumption.finished is not None:
@@ -163,11 +92,13 @@ def build(
         return resumption.finished
     checkpoint = resumption.checkpoint
     console.status("building the model" + (" and loading the checkpoint" if checkpoint else ""))
+    num_samples = train_data.sharding.num_samples
+    model, optimizer, schedule, state = build_training(accelerator, config, num_samples, resumption)
     keep, every = checkpointing.keep_checkpoints, checkpointing.checkpoint_every
     checkpointer = Checkpointer(accelerator, run_dir.layout, keep, every, started)
-    model, optimizer, schedule, state = build_training(
-        accelerator, config, train_data.sharding.num_samples, resumption, run_dir, checkpointer
-    )
+    if checkpoint is not None:
+        checkpointer.earlier_wall_seconds = state.run_wall_seconds
+        run_dir.restore_records(state.history, state.global_step)
     # After the resume: a capture records the addresses of the restored optimizer state.
     engine, figures, reason = build_engine(
         training.cuda_graph, model, optimizer, accelerator, train_data, training.grad_accum
@@ -175,34 +106,31 @@ def build(
     tracking = wants_wandb(config.tracking)
     console.status("starting the tracker" if tracking else "writing config.yaml")
     launch = {**provenance(accelerator), **determinism, "step_engine": engine.name}
-    tracker = record_start(accelerator, config, run_dir, state, checkpoint, launch)
-    announce(accelerator, training, train_data.sharding.num_samples, run_dir, engine.name, reason)
+    tracker = start(accelerator, config, run_dir, state, checkpoint, launch, reason)
     console.status("loading the test set")
-    loop = Loop(
+    return Loop(
         accelerator=accelerator,
         model=model,
         schedule=schedule,
         engine=engine,
-        recorder=EpochRecorder(accelerator, figures, train_data.sharding),
+        figures=figures,
+        sharding=train_data.sharding,
         test_data=eval_batches(config.data, world, rank, device),
         checkpointer=checkpointer,
         stop=StopControl(accelerator, run_dir.layout.stop),
-        outputs=RunOutputs(run_dir, tracker, console),
+        files=run_dir,
+        tracker=tracker,
+        console=console,
         log_every=training.log_every,
+        state=state,
+        resumed=checkpoint is not None,
     )
-    return Run(config, accelerator, run_dir, state, loop, resumed=checkpoint is not None)
 
 
 def build_training(
-    accelerator: Accelerator,
-    config: Config,
-    num_samples: int,
-    resumption: Resumption,
-    run_dir: RunDir,
-    checkpointer: Checkpointer,
+    accelerator: Accelerator, config: Config, num_samples: int, resumption: Resumption
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, LRScheduler, TrainerState]:
-    """The model, its optimizer and LR schedule, and the trainer state: restored, with the
-    run's records and wall time, from the checkpoint ``resumption`` chose, if any."""
+    """The model, optimizer, LR schedule and trainer state, restored from the chosen checkpoint."""
     training = config.train
     set_seed(training.seed)  # the same initial weights on every rank and world size
     model, optimizer = build_model_and_optimizer(accelerator, training, config.optim.lr)
@@ -216,42 +144,20 @@ def build_training(
     )
     if resumption.checkpoint is not None:
         state = resumption.restore(accelerator, state, schedule)
-        checkpointer.earlier_wall_seconds = state.run_wall_seconds
-        run_dir.restore_records(state.history, state.global_step)
     return model, optimizer, schedule, state
 
 
-def announce(
-    accelerator: Accelerator,
-    training: TrainConfig,
-    num_samples: int,
-    run_dir: RunDir,
-    engine: str,
-    reason: str,
-) -> None:
-    """The start-up lines: processes, device, precision, batch, data, run dir, step engine."""
-    world = accelerator.num_processes
-    say(
-        f"mnist-dist: {describe_processes(accelerator)}, "
-        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
-        f"global batch {training.global_batch_size} "
-        f"({training.per_device_batch_size(world)} per process), "
-        f"{num_samples} training images, run dir {run_dir.path}"
-    )
-    deterministic = "on" if training.deterministic else "off (--no-deterministic)"
-    say(f"step engine: {engine} ({reason}); deterministic algorithms {deterministic}")
-
-
-def record_start(
+def start(
     accelerator: Accelerator,
     config: Config,
     run_dir: RunDir,
     state: TrainerState,
     checkpoint: Checkpoint | None,
     launch: dict[str, Any],
+    reason: str,
 ) -> Tracker:
-    """Write ``config.yaml`` (settings and provenance) and start the tracker. A resumed run
-    continues its W&B run: the id comes from the checkpoint (or the run directory)."""
+    """Write ``config.yaml`` (settings and provenance), start the tracker (a resumed run
+    continues its W&B run) and print the start-up lines."""
     if checkpoint is not None:
         launch["resumed_at"] = launch["started_at"]
     # The first start's time describes the run; a branch is a run of its own.
@@ -265,37 +171,29 @@ def record_start(
         run_id=state.tracker_run_id,
     )  # fmt: skip
     state.tracker_run_id = tracker.run_id or state.tracker_run_id
+    say(
+        f"mnist-dist: {describe_processes(accelerator)}, "
+        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
+        f"global batch {config.train.global_batch_size} "
+        f"({config.train.per_device_batch_size(accelerator.num_processes)} per process), "
+        f"{state.num_samples} training images, run dir {run_dir.path}"
+    )
+    mode = "on" if config.train.deterministic else "off (--no-deterministic)"
+    say(f"step engine: {launch['step_engine']} ({reason}); deterministic algorithms {mode}")
     return tracker
 
 
-def finish(run: Run) -> Summary:
+def finish(run: Loop, config: Config) -> Summary:
     """Write the summary and the final weights, and send the final W&B pass."""
-    accelerator, model = run.accelerator, run.loop.model
-    run.loop.outputs.console.close()  # the bar goes before the final lines
-    summary = summarize(run)
-    if accelerator.is_main_process:
-        export_model(
-            accelerator.unwrap_model(model),
-            run.run_dir.layout.model,
-            {"mnist_dist_version": metadata.version("mnist-dist"), "summary": summary.to_dict()},
-        )
-    run.run_dir.write_summary(summary)
-    if wants_wandb(run.config.tracking):  # the same on every rank: the final pass is collective
-        final = evaluate(model, run.loop.test_data, accelerator, max_misclassified=MAX_TABLE_ROWS)
-        run.loop.outputs.tracker.log_final(summary, final, run.run_dir.layout.model)
-    return summary
-
-
-def summarize(run: Run) -> Summary:
-    """The final figures of a run, for ``summary.json``."""
-    accelerator, state, training = run.accelerator, run.state, run.config.train
+    accelerator, state, training = run.accelerator, run.state, config.train
+    run.console.close()  # the bar goes before the final lines
     history = [EpochRecord.from_dict(r) for r in state.history]
     last, best = history[-1], max(history, key=lambda r: r.test_accuracy)
     train_seconds = sum(r.train_seconds for r in history)
     # This command's time, and the run's: summed over every process that trained it (each up
     # to its last checkpoint: work lost to a kill is not counted).
-    segment_wall_seconds = time.perf_counter() - run.loop.checkpointer.started
-    return Summary(
+    segment_wall_seconds = time.perf_counter() - run.checkpointer.started
+    summary = Summary(
         test_accuracy=last.test_accuracy,
         test_correct=last.test_correct,
         test_total=last.test_total,
@@ -312,13 +210,22 @@ def summarize(run: Run) -> Summary:
         epochs_completed=len(history),
         global_step=last.global_step,
         images_per_second=state.num_samples * len(history) / train_seconds,
-        step_engine=run.loop.engine.name,
+        step_engine=run.engine.name,
         deterministic=training.deterministic,
         segment_wall_seconds=segment_wall_seconds,
-        run_wall_seconds=run.loop.checkpointer.earlier_wall_seconds + segment_wall_seconds,
+        run_wall_seconds=run.checkpointer.earlier_wall_seconds + segment_wall_seconds,
         started_at=state.started_at,
-        run_dir=str(run.run_dir.path),
+        run_dir=str(run.files.path),
     )
+    model, weights = run.model, run.files.layout.model
+    if accelerator.is_main_process:
+        meta = {"mnist_dist_version": metadata.version("mnist-dist"), "summary": summary.to_dict()}
+        export_model(accelerator.unwrap_model(model), weights, meta)
+    run.files.write_summary(summary)
+    if wants_wandb(config.tracking):  # the same on every rank: the final pass is collective
+        final = evaluate(model, run.test_data, accelerator, max_misclassified=MAX_TABLE_ROWS)
+        run.tracker.log_final(summary, final, weights)
+    return summary
 
 
 def build_model_and_optimizer(

@@ -47,12 +47,12 @@ def test_a_stop_between_two_fits_then_a_resume_gives_the_uninterrupted_weights(
             run = build(accelerator, config, layout, holder, started, determinism)
             # The stop file checked at every step boundary (not every 0.5 s): the stop lands
             # at the first boundary after the request, whatever this machine's speed.
-            run.loop.stop = StopControl(accelerator, layout.stop, poll_seconds=0)
+            run.stop = StopControl(accelerator, layout.stop, poll_seconds=0)
             with pytest.raises(Stopped) as stopped, run.status():
-                run.loop.fit(run.state, 1)  # the first epoch, then a stop during the second
+                run.fit(1)  # the first epoch, then a stop during the second
                 layout.stop.write_text("")
-                run.loop.fit(run.state, 2)
-                finish(run)
+                run.fit(2)
+                finish(run, config)
     finally:
         accelerator.end_training()
         AcceleratorState._reset_state(reset_partial_state=True)
