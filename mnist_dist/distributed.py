@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from mnist_dist.errors import UsageError
-from mnist_dist.launch import collective_timeout
+
+COLLECTIVE_TIMEOUT_ENV = "MNIST_DIST_COLLECTIVE_TIMEOUT"
+
+
+def collective_timeout() -> timedelta | None:
+    """``MNIST_DIST_COLLECTIVE_TIMEOUT`` (seconds): how long a rank waits in a collective or at
+    the rendezvous for a peer that vanished without closing its connections (a dead node, a cut
+    network; a peer that exits is noticed at once). None: PyTorch's default (30 min for gloo)."""
+    value = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "").strip()
+    if not value:
+        return None
+    if not re.fullmatch(r"[0-9]+(\.[0-9]*)?", value) or float(value) <= 0:
+        raise UsageError(f"{COLLECTIVE_TIMEOUT_ENV} must be a number of seconds > 0, got {value!r}")
+    return timedelta(seconds=float(value))
 
 
 def precision_supported(mixed_precision: str, cuda_gpus: int) -> bool:

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 from mnist_dist import claim
 from mnist_dist.claim import Holder
 from mnist_dist.config import Config
+from mnist_dist.distributed import collective_timeout
 from mnist_dist.errors import UsageError, first_line
-from mnist_dist.launch import collective_timeout
 from mnist_dist.layout import RUNS_DIR, RunLayout
 
 PROCS_PER_NODE_ENV = "MNIST_DIST_PROCS_PER_NODE"

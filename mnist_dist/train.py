@@ -21,13 +21,12 @@ from mnist_dist.determinism import set_determinism
 from mnist_dist.distributed import describe_processes, make_accelerator, process_group, say
 from mnist_dist.engine import build_engine
 from mnist_dist.evaluate import evaluate
-from mnist_dist.launch import continue_command
 from mnist_dist.layout import RunLayout
 from mnist_dist.loop import Loop
 from mnist_dist.model import MnistCNN
 from mnist_dist.provenance import provenance
 from mnist_dist.records import EpochRecord, Summary
-from mnist_dist.resume import Resumption, decide, needs_resume_auto
+from mnist_dist.resume import Resumption, continue_command, decide, needs_resume_auto
 from mnist_dist.rundir import RunDir, claimed, resolve_run_dir
 from mnist_dist.schedule import build_schedule
 from mnist_dist.stopping import StopControl

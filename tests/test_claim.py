@@ -313,15 +313,15 @@ def test_a_run_whose_claim_was_taken_over_stops_at_its_next_heartbeat(tmp_path):
 def test_the_continue_command_is_the_command_run_with_the_runs_directory(
     argv, resume_auto, env, expected, monkeypatch
 ):
-    from mnist_dist import launch
+    from mnist_dist import resume
 
-    monkeypatch.setattr(sys, "argv", [str(Path(launch.__file__).parent / "__main__.py"), *argv])
+    monkeypatch.setattr(sys, "argv", [str(Path(resume.__file__).parent / "__main__.py"), *argv])
     for name in ("SLURM_JOB_ID", "MNIST_DIST_RUN_DIR", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     # This process was not started as mnist-dist: its own argv does not end with ``argv``.
-    command = shlex.split(launch.continue_command(Path("runs/r"), resume_auto))
+    command = shlex.split(resume.continue_command(Path("runs/r"), resume_auto))
     if not env:
         assert command[:3] == [sys.executable, "-m", "mnist_dist"]
         command = command[3:]

@@ -40,8 +40,8 @@ from test_slurm import (
     wait_for_steps,
 )
 
+from mnist_dist.distributed import COLLECTIVE_TIMEOUT_ENV, collective_timeout
 from mnist_dist.errors import UsageError
-from mnist_dist.launch import COLLECTIVE_TIMEOUT_ENV, collective_timeout
 from mnist_dist.layout import MODEL_FILE, STEPS_FILE
 
 TWO_NODES = ("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2")
