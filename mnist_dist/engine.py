@@ -181,11 +181,10 @@ class CapturedStep:
         raises, the step stays eager, on the default stream, and the error is returned (raised
         as a ``MnistDistError`` if it left CUDA unusable: no eager fallback can run then)."""
         restore = _snapshot(self.model, self.optimizer, self.scaler)
-        cuda = self.data.images.device.type == "cuda"
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
         failure: Exception | None = None
         try:
-            side = torch.cuda.Stream() if cuda else None
+            side = torch.cuda.Stream() if self.data.images.device.type == "cuda" else None
             if side is not None:  # warm up off the default stream, as capture requires
                 side.wait_stream(torch.cuda.current_stream())
             try:
@@ -216,10 +215,8 @@ class CapturedStep:
         self.forwards.zero_()
         if failure is not None:  # leave the optimizer as the eager step expects it
             self.optimizer.zero_grad(set_to_none=True)
-            for group, (lr, capturable) in zip(
-                self.optimizer.param_groups, self.eager_settings, strict=True
-            ):
-                group["lr"], group["capturable"] = lr, capturable
+            for group, saved in zip(self.optimizer.param_groups, self.eager_settings, strict=True):
+                group["lr"], group["capturable"] = saved
             return failure
         self.graphs = graphs
         return None
@@ -381,10 +378,8 @@ def build_engine(
         e = engine.capture()
         if e is None:
             return engine, figures, why
-        # Whatever the capture raised, the run goes on eagerly.
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         say(
-            f"warning: CUDA graph capture failed ({type(e).__name__}: {message}); "
+            f"warning: CUDA graph capture failed ({type(e).__name__}: {first_line(e)}); "
             "training with eager steps"
         )
         why = "the capture failed"
