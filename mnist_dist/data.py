@@ -26,9 +26,6 @@ from mnist_dist.config import DataConfig
 from mnist_dist.errors import UsageError
 
 IMAGE_SIZE = 28
-_IMAGE_MAGIC = 2051  # IDX: unsigned bytes, 3 dimensions
-_LABEL_MAGIC = 2049  # IDX: unsigned bytes, 1 dimension
-
 
 # Each split's IDX files, images and labels, and its full size.
 SPLITS = {
@@ -54,11 +51,7 @@ def raw_dir(data_dir: str | Path) -> Path:
 def reference_transform() -> transforms.Compose:
     """The reference preprocessing: pixels in [0, 1], no normalisation."""
     return transforms.Compose(
-        [
-            transforms.Grayscale(num_output_channels=1),
-            transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)),
-            transforms.ToTensor(),
-        ]
+        [transforms.Grayscale(), transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.ToTensor()]
     )
 
 
@@ -166,8 +159,8 @@ def verify_raw_files(data_dir: str | Path, splits: tuple[str, ...] = ALL_SPLITS)
         )
         raise UsageError(f"MNIST not found in {folder}: {hint}")
     for images, labels, full_count in (SPLITS[split] for split in splits):
-        n_images = _check_idx(folder / images, _IMAGE_MAGIC, (IMAGE_SIZE, IMAGE_SIZE))
-        n_labels = _check_idx(folder / labels, _LABEL_MAGIC, ())
+        n_images = _check_idx(folder / images, (IMAGE_SIZE, IMAGE_SIZE))
+        n_labels = _check_idx(folder / labels, ())
         if n_images != n_labels:
             raise UsageError(
                 f"{folder / images} holds {n_images} images but "
@@ -191,8 +184,9 @@ def verify_raw_files(data_dir: str | Path, splits: tuple[str, ...] = ALL_SPLITS)
                     )
 
 
-def _check_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> int:
-    """Validate one IDX file and return the number of items it holds."""
+def _check_idx(path: Path, item_shape: tuple[int, ...]) -> int:
+    """Validate one IDX file of unsigned bytes and return the number of items it holds."""
+    magic = 0x800 + 1 + len(item_shape)  # IDX: 0x08 for unsigned bytes, then the dimensions
     header_len = 4 + 4 * (1 + len(item_shape))
     try:
         size = path.stat().st_size
@@ -220,16 +214,9 @@ def _check_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> int:
     return count
 
 
-class _SplitReader(datasets.MNIST):
-    """torchvision's MNIST reader, needing only the two files of the split it reads."""
-
-    @property
-    def raw_folder(self) -> str:  # torchvision derives it from the class name
-        return str(raw_dir(self.root))
-
-    @property
-    def processed_folder(self) -> str:
-        return str(Path(self.root) / "MNIST" / "processed")
+class MNIST(datasets.MNIST):
+    """torchvision's MNIST reader, needing only the two files of the split it reads. (Named as
+    its base: torchvision names the data's folders, <root>/MNIST/raw, after the class.)"""
 
     def _check_exists(self) -> bool:
         files = _split_files(("train" if self.train else "test",))
@@ -240,7 +227,7 @@ def load_split(
     data_dir: str | Path, train: bool, transform: transforms.Compose | None = None
 ) -> datasets.MNIST:
     """torchvision's MNIST reader over already verified raw files (never downloads)."""
-    return _SplitReader(root=str(data_dir), train=train, download=False, transform=transform)
+    return MNIST(root=str(data_dir), train=train, download=False, transform=transform)
 
 
 def split_tensors(

@@ -55,13 +55,6 @@ def lr_value(lr: float | torch.Tensor) -> float:
     return lr
 
 
-def lr_tensor(lr: float, device: torch.device) -> torch.Tensor:
-    """The LR of a capturable optimizer, in the dtype fused Adam reads a float LR as (float on
-    CUDA, double on the CPU), so the step equals the one with a float LR bit for bit."""
-    dtype = torch.float32 if device.type == "cuda" else torch.float64
-    return torch.tensor(lr, dtype=dtype, device=device)
-
-
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
@@ -102,10 +95,6 @@ class EagerStep:
             yield step
 
 
-class CudaUnusableError(MnistDistError):
-    """A failed capture left the CUDA context unusable: no eager fallback can run."""
-
-
 class CapturedStep:
     """The optimizer step as one CUDA graph per batch size, replayed once per step (one process),
     reading the epoch's order, the step and the LR from device tensors. Eager until ``capture``."""
@@ -141,9 +130,12 @@ class CapturedStep:
         self.shapes.setdefault(last, steps - 1)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.eager_settings = [(g["lr"], g["capturable"]) for g in self.optimizer.param_groups]
+        # The LR as a tensor in the dtype fused Adam reads a float LR as (float on CUDA, double
+        # on the CPU), so the step equals the one with a float LR bit for bit.
+        dtype = torch.float32 if device.type == "cuda" else torch.float64
         for group in self.optimizer.param_groups:
             lr = lr_value(group["lr"])  # a float, or a tensor restored from a checkpoint
-            group["lr"], group["capturable"] = lr_tensor(lr, device), True
+            group["lr"], group["capturable"] = torch.tensor(lr, dtype=dtype, device=device), True
 
     def run_epoch(self, epoch: int, start_step: int) -> Iterator[int]:
         sharding = self.data.sharding
@@ -184,16 +176,15 @@ class CapturedStep:
         self.forwards.add_(1)
         return faults.value("train.loss", loss, forwards=self.forwards)
 
-    def capture(self) -> None:
+    def capture(self) -> Exception | None:
         """Record a graph per batch size; the warm-up steps leave no trace. If the capture
-        raises, the step stays eager, on the default stream, and the error is raised again (as
-        ``CudaUnusableError`` if it left CUDA unusable)."""
+        raises, the step stays eager, on the default stream, and the error is returned (raised
+        as a ``MnistDistError`` if it left CUDA unusable: no eager fallback can run then)."""
         restore = _snapshot(self.model, self.optimizer, self.scaler)
-        cuda = self.data.images.device.type == "cuda"
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
         failure: Exception | None = None
         try:
-            side = torch.cuda.Stream() if cuda else None
+            side = torch.cuda.Stream() if self.data.images.device.type == "cuda" else None
             if side is not None:  # warm up off the default stream, as capture requires
                 side.wait_stream(torch.cuda.current_stream())
             try:
@@ -214,7 +205,7 @@ class CapturedStep:
                 graphs[size] = record_graph(lambda size=size: self.step(size))
         except Exception as e:
             if not cuda_usable(self.data.images.device):
-                raise CudaUnusableError(
+                raise MnistDistError(
                     f"the CUDA graph capture failed ({type(e).__name__}: {first_line(e)}) and "
                     "left the GPU unusable; rerun with --cuda-graph off"
                 ) from e
@@ -224,12 +215,11 @@ class CapturedStep:
         self.forwards.zero_()
         if failure is not None:  # leave the optimizer as the eager step expects it
             self.optimizer.zero_grad(set_to_none=True)
-            for group, (lr, capturable) in zip(
-                self.optimizer.param_groups, self.eager_settings, strict=True
-            ):
-                group["lr"], group["capturable"] = lr, capturable
-            raise failure
+            for group, saved in zip(self.optimizer.param_groups, self.eager_settings, strict=True):
+                group["lr"], group["capturable"] = saved
+            return failure
         self.graphs = graphs
+        return None
 
 
 StepEngine = EagerStep | CapturedStep  # run_epoch yields each step's index once launched
@@ -385,16 +375,12 @@ def build_engine(
     else:
         scaler = getattr(accelerator, "scaler", None)
         engine = CapturedStep(model, optimizer, scaler, data, figures, grad_accum)
-        try:
-            engine.capture()
+        e = engine.capture()
+        if e is None:
             return engine, figures, why
-        except CudaUnusableError:
-            raise
-        except Exception as e:  # whatever the capture raised, the run goes on eagerly
-            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            say(
-                f"warning: CUDA graph capture failed ({type(e).__name__}: {message}); "
-                "training with eager steps"
-            )
-            why = "the capture failed"
+        say(
+            f"warning: CUDA graph capture failed ({type(e).__name__}: {first_line(e)}); "
+            "training with eager steps"
+        )
+        why = "the capture failed"
     return EagerStep(model, optimizer, accelerator, data, figures, grad_accum), figures, why

@@ -72,12 +72,20 @@ def evaluate(
     loss_sum, confusion = accelerator.reduce([loss_sum, confusion], reduction="sum")
     matrix = confusion.view(num_classes, num_classes)
     total = int(matrix.sum().item())
+    merged: list[Misclassified] = []
+    if max_misclassified > 0:  # every rank's examples, re-indexed within the whole split
+        offset = 0
+        for shard_size, examples in gather_object([(seen, wrong)]):  # in rank order, contiguous
+            for example in examples:
+                example.index += offset
+            merged += examples
+            offset += shard_size
     return EvalResult(
         loss=loss_sum.item() / total if total else float("nan"),
         correct=int(matrix.diagonal().sum().item()),
         total=total,
         confusion=matrix.tolist(),
-        misclassified=_gather_misclassified(wrong, seen, max_misclassified, accelerator),
+        misclassified=merged[:max_misclassified],
     )
 
 
@@ -98,20 +106,3 @@ def _misclassified(
         )
         for i in rows
     ]
-
-
-def _gather_misclassified(
-    wrong: list[Misclassified], seen: int, limit: int, accelerator: Accelerator
-) -> list[Misclassified]:
-    """Every rank's examples, re-indexed within the whole split (shards are contiguous in rank
-    order). Collective when ``limit`` > 0."""
-    if limit <= 0:
-        return []
-    shards = gather_object([(seen, wrong)]) if accelerator.num_processes > 1 else [(seen, wrong)]
-    merged, offset = [], 0
-    for shard_size, examples in shards:
-        for example in examples:
-            example.index += offset
-        merged += examples
-        offset += shard_size
-    return merged[:limit]
