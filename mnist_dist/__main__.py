@@ -99,9 +99,17 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    handlers = {  # one per command of build_parser
+        "train": cmd_train,
+        "doctor": cmd_doctor,
+        "evaluate": cmd_evaluate,
+        "predict": cmd_predict,
+        "report": cmd_report,
+        "download": cmd_download,
+    }
     try:
         args = build_parser().parse_args(argv)
-        globals()[f"cmd_{args.command}"](args)  # a cmd_<name> above for each parser command
+        handlers[args.command](args)
         return 0
     except MnistDistError as e:
         line, code = f"mnist-dist: {e.label}: {e}", e.exit_code
