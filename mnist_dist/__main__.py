@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mnist_dist.cli import DATA_SECTION, build_config, build_parser
+from mnist_dist.cli import build_config, build_parser
 from mnist_dist.errors import EXIT_INTERRUPTED, MnistDistError, UsageError
 
 
@@ -33,7 +33,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from mnist_dist.evaluate import evaluate
     from mnist_dist.weights import load_model
 
-    data = build_config(args, DATA_SECTION).data
+    data = build_config(args).data
     model = load_model(args.weights)  # before any process group: a bad file fails fast
     accelerator = make_accelerator("no")
     with process_group(accelerator):
@@ -93,7 +93,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_download(args: argparse.Namespace) -> None:
     from mnist_dist.data import download_mnist, raw_dir
 
-    data_dir = build_config(args, DATA_SECTION).data.data_dir
+    data_dir = build_config(args).data.data_dir
     download_mnist(data_dir)
     print(f"MNIST is in {raw_dir(data_dir)} (checksums verified)")
 

@@ -20,6 +20,7 @@ from mnist_dist.config import SECTIONS, Config, DataConfig, flag_name
 from mnist_dist.errors import UsageError, first_line
 
 _BOOL_TAG, _FLOAT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,8 +57,6 @@ class _Parser(argparse.ArgumentParser):
         return parsed, extras
 
 
-# The one section `evaluate` and `download` use (``build_config(args, DATA_SECTION).data``).
-DATA_SECTION: dict[str, type] = {"data": DataConfig}
 # What each sub-command does: its line in `mnist-dist --help` and its own help's description.
 _COMMANDS = {
     "train": "Train the reference CNN (plain python or under `accelerate launch`).",
@@ -108,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub[name].add_argument("--json", action="store_true", help=f"print {what}")
     # evaluate reads the test split only: no training-set flags
-    test_only = {f.name for f in dataclasses.fields(DataConfig)} - {"max_train_samples"}
-    add_settings(sub["evaluate"], DATA_SECTION, only=test_only)
+    data = {f"data.{f.name}" for f in dataclasses.fields(DataConfig)}
+    add_settings(sub["evaluate"], only=data - {"data.max_train_samples"})
     sub["predict"].add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
     sub["report"].add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     sub["report"].add_argument(
@@ -117,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PNG",
         help="also draw loss, accuracy and LR curves into this PNG (needs the plot extra)",
     )
-    add_settings(sub["download"], DATA_SECTION, only={"data_dir"})
+    add_settings(sub["download"], only={"data.data_dir"})
     return parser
 
 
@@ -137,17 +136,13 @@ def _version() -> str:
     )
 
 
-def add_settings(
-    parser: _Parser,
-    sections: dict[str, type] = SECTIONS,
-    only: Collection[str] | None = None,
-) -> None:
-    """Add a flag per field of ``sections`` (named in ``only``) that overrides only if given."""
-    for section, cls in sections.items():
+def add_settings(parser: _Parser, only: Collection[str] | None = None) -> None:
+    """Add a flag per setting (``only`` those named ``section.name``) that overrides if given."""
+    for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} settings", argument_default=argparse.SUPPRESS)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if only is None or f.name in only:
+            if only is None or f"{section}.{f.name}" in only:
                 env = f" (env {f.metadata['env']})" if "env" in f.metadata else ""
                 kwargs = _value_kwargs(f, hints[f.name])
                 kwargs["help"] = f.metadata["help"] + env + _default_note(f)
@@ -187,7 +182,7 @@ def _positive_or_none(text: str) -> int | None:
     return None if text.lower() in ("none", "all") else int(text)
 
 
-def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS) -> Config:
+def build_config(args: argparse.Namespace) -> Config:
     """The validated ``Config`` of defaults < environment < config file < flags; a wrong value is
     named by its file and key (``config file run.yaml: ... train.epochs``) or its flag."""
     path = getattr(args, "config", None)
@@ -196,7 +191,7 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
     # default, so multi_gpu_bf16.yaml means bf16 unless the file or a flag says otherwise.
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
     built = {}
-    for name, cls in sections.items():
+    for name, cls in SECTIONS.items():
         hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
         raw = {}
         if name == "train" and launcher_precision in ("no", "fp16", "bf16"):
@@ -223,9 +218,6 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
         values.update({k: _check_type(fields[k], hints[k], v) for k, v in flags.items()})
         built[name] = cls(**values)
     return Config(**built)
-
-
-_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 def _check_type(f: dataclasses.Field, tp: Any, value: Any) -> Any:
