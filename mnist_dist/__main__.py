@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mnist_dist.cli import DATA_SECTION, build_config, build_parser
+from mnist_dist.cli import build_config, build_parser
 from mnist_dist.errors import EXIT_INTERRUPTED, MnistDistError, UsageError
 
 
@@ -33,7 +33,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from mnist_dist.evaluate import evaluate
     from mnist_dist.weights import load_model
 
-    data = build_config(args, DATA_SECTION).data
+    data = build_config(args).data
     model = load_model(args.weights)  # before any process group: a bad file fails fast
     accelerator = make_accelerator("no")
     with process_group(accelerator):
@@ -93,15 +93,23 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_download(args: argparse.Namespace) -> None:
     from mnist_dist.data import download_mnist, raw_dir
 
-    data_dir = build_config(args, DATA_SECTION).data.data_dir
+    data_dir = build_config(args).data.data_dir
     download_mnist(data_dir)
     print(f"MNIST is in {raw_dir(data_dir)} (checksums verified)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    handlers = {  # one per command of build_parser
+        "train": cmd_train,
+        "doctor": cmd_doctor,
+        "evaluate": cmd_evaluate,
+        "predict": cmd_predict,
+        "report": cmd_report,
+        "download": cmd_download,
+    }
     try:
         args = build_parser().parse_args(argv)
-        globals()[f"cmd_{args.command}"](args)  # a cmd_<name> above for each parser command
+        handlers[args.command](args)
         return 0
     except MnistDistError as e:
         line, code = f"mnist-dist: {e.label}: {e}", e.exit_code

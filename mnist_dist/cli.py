@@ -16,10 +16,11 @@ from typing import Any, Literal, NoReturn
 
 import yaml
 
-from mnist_dist.config import LAUNCHER_PRECISION_ENV, SECTIONS, Config, DataConfig, flag_name
+from mnist_dist.config import SECTIONS, Config, DataConfig, flag_name
 from mnist_dist.errors import UsageError, first_line
 
 _BOOL_TAG, _FLOAT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,8 +57,6 @@ class _Parser(argparse.ArgumentParser):
         return parsed, extras
 
 
-# The one section `evaluate` and `download` use (``build_config(args, DATA_SECTION).data``).
-DATA_SECTION: dict[str, type] = {"data": DataConfig}
 # What each sub-command does: its line in `mnist-dist --help` and its own help's description.
 _COMMANDS = {
     "train": "Train the reference CNN (plain python or under `accelerate launch`).",
@@ -108,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub[name].add_argument("--json", action="store_true", help=f"print {what}")
     # evaluate reads the test split only: no training-set flags
-    test_only = {f.name for f in dataclasses.fields(DataConfig)} - {"max_train_samples"}
-    add_settings(sub["evaluate"], DATA_SECTION, only=test_only)
+    data = {f"data.{f.name}" for f in dataclasses.fields(DataConfig)}
+    add_settings(sub["evaluate"], only=data - {"data.max_train_samples"})
     sub["predict"].add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
     sub["report"].add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     sub["report"].add_argument(
@@ -117,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PNG",
         help="also draw loss, accuracy and LR curves into this PNG (needs the plot extra)",
     )
-    add_settings(sub["download"], DATA_SECTION, only={"data_dir"})
+    add_settings(sub["download"], only={"data.data_dir"})
     return parser
 
 
@@ -137,17 +136,13 @@ def _version() -> str:
     )
 
 
-def add_settings(
-    parser: _Parser,
-    sections: dict[str, type] = SECTIONS,
-    only: Collection[str] | None = None,
-) -> None:
-    """Add a flag per field of ``sections`` (named in ``only``) that overrides only if given."""
-    for section, cls in sections.items():
+def add_settings(parser: _Parser, only: Collection[str] | None = None) -> None:
+    """Add a flag per setting (``only`` those named ``section.name``) that overrides if given."""
+    for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} settings", argument_default=argparse.SUPPRESS)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if only is None or f.name in only:
+            if only is None or f"{section}.{f.name}" in only:
                 env = f" (env {f.metadata['env']})" if "env" in f.metadata else ""
                 kwargs = _value_kwargs(f, hints[f.name])
                 kwargs["help"] = f.metadata["help"] + env + _default_note(f)
@@ -187,16 +182,16 @@ def _positive_or_none(text: str) -> int | None:
     return None if text.lower() in ("none", "all") else int(text)
 
 
-def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS) -> Config:
+def build_config(args: argparse.Namespace) -> Config:
     """The validated ``Config`` of defaults < environment < config file < flags; a wrong value is
     named by its file and key (``config file run.yaml: ... train.epochs``) or its flag."""
     path = getattr(args, "config", None)
     file = load_config_file(path) if path else {}
     # `accelerate launch` passes its config's mixed_precision in this variable: it counts as a
     # default, so multi_gpu_bf16.yaml means bf16 unless the file or a flag says otherwise.
-    launcher_precision = os.environ.get(LAUNCHER_PRECISION_ENV, "").lower()
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
     built = {}
-    for name, cls in sections.items():
+    for name, cls in SECTIONS.items():
         hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
         raw = {}
         if name == "train" and launcher_precision in ("no", "fp16", "bf16"):
@@ -212,7 +207,7 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
         if from_file:
             try:
                 for k, v in from_file.items():
-                    values[k] = _check_type(fields[k], hints[k], v, f"{name}.{k}")
+                    values[k] = _check_type(fields[k], hints[k], v)
                 cls(**values)
             except UsageError as e:
                 message = str(e)
@@ -225,15 +220,11 @@ def build_config(args: argparse.Namespace, sections: dict[str, type] = SECTIONS)
     return Config(**built)
 
 
-_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
-
-
-def _check_type(f: dataclasses.Field, tp: Any, value: Any, named: str | None = None) -> Any:
-    """``value`` as the field's type, or a UsageError naming the setting ``named`` (or its flag)."""
-    named = named or flag_name(f)
+def _check_type(f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    """``value`` as the field's type, or a UsageError naming its flag."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if type(None) in args:  # `X | None`: None, or what X accepts
-        return None if value is None else _check_type(f, args[0], value, named)
+        return None if value is None else _check_type(f, args[0], value)
     if origin is Literal:
         expected = "one of " + ", ".join(map(str, args))
         if value in args:
@@ -247,7 +238,7 @@ def _check_type(f: dataclasses.Field, tp: Any, value: Any, named: str | None = N
             try:
                 return tuple(args[0](part.strip()) for part in text.split(",") if part.strip())
             except ValueError:  # only epochs fail to convert: a tag is any text
-                raise UsageError(f"{named} expects epochs like 5,8, got {value!r}") from None
+                raise UsageError(f"{flag_name(f)} expects epochs like 5,8, got {value!r}") from None
         if isinstance(value, list) and all(type(v) is args[0] for v in value):
             return tuple(value)
     elif tp is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
@@ -258,7 +249,7 @@ def _check_type(f: dataclasses.Field, tp: Any, value: Any, named: str | None = N
         if type(value) is tp or (tp is float and type(value) is int):
             with contextlib.suppress(OverflowError):  # an int no float can hold: a bad value
                 return tp(value)
-    raise UsageError(f"invalid value {value!r} for {named} (expected {expected})")
+    raise UsageError(f"invalid value {value!r} for {flag_name(f)} (expected {expected})")
 
 
 class ConfigLoader(yaml.SafeLoader):
@@ -268,22 +259,15 @@ class ConfigLoader(yaml.SafeLoader):
 
 
 ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL_TAG, _FLOAT_TAG)]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 ConfigLoader.add_implicit_resolver(
     _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
-ConfigLoader.add_implicit_resolver(  # YAML 1.1's floats, and an exponent without a dot
+ConfigLoader.add_implicit_resolver(  # the floats YAML 1.1 lacks: 1e-3, 1.5e3 (no dot or sign)
     _FLOAT_TAG,
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
-        |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.VERBOSE,
-    ),
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
 

@@ -11,9 +11,6 @@ from typing import Any, Literal
 from mnist_dist.errors import UsageError
 from mnist_dist.layout import parse_resume
 
-DATA_DIR_ENV = "MNIST_DIST_DATA_DIR"
-LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
-
 
 def _opt(default: Any, help: str, **metadata: Any) -> Any:
     """A field with its flag's help and, if any: ``flag`` (if not its own name), ``env`` (a
@@ -38,7 +35,7 @@ class _Section:
 class DataConfig(_Section):
     """Where MNIST lives and how it reaches the model."""
 
-    data_dir: str = _opt("./data", "folder holding MNIST/raw/*-ubyte", env=DATA_DIR_ENV)
+    data_dir: str = _opt("./data", "folder holding MNIST/raw/*-ubyte", env="MNIST_DIST_DATA_DIR")
     loader: Literal["tensor", "torchvision"] = _opt(
         "tensor",
         "input pipeline: 'tensor' = whole split preprocessed once on the training device, "
@@ -76,10 +73,9 @@ class OptimConfig(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        epochs = [int(m) for m in self.lr_milestones]
+        epochs = list(self.lr_milestones)
         if epochs != sorted(set(epochs)) or min(epochs, default=1) <= 0:
             raise UsageError(f"--lr-milestones must be increasing positive epochs, got {epochs}")
-        self.lr_milestones = tuple(epochs)
 
 
 @dataclass
