@@ -160,9 +160,7 @@ class Tracker:
         try:
             import wandb
 
-            figures = {
-                k: v for k, v in summary.to_dict().items() if isinstance(v, (int, float, str))
-            }
+            figures = summary.to_dict()  # every field is a number or a string
             self.run.summary.update({f"final/{k}": v for k, v in figures.items()})
             # W&B's chart wants one (true, predicted) pair per image; the matrix holds counts.
             counts, classes = np.asarray(final.confusion).ravel(), len(final.confusion)
