@@ -17,7 +17,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mnist_dist import claim
-from mnist_dist.claim import Holder
 from mnist_dist.config import Config
 from mnist_dist.errors import UsageError, first_line
 from mnist_dist.launch import collective_timeout
@@ -190,7 +189,7 @@ class LaunchPlan:
             )
         self.layout = RunLayout(Path(output_dir))
         check_output_dir(self.layout.root)
-        taking_over = claim.check(self.layout, Holder.this_process())  # refuses a held one
+        taking_over = claim.check(self.layout, claim.Holder.this_process())  # refuses a held one
         notes: list[str] = []
         resumption = decide(RunDir(self.layout, False), self.config, tell=notes.append)
         found, finished = resumption.checkpoint, resumption.finished
@@ -213,10 +212,10 @@ class LaunchPlan:
         tracking = self.config.tracking
         if tracking.tracker != "wandb":
             return "off (--tracker none)"
-        mode = wandb_mode(tracking)
+        self.wandb_mode = wandb_mode(tracking)
         chosen = tracking.wandb_mode or os.environ.get("WANDB_MODE")
         sync = f"afterwards: wandb sync {self.layout.wandb}/offline-run-*"
-        if mode == "online" and not chosen:
+        if self.wandb_mode == "online" and not chosen:
             url = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
             host = url.hostname or "api.wandb.ai"
             port = url.port or (80 if url.scheme == "http" else 443)
@@ -227,16 +226,15 @@ class LaunchPlan:
                 return (
                     f"offline: credentials found but {host}:{port} is unreachable from here; {sync}"
                 )
-        self.wandb_mode = mode
-        if mode == "offline":
+        if self.wandb_mode == "offline":
             why = "as asked" if chosen else "no W&B credentials on this node"
             return f"offline ({why}); {sync}"
-        if mode == "disabled":
+        if self.wandb_mode == "disabled":
             return "disabled"
         return f"online ({'as asked' if chosen else 'credentials found'})"
 
 
-def doctor(config: Config, env_file: str | None = None) -> LaunchPlan:
+def doctor(config: Config, env_file: str | None = None) -> None:
     """Run every check and print each; raise ``UsageError`` naming the failures, if any. A
     failure does not stop the others, so one run shows everything that is wrong."""
     nodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1
@@ -257,7 +255,6 @@ def doctor(config: Config, env_file: str | None = None) -> LaunchPlan:
         raise UsageError("pre-flight check failed: " + "; ".join(failed))
     if env_file:
         plan.write_env(env_file)
-    return plan
 
 
 def _positive_int(name: str, value: str) -> int:
