@@ -11,7 +11,6 @@ import shlex
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -61,23 +60,6 @@ class LaunchPlan:
             Path(path).write_text("".join(lines))
         except OSError as e:
             raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-
-    def checks(self) -> list[tuple[str, Callable[[], str]]]:
-        """Every check, in order, by name."""
-        launcher = "`accelerate` is not on PATH: activate the environment mnist-dist is in"
-        srun = "`srun` is not on PATH inside the job"
-        in_job = [("srun", lambda: _on_path("srun", srun)), ("tasks", self._tasks)]
-        return [
-            ("launcher", lambda: _on_path("accelerate", launcher)),
-            *(in_job if os.environ.get("SLURM_JOB_ID") else []),
-            ("processes", self._processes),
-            ("precision", self._precision),
-            ("batch", self._batch),
-            ("rendezvous", self._rendezvous),
-            ("data", self._data),
-            ("output", self._output),
-            ("wandb", self._wandb),
-        ]
 
     def _tasks(self) -> str:
         per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
@@ -239,8 +221,21 @@ def doctor(config: Config, env_file: str | None = None) -> None:
     failure does not stop the others, so one run shows everything that is wrong."""
     nodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1
     plan = LaunchPlan(config, _visible_gpus(), int(nodes), int(os.environ.get("SLURM_NODEID") or 0))
-    checks = plan.checks()
     job = os.environ.get("SLURM_JOB_ID")
+    launcher = "`accelerate` is not on PATH: activate the environment mnist-dist is in"
+    srun = "`srun` is not on PATH inside the job"
+    in_job = [("srun", lambda: _on_path("srun", srun)), ("tasks", plan._tasks)]
+    checks = [
+        ("launcher", lambda: _on_path("accelerate", launcher)),
+        *(in_job if job else []),
+        ("processes", plan._processes),
+        ("precision", plan._precision),
+        ("batch", plan._batch),
+        ("rendezvous", plan._rendezvous),
+        ("data", plan._data),
+        ("output", plan._output),
+        ("wandb", plan._wandb),
+    ]
     print(f"mnist-dist doctor: {'SLURM job ' + job if job else 'this machine'}", flush=True)
     width = max(len(name) for name, _ in checks)
     failed = []
