@@ -56,8 +56,7 @@ def load_run(run_dir: str | Path) -> RunRecords:
         raise UsageError(
             f"{run_dir} is not a run directory (no {METRICS_FILE}, {STEPS_FILE} or {STATUS_FILE})"
         )
-    state = status.get("state")
-    state = "state unknown (no status.json)" if state is None else str(state)
+    state = str(status.get("state", "state unknown (no status.json)"))
     if state == "running" and (dead := claim.dead_because(layout, status)):
         state = f"not running ({dead})"
     return RunRecords(epochs, status, steps, state)
@@ -172,7 +171,7 @@ def _figure_class() -> Any:
 def draw_curves(runs: dict[str, RunRecords]) -> Any:
     """A matplotlib figure of the runs' curves: the loss on a log scale (every step record's
     under the epoch figures), the accuracy zoomed to where it moves, the learning rate."""
-    fig = _figure_class()(figsize=(16, 4.8))  # outside pyplot: no display, nothing to close
+    fig = _figure_class()(figsize=(16, 4.8), layout="tight")  # outside pyplot: nothing to close
     from matplotlib.ticker import PercentFormatter
 
     loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
@@ -218,7 +217,6 @@ def draw_curves(runs: dict[str, RunRecords]) -> Any:
         low, high = max(0.0, min(later) - margin), min(1.0, max(later) + margin)
         acc_ax.set_ylim(low, high)
         acc_ax.set_title(f"accuracy (zoomed to {low:.1%}–{high:.1%})")
-    fig.tight_layout()
     return fig
 
 
