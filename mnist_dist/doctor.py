@@ -23,7 +23,6 @@ from mnist_dist.layout import RUNS_DIR, RunLayout
 
 PROCS_PER_NODE_ENV = "MNIST_DIST_PROCS_PER_NODE"
 MAIN_PORT_ENV = "MNIST_DIST_MAIN_PORT"
-WANDB_PROBE_SECONDS = 3.0
 
 
 @dataclass
@@ -73,9 +72,7 @@ class LaunchPlan:
         return f"1 per node on {self.nodes} node(s)"
 
     def _processes(self) -> str:
-        override = os.environ.get(PROCS_PER_NODE_ENV)
-        per_node = _positive_int(PROCS_PER_NODE_ENV, override) if override else max(self.gpus, 1)
-        self.procs_per_node = per_node
+        per_node = self.procs_per_node = _env_int(PROCS_PER_NODE_ENV, max(self.gpus, 1))
         shape = f"{per_node} per node x {self.nodes} node(s) = world size {self.num_processes}"
         if self.gpus:
             if per_node > self.gpus:
@@ -109,12 +106,11 @@ class LaunchPlan:
         return f"{self.config.train.global_batch_size} per step = {per_device} per process"
 
     def _rendezvous(self) -> str:
-        if port := os.environ.get(MAIN_PORT_ENV):
-            if _positive_int(MAIN_PORT_ENV, port) > 65535:
-                raise UsageError(f"{MAIN_PORT_ENV} must be a port (1-65535), got {port}")
-            self.main_port = int(port)
-        elif (job_id := os.environ.get("SLURM_JOB_ID", "")).isdigit():
+        if (job_id := os.environ.get("SLURM_JOB_ID", "")).isdigit():
             self.main_port = 15000 + int(job_id) % 10000  # two jobs on one node: two ports
+        self.main_port = _env_int(MAIN_PORT_ENV, self.main_port)
+        if self.main_port > 65535:
+            raise UsageError(f"{MAIN_PORT_ENV} must be a port (1-65535), got {self.main_port}")
         nodelist = os.environ.get("SLURM_JOB_NODELIST")
         self.main_addr = os.environ.get("MNIST_DIST_MAIN_ADDR") or (
             _first_host(nodelist) if nodelist else "127.0.0.1"
@@ -124,8 +120,7 @@ class LaunchPlan:
         except OSError as e:
             raise UsageError(f"main address {self.main_addr} does not resolve: {e}") from None
         where = f"{self.main_addr}:{self.main_port}"
-        timeout = collective_timeout()  # a bad value fails here, before anything starts
-        if timeout is not None:
+        if (timeout := collective_timeout()) is not None:  # a bad value fails here, before launch
             where += f" (collectives time out after {timeout.total_seconds():g}s)"
         if self.node_rank != 0:
             return f"{where}, checked on node 0"
@@ -164,8 +159,7 @@ class LaunchPlan:
         from mnist_dist.resume import decide
         from mnist_dist.rundir import RunDir, check_output_dir
 
-        output_dir = self.config.train.output_dir
-        if not output_dir:
+        if not (output_dir := self.config.train.output_dir):
             return (
                 f"{RUNS_DIR}/<timestamp>: a new run per launch (--output-dir makes one resumable)"
             )
@@ -202,7 +196,7 @@ class LaunchPlan:
             host = url.hostname or "api.wandb.ai"
             port = url.port or (80 if url.scheme == "http" else 443)
             try:
-                socket.create_connection((host, port), timeout=WANDB_PROBE_SECONDS).close()
+                socket.create_connection((host, port), timeout=3.0).close()
             except OSError:
                 self.wandb_mode = "offline"
                 return (
@@ -224,10 +218,9 @@ def doctor(config: Config, env_file: str | None = None) -> None:
     job = os.environ.get("SLURM_JOB_ID")
     launcher = "`accelerate` is not on PATH: activate the environment mnist-dist is in"
     srun = "`srun` is not on PATH inside the job"
-    in_job = [("srun", lambda: _on_path("srun", srun)), ("tasks", plan._tasks)]
     checks = [
         ("launcher", lambda: _on_path("accelerate", launcher)),
-        *(in_job if job else []),
+        *([("srun", lambda: _on_path("srun", srun)), ("tasks", plan._tasks)] if job else []),
         ("processes", plan._processes),
         ("precision", plan._precision),
         ("batch", plan._batch),
@@ -252,7 +245,9 @@ def doctor(config: Config, env_file: str | None = None) -> None:
         plan.write_env(env_file)
 
 
-def _positive_int(name: str, value: str) -> int:
+def _env_int(name: str, default: int) -> int:
+    if not (value := os.environ.get(name)):
+        return default
     if not re.fullmatch(r"[0-9]+", value.strip()) or int(value) < 1:
         raise UsageError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
