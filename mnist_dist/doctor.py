@@ -11,13 +11,11 @@ import shlex
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from mnist_dist import claim
-from mnist_dist.claim import Holder
 from mnist_dist.config import Config
 from mnist_dist.distributed import collective_timeout
 from mnist_dist.errors import UsageError, first_line
@@ -25,7 +23,6 @@ from mnist_dist.layout import RUNS_DIR, RunLayout
 
 PROCS_PER_NODE_ENV = "MNIST_DIST_PROCS_PER_NODE"
 MAIN_PORT_ENV = "MNIST_DIST_MAIN_PORT"
-WANDB_PROBE_SECONDS = 3.0
 
 
 @dataclass
@@ -63,23 +60,6 @@ class LaunchPlan:
         except OSError as e:
             raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
-    def checks(self) -> list[tuple[str, Callable[[], str]]]:
-        """Every check, in order, by name."""
-        launcher = "`accelerate` is not on PATH: activate the environment mnist-dist is in"
-        srun = "`srun` is not on PATH inside the job"
-        in_job = [("srun", lambda: _on_path("srun", srun)), ("tasks", self._tasks)]
-        return [
-            ("launcher", lambda: _on_path("accelerate", launcher)),
-            *(in_job if os.environ.get("SLURM_JOB_ID") else []),
-            ("processes", self._processes),
-            ("precision", self._precision),
-            ("batch", self._batch),
-            ("rendezvous", self._rendezvous),
-            ("data", self._data),
-            ("output", self._output),
-            ("wandb", self._wandb),
-        ]
-
     def _tasks(self) -> str:
         per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
         tasks = os.environ.get("SLURM_NTASKS")
@@ -92,9 +72,7 @@ class LaunchPlan:
         return f"1 per node on {self.nodes} node(s)"
 
     def _processes(self) -> str:
-        override = os.environ.get(PROCS_PER_NODE_ENV)
-        per_node = _positive_int(PROCS_PER_NODE_ENV, override) if override else max(self.gpus, 1)
-        self.procs_per_node = per_node
+        per_node = self.procs_per_node = _env_int(PROCS_PER_NODE_ENV, max(self.gpus, 1))
         shape = f"{per_node} per node x {self.nodes} node(s) = world size {self.num_processes}"
         if self.gpus:
             if per_node > self.gpus:
@@ -128,12 +106,11 @@ class LaunchPlan:
         return f"{self.config.train.global_batch_size} per step = {per_device} per process"
 
     def _rendezvous(self) -> str:
-        if port := os.environ.get(MAIN_PORT_ENV):
-            if _positive_int(MAIN_PORT_ENV, port) > 65535:
-                raise UsageError(f"{MAIN_PORT_ENV} must be a port (1-65535), got {port}")
-            self.main_port = int(port)
-        elif (job_id := os.environ.get("SLURM_JOB_ID", "")).isdigit():
+        if (job_id := os.environ.get("SLURM_JOB_ID", "")).isdigit():
             self.main_port = 15000 + int(job_id) % 10000  # two jobs on one node: two ports
+        self.main_port = _env_int(MAIN_PORT_ENV, self.main_port)
+        if self.main_port > 65535:
+            raise UsageError(f"{MAIN_PORT_ENV} must be a port (1-65535), got {self.main_port}")
         nodelist = os.environ.get("SLURM_JOB_NODELIST")
         self.main_addr = os.environ.get("MNIST_DIST_MAIN_ADDR") or (
             _first_host(nodelist) if nodelist else "127.0.0.1"
@@ -143,8 +120,7 @@ class LaunchPlan:
         except OSError as e:
             raise UsageError(f"main address {self.main_addr} does not resolve: {e}") from None
         where = f"{self.main_addr}:{self.main_port}"
-        timeout = collective_timeout()  # a bad value fails here, before anything starts
-        if timeout is not None:
+        if (timeout := collective_timeout()) is not None:  # a bad value fails here, before launch
             where += f" (collectives time out after {timeout.total_seconds():g}s)"
         if self.node_rank != 0:
             return f"{where}, checked on node 0"
@@ -183,14 +159,13 @@ class LaunchPlan:
         from mnist_dist.resume import decide
         from mnist_dist.rundir import RunDir, check_output_dir
 
-        output_dir = self.config.train.output_dir
-        if not output_dir:
+        if not (output_dir := self.config.train.output_dir):
             return (
                 f"{RUNS_DIR}/<timestamp>: a new run per launch (--output-dir makes one resumable)"
             )
         self.layout = RunLayout(Path(output_dir))
         check_output_dir(self.layout.root)
-        taking_over = claim.check(self.layout, Holder.this_process())  # refuses a held one
+        taking_over = claim.check(self.layout, claim.Holder.this_process())  # refuses a held one
         notes: list[str] = []
         resumption = decide(RunDir(self.layout, False), self.config, tell=notes.append)
         found, finished = resumption.checkpoint, resumption.finished
@@ -213,36 +188,47 @@ class LaunchPlan:
         tracking = self.config.tracking
         if tracking.tracker != "wandb":
             return "off (--tracker none)"
-        mode = wandb_mode(tracking)
+        self.wandb_mode = wandb_mode(tracking)
         chosen = tracking.wandb_mode or os.environ.get("WANDB_MODE")
         sync = f"afterwards: wandb sync {self.layout.wandb}/offline-run-*"
-        if mode == "online" and not chosen:
+        if self.wandb_mode == "online" and not chosen:
             url = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
             host = url.hostname or "api.wandb.ai"
             port = url.port or (80 if url.scheme == "http" else 443)
             try:
-                socket.create_connection((host, port), timeout=WANDB_PROBE_SECONDS).close()
+                socket.create_connection((host, port), timeout=3.0).close()
             except OSError:
                 self.wandb_mode = "offline"
                 return (
                     f"offline: credentials found but {host}:{port} is unreachable from here; {sync}"
                 )
-        self.wandb_mode = mode
-        if mode == "offline":
+        if self.wandb_mode == "offline":
             why = "as asked" if chosen else "no W&B credentials on this node"
             return f"offline ({why}); {sync}"
-        if mode == "disabled":
+        if self.wandb_mode == "disabled":
             return "disabled"
         return f"online ({'as asked' if chosen else 'credentials found'})"
 
 
-def doctor(config: Config, env_file: str | None = None) -> LaunchPlan:
+def doctor(config: Config, env_file: str | None = None) -> None:
     """Run every check and print each; raise ``UsageError`` naming the failures, if any. A
     failure does not stop the others, so one run shows everything that is wrong."""
     nodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1
     plan = LaunchPlan(config, _visible_gpus(), int(nodes), int(os.environ.get("SLURM_NODEID") or 0))
-    checks = plan.checks()
     job = os.environ.get("SLURM_JOB_ID")
+    launcher = "`accelerate` is not on PATH: activate the environment mnist-dist is in"
+    srun = "`srun` is not on PATH inside the job"
+    checks = [
+        ("launcher", lambda: _on_path("accelerate", launcher)),
+        *([("srun", lambda: _on_path("srun", srun)), ("tasks", plan._tasks)] if job else []),
+        ("processes", plan._processes),
+        ("precision", plan._precision),
+        ("batch", plan._batch),
+        ("rendezvous", plan._rendezvous),
+        ("data", plan._data),
+        ("output", plan._output),
+        ("wandb", plan._wandb),
+    ]
     print(f"mnist-dist doctor: {'SLURM job ' + job if job else 'this machine'}", flush=True)
     width = max(len(name) for name, _ in checks)
     failed = []
@@ -257,10 +243,11 @@ def doctor(config: Config, env_file: str | None = None) -> LaunchPlan:
         raise UsageError("pre-flight check failed: " + "; ".join(failed))
     if env_file:
         plan.write_env(env_file)
-    return plan
 
 
-def _positive_int(name: str, value: str) -> int:
+def _env_int(name: str, default: int) -> int:
+    if not (value := os.environ.get(name)):
+        return default
     if not re.fullmatch(r"[0-9]+", value.strip()) or int(value) < 1:
         raise UsageError(f"{name} must be a positive integer, got {value!r}")
     return int(value)

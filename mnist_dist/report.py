@@ -27,13 +27,7 @@ EPOCH_COLUMNS = (
 # Side by side, each run shows lr, train loss, test loss and test acc after the epoch column.
 SIDE_BY_SIDE = tuple(EPOCH_COLUMNS[i] for i in (1, 2, 4, 5))
 # A run that has not finished an epoch shows its newest step records.
-STEP_COLUMNS = (
-    ("global step", "global_step", "{}"),
-    ("epoch", "epoch", "{}"),
-    ("lr", "lr", "{:.1e}"),
-    ("train loss", "train_loss", "{:.4f}"),
-    ("images/s", "images_per_second", "{:,.0f}"),
-)
+STEP_COLUMNS = (("global step", "global_step", "{}"), *(EPOCH_COLUMNS[i] for i in (0, 1, 2, 7)))
 _R = TypeVar("_R", EpochRecord, StepRecord)
 
 
@@ -62,8 +56,7 @@ def load_run(run_dir: str | Path) -> RunRecords:
         raise UsageError(
             f"{run_dir} is not a run directory (no {METRICS_FILE}, {STEPS_FILE} or {STATUS_FILE})"
         )
-    state = status.get("state")
-    state = "state unknown (no status.json)" if state is None else str(state)
+    state = str(status.get("state", "state unknown (no status.json)"))
     if state == "running" and (dead := claim.dead_because(layout, status)):
         state = f"not running ({dead})"
     return RunRecords(epochs, status, steps, state)
@@ -130,18 +123,18 @@ def _table(runs: dict[str, RunRecords]) -> str:
 
 def format_report(runs: dict[str, RunRecords]) -> str:
     """The table of the runs, and each run's result and, unless finished, its status."""
-    results = []
+    lines = []
     for label, run in runs.items():
+        status = {} if run.state == "finished" else run.status  # when last seen, how it ended
         if run.epochs:
             last, best = run.epochs[-1], max(run.epochs, key=lambda r: r.test_accuracy)
-            results.append(
+            lines.append(
                 f"{label}: test accuracy {last.test_accuracy:.2%} "
                 f"({last.test_correct}/{last.test_total}) after epoch "
                 f"{last.epoch}; best {best.test_accuracy:.2%} at epoch {best.epoch}"
             )
-            if not run.status or run.state == "finished":
-                continue
-            text = f"{label}: {run.state}"
+            if status:
+                lines.append(f"{label}: {run.state}")
         else:
             step = run.steps[-1] if run.steps else None
             where = "no step recorded yet"
@@ -151,43 +144,37 @@ def format_report(runs: dict[str, RunRecords]) -> str:
                     f"{step.images_per_second:,.0f} images/s"
                 )
             epoch = step.epoch if step else run.status.get("epoch", 1)
-            text = f"{label}: {run.state} in epoch {epoch}, no epoch finished yet; {where}"
-        status, lines = run.status, [text]
-        if status and run.state != "finished":  # when it was last seen, how it ended
-            if "heartbeat" in status:
-                seen = claim.seconds_since(str(status["heartbeat"]))
-                ago = f" ({seen:.0f} s ago)" if run.state == "running" else ""  # a live run's age
-                lines.append(
-                    f"  last heartbeat {status['heartbeat']}{ago} at epoch "
-                    f"{status.get('epoch', '?')}, step {status.get('step', '?')}; newest "
-                    f"checkpoint {status.get('checkpoint') or 'none'}"
-                )
-            if status.get("message"):
-                lines.append("  " + str(status["message"]).split("; to continue: ")[0])
-            if run.state != "running" and status.get("continue"):
-                lines.append(f"  to continue: {status['continue']}")
-        results.append("\n".join(lines))
-    return "\n\n".join(part for part in (_table(runs), "\n".join(results)) if part)
+            lines.append(f"{label}: {run.state} in epoch {epoch}, no epoch finished yet; {where}")
+        if "heartbeat" in status:
+            seen = claim.seconds_since(str(status["heartbeat"]))
+            ago = f" ({seen:.0f} s ago)" if run.state == "running" else ""  # a live run's age
+            lines.append(
+                f"  last heartbeat {status['heartbeat']}{ago} at epoch "
+                f"{status.get('epoch', '?')}, step {status.get('step', '?')}; newest "
+                f"checkpoint {status.get('checkpoint') or 'none'}"
+            )
+        if status.get("message"):
+            lines.append("  " + str(status["message"]).split("; to continue: ")[0])
+        if run.state != "running" and status.get("continue"):
+            lines.append(f"  to continue: {status['continue']}")
+    return "\n\n".join(part for part in (_table(runs), "\n".join(lines)) if part)
 
 
-def _pyplot() -> Any:
+def _figure_class() -> Any:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'mnist-dist[plot]'") from None
-    return plt
+    return Figure
 
 
 def draw_curves(runs: dict[str, RunRecords]) -> Any:
     """A matplotlib figure of the runs' curves: the loss on a log scale (every step record's
     under the epoch figures), the accuracy zoomed to where it moves, the learning rate."""
-    plt = _pyplot()
+    fig = _figure_class()(figsize=(16, 4.8), layout="tight")  # outside pyplot: nothing to close
     from matplotlib.ticker import PercentFormatter
 
-    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(16, 4.8))
+    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
     accuracies = []
     for i, (label, run) in enumerate(runs.items()):
         color, records = f"C{i % 10}", run.epochs
@@ -230,24 +217,20 @@ def draw_curves(runs: dict[str, RunRecords]) -> Any:
         low, high = max(0.0, min(later) - margin), min(1.0, max(later) + margin)
         acc_ax.set_ylim(low, high)
         acc_ax.set_title(f"accuracy (zoomed to {low:.1%}–{high:.1%})")
-    fig.tight_layout()
     return fig
 
 
 def report(run_dirs: Sequence[str | Path], png: str | Path | None = None) -> str:
     """The text report of ``run_dirs``; with ``png``, the curves are also written there."""
     if png is not None:
-        _pyplot()  # before reading anything
+        _figure_class()  # before reading anything
     # Folder names, or the paths as given where two runs share a name.
     names = [Path(d).name or str(d) for d in run_dirs]
     labels = [n if names.count(n) == 1 else str(d) for n, d in zip(names, run_dirs, strict=True)]
     runs = dict(zip(labels, (load_run(d) for d in run_dirs), strict=True))
     if png is not None:
-        fig = draw_curves(runs)
         try:
-            fig.savefig(png, dpi=100)
+            draw_curves(runs).savefig(png, dpi=100)
         except OSError as e:
             raise UsageError(f"cannot write {png}: {e.strerror or e}") from None
-        finally:
-            _pyplot().close(fig)
     return format_report(runs)

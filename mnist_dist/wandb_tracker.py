@@ -34,11 +34,10 @@ def wandb_mode(config: TrackingConfig) -> str:
         return "online"
     host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
     path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
-    try:
-        logged_in = host is not None and netrc.netrc(path).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        logged_in = False
-    return "online" if logged_in else "offline"
+    with contextlib.suppress(OSError, netrc.NetrcParseError):
+        if host is not None and netrc.netrc(path).authenticators(host) is not None:
+            return "online"
+    return "offline"
 
 
 def wants_wandb(config: TrackingConfig) -> bool:
@@ -70,9 +69,8 @@ class Tracker:
         run_id: str | None = None,
     ) -> None:
         self.accelerator, self.config, self.layout = accelerator, config, layout
-        self.active = False
         self.run_id: str | None = None  # the W&B run id to store in checkpoints
-        self.run: Any = None  # the wandb Run, once started
+        self.run: Any = None  # the wandb Run while tracking is on
         if not (wants_wandb(config) and accelerator.is_main_process):
             return
         # W&B would silently fall back to a temporary folder when WANDB_DIR is not writable; a
@@ -94,7 +92,7 @@ class Tracker:
                 import wandb
 
                 self.accelerator.trackers = []  # or end_training() would finish a failed start
-                self.run, self.run_id, self.active = None, None, False
+                self.run, self.run_id = None, None
                 wandb.teardown()  # else W&B refuses the same run id: "run ID ... is in use"
                 self._start("offline", run_id, run_config)
                 say(
@@ -134,11 +132,10 @@ class Tracker:
         self.run = self.accelerator.get_tracker("wandb", unwrap=True)
         self.run.define_metric("global_step")
         self.run.define_metric("*", step_metric="global_step")
-        self.active, self.run_id = True, self.run.id
+        self.run_id = self.run.id
         self.layout.wandb_run_id.write_text(self.run.id + "\n")
 
     def _stop(self, error: BaseException) -> None:
-        """Turn tracking off for the rest of the run with one warning."""
         say(
             f"warning: W&B tracking stopped ({_one_line(error)}); training goes on, "
             "metrics.jsonl and summary.json stay complete"
@@ -146,7 +143,7 @@ class Tracker:
         self.finish(report=False)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        if self.active:
+        if self.run is not None:
             try:
                 faults.point("wandb.log")
                 self.accelerator.log({"global_step": step, **metrics})
@@ -155,14 +152,12 @@ class Tracker:
 
     def log_final(self, summary: Summary, final: EvalResult, model_path: Path) -> None:
         """Summary figures, confusion matrix, misclassified test images and the model."""
-        if not self.active:
+        if self.run is None:
             return
         try:
             import wandb
 
-            figures = {
-                k: v for k, v in summary.to_dict().items() if isinstance(v, (int, float, str))
-            }
+            figures = summary.to_dict()  # every field is a number or a string
             self.run.summary.update({f"final/{k}": v for k, v in figures.items()})
             # W&B's chart wants one (true, predicted) pair per image; the matrix holds counts.
             counts, classes = np.asarray(final.confusion).ravel(), len(final.confusion)
@@ -192,11 +187,10 @@ class Tracker:
         """Finish an active W&B run within ``--wandb-finish-timeout`` (an upload over a dead
         network must not hold the job); ``report``: say where the run is, or warn of a failure.
         Not ``accelerator.end_training()``: that also destroys the process group."""
-        was_active, self.active = self.active, False
+        run, self.run, errors = self.run, None, []
         self.accelerator.trackers = []
-        if not was_active:
+        if run is None:
             return
-        run, errors = self.run, []
 
         def target() -> None:
             try:
