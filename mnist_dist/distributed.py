@@ -29,15 +29,21 @@ def collective_timeout() -> timedelta | None:
     return timedelta(seconds=float(value))
 
 
-def precision_supported(mixed_precision: str, cuda_gpus: int) -> bool:
-    """Whether a node with ``cuda_gpus`` CUDA GPUs can train in ``mixed_precision``."""
-    if mixed_precision == "fp16":
+def check_precision(mixed_precision: str, cuda_gpus: int) -> str:
+    """``mixed_precision``, if a node with ``cuda_gpus`` CUDA GPUs can train in it; else a
+    ``UsageError`` that says what to use instead."""
+    if mixed_precision == "fp16" and not cuda_gpus:
         # Autocast to fp16 is silently ignored on CPU (native AMP needs a non-CPU device), so
         # a run would report fp16 while training in fp32.
-        return cuda_gpus > 0
-    if mixed_precision == "bf16" and cuda_gpus > 0 and torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return True
+        raise UsageError(
+            "--mixed-precision fp16 needs a CUDA GPU and this node has none; "
+            "use --mixed-precision bf16 (works on CPU) or no"
+        )
+    bf16_gpu = mixed_precision == "bf16" and cuda_gpus > 0 and torch.cuda.is_available()
+    if bf16_gpu and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name()
+        raise UsageError(f"--mixed-precision bf16 is not supported by {name}; use fp16 or no")
+    return mixed_precision
 
 
 def make_accelerator(
@@ -57,14 +63,7 @@ def make_accelerator(
             "multi-process path needs mpirun); launch with --config_file "
             "accelerate_configs/cpu_ddp.yaml instead"
         )
-    if not precision_supported(mixed_precision, torch.cuda.device_count()):
-        if mixed_precision == "fp16":
-            raise UsageError(
-                "--mixed-precision fp16 needs a CUDA GPU and none is available; "
-                "use --mixed-precision bf16 (works on CPU) or no"
-            )
-        name = torch.cuda.get_device_name()
-        raise UsageError(f"--mixed-precision bf16 is not supported by {name}; use fp16 or no")
+    check_precision(mixed_precision, torch.cuda.device_count())
     ddp = DistributedDataParallelKwargs(
         gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
         static_graph=static_graph,

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from mnist_dist import claim
 from mnist_dist.config import Config
-from mnist_dist.distributed import collective_timeout
+from mnist_dist.distributed import check_precision, collective_timeout
 from mnist_dist.errors import UsageError, first_line
 from mnist_dist.layout import RUNS_DIR, RunLayout
 
@@ -90,16 +90,7 @@ class LaunchPlan:
         return f"{shape}, on CPU (no GPU on this node; {cpus} CPU(s))"
 
     def _precision(self) -> str:
-        from mnist_dist.distributed import precision_supported
-
-        precision = self.config.train.mixed_precision
-        if not precision_supported(precision, self.gpus):
-            raise UsageError(
-                "--mixed-precision fp16 needs GPUs and this node has none; use bf16"
-                if precision == "fp16"
-                else "--mixed-precision bf16 is not supported by this node's GPUs; use fp16 or no"
-            )
-        return precision
+        return check_precision(self.config.train.mixed_precision, self.gpus)
 
     def _batch(self) -> str:
         per_device = self.config.train.per_device_batch_size(self.num_processes)

@@ -80,7 +80,7 @@ def test_a_sound_slurm_launch_passes_and_writes_its_plan(tiny_mnist, tmp_path):
         (
             {"SLURM_GPUS_PER_NODE": "0"},
             ("--mixed-precision", "fp16"),
-            "precision: --mixed-precision fp16 needs GPUs and this node has none",
+            "precision: --mixed-precision fp16 needs a CUDA GPU and this node has none",
         ),
     ],
     ids=[
