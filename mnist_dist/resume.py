@@ -186,22 +186,16 @@ def locate(root: Path, resume: str, tell: Callable[[str], None]) -> Path | None:
     return None
 
 
-def needs_resume_auto(resume: str, run_dir: Path) -> bool:
-    """Whether the command that continues a run in ``run_dir`` must say ``--resume auto``
-    instead of ``resume``: for ``never`` or one of the run's own checkpoints, not a branch's."""
-    choice = parse_resume(resume)
-    if choice.path is None:
-        return choice.never
-    return run_dir_of(choice.path).resolve() == run_dir.resolve()
-
-
-def continue_command(run_dir: Path, resume_auto: bool) -> str:
+def continue_command(run_dir: Path, resume: str) -> str:
     """The command that continues this run, shell-quoted: the one the user ran (the launcher's
     under ``accelerate launch``; a resubmission of ``slurm/train.sbatch`` in its jobs) with
-    ``--output-dir run_dir`` (in the form the user gave) and, where asked, ``--resume auto``."""
+    ``--output-dir run_dir`` (in the form the user gave), and ``--resume auto`` in place of a
+    ``resume`` that would not continue it: ``never``, or one of the run's own checkpoints."""
     prefix, args = _invocation()
     args = _with_option(args, "--output-dir", str(run_dir))
-    if resume_auto:
+    choice = parse_resume(resume)
+    own = choice.path is not None and run_dir_of(choice.path).resolve() == run_dir.resolve()
+    if choice.never or own:
         args = _with_option(args, "--resume", "auto")
     return shlex.join([*prefix, *args])
 

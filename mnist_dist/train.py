@@ -26,7 +26,7 @@ from mnist_dist.loop import Loop
 from mnist_dist.model import MnistCNN
 from mnist_dist.provenance import provenance
 from mnist_dist.records import EpochRecord, Summary
-from mnist_dist.resume import Resumption, continue_command, decide, needs_resume_auto
+from mnist_dist.resume import Resumption, continue_command, decide
 from mnist_dist.rundir import RunDir, claimed, resolve_run_dir
 from mnist_dist.schedule import build_schedule
 from mnist_dist.stopping import StopControl
@@ -77,7 +77,7 @@ def build(
     """The run, restored from its checkpoint if any; or the finished run's summary if done."""
     training, checkpointing = config.train, config.checkpoint
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    command = continue_command(layout.root, needs_resume_auto(checkpointing.resume, layout.root))
+    command = continue_command(layout.root, checkpointing.resume)
     run_dir = RunDir(layout, accelerator.is_main_process, holder, command)
     train_data = build_train_data(
         config.data, training.global_batch_size, world, rank, training.seed, device

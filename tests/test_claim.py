@@ -297,21 +297,29 @@ def test_a_run_whose_claim_was_taken_over_stops_at_its_next_heartbeat(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv, resume_auto, env, expected",
+    "argv, resume_setting, env, expected",
     [
-        (["train", "--output-dir=old", "--lr", "0.01"], False, {},
+        (["train", "--output-dir=old", "--lr", "0.01"], "auto", {},
          ["train", "--output-dir", "runs/r", "--lr", "0.01"]),
-        (["train", "--resume", "never", "--data-dir", "my data"], True, {},
+        (["train", "--resume", "never", "--data-dir", "my data"], "never", {},
          ["train", "--resume", "auto", "--data-dir", "my data", "--output-dir", "runs/r"]),
-        (["train", "--output-dir", "runs/slurm-7", "--resume", "auto", "--epochs", "3"], False,
+        (["train", "--output-dir", "runs/slurm-7", "--resume", "auto", "--epochs", "3"], "auto",
          {"SLURM_JOB_ID": "7", "MNIST_DIST_RUN_DIR": "runs/slurm-7"},
          ["sbatch", "slurm/train.sbatch", "--output-dir", "runs/r", "--resume", "auto",
           "--epochs", "3"]),
+        (["train", "--resume", "runs/r/checkpoints/epoch-002-step-000000"],
+         "runs/r/checkpoints/epoch-002-step-000000", {},
+         ["train", "--resume", "auto", "--output-dir", "runs/r"]),
+        (["train", "--resume", "runs/a/checkpoints/epoch-002-step-000000"],
+         "runs/a/checkpoints/epoch-002-step-000000", {},
+         ["train", "--resume", "runs/a/checkpoints/epoch-002-step-000000", "--output-dir",
+          "runs/r"]),
     ],
-    ids=["output-dir replaced", "resume never", "in a job of train.sbatch"],
+    ids=["output-dir replaced", "resume never", "in a job of train.sbatch", "own checkpoint",
+         "branch"],
 )  # fmt: skip
 def test_the_continue_command_is_the_command_run_with_the_runs_directory(
-    argv, resume_auto, env, expected, monkeypatch
+    argv, resume_setting, env, expected, monkeypatch
 ):
     from mnist_dist import resume
 
@@ -321,7 +329,7 @@ def test_the_continue_command_is_the_command_run_with_the_runs_directory(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     # This process was not started as mnist-dist: its own argv does not end with ``argv``.
-    command = shlex.split(resume.continue_command(Path("runs/r"), resume_auto))
+    command = shlex.split(resume.continue_command(Path("runs/r"), resume_setting))
     if not env:
         assert command[:3] == [sys.executable, "-m", "mnist_dist"]
         command = command[3:]
