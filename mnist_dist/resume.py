@@ -236,15 +236,13 @@ def _as_typed(prefix: list[str]) -> list[str]:
 
 def _with_option(args: list[str], flag: str, value: str) -> list[str]:
     """``args`` with ``flag value`` in place of every ``flag X`` / ``flag=X``, or at the end."""
-    out, given, i = [], False, 0
-    while i < len(args):
-        word = args[i]
+    out, words, given = [], iter(args), False
+    for word in words:
         if word == flag or word.startswith(flag + "="):
-            if not given:
-                out += [flag, value]
+            if word == flag:
+                next(words, None)  # its value
+            out += [] if given else [flag, value]
             given = True
-            i += 1 if "=" in word else 2
-            continue
-        out.append(word)
-        i += 1
+        else:
+            out.append(word)
     return out if given else [*out, flag, value]
