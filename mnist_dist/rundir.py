@@ -68,8 +68,10 @@ def claimed(accelerator: Accelerator, layout: RunLayout) -> Iterator[Holder | No
         try:
             check_output_dir(path)
             outcome[1] = claim.acquire(layout, me)
-        except (UsageError, OSError) as e:  # a disk that fills after the probe
+        except UsageError as e:
             outcome[0] = str(e)
+        except OSError as e:  # a disk that fills after the probe
+            outcome[0] = f"cannot claim {path}: {e.strerror or e}"
     if accelerator.num_processes > 1:
         broadcast_object_list(outcome)
     try:
