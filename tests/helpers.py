@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import os
 import resource
@@ -364,6 +365,15 @@ def assert_bit_identical(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     differing = [k for k in wa if not wa[k].equal(wb[k])]
     assert not differing, f"weights differ in {differing}"
+
+
+def tree_hashes(run_dir: Path) -> dict[str, str]:
+    """The sha256 of every file under ``run_dir``, by relative path."""
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
 
 
 def read_plan(path: Path) -> dict[str, str]:

@@ -3,7 +3,6 @@ continues the run: real trainings started side by side, killed, stopped and cont
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from helpers import (
     read_jsonl_tolerant,
     run_here,
     start_cli,
+    tree_hashes,
     wait_for_step,
 )
 
@@ -53,14 +53,6 @@ def args(data: Path, *extra: str) -> list[str]:
 
 def status(run_dir: Path) -> dict:
     return json.loads(RunLayout(run_dir).status.read_text())
-
-
-def tree(run_dir: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(run_dir.rglob("*"))
-        if p.is_file()
-    }
 
 
 def continue_command(stderr: str) -> str:
@@ -172,7 +164,7 @@ def test_requeue_takes_its_own_job_over_and_another_live_job_is_refused(data, tm
 
     other = tmp_path / "other"
     holder = write_claim(other, "node-c", "999", seconds_ago=5)  # another job, alive
-    before = tree(other)
+    before = tree_hashes(other)
     refused = run_here(*args(data, "--output-dir", str(other)), env=requeued)
     assert refused.returncode == EXIT_USAGE
     assert refused.stderr.splitlines() == [
@@ -180,7 +172,7 @@ def test_requeue_takes_its_own_job_over_and_another_live_job_is_refused(data, tm
         f"SLURM job 999, since {holder.since}; last sign of life {holder.since}): wait for it, "
         f"stop it (touch {other / 'STOP'}), or choose another --output-dir"
     ]
-    assert tree(other) == before  # nothing written, nothing deleted
+    assert tree_hashes(other) == before  # nothing written, nothing deleted
     doctor = run_here("doctor", "--data-dir", str(data), "--output-dir", str(other))
     assert doctor.returncode == EXIT_USAGE and f"{other} is in use by another" in doctor.stderr
 
@@ -290,10 +282,10 @@ def test_a_run_whose_claim_was_taken_over_stops_at_its_next_heartbeat(tmp_path):
     run_dir.beat(1, 3, 3, None, force=True)
     assert status(tmp_path)["claim"] == me.token and status(tmp_path)["step"] == 3
     write_claim(tmp_path, "node-b", "2", seconds_ago=0)  # another training took it over
-    before = tree(tmp_path)
+    before = tree_hashes(tmp_path)
     with pytest.raises(ClaimLost, match="was taken over by another training \\(host node-b"):
         run_dir.beat(1, 9, 9, None, force=True)
-    assert tree(tmp_path) == before
+    assert tree_hashes(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -340,7 +332,7 @@ def test_the_continue_command_is_the_command_run_with_the_runs_directory(
 def test_every_rank_of_a_launch_refuses_a_held_directory(data, tmp_path):
     out = tmp_path / "run"
     write_claim(out, "node-c", "999", seconds_ago=5)
-    before = tree(out)
+    before = tree_hashes(out)
     result = launch_cli(*args(data, "--output-dir", str(out)), timeout=300)
     assert result.returncode != 0
     refusal = f"mnist-dist: error: {out} is in use by another training (host node-c"
@@ -348,4 +340,4 @@ def test_every_rank_of_a_launch_refuses_a_held_directory(data, tmp_path):
     # The launcher's summary has each rank's own line: both ranks refused, none hung.
     ranks = [line for line in result.stderr.splitlines() if f"traceback : {refusal}" in line]
     assert len(ranks) == 2, result.stderr[-3000:]
-    assert tree(out) == before
+    assert tree_hashes(out) == before

@@ -6,7 +6,6 @@ takes seconds; faults come from ``tests/faults/sitecustomize.py`` in the started
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 from pathlib import Path
@@ -23,6 +22,7 @@ from helpers import (
     run_cli,
     run_here,
     start_cli,
+    tree_hashes,
     wait_for_step,
 )
 from safetensors.torch import load_file
@@ -356,15 +356,6 @@ def test_full_disk_at_the_final_export_is_one_line(data, small_disk):
     assert len(failed.stderr.strip().splitlines()) == 1
     assert status(out)["state"] == "failed"
     assert (out / CHECKPOINTS_DIR / "epoch-002-step-000000" / MANIFEST_FILE).exists()
-
-
-def tree_hashes(run_dir: Path) -> dict[str, str]:
-    """The sha256 of every file under ``run_dir``, by relative path."""
-    return {
-        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(run_dir.rglob("*"))
-        if p.is_file()
-    }
 
 
 def provenance(run_dir: Path) -> dict:
