@@ -24,13 +24,13 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from common import add_data_dir, columns, one_line, write_json
 
+from mnist_dist.claim import utc_now
 from mnist_dist.config import TrainConfig
 from mnist_dist.layout import RunLayout, parse_checkpoint_name
 
@@ -96,10 +96,6 @@ class PartRecorder:
         status = "ok" if reason is None else "failed"
         self.items.append({"id": item_id, "status": status, "reason": reason, "figures": figures})
         write_json(self.path, {"items": self.items})
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def run_command(command: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -652,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.logs = out.with_name(out.stem + "-logs")
     args.logs.mkdir(parents=True, exist_ok=True)
     shown = {"data_dir": args.data_dir, "reference_weights": args.reference_weights}
-    report: dict[str, Any] = {"started_at": now(), "command": [sys.executable, *sys.argv]}
+    report: dict[str, Any] = {"started_at": utc_now(), "command": [sys.executable, *sys.argv]}
     report |= {"smoke": args.smoke, "settings": vars(settings) | shown, "parts": {}}
 
     def save() -> None:
@@ -666,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_parts(args, report, save)
     finally:
-        report["finished_at"] = now()
+        report["finished_at"] = utc_now()
         save()
     print(format_table([Line(**line) for line in report["table"]]))
     print(f"\nresults in {out}, each part's output in {args.logs}/")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -26,8 +25,9 @@ from typing import Any
 
 import torch
 
-# Rows (b) and (c), from this folder.
+# Rows (b) and (c), and what the scripts share, from this folder.
 from baselines import CapturableStep, bare_model_and_optimizer, bare_step, synchronize
+from common import add_data_dir
 from torch.profiler import ProfilerActivity, profile
 
 from mnist_dist.config import DataConfig, OptimConfig, TrainConfig
@@ -239,8 +239,8 @@ def captured_step_op_counts(batch_size: int = 64, warmup: int = 3) -> dict[str, 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Per-step profile of mnist-dist's train_step.")
+    add_data_dir(parser)
     add = parser.add_argument
-    add("--data-dir", default=os.environ.get("MNIST_DIST_DATA_DIR") or "./data", help="MNIST root")
     add("--steps", type=int, default=200, help="profiled steps")
     add("--warmup", type=int, default=30, help="untimed steps first")
     add("--batch-size", type=int, default=TrainConfig().global_batch_size, help="global batch")
