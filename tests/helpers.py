@@ -20,7 +20,7 @@ from typing import TextIO
 
 import numpy as np
 
-from mnist_dist.layout import STEPS_FILE, SUMMARY_FILE
+from mnist_dist.layout import STATUS_FILE, STEPS_FILE, SUMMARY_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -385,6 +385,10 @@ def read_plan(path: Path) -> dict[str, str]:
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / SUMMARY_FILE).read_text())
+
+
+def read_status(run_dir: Path) -> dict:
+    return json.loads((run_dir / STATUS_FILE).read_text())
 
 
 def run_cli_in_terminal(*args: str, timeout: float = 300) -> tuple[int, str]:

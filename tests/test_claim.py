@@ -26,6 +26,7 @@ from helpers import (
     make_tiny_mnist,
     read_jsonl,
     read_jsonl_tolerant,
+    read_status,
     run_here,
     start_cli,
     tree_hashes,
@@ -49,10 +50,6 @@ def args(data: Path, *extra: str) -> list[str]:
         "train", "--data-dir", str(data), "--epochs", "2", "--batch-size", "32",
         "--log-every", "1", *extra,
     ]  # fmt: skip
-
-
-def status(run_dir: Path) -> dict:
-    return json.loads(RunLayout(run_dir).status.read_text())
 
 
 def continue_command(stderr: str) -> str:
@@ -96,7 +93,7 @@ def test_two_trainings_in_one_directory_one_trains_and_the_other_is_refused(
     alone = tmp_path / "alone"
     assert run_here(*args(data, "--output-dir", str(alone), "--lr", lr)).returncode == 0
     assert_bit_identical(out / "model.safetensors", alone / "model.safetensors")
-    assert status(out)["state"] == "finished" and not RunLayout(out).claim.exists()
+    assert read_status(out)["state"] == "finished" and not RunLayout(out).claim.exists()
     assert "done:" in won.stdout
 
 
@@ -109,10 +106,10 @@ def test_status_and_report_while_running_and_after_sigkill_then_the_same_command
     started = start_cli(*command, launched=False, env=fault_env(STEP_SLEEP=0.3),
                         workdir=tmp_path / "p")  # fmt: skip
     wait_for_step(out, 1, started)
-    early = status(out)
+    early = read_status(out)
     assert run_here("report", str(out)).stdout.count("run: running in epoch 1") == 1
     wait_for_step(out, 9, started)  # after the checkpoint at step 8 and its heartbeat
-    later = status(out)
+    later = read_status(out)
     started.proc.send_signal(signal.SIGKILL)
     started.proc.wait()
 
@@ -160,7 +157,7 @@ def test_requeue_takes_its_own_job_over_and_another_live_job_is_refused(data, tm
         "SLURM job 4242, since "
     ) in result.stdout
     assert "an earlier attempt of SLURM job 4242 (requeued)" in result.stdout
-    assert status(out)["state"] == "finished" and not RunLayout(out).claim.exists()
+    assert read_status(out)["state"] == "finished" and not RunLayout(out).claim.exists()
 
     other = tmp_path / "other"
     holder = write_claim(other, "node-c", "999", seconds_ago=5)  # another job, alive
@@ -207,12 +204,12 @@ def test_a_run_without_output_dir_stopped_by_ctrl_c_continues_with_the_printed_c
     proc.send_signal(signal.SIGINT)  # Ctrl-C (to the launcher, under accelerate launch)
     proc.wait(timeout=120)
     [run_dir] = runs.iterdir()
-    assert status(run_dir)["state"] == "stopped"
+    assert read_status(run_dir)["state"] == "stopped"
     if not launched:
         assert proc.returncode == EXIT_STOPPED
     printed = continue_command((tmp_path / "err.txt").read_text())
     assert f"--output-dir runs/{run_dir.name}" in printed
-    assert status(run_dir)["continue"] == printed
+    assert read_status(run_dir)["continue"] == printed
     report = run_here("report", str(run_dir), cwd=tmp_path).stdout
     assert f"  to continue: {printed}" in report
 
@@ -222,7 +219,7 @@ def test_a_run_without_output_dir_stopped_by_ctrl_c_continues_with_the_printed_c
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from runs/{run_dir.name}/checkpoints/epoch-002-step-0000" in again.stdout
     assert [p.name for p in runs.iterdir()] == [run_dir.name]  # the same run, no new one
-    assert status(run_dir)["state"] == "finished"
+    assert read_status(run_dir)["state"] == "finished"
     assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
 
 
@@ -280,7 +277,7 @@ def test_a_run_whose_claim_was_taken_over_stops_at_its_next_heartbeat(tmp_path):
     acquire(RunLayout(tmp_path), me)
     run_dir = RunDir(RunLayout(tmp_path), True, me, "mnist-dist train --output-dir x")
     run_dir.beat(1, 3, 3, None, force=True)
-    assert status(tmp_path)["claim"] == me.token and status(tmp_path)["step"] == 3
+    assert read_status(tmp_path)["claim"] == me.token and read_status(tmp_path)["step"] == 3
     write_claim(tmp_path, "node-b", "2", seconds_ago=0)  # another training took it over
     before = tree_hashes(tmp_path)
     with pytest.raises(ClaimLost, match="was taken over by another training \\(host node-b"):

@@ -18,6 +18,7 @@ from helpers import (
     launch_cli,
     make_tiny_mnist,
     read_jsonl,
+    read_status,
     read_summary,
     run_cli,
     run_here,
@@ -87,10 +88,6 @@ def trainer_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
-def status(run_dir: Path) -> dict:
-    return json.loads((run_dir / STATUS_FILE).read_text())
-
-
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "launcher, how",
@@ -113,7 +110,7 @@ def test_stop_mid_epoch_then_resume_gives_bit_identical_weights(
         started.proc.send_signal(getattr(signal, how))
     stopped = started.wait(timeout=120)
 
-    assert status(out)["state"] == "stopped", stopped.stderr[-3000:]
+    assert read_status(out)["state"] == "stopped", stopped.stderr[-3000:]
     if not launched:  # the launcher reports any non-zero worker exit as its own failure
         assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
     [line] = [x for x in stopped.stderr.splitlines() if x.startswith("mnist-dist: stopped:")]
@@ -135,7 +132,7 @@ def test_stop_mid_epoch_then_resume_gives_bit_identical_weights(
     assert [r["epoch"] for r in read_jsonl(out / METRICS_FILE)] == [1, 2]
     steps = [r["global_step"] for r in read_jsonl(out / STEPS_FILE)]
     assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # no step twice, none missing
-    assert status(out)["state"] == "finished"
+    assert read_status(out)["state"] == "finished"
 
 
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(
@@ -201,7 +198,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_newest(data, uninterrupted
     assert "non-finite training loss at epoch 2, step 7 (global step 23)" in line
     assert "epoch-002-step-000004" in line  # global step 20: the last good state
     assert checkpoints(out)[-1] == "epoch-002-step-000004"
-    assert status(out)["state"] == "diverged"
+    assert read_status(out)["state"] == "diverged"
 
     resumed = train(data, out, "--checkpoint-every", "5")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -354,7 +351,7 @@ def test_full_disk_at_the_final_export_is_one_line(data, small_disk):
     [line] = failed.error_lines()
     assert f"cannot write {out / 'model.safetensors'}: No space left on device" in line
     assert len(failed.stderr.strip().splitlines()) == 1
-    assert status(out)["state"] == "failed"
+    assert read_status(out)["state"] == "failed"
     assert (out / CHECKPOINTS_DIR / "epoch-002-step-000000" / MANIFEST_FILE).exists()
 
 
@@ -423,7 +420,7 @@ def test_a_finished_run_stays_as_it_finished_and_more_epochs_continue_it(data, t
     assert fewer.returncode == EXIT_USAGE
     assert "has trained past --epochs 2" in fewer.stderr and "--epochs 3 or more" in fewer.stderr
     assert train(data, out, *milestone, epochs=3).returncode == 0
-    assert read_summary(out)["epochs_completed"] == 3 and status(out)["state"] == "finished"
+    assert read_summary(out)["epochs_completed"] == 3 and read_status(out)["state"] == "finished"
 
 
 def test_a_branch_may_change_settings_and_records_where_it_came_from(data, tmp_path):
