@@ -170,7 +170,7 @@ def locate(root: Path, resume: str, tell: Callable[[str], None]) -> Path | None:
         own = locate(root, "auto", tell)
         if own is None:
             return path  # a new branch
-        branched_from = read_checkpoint(own).branched_from
+        branched_from = TrainerState.from_json((own / STATE_FILE).read_text()).branched_from
         if branched_from and Path(branched_from).resolve() == path.resolve():
             return own  # the branch's own newest: the same command continues it
         raise UsageError(

@@ -71,7 +71,9 @@ class Tracker:
         self.accelerator, self.config, self.layout = accelerator, config, layout
         self.run_id: str | None = None  # the W&B run id to store in checkpoints
         self.run: Any = None  # the wandb Run while tracking is on
-        if not (wants_wandb(config) and accelerator.is_main_process):
+        if not (accelerator.is_main_process and config.tracker == "wandb"):
+            return
+        if (mode := wandb_mode(config)) == "disabled":
             return
         # W&B would silently fall back to a temporary folder when WANDB_DIR is not writable; a
         # run that vanishes with the node's /tmp is worse than a warning, so check it ourselves.
@@ -80,7 +82,6 @@ class Tracker:
             run_id = run_id or layout.wandb_run_id.read_text().strip()
         # A new id: eight lower-case characters, like W&B's own.
         run_id = run_id or os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
-        mode = wandb_mode(config)
         try:
             check_writable(self.wandb_dir / WANDB_DIR)
             try:
