@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from mnist_dist.errors import MnistDistError, UsageError
+from mnist_dist.errors import EXIT_WRITE_FAILED, MnistDistError, UsageError
 from mnist_dist.layout import RunLayout
 
 HEARTBEAT_SECONDS = 60.0  # the longest the loop goes between heartbeats while it trains
@@ -27,7 +27,7 @@ STALE_SECONDS = 600.0  # silent this long: taken over (a margin too for node clo
 class ClaimLost(MnistDistError):
     """Another training took over this run's directory: stop without writing more there."""
 
-    exit_code = 4
+    exit_code = EXIT_WRITE_FAILED
 
 
 @dataclass(frozen=True)

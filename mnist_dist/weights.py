@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mnist_dist.errors import UsageError, WriteError, first_line, write_failure
-from mnist_dist.layout import CHECKPOINT_MODEL_FILE
+from mnist_dist.layout import CHECKPOINT_MODEL_FILE, partial_file
 from mnist_dist.model import MnistCNN, ModelConfig
 
 
@@ -23,11 +23,12 @@ def export_model(model: torch.nn.Module, path: Path, metadata: dict[str, Any]) -
     header = {"format": "pt", "model_config": json.dumps(config.to_dict())}
     header.update({k: json.dumps(v) for k, v in metadata.items()})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    partial = path.with_name(path.name + ".partial")
+    partial = partial_file(path)
     try:
         save_file(tensors, str(partial), metadata=header)
         os.replace(partial, path)
     except (OSError, SafetensorError) as e:
+        partial.unlink(missing_ok=True)  # may hold the last free bytes of a full disk
         raise WriteError(f"cannot write {path}: {write_failure(e, path.parent)}") from None
 
 
